@@ -1,0 +1,134 @@
+//! Loading configuration files: TOML, unknown keys refused, and every error
+//! naming the file and the key path (`fleet.heartbeat_interval`), so that an
+//! operator can fix it without guessing. Each binary owns its config struct
+//! and its `validate()`.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+use crate::Error;
+
+/// Reads and parses `path` into `T`. `T` should be
+/// `#[serde(deny_unknown_fields)]` at every level.
+pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+        file: path.to_path_buf(),
+        message: format!("cannot read the config file: {e}"),
+    })?;
+    parse_toml(&text, path)
+}
+
+/// Parses TOML text; `path` only names the source in errors.
+pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, Error> {
+    let deserializer = toml::de::Deserializer::parse(text).map_err(|e| Error::Config {
+        file: path.to_path_buf(),
+        message: format!("not valid TOML: {}", e.message()),
+    })?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = e.path().to_string();
+        let message = e.inner().message().to_string();
+        Error::Config {
+            file: path.to_path_buf(),
+            message: if key == "." {
+                message
+            } else {
+                format!("key `{key}`: {message}")
+            },
+        }
+    })
+}
+
+/// Resolves a path from a config file against the file's own directory, so
+/// a home directory can be moved as a whole.
+pub fn resolve(config_file: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    config_file
+        .parent()
+        .map(|dir| dir.join(path))
+        .unwrap_or_else(|| path.to_path_buf())
+}
+
+/// Writes a file atomically with the given mode: a temporary name in the same
+/// directory, fsync, rename, fsync of the directory. Nothing half-written is
+/// ever visible under `path`.
+pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let context = |what: &str| format!("{what} {}", path.display());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&temporary)
+        .map_err(|e| Error::io(context("cannot create"), e))?;
+    let written = file
+        .write_all(contents)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if let Err(error) = written {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(Error::io(context("cannot write"), error));
+    }
+    if let Ok(directory) = std::fs::File::open(dir) {
+        let _ = directory.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Outer {
+        name: String,
+        inner: Inner,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        port: u16,
+    }
+
+    fn check(text: &str, expected_error: &str) {
+        let error = parse_toml::<Outer>(text, Path::new("/etc/x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("/etc/x.toml: "), "{error}");
+        assert!(error.contains(expected_error), "{error} lacks {expected_error}");
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key_path() {
+        check("name = \"a\"\n[inner]\nport = 1\nextra = 2\n", "key `inner.extra`: unknown field `extra`");
+        check("name = \"a\"\n[inner]\nport = \"x\"\n", "key `inner.port`");
+        check("name = \"a\"\n", "missing field `inner`");
+        check("name = \n", "not valid TOML");
+    }
+
+    #[test]
+    fn atomic_write_sets_the_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret.key");
+        write_file_atomic(&path, b"k", 0o600).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(write_file_atomic(&path, b"again", 0o600).is_ok());
+        assert_eq!(std::fs::read(&path).unwrap(), b"again");
+    }
+}

@@ -1,0 +1,63 @@
+//! The one error type at `cairn-common`'s boundary.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration file could not be read or parsed; names the file and key path.
+    #[error("{file}: {message}")]
+    Config { file: PathBuf, message: String },
+    /// A value failed validation; names the field and says what is allowed.
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: String, reason: String },
+    /// A protocol message was missing a field or carried a bad one.
+    #[error("protocol: field `{field}`: {reason}")]
+    Protocol { field: &'static str, reason: String },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("certificate: {0}")]
+    Certificate(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot connect to the coordinator at {url}: {reason}")]
+    Connect { url: String, reason: String },
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn protocol(field: &'static str, reason: impl Into<String>) -> Self {
+        Error::Protocol {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(error: Error) -> Self {
+        match &error {
+            Error::Invalid { .. } | Error::Protocol { .. } => {
+                tonic::Status::invalid_argument(error.to_string())
+            }
+            Error::Certificate(_) => tonic::Status::invalid_argument(error.to_string()),
+            _ => tonic::Status::internal(error.to_string()),
+        }
+    }
+}
