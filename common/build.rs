@@ -3,7 +3,11 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
-    let files = ["cairn/v1/agent_gateway.proto", "cairn/v1/admin.proto", "cairn/v1/probe.proto"];
+    let files = [
+        "cairn/v1/agent_gateway.proto",
+        "cairn/v1/admin.proto",
+        "cairn/v1/probe.proto",
+    ];
     for file in &files {
         println!("cargo:rerun-if-changed={}", root.join(file).display());
     }

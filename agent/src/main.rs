@@ -1,1 +1,175 @@
-fn main() {}
+//! The `cairn-agent` binary: parses arguments, sets up logging, runs.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use cairn_agent::config::{AgentConfig, DEFAULT_PROBE_INTERVAL};
+use cairn_agent::enroll::{EnrollOptions, enroll};
+use cairn_common::model::Operation;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Cairn agent: runs on a database host, dials out to the coordinator and
+/// executes what its own config permits.
+#[derive(Debug, Parser)]
+#[command(name = "cairn-agent", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enroll this host with a one-time token; writes DIR/agent.toml and DIR/identity/.
+    Enroll {
+        /// The coordinator's gRPC address, https://HOST:PORT.
+        #[arg(long)]
+        coordinator: String,
+        /// The token printed by `cairn token create` (or set CAIRN_ENROLL_TOKEN,
+        /// which keeps it out of the process list).
+        #[arg(long, env = "CAIRN_ENROLL_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The directory to create for the agent's config and identity.
+        #[arg(long)]
+        dir: PathBuf,
+        /// libpq URL or key=value connection string of the local instance.
+        #[arg(long)]
+        postgres: String,
+        /// The agent name; defaults to the name the token was made for.
+        #[arg(long)]
+        name: Option<String>,
+        /// The name of this instance within the agent.
+        #[arg(long, default_value = "main")]
+        instance_name: String,
+        /// A label key=value (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// An operation this host permits: backup, restore, replica, promote
+        /// (repeatable; default: backup only).
+        #[arg(long = "allow", value_parser = parse_operation)]
+        allow: Vec<Operation>,
+        /// Local address to dial from.
+        #[arg(long)]
+        source_address: Option<IpAddr>,
+        /// How often to probe the instance.
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        probe_interval: Duration,
+    },
+    /// Run the agent (SIGTERM stops it).
+    Run {
+        /// Path to agent.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn parse_operation(text: &str) -> Result<Operation, String> {
+    Operation::ALL
+        .into_iter()
+        .find(|op| op.as_str() == text)
+        .ok_or_else(|| {
+            format!("{text:?} is not an operation: use backup, restore, replica or promote")
+        })
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Run { .. } => "info",
+        Command::Enroll { .. } => "warn",
+    };
+    let filter =
+        EnvFilter::try_from_env("CAIRN_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Enroll {
+            coordinator,
+            token,
+            dir,
+            postgres,
+            name,
+            instance_name,
+            labels,
+            allow,
+            source_address,
+            probe_interval,
+        } => {
+            let allow = if allow.is_empty() {
+                vec![Operation::Backup]
+            } else {
+                allow
+            };
+            let enrolled = enroll(&EnrollOptions {
+                coordinator,
+                token,
+                name,
+                dir,
+                postgres,
+                instance_name,
+                labels,
+                allow,
+                source_address,
+                probe_interval: if probe_interval.is_zero() {
+                    DEFAULT_PROBE_INTERVAL
+                } else {
+                    probe_interval
+                },
+            })
+            .await?;
+            println!(
+                "Enrolled agent {} (PostgreSQL {}). Start it with:\n  cairn-agent run --config {}",
+                enrolled.name,
+                enrolled.server_version,
+                enrolled.config_file.display()
+            );
+            Ok(())
+        }
+        Command::Run { config } => {
+            let config = AgentConfig::load(&config)?;
+            let shutdown = CancellationToken::new();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                if let (Ok(mut terminate), Ok(mut interrupt)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) {
+                    tokio::select! {
+                        _ = terminate.recv() => {}
+                        _ = interrupt.recv() => {}
+                    }
+                    tracing::info!("stopping");
+                    stop.cancel();
+                }
+            });
+            tracing::info!(agent = %config.name, instances = config.instances.len(), "cairn-agent starting");
+            cairn_agent::control::run(config, shutdown)
+                .await
+                .context("the agent stopped")?;
+            Ok(())
+        }
+    }
+}

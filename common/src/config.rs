@@ -109,12 +109,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.starts_with("/etc/x.toml: "), "{error}");
-        assert!(error.contains(expected_error), "{error} lacks {expected_error}");
+        assert!(
+            error.contains(expected_error),
+            "{error} lacks {expected_error}"
+        );
     }
 
     #[test]
     fn errors_name_the_file_and_key_path() {
-        check("name = \"a\"\n[inner]\nport = 1\nextra = 2\n", "key `inner.extra`: unknown field `extra`");
+        check(
+            "name = \"a\"\n[inner]\nport = 1\nextra = 2\n",
+            "key `inner.extra`: unknown field `extra`",
+        );
         check("name = \"a\"\n[inner]\nport = \"x\"\n", "key `inner.port`");
         check("name = \"a\"\n", "missing field `inner`");
         check("name = \n", "not valid TOML");

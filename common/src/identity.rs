@@ -156,7 +156,11 @@ mod tests {
 
     fn check(uri: &str, expected: Option<&str>) {
         let parsed = Principal::from_uri(uri);
-        assert_eq!(parsed.as_ref().map(|p| p.to_string()).as_deref(), expected, "{uri}");
+        assert_eq!(
+            parsed.as_ref().map(|p| p.to_string()).as_deref(),
+            expected,
+            "{uri}"
+        );
         if let Some(principal) = parsed {
             assert_eq!(principal.to_uri(), uri);
         }
@@ -165,8 +169,14 @@ mod tests {
     #[test]
     fn principal_uris() {
         check("urn:cairn:agent:db1", Some("agent:db1"));
-        check("urn:cairn:operator:admin:alice", Some("operator:alice(admin)"));
-        check("urn:cairn:operator:viewer:bob", Some("operator:bob(viewer)"));
+        check(
+            "urn:cairn:operator:admin:alice",
+            Some("operator:alice(admin)"),
+        );
+        check(
+            "urn:cairn:operator:viewer:bob",
+            Some("operator:bob(viewer)"),
+        );
         check("urn:cairn:operator:root:bob", None);
         check("urn:cairn:agent:DB1", None);
         check("urn:other:agent:db1", None);

@@ -61,7 +61,10 @@ impl TryFrom<i32> for Operation {
             Ok(proto::Operation::Restore) => Ok(Operation::Restore),
             Ok(proto::Operation::Replica) => Ok(Operation::Replica),
             Ok(proto::Operation::Promote) => Ok(Operation::Promote),
-            _ => Err(Error::protocol("operation", format!("unknown value {value}"))),
+            _ => Err(Error::protocol(
+                "operation",
+                format!("unknown value {value}"),
+            )),
         }
     }
 }
@@ -217,10 +220,7 @@ impl From<InstanceProbe> for proto::InstanceProbe {
                 archived_count: a.archived_count,
                 failed_count: a.failed_count,
                 last_failed_wal: a.last_failed_wal,
-                last_failed_at_unix_ms: a
-                    .last_failed_at
-                    .map(|t| t.timestamp_millis())
-                    .unwrap_or(0),
+                last_failed_at_unix_ms: a.last_failed_at.map(|t| t.timestamp_millis()).unwrap_or(0),
             }),
             connections: p.connections,
             max_connections: p.max_connections,

@@ -269,10 +269,7 @@ mod tests {
         let (ca, _) = CertificateAuthority::generate("test CA").unwrap();
         let request = generate_key_and_csr("original-name").unwrap();
         let mut der = pem::parse(&request.csr_pem).unwrap().into_contents();
-        let at = der
-            .windows(13)
-            .position(|w| w == b"original-name")
-            .unwrap();
+        let at = der.windows(13).position(|w| w == b"original-name").unwrap();
         der[at] = b'X';
         let tampered = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der));
         let principal = Principal::Agent(AgentName::new("db1").unwrap());

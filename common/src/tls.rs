@@ -14,13 +14,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
     ServerConfig, SignatureScheme,
@@ -116,7 +116,8 @@ struct RevocationAwareVerifier {
 
 impl std::fmt::Debug for RevocationAwareVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RevocationAwareVerifier").finish_non_exhaustive()
+        f.debug_struct("RevocationAwareVerifier")
+            .finish_non_exhaustive()
     }
 }
 
@@ -139,7 +140,9 @@ impl ClientCertVerifier for RevocationAwareVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let serial = certificate_serial(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         if self.revoked.contains(&serial) {
@@ -212,6 +215,10 @@ pub fn server_config(
         .with_single_cert(chain, key)
         .map_err(|e| Error::Tls(format!("server certificate and key: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No session resumption: a resumed session skips the client verifier,
+    // and so would skip a revocation made since the first handshake.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -381,7 +388,9 @@ impl CoordinatorUrl {
         let invalid = |reason: &str| {
             Error::invalid(
                 "coordinator URL",
-                format!("{url:?}: {reason}; expected https://HOST:PORT, for example https://127.0.0.1:7443"),
+                format!(
+                    "{url:?}: {reason}; expected https://HOST:PORT, for example https://127.0.0.1:7443"
+                ),
             )
         };
         let uri: Uri = url.parse().map_err(|_| invalid("not a URL"))?;
@@ -389,7 +398,10 @@ impl CoordinatorUrl {
             return Err(invalid("the scheme must be https"));
         }
         let host = uri.host().ok_or_else(|| invalid("no host"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         if uri.path() != "/" && !uri.path().is_empty() {
             return Err(invalid("no path is allowed"));
         }

@@ -56,7 +56,8 @@ impl EnrollmentToken {
         let [prefix, agent, id, secret, ca_sha256] = parts.as_slice() else {
             return Err(invalid());
         };
-        let is_hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+        let is_hex =
+            |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
         if *prefix != PREFIX
             || !is_hex(id, ID_BYTES * 2)
             || !is_hex(secret, SECRET_BYTES * 2)

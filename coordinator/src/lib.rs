@@ -1,1 +1,21 @@
+//! The Cairn coordinator: the `cairn serve` server (catalog, fleet CA,
+//! agent control streams, Admin API, audit, health and metrics) and the
+//! operator command line (`cli`). `main.rs` only parses arguments and calls
+//! in here, so tests drive the same code.
 
+pub mod admin;
+pub mod audit;
+pub mod audit_log;
+pub mod auth;
+pub mod authority;
+pub mod catalog;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod fleet;
+pub mod gateway;
+pub mod home;
+pub mod http;
+pub mod server;
+
+pub use error::{CoordinatorError, Result};

@@ -1,0 +1,238 @@
+//! The agent's configuration, `agent.toml`, written by `cairn-agent enroll`
+//! and read by `cairn-agent run`. Unknown keys are refused and errors name
+//! the key path. Connection strings may hold passwords: they are never
+//! logged (see [`crate::postgres::ConnectionString`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cairn_common::config::{load_toml, resolve};
+use cairn_common::model::Operation;
+use cairn_common::names::{AgentName, InstanceName};
+use cairn_common::tls::CoordinatorUrl;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{AgentError, Result};
+use crate::postgres::ConnectionString;
+
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(15);
+pub const DEFAULT_RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This agent's name; must match its certificate.
+    pub name: AgentName,
+    /// `https://HOST:PORT` of the coordinator.
+    pub coordinator: String,
+    /// Directory with `ca.pem`, `cert.pem`, `key.pem`; relative to this file.
+    pub identity_dir: PathBuf,
+    /// Local address to dial from (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_address: Option<IpAddr>,
+    /// How often to probe each instance.
+    #[serde(with = "humantime_serde", default = "default_probe_interval")]
+    pub probe_interval: Duration,
+    /// The longest wait between reconnection attempts (exponential, with jitter).
+    #[serde(with = "humantime_serde", default = "default_reconnect_max_backoff")]
+    pub reconnect_max_backoff: Duration,
+    #[serde(default)]
+    pub permissions: Permissions,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub instances: Vec<InstanceConfig>,
+}
+
+/// Which operations this host allows. Anything not listed is refused, even
+/// when the coordinator asks: a compromised coordinator is not root on every
+/// database. Probes are always allowed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Permissions {
+    #[serde(default)]
+    pub allow: BTreeSet<Operation>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceConfig {
+    pub name: InstanceName,
+    /// libpq URL or key=value connection string for the local instance.
+    pub postgres: ConnectionString,
+}
+
+impl Serialize for ConnectionString {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+fn default_probe_interval() -> Duration {
+    DEFAULT_PROBE_INTERVAL
+}
+
+fn default_reconnect_max_backoff() -> Duration {
+    DEFAULT_RECONNECT_MAX_BACKOFF
+}
+
+/// Identity files, resolved.
+#[derive(Debug, Clone)]
+pub struct IdentityPaths {
+    pub ca: PathBuf,
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+}
+
+impl IdentityPaths {
+    pub fn in_dir(dir: &Path) -> Self {
+        IdentityPaths {
+            ca: dir.join("ca.pem"),
+            certificate: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<AgentConfig> {
+        let mut config: AgentConfig = load_toml(path)?;
+        config.identity_dir = resolve(path, &config.identity_dir);
+        config.validate().map_err(|message| {
+            AgentError::Common(cairn_common::Error::Config {
+                file: path.to_path_buf(),
+                message,
+            })
+        })?;
+        Ok(config)
+    }
+
+    pub fn identity(&self) -> IdentityPaths {
+        IdentityPaths::in_dir(&self.identity_dir)
+    }
+
+    pub fn coordinator_url(&self) -> Result<CoordinatorUrl> {
+        Ok(CoordinatorUrl::parse(&self.coordinator)?)
+    }
+
+    pub fn permits(&self, operation: Operation) -> bool {
+        self.permissions.allow.contains(&operation)
+    }
+
+    /// Checks what types cannot; the message names the key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        CoordinatorUrl::parse(&self.coordinator).map_err(|e| format!("key `coordinator`: {e}"))?;
+        if self.instances.is_empty() {
+            return Err("key `instances`: at least one [[instances]] entry is needed".into());
+        }
+        let mut names = BTreeSet::new();
+        for (index, instance) in self.instances.iter().enumerate() {
+            if !names.insert(instance.name.as_str()) {
+                return Err(format!(
+                    "key `instances[{index}].name`: {:?} is used twice",
+                    instance.name.as_str()
+                ));
+            }
+        }
+        if self.probe_interval < Duration::from_secs(1)
+            || self.probe_interval > Duration::from_secs(3600)
+        {
+            return Err("key `probe_interval`: must be between 1s and 1h".into());
+        }
+        if self.reconnect_max_backoff < Duration::from_millis(100)
+            || self.reconnect_max_backoff > Duration::from_secs(600)
+        {
+            return Err("key `reconnect_max_backoff`: must be between 100ms and 10m".into());
+        }
+        for (key, value) in &self.labels {
+            validate_label(key, value).map_err(|e| format!("key `labels.{key}`: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Label keys: `[a-z0-9][a-z0-9_.-]{0,62}`; values: printable, at most 256 bytes.
+pub fn validate_label(key: &str, value: &str) -> std::result::Result<(), String> {
+    let key_ok = key.len() <= 63
+        && key
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && key
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_.-".contains(c));
+    if !key_ok {
+        return Err(format!(
+            "label key {key:?} is invalid: use [a-z0-9][a-z0-9_.-]{{0,62}}"
+        ));
+    }
+    if value.len() > 256 || value.chars().any(char::is_control) {
+        return Err(format!(
+            "label value for {key:?} is invalid: at most 256 printable characters"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_common::config::parse_toml;
+
+    const BASE: &str = r#"
+name = "db1"
+coordinator = "https://127.0.0.1:7443"
+identity_dir = "identity"
+"#;
+
+    const INSTANCE: &str = "[[instances]]\nname = \"main\"\npostgres = \"host=/tmp port=5432 user=postgres password=hunter2\"\n";
+
+    fn check(text: &str, expected: &str) {
+        let error = match parse_toml::<AgentConfig>(text, Path::new("agent.toml")) {
+            Err(e) => e.to_string(),
+            Ok(config) => config.validate().unwrap_err(),
+        };
+        assert!(error.contains(expected), "{error} lacks {expected}");
+        assert!(!error.contains("hunter2"), "a password leaked into {error}");
+    }
+
+    #[test]
+    fn bad_config_names_the_key() {
+        check(
+            &format!("{BASE}bogus = 1\n{INSTANCE}"),
+            "unknown field `bogus`",
+        );
+        check(
+            &format!("{BASE}[permissions]\nallow = [\"drop\"]\n{INSTANCE}"),
+            "permissions.allow",
+        );
+        check(
+            &format!("{BASE}probe_interval = \"0s\"\n{INSTANCE}"),
+            "key `probe_interval`",
+        );
+        check(BASE, "missing field `instances`");
+        check(
+            &format!("{BASE}[labels]\n\"Bad Key\" = \"x\"\n{INSTANCE}"),
+            "key `labels.Bad Key`",
+        );
+        check(
+            &format!("{BASE}{INSTANCE}{INSTANCE}"),
+            "key `instances[1].name`",
+        );
+        check(&BASE.replace("db1", "DB1").to_string(), "agent name");
+    }
+
+    #[test]
+    fn a_good_config_round_trips_and_permits_only_what_it_lists() {
+        let text = format!("{BASE}[permissions]\nallow = [\"backup\"]\n{INSTANCE}");
+        let config: AgentConfig = parse_toml(&text, Path::new("agent.toml")).unwrap();
+        config.validate().unwrap();
+        assert!(config.permits(Operation::Backup));
+        assert!(!config.permits(Operation::Restore));
+        let written = toml::to_string(&config).unwrap();
+        let again: AgentConfig = parse_toml(&written, Path::new("agent.toml")).unwrap();
+        assert_eq!(again.instances[0].postgres, config.instances[0].postgres);
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,168 @@
+//! Executing the coordinator's commands, behind this host's own permission
+//! gate: an operation the agent's config does not allow is refused whatever
+//! the coordinator says, and the refusal is reported (the coordinator
+//! audits it).
+
+use std::time::Duration;
+
+use cairn_common::model::Operation;
+use cairn_common::proto::{self, command, command_result};
+use tracing::Instrument;
+
+use crate::config::AgentConfig;
+use crate::postgres;
+
+/// How long one instance's probe may take.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The operation a command needs, if any (probes need none).
+fn required_operation(kind: &command::Kind) -> Option<Operation> {
+    match kind {
+        command::Kind::Probe(_) => None,
+        command::Kind::Backup(_) => Some(Operation::Backup),
+        command::Kind::Restore(_) => Some(Operation::Restore),
+        command::Kind::Replica(_) => Some(Operation::Replica),
+        command::Kind::Promote(_) => Some(Operation::Promote),
+    }
+}
+
+/// Runs one command and returns its result message.
+pub async fn execute(config: &AgentConfig, command: proto::Command) -> proto::CommandResult {
+    let span = tracing::info_span!("command", command_id = %command.command_id);
+    let command_id = command.command_id.clone();
+    let outcome = async {
+        let Some(kind) = command.kind else {
+            return command_result::Outcome::Error("the command has no kind".into());
+        };
+        if let Some(operation) = required_operation(&kind)
+            && !config.permits(operation)
+        {
+            let reason = format!(
+                "agent {} does not permit {operation}: its config allows [{}] (permissions.allow in agent.toml)",
+                config.name,
+                config
+                    .permissions
+                    .allow
+                    .iter()
+                    .map(|o| o.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            tracing::warn!(%operation, "refused a command this host does not permit");
+            return command_result::Outcome::Refused(proto::Refusal {
+                operation: proto::Operation::from(operation) as i32,
+                reason,
+            });
+        }
+        match kind {
+            command::Kind::Probe(probe) => {
+                command_result::Outcome::Probe(probe_instances(config, &probe.instances).await)
+            }
+            other => command_result::Outcome::Error(format!(
+                "{} is permitted here but not supported by cairn-agent {}",
+                required_operation(&other).map(|o| o.as_str()).unwrap_or("this command"),
+                cairn_common::VERSION
+            )),
+        }
+    }
+    .instrument(span)
+    .await;
+    proto::CommandResult {
+        command_id,
+        outcome: Some(outcome),
+    }
+}
+
+/// Probes the named instances (all when `names` is empty), concurrently,
+/// in config order.
+pub async fn probe_instances(config: &AgentConfig, names: &[String]) -> proto::ProbeResult {
+    let mut tasks = tokio::task::JoinSet::new();
+    let selected = config
+        .instances
+        .iter()
+        .filter(|i| names.is_empty() || names.iter().any(|n| n == i.name.as_str()));
+    for (index, instance) in selected.enumerate() {
+        let name = instance.name.to_string();
+        let connection = instance.postgres.clone();
+        tasks.spawn(async move {
+            (
+                index,
+                postgres::probe(&name, &connection, PROBE_TIMEOUT).await,
+            )
+        });
+    }
+    let mut results = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(result) => results.push(result),
+            Err(error) => tracing::error!(%error, "a probe task failed"),
+        }
+    }
+    results.sort_by_key(|(index, _)| *index);
+    proto::ProbeResult {
+        instances: results.into_iter().map(|(_, probe)| probe.into()).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_common::config::parse_toml;
+    use std::path::Path;
+
+    fn config(allow: &str) -> AgentConfig {
+        parse_toml(
+            &format!(
+                "name = \"db1\"\ncoordinator = \"https://127.0.0.1:1\"\nidentity_dir = \"i\"\n[permissions]\nallow = [{allow}]\n[[instances]]\nname = \"main\"\npostgres = \"host=127.0.0.1 port=1 user=postgres\"\n"
+            ),
+            Path::new("agent.toml"),
+        )
+        .unwrap()
+    }
+
+    fn command(kind: command::Kind) -> proto::Command {
+        proto::Command {
+            command_id: "c1".into(),
+            kind: Some(kind),
+        }
+    }
+
+    async fn check(allow: &str, kind: command::Kind, expect_refused: bool) {
+        let result = execute(&config(allow), command(kind.clone())).await;
+        assert_eq!(result.command_id, "c1");
+        let refused = matches!(result.outcome, Some(command_result::Outcome::Refused(_)));
+        assert_eq!(
+            refused, expect_refused,
+            "allow=[{allow}] kind={kind:?}: {result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn operations_outside_the_config_are_refused() {
+        let restore = command::Kind::Restore(proto::RestoreCommand::default());
+        let promote = command::Kind::Promote(proto::PromoteCommand::default());
+        let backup = command::Kind::Backup(proto::BackupCommand::default());
+        let replica = command::Kind::Replica(proto::ReplicaCommand::default());
+        check("\"backup\"", restore.clone(), true).await;
+        check("\"backup\"", promote.clone(), true).await;
+        check("\"backup\"", replica.clone(), true).await;
+        check("\"backup\"", backup.clone(), false).await;
+        check("", backup, true).await;
+        check("\"restore\", \"promote\"", restore, false).await;
+        check("\"restore\", \"promote\"", promote, false).await;
+    }
+
+    #[tokio::test]
+    async fn probes_are_always_allowed() {
+        let result = execute(
+            &config(""),
+            command(command::Kind::Probe(proto::ProbeCommand::default())),
+        )
+        .await;
+        let Some(command_result::Outcome::Probe(probe)) = result.outcome else {
+            panic!("expected a probe result: {result:?}");
+        };
+        assert_eq!(probe.instances.len(), 1);
+        assert!(!probe.instances[0].reachable, "nothing listens on port 1");
+    }
+}

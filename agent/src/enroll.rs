@@ -1,0 +1,270 @@
+//! `cairn-agent enroll`: trade a one-time token for a client certificate.
+//!
+//! Order matters so that a failure leaves nothing behind and wastes no
+//! token: check the inputs and the local PostgreSQL first, prepare the
+//! staging directory, then call the coordinator (trusting only the CA whose
+//! hash the token pins), check what came back, and rename the staging
+//! directory into place. The private key is generated here and never sent.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cairn_common::config::write_file_atomic;
+use cairn_common::identity::{Identity, Principal};
+use cairn_common::model::Operation;
+use cairn_common::names::{AgentName, InstanceName};
+use cairn_common::pki::{ca_fingerprint, generate_key_and_csr};
+use cairn_common::proto::{self, agent_gateway_client::AgentGatewayClient};
+use cairn_common::tls::{self, CoordinatorUrl, parse_certificates};
+use cairn_common::token::EnrollmentToken;
+
+use crate::config::{
+    AgentConfig, DEFAULT_RECONNECT_MAX_BACKOFF, IdentityPaths, InstanceConfig, Permissions,
+};
+use crate::error::{AgentError, Result};
+use crate::postgres::{self, ConnectionString};
+
+const POSTGRES_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct EnrollOptions {
+    pub coordinator: String,
+    /// The whole token. Secret.
+    pub token: String,
+    /// Defaults to the name the token was made for.
+    pub name: Option<String>,
+    pub dir: PathBuf,
+    pub postgres: String,
+    pub instance_name: String,
+    pub labels: Vec<String>,
+    pub allow: Vec<Operation>,
+    pub source_address: Option<IpAddr>,
+    pub probe_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    pub name: AgentName,
+    pub config_file: PathBuf,
+    pub server_version: String,
+}
+
+pub async fn enroll(options: &EnrollOptions) -> Result<Enrolled> {
+    let url = CoordinatorUrl::parse(&options.coordinator)?;
+    let token = EnrollmentToken::parse(&options.token)?;
+    let name = match &options.name {
+        Some(name) => AgentName::new(name.as_str())?,
+        None => token.agent.clone(),
+    };
+    let instance_name = InstanceName::new(options.instance_name.as_str())?;
+    let labels = parse_labels(&options.labels)?;
+    let connection = ConnectionString::parse(&options.postgres)?;
+    check_target_dir(&options.dir)?;
+
+    let config = AgentConfig {
+        name: name.clone(),
+        coordinator: url.to_string(),
+        identity_dir: PathBuf::from("identity"),
+        source_address: options.source_address,
+        probe_interval: options.probe_interval,
+        reconnect_max_backoff: DEFAULT_RECONNECT_MAX_BACKOFF,
+        permissions: Permissions {
+            allow: options.allow.iter().copied().collect(),
+        },
+        labels,
+        instances: vec![InstanceConfig {
+            name: instance_name,
+            postgres: connection.clone(),
+        }],
+    };
+    config.validate().map_err(AgentError::Invalid)?;
+
+    let server_version = postgres::check_reachable(&connection, POSTGRES_CHECK_TIMEOUT)
+        .await
+        .map_err(|e| {
+            AgentError::Invalid(format!(
+                "{e}: check --postgres; enrollment needs the local instance reachable"
+            ))
+        })?;
+
+    let staging = staging_dir(&options.dir)?;
+    let result = enroll_into(
+        &staging,
+        &url,
+        &token,
+        &name,
+        &config,
+        options.source_address,
+    )
+    .await;
+    match result {
+        Ok(()) => {
+            if options.dir.exists() {
+                std::fs::remove_dir(&options.dir).map_err(|e| {
+                    AgentError::io(format!("cannot replace empty {}", options.dir.display()), e)
+                })?;
+            }
+            std::fs::rename(&staging, &options.dir).map_err(|e| {
+                let _ = std::fs::remove_dir_all(&staging);
+                AgentError::io(
+                    format!("cannot move the agent home to {}", options.dir.display()),
+                    e,
+                )
+            })?;
+            Ok(Enrolled {
+                name,
+                config_file: options.dir.join("agent.toml"),
+                server_version,
+            })
+        }
+        Err(error) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Err(error)
+        }
+    }
+}
+
+async fn enroll_into(
+    staging: &Path,
+    url: &CoordinatorUrl,
+    token: &EnrollmentToken,
+    name: &AgentName,
+    config: &AgentConfig,
+    source_address: Option<IpAddr>,
+) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(staging.join("identity"))
+        .map_err(|e| AgentError::io(format!("cannot create {}", staging.display()), e))?;
+
+    let request = generate_key_and_csr(name.as_str())?;
+    let channel = tls::connect(
+        url,
+        tls::pinned_client_config(&token.ca_sha256)?,
+        source_address,
+    )
+    .await
+    .map_err(|e| AgentError::CoordinatorUnreachable {
+        url: url.to_string(),
+        reason: match e {
+            cairn_common::Error::Connect { reason, .. } => reason,
+            other => other.to_string(),
+        },
+    })?;
+    let mut client = AgentGatewayClient::new(channel);
+    let mut call = tonic::Request::new(proto::EnrollRequest {
+        token: token.expose(),
+        agent_name: name.to_string(),
+        csr_pem: request.csr_pem.clone(),
+    });
+    call.set_timeout(ENROLL_TIMEOUT);
+    let response = client
+        .enroll(call)
+        .await
+        .map_err(|status| match status.code() {
+            tonic::Code::Unauthenticated
+            | tonic::Code::PermissionDenied
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::InvalidArgument => {
+                AgentError::EnrollmentRefused(status.message().to_string())
+            }
+            _ => AgentError::CoordinatorUnreachable {
+                url: url.to_string(),
+                reason: format!(
+                    "{}: {}",
+                    status.message(),
+                    tls::describe_transport_error(&status)
+                ),
+            },
+        })?
+        .into_inner();
+
+    // Trust, but verify: the CA must be the pinned one, and the certificate
+    // must name us.
+    let ca = parse_certificates(response.ca_pem.as_bytes(), "CA from the coordinator")?;
+    if ca.first().map(|c| ca_fingerprint(c)) != Some(token.ca_sha256.clone()) {
+        return Err(AgentError::Protocol(
+            "the CA sent does not match the token's CA hash".into(),
+        ));
+    }
+    let certificate = parse_certificates(
+        response.certificate_pem.as_bytes(),
+        "certificate from the coordinator",
+    )?;
+    let identity = Identity::from_certificate_der(&certificate[0])?;
+    if identity.principal != Principal::Agent(name.clone()) {
+        return Err(AgentError::Protocol(format!(
+            "the certificate names {} instead of agent {name}",
+            identity.principal
+        )));
+    }
+
+    let paths = IdentityPaths::in_dir(&staging.join("identity"));
+    write_file_atomic(&paths.ca, response.ca_pem.as_bytes(), 0o644)?;
+    write_file_atomic(
+        &paths.certificate,
+        response.certificate_pem.as_bytes(),
+        0o644,
+    )?;
+    write_file_atomic(&paths.key, request.key_pem.as_bytes(), 0o600)?;
+    let text = toml::to_string(config)
+        .map_err(|e| AgentError::Invalid(format!("cannot write agent.toml: {e}")))?;
+    let header = "# Cairn agent configuration, written by `cairn-agent enroll`.\n# permissions.allow lists the operations this host accepts: backup, restore, replica, promote.\n\n";
+    write_file_atomic(
+        &staging.join("agent.toml"),
+        format!("{header}{text}").as_bytes(),
+        0o600,
+    )?;
+    Ok(())
+}
+
+fn check_target_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir)
+            .map(|mut entries| entries.next().is_none())
+            .unwrap_or(false);
+        if !empty {
+            return Err(AgentError::Invalid(format!(
+                "{} already exists and is not empty: enroll into a new --dir (an agent enrolls once)",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn staging_dir(dir: &Path) -> Result<PathBuf> {
+    let parent = match dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent)
+        .map_err(|e| AgentError::io(format!("cannot create {}", parent.display()), e))?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| AgentError::Invalid("--dir has no final component".into()))?;
+    let staging = parent.join(format!(".{name}.enroll-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    Ok(staging)
+}
+
+fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut parsed = BTreeMap::new();
+    for label in labels {
+        let (key, value) = label.split_once('=').ok_or_else(|| {
+            AgentError::Invalid(format!(
+                "--label {label:?}: use key=value, for example --label env=prod"
+            ))
+        })?;
+        crate::config::validate_label(key, value)
+            .map_err(|e| AgentError::Invalid(format!("--label: {e}")))?;
+        parsed.insert(key.to_string(), value.to_string());
+    }
+    Ok(parsed)
+}

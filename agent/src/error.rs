@@ -1,0 +1,37 @@
+//! The one error type at the agent library's boundary.
+
+use crate::postgres::PostgresError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Common(#[from] cairn_common::Error),
+    #[error(transparent)]
+    Postgres(#[from] PostgresError),
+    /// The coordinator refused enrollment; its reason says what to do.
+    #[error("enrollment refused: {0}")]
+    EnrollmentRefused(String),
+    #[error("cannot reach the coordinator at {url}: {reason}")]
+    CoordinatorUnreachable { url: String, reason: String },
+    #[error("the coordinator broke the protocol: {0}")]
+    Protocol(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl AgentError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        AgentError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = AgentError> = std::result::Result<T, E>;

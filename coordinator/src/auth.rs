@@ -1,0 +1,188 @@
+//! Who is calling, and may they? The per-call half of mutual TLS (the
+//! handshake half is `cairn_common::tls`): turns the peer certificate into a
+//! [`Caller`], refuses revoked or expired certificates on every call (a
+//! revocation bites without waiting for a reconnect), refuses agents on the
+//! Admin service and operators on the AgentGateway, and checks roles.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cairn_common::identity::{Identity, Principal, Role};
+use cairn_common::names::AgentName;
+use cairn_common::tls::RevokedSerials;
+use tonic::{Request, Status};
+
+use crate::audit::{AuditEvent, Outcome};
+use crate::audit_log::AuditLog;
+
+/// The authenticated caller, stored in each request's extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// No client certificate: only enrollment accepts this.
+    Anonymous {
+        peer: String,
+    },
+    Agent(AgentName),
+    Operator(Identity),
+}
+
+impl Caller {
+    /// How the audit log names this caller.
+    pub fn actor(&self) -> String {
+        match self {
+            Caller::Anonymous { peer } => format!("anonymous@{peer}"),
+            Caller::Agent(name) => format!("agent:{name}"),
+            Caller::Operator(identity) => identity.principal.to_string(),
+        }
+    }
+}
+
+fn peer_of<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Reads and checks the peer certificate, if any.
+fn identify<T>(request: &Request<T>, revoked: &RevokedSerials) -> Result<Option<Identity>, String> {
+    let Some(certificates) = request.peer_certs() else {
+        return Ok(None);
+    };
+    let Some(leaf) = certificates.first() else {
+        return Ok(None);
+    };
+    let identity = Identity::from_certificate_der(leaf).map_err(|e| e.to_string())?;
+    if revoked.contains(&identity.serial) {
+        return Err(format!(
+            "certificate {} of {} is revoked",
+            identity.serial, identity.principal
+        ));
+    }
+    if identity.not_after_unix < now_unix() {
+        return Err(format!("certificate of {} has expired", identity.principal));
+    }
+    Ok(Some(identity))
+}
+
+/// The interceptor for the Admin service: operators only.
+pub fn admin_interceptor(
+    revoked: RevokedSerials,
+    audit: AuditLog,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |mut request: Request<()>| {
+        let peer = peer_of(&request);
+        let refuse = |status: Status, actor: String| {
+            audit.record_detached(AuditEvent::new(
+                actor,
+                "admin.call",
+                "admin",
+                Outcome::Refused,
+                status.message().to_string(),
+            ));
+            Err(status)
+        };
+        match identify(&request, &revoked) {
+            Err(reason) => refuse(Status::unauthenticated(reason), format!("peer@{peer}")),
+            Ok(None) => refuse(
+                Status::unauthenticated(
+                    "a client certificate is required: pass --identity DIR (or set CAIRN_IDENTITY)",
+                ),
+                format!("anonymous@{peer}"),
+            ),
+            Ok(Some(identity)) => match identity.principal {
+                Principal::Operator { .. } => {
+                    request.extensions_mut().insert(Caller::Operator(identity));
+                    Ok(request)
+                }
+                Principal::Agent(name) => refuse(
+                    Status::permission_denied("agent identities cannot call the Admin API"),
+                    format!("agent:{name}"),
+                ),
+            },
+        }
+    }
+}
+
+/// The interceptor for the AgentGateway: agents, or anonymous callers
+/// (which only `Enroll` accepts).
+pub fn agent_interceptor(
+    revoked: RevokedSerials,
+    audit: AuditLog,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |mut request: Request<()>| {
+        let peer = peer_of(&request);
+        let caller = match identify(&request, &revoked) {
+            Err(reason) => {
+                audit.record_detached(AuditEvent::new(
+                    format!("peer@{peer}"),
+                    "agent.call",
+                    "agent-gateway",
+                    Outcome::Refused,
+                    reason.clone(),
+                ));
+                return Err(Status::unauthenticated(reason));
+            }
+            Ok(None) => Caller::Anonymous { peer },
+            Ok(Some(identity)) => match identity.principal {
+                Principal::Agent(name) => Caller::Agent(name),
+                Principal::Operator { .. } => {
+                    return Err(Status::permission_denied(
+                        "operator identities cannot call the AgentGateway API",
+                    ));
+                }
+            },
+        };
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
+
+/// The caller an interceptor stored.
+pub fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no authenticated caller"))
+}
+
+/// Requires an operator with at least `role`; returns its identity.
+pub async fn require_role<T>(
+    request: &Request<T>,
+    role: Role,
+    audit: &AuditLog,
+    action: &'static str,
+) -> Result<Identity, Status> {
+    match caller(request)? {
+        Caller::Operator(identity) => {
+            let Principal::Operator { role: held, .. } = &identity.principal else {
+                return Err(Status::permission_denied("not an operator"));
+            };
+            if *held < role {
+                let message = format!(
+                    "{} has role {held}; {action} needs role {role} or higher",
+                    identity.principal
+                );
+                audit
+                    .record(AuditEvent::new(
+                        identity.principal.to_string(),
+                        action,
+                        "",
+                        Outcome::Refused,
+                        message.clone(),
+                    ))
+                    .await;
+                return Err(Status::permission_denied(message));
+            }
+            Ok(identity)
+        }
+        _ => Err(Status::permission_denied("operators only")),
+    }
+}

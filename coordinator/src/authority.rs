@@ -1,0 +1,306 @@
+//! The fleet CA at work: enrollment tokens, agent enrollment (CSR in,
+//! certificate out), operator certificates, and revocation. Each action is
+//! audited before its result is returned.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_common::identity::{Principal, Role};
+use cairn_common::names::{AgentName, OperatorName};
+use cairn_common::pki::{CertificateAuthority, IssuedCertificate, ca_fingerprint};
+use cairn_common::tls::RevokedSerials;
+use cairn_common::token::EnrollmentToken;
+
+use crate::audit::{AuditEvent, Outcome};
+use crate::audit_log::AuditLog;
+use crate::catalog::{Catalog, CertificateRecord, TokenRecord, TokenRefusal};
+use crate::clock::now_ms;
+use crate::config::{FleetConfig, MIN_TOKEN_TTL};
+use crate::error::{CoordinatorError, Result};
+use crate::fleet::Fleet;
+
+#[derive(Debug)]
+pub struct Authority {
+    ca: CertificateAuthority,
+    catalog: Arc<Catalog>,
+    audit: AuditLog,
+    revoked: RevokedSerials,
+    fleet: Arc<Fleet>,
+    config: FleetConfig,
+}
+
+/// A token just made; `token` is the secret, shown once.
+#[derive(Debug)]
+pub struct CreatedToken {
+    pub token: EnrollmentToken,
+    pub expires_at_ms: i64,
+}
+
+impl Authority {
+    pub fn new(
+        ca: CertificateAuthority,
+        catalog: Arc<Catalog>,
+        audit: AuditLog,
+        revoked: RevokedSerials,
+        fleet: Arc<Fleet>,
+        config: FleetConfig,
+    ) -> Self {
+        Authority {
+            ca,
+            catalog,
+            audit,
+            revoked,
+            fleet,
+            config,
+        }
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        self.ca.ca_pem()
+    }
+
+    pub async fn create_token(
+        &self,
+        actor: &str,
+        agent: &str,
+        ttl: Duration,
+    ) -> Result<CreatedToken> {
+        let agent = AgentName::new(agent)?;
+        if ttl < MIN_TOKEN_TTL || ttl > self.config.max_token_ttl {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "invalid --ttl {}: must be between {} and {} (fleet.max_token_ttl)",
+                humantime::format_duration(ttl),
+                humantime::format_duration(MIN_TOKEN_TTL),
+                humantime::format_duration(self.config.max_token_ttl)
+            )));
+        }
+        if let Some(existing) = self.catalog.get_agent(agent.as_str()).await?
+            && existing.revoked_at.is_none()
+        {
+            let message = format!(
+                "agent {agent:?} is already enrolled: revoke it first (cairn agents revoke {agent})"
+            );
+            self.audit
+                .record(AuditEvent::new(
+                    actor,
+                    "token.create",
+                    agent.as_str(),
+                    Outcome::Refused,
+                    message.clone(),
+                ))
+                .await;
+            return Err(CoordinatorError::Conflict(message));
+        }
+        let token = EnrollmentToken::generate(agent.clone(), ca_fingerprint(self.ca.ca_der()))?;
+        let now = now_ms();
+        let expires_at_ms = now + ttl.as_millis() as i64;
+        self.catalog
+            .insert_token(&TokenRecord {
+                id: token.id.clone(),
+                agent_name: agent.to_string(),
+                secret_sha256: token.secret_sha256(),
+                created_by: actor.to_string(),
+                created_at: now,
+                expires_at: expires_at_ms,
+            })
+            .await?;
+        self.audit
+            .record_strict(AuditEvent::new(
+                actor,
+                "token.create",
+                agent.as_str(),
+                Outcome::Success,
+                format!(
+                    "token id {}, ttl {}",
+                    token.id,
+                    humantime::format_duration(ttl)
+                ),
+            ))
+            .await?;
+        Ok(CreatedToken {
+            token,
+            expires_at_ms,
+        })
+    }
+
+    /// Checks the token, signs the CSR, records the agent.
+    pub async fn enroll(
+        &self,
+        peer: &str,
+        token_text: &str,
+        agent_name: &str,
+        csr_pem: &str,
+    ) -> Result<IssuedCertificate> {
+        let actor = format!("anonymous@{peer}");
+        let refuse = |reason: String, target: String| async move {
+            self.audit
+                .record(AuditEvent::new(
+                    actor.clone(),
+                    "agent.enroll",
+                    target,
+                    Outcome::Refused,
+                    reason.clone(),
+                ))
+                .await;
+            reason
+        };
+        let token = match EnrollmentToken::parse(token_text) {
+            Ok(token) => token,
+            Err(error) => {
+                let reason = refuse(error.to_string(), agent_name.to_string()).await;
+                return Err(CoordinatorError::Unauthenticated(reason));
+            }
+        };
+        let requested = if agent_name.is_empty() {
+            token.agent.clone()
+        } else {
+            AgentName::new(agent_name)?
+        };
+        let now = now_ms();
+        let consumed = self
+            .catalog
+            .consume_token(&token.id, requested.as_str(), &token.secret_sha256(), now)
+            .await?;
+        if let Err(refusal) = consumed {
+            let reason = match refusal {
+                TokenRefusal::Unknown => {
+                    "the token is not valid: create a new one with cairn token create".to_string()
+                }
+                TokenRefusal::WrongAgent { bound_to } => {
+                    format!("the token was made for agent {bound_to:?}, not {requested:?}")
+                }
+                TokenRefusal::Expired { expired_at } => format!(
+                    "the token expired {} ago: create a new one with cairn token create --agent {requested}",
+                    humantime::format_duration(Duration::from_secs(
+                        ((now - expired_at) / 1000).max(0) as u64
+                    ))
+                ),
+                TokenRefusal::AlreadyUsed { .. } => {
+                    "the token was already used: tokens are single-use, create a new one"
+                        .to_string()
+                }
+            };
+            let reason = refuse(reason, requested.to_string()).await;
+            return Err(CoordinatorError::Unauthenticated(reason));
+        }
+        let principal = Principal::Agent(requested.clone());
+        let issued = self.ca.issue_client_from_csr(
+            &principal,
+            csr_pem,
+            self.config.agent_certificate_lifetime,
+        )?;
+        let record = CertificateRecord {
+            serial: &issued.serial,
+            kind: "agent",
+            name: requested.as_str(),
+            role: None,
+            issued_at: now,
+            not_after: issued.not_after_unix * 1000,
+        };
+        if let Err(error) = self
+            .catalog
+            .enroll_agent(requested.as_str(), &record, now)
+            .await
+        {
+            refuse(error.to_string(), requested.to_string()).await;
+            return Err(error);
+        }
+        self.audit
+            .record_strict(AuditEvent::new(
+                format!("anonymous@{peer}"),
+                "agent.enroll",
+                requested.as_str(),
+                Outcome::Success,
+                format!(
+                    "token id {}, certificate serial {}",
+                    token.id, issued.serial
+                ),
+            ))
+            .await?;
+        Ok(issued)
+    }
+
+    pub async fn issue_operator(
+        &self,
+        actor: &str,
+        name: &str,
+        role: Role,
+        csr_pem: &str,
+    ) -> Result<IssuedCertificate> {
+        let name = OperatorName::new(name)?;
+        let principal = Principal::Operator { name, role };
+        let issued = self.ca.issue_client_from_csr(
+            &principal,
+            csr_pem,
+            self.config.operator_certificate_lifetime,
+        )?;
+        record_operator_certificate(&self.catalog, &principal, &issued).await?;
+        self.audit
+            .record_strict(AuditEvent::new(
+                actor,
+                "operator.issue",
+                principal.to_string(),
+                Outcome::Success,
+                format!("certificate serial {}", issued.serial),
+            ))
+            .await?;
+        Ok(issued)
+    }
+
+    /// Revokes an agent: its certificates are refused from the next call on,
+    /// and its control stream is closed now.
+    pub async fn revoke_agent(&self, actor: &str, agent: &str) -> Result<i64> {
+        let agent = AgentName::new(agent)?;
+        let now = now_ms();
+        let serials = match self.catalog.revoke_agent(agent.as_str(), now).await {
+            Ok(serials) => serials,
+            Err(error) => {
+                self.audit
+                    .record(AuditEvent::new(
+                        actor,
+                        "agent.revoke",
+                        agent.as_str(),
+                        Outcome::Failed,
+                        error.to_string(),
+                    ))
+                    .await;
+                return Err(error);
+            }
+        };
+        for serial in &serials {
+            self.revoked.insert(serial.clone());
+        }
+        self.fleet.disconnect(agent.as_str());
+        self.audit
+            .record_strict(AuditEvent::new(
+                actor,
+                "agent.revoke",
+                agent.as_str(),
+                Outcome::Success,
+                format!("revoked serials {}", serials.join(",")),
+            ))
+            .await?;
+        Ok(now)
+    }
+}
+
+/// Remembers an operator certificate so that it can be revoked by serial.
+pub async fn record_operator_certificate(
+    catalog: &Catalog,
+    principal: &Principal,
+    issued: &IssuedCertificate,
+) -> Result<()> {
+    let Principal::Operator { name, role } = principal else {
+        return Err(CoordinatorError::InvalidArgument("not an operator".into()));
+    };
+    catalog
+        .insert_certificate(&CertificateRecord {
+            serial: &issued.serial,
+            kind: "operator",
+            name: name.as_str(),
+            role: Some(role.as_str()),
+            issued_at: now_ms(),
+            not_after: issued.not_after_unix * 1000,
+        })
+        .await
+}

@@ -1,0 +1,638 @@
+//! The catalog: the only code that speaks SQL.
+//!
+//! What we store and why:
+//! - `agents`: every enrolled agent, its current certificate serial, what it
+//!   last said at registration, and when it was last seen, so that the fleet
+//!   can be listed while agents are offline and across restarts.
+//! - `certificates`: every certificate the fleet CA issued, so that
+//!   revocation is by serial and survives restarts.
+//! - `enrollment_tokens`: one-time tokens, with only a hash of the secret.
+//! - `probes`: a short history of health probes per instance.
+//! - `audit_log`: the append-only, hash-chained record of security-relevant
+//!   events (see [`crate::audit`]).
+//!
+//! SQLite (WAL mode) is the default; migrations are embedded.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use cairn_common::model::{InstanceProbe, Operation};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use tokio::sync::Mutex;
+
+use crate::audit::{AuditEvent, AuditRow, GENESIS_HASH, HashInput, row_hash};
+use crate::error::{CoordinatorError, Result};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug)]
+pub struct Catalog {
+    pool: SqlitePool,
+    /// Serialises audit appends so that each reads the true chain head.
+    audit_append: Mutex<()>,
+}
+
+/// An agent as the catalog knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentRecord {
+    pub name: String,
+    pub enrolled_at: i64,
+    pub certificate_serial: String,
+    pub certificate_not_after: i64,
+    pub revoked_at: Option<i64>,
+    pub hostname: String,
+    pub version: String,
+    pub labels: BTreeMap<String, String>,
+    pub instances: Vec<String>,
+    pub permitted_operations: Vec<Operation>,
+    pub peer_address: String,
+    pub last_seen_at: Option<i64>,
+}
+
+/// What an agent says when it registers.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub hostname: String,
+    pub version: String,
+    pub labels: BTreeMap<String, String>,
+    pub instances: Vec<String>,
+    pub permitted_operations: Vec<Operation>,
+    pub peer_address: String,
+}
+
+/// A stored enrollment token (the secret only as a hash).
+#[derive(Debug, Clone)]
+pub struct TokenRecord {
+    pub id: String,
+    pub agent_name: String,
+    pub secret_sha256: String,
+    pub created_by: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+}
+
+/// Why a token was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenRefusal {
+    Unknown,
+    WrongAgent { bound_to: String },
+    Expired { expired_at: i64 },
+    AlreadyUsed { used_at: i64 },
+}
+
+/// A certificate to remember.
+#[derive(Debug, Clone)]
+pub struct CertificateRecord<'a> {
+    pub serial: &'a str,
+    pub kind: &'a str,
+    pub name: &'a str,
+    pub role: Option<&'a str>,
+    pub issued_at: i64,
+    pub not_after: i64,
+}
+
+impl Catalog {
+    /// Opens (creating if needed) the SQLite catalog and runs migrations.
+    pub async fn open_sqlite(path: &Path) -> Result<Catalog> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Catalog {
+            pool,
+            audit_append: Mutex::new(()),
+        })
+    }
+
+    /// Checks that the catalog answers (for `/readyz`).
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ---- enrollment tokens ----
+
+    pub async fn insert_token(&self, token: &TokenRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO enrollment_tokens (id, agent_name, secret_sha256, created_by, created_at, expires_at)
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&token.id)
+        .bind(&token.agent_name)
+        .bind(&token.secret_sha256)
+        .bind(&token.created_by)
+        .bind(token.created_at)
+        .bind(token.expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks a token used if it is valid for `agent_name` at `now`. The check
+    /// and the update happen in one statement, so a token cannot be used
+    /// twice even by racing enrollments.
+    pub async fn consume_token(
+        &self,
+        id: &str,
+        agent_name: &str,
+        secret_sha256: &str,
+        now: i64,
+    ) -> Result<std::result::Result<(), TokenRefusal>> {
+        let row = sqlx::query(
+            "SELECT agent_name, secret_sha256, expires_at, used_at FROM enrollment_tokens WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Err(TokenRefusal::Unknown));
+        };
+        let stored_secret: String = row.try_get("secret_sha256")?;
+        if !constant_time_eq(stored_secret.as_bytes(), secret_sha256.as_bytes()) {
+            return Ok(Err(TokenRefusal::Unknown));
+        }
+        let bound_to: String = row.try_get("agent_name")?;
+        if bound_to != agent_name {
+            return Ok(Err(TokenRefusal::WrongAgent { bound_to }));
+        }
+        if let Some(used_at) = row.try_get::<Option<i64>, _>("used_at")? {
+            return Ok(Err(TokenRefusal::AlreadyUsed { used_at }));
+        }
+        let expires_at: i64 = row.try_get("expires_at")?;
+        if expires_at <= now {
+            return Ok(Err(TokenRefusal::Expired {
+                expired_at: expires_at,
+            }));
+        }
+        let updated = sqlx::query(
+            "UPDATE enrollment_tokens SET used_at = ? WHERE id = ? AND used_at IS NULL AND expires_at > ?",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        if updated.rows_affected() != 1 {
+            return Ok(Err(TokenRefusal::AlreadyUsed { used_at: now }));
+        }
+        Ok(Ok(()))
+    }
+
+    // ---- agents and certificates ----
+
+    pub async fn get_agent(&self, name: &str) -> Result<Option<AgentRecord>> {
+        let row = sqlx::query("SELECT * FROM agents WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| agent_from_row(&row)).transpose()
+    }
+
+    pub async fn list_agents(&self) -> Result<Vec<AgentRecord>> {
+        let rows = sqlx::query("SELECT * FROM agents ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(agent_from_row).collect()
+    }
+
+    /// Records a (re-)enrolled agent and its new certificate in one
+    /// transaction. Refuses if the name is enrolled and not revoked.
+    pub async fn enroll_agent(
+        &self,
+        name: &str,
+        certificate: &CertificateRecord<'_>,
+        now: i64,
+    ) -> Result<()> {
+        let mut transaction = self.pool.begin().await?;
+        let existing: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT revoked_at FROM agents WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&mut *transaction)
+                .await?;
+        if let Some(None) = existing {
+            return Err(CoordinatorError::Conflict(format!(
+                "agent {name:?} is already enrolled: revoke it first (cairn agents revoke {name})"
+            )));
+        }
+        insert_certificate(&mut transaction, certificate).await?;
+        sqlx::query(
+            "INSERT INTO agents (name, enrolled_at, certificate_serial, certificate_not_after)
+             VALUES (?, ?, ?, ?)
+             ON CONFLICT (name) DO UPDATE SET
+                enrolled_at = excluded.enrolled_at,
+                certificate_serial = excluded.certificate_serial,
+                certificate_not_after = excluded.certificate_not_after,
+                revoked_at = NULL, hostname = '', version = '', labels = '{}',
+                instances = '[]', permitted_operations = '[]', peer_address = '',
+                last_seen_at = NULL",
+        )
+        .bind(name)
+        .bind(now)
+        .bind(certificate.serial)
+        .bind(certificate.not_after)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    pub async fn insert_certificate(&self, certificate: &CertificateRecord<'_>) -> Result<()> {
+        let mut transaction = self.pool.begin().await?;
+        insert_certificate(&mut transaction, certificate).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    pub async fn record_registration(
+        &self,
+        name: &str,
+        registration: &Registration,
+        now: i64,
+    ) -> Result<()> {
+        let labels = serde_json::to_string(&registration.labels).unwrap_or_default();
+        let instances = serde_json::to_string(&registration.instances).unwrap_or_default();
+        let operations =
+            serde_json::to_string(&registration.permitted_operations).unwrap_or_default();
+        sqlx::query(
+            "UPDATE agents SET hostname = ?, version = ?, labels = ?, instances = ?,
+                permitted_operations = ?, peer_address = ?, last_seen_at = ?
+             WHERE name = ?",
+        )
+        .bind(&registration.hostname)
+        .bind(&registration.version)
+        .bind(labels)
+        .bind(instances)
+        .bind(operations)
+        .bind(&registration.peer_address)
+        .bind(now)
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn touch_agent(&self, name: &str, now: i64) -> Result<()> {
+        sqlx::query("UPDATE agents SET last_seen_at = ? WHERE name = ?")
+            .bind(now)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Revokes the agent and every certificate issued to it. Returns the
+    /// revoked serials.
+    pub async fn revoke_agent(&self, name: &str, now: i64) -> Result<Vec<String>> {
+        let mut transaction = self.pool.begin().await?;
+        let updated =
+            sqlx::query("UPDATE agents SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL")
+                .bind(now)
+                .bind(name)
+                .execute(&mut *transaction)
+                .await?;
+        if updated.rows_affected() == 0 {
+            let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM agents WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&mut *transaction)
+                .await?;
+            return Err(match exists {
+                Some(_) => CoordinatorError::Conflict(format!("agent {name:?} is already revoked")),
+                None => CoordinatorError::NotFound(format!("no agent named {name:?}")),
+            });
+        }
+        sqlx::query(
+            "UPDATE certificates SET revoked_at = ? WHERE kind = 'agent' AND name = ? AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(name)
+        .execute(&mut *transaction)
+        .await?;
+        let serials: Vec<String> =
+            sqlx::query_scalar("SELECT serial FROM certificates WHERE kind = 'agent' AND name = ?")
+                .bind(name)
+                .fetch_all(&mut *transaction)
+                .await?;
+        transaction.commit().await?;
+        Ok(serials)
+    }
+
+    pub async fn revoked_serials(&self) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT serial FROM certificates WHERE revoked_at IS NOT NULL")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    // ---- probes ----
+
+    /// Stores probes and trims each instance's history to `keep` rows.
+    pub async fn insert_probes(
+        &self,
+        agent_name: &str,
+        probes: &[InstanceProbe],
+        received_at: i64,
+        keep: u32,
+    ) -> Result<()> {
+        let mut transaction = self.pool.begin().await?;
+        for probe in probes {
+            let result = serde_json::to_string(probe).map_err(|e| {
+                CoordinatorError::InvalidArgument(format!("probe not serialisable: {e}"))
+            })?;
+            sqlx::query(
+                "INSERT INTO probes (agent_name, instance, probed_at, received_at, result) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(agent_name)
+            .bind(&probe.instance)
+            .bind(probe.probed_at.timestamp_millis())
+            .bind(received_at)
+            .bind(result)
+            .execute(&mut *transaction)
+            .await?;
+            sqlx::query(
+                "DELETE FROM probes WHERE agent_name = ? AND instance = ? AND id NOT IN
+                   (SELECT id FROM probes WHERE agent_name = ? AND instance = ? ORDER BY id DESC LIMIT ?)",
+            )
+            .bind(agent_name)
+            .bind(&probe.instance)
+            .bind(agent_name)
+            .bind(&probe.instance)
+            .bind(keep)
+            .execute(&mut *transaction)
+            .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// An agent's stored probes, newest first.
+    pub async fn probes_of(&self, agent_name: &str) -> Result<Vec<InstanceProbe>> {
+        let rows: Vec<String> =
+            sqlx::query_scalar("SELECT result FROM probes WHERE agent_name = ? ORDER BY id DESC")
+                .bind(agent_name)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|text| serde_json::from_str(text).ok())
+            .collect())
+    }
+
+    /// The newest probe of every instance of every agent: (agent, probe).
+    pub async fn latest_probes(&self) -> Result<Vec<(String, InstanceProbe)>> {
+        let rows = sqlx::query(
+            "SELECT p.agent_name, p.result FROM probes p
+             JOIN (SELECT max(id) AS id FROM probes GROUP BY agent_name, instance) latest
+               ON latest.id = p.id
+             ORDER BY p.agent_name, p.instance",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut probes = Vec::with_capacity(rows.len());
+        for row in rows {
+            let agent: String = row.try_get("agent_name")?;
+            let text: String = row.try_get("result")?;
+            if let Ok(probe) = serde_json::from_str(&text) {
+                probes.push((agent, probe));
+            }
+        }
+        Ok(probes)
+    }
+
+    // ---- audit ----
+
+    /// Appends one event to the hash chain.
+    pub async fn append_audit(&self, event: &AuditEvent, now: i64) -> Result<AuditRow> {
+        let _guard = self.audit_append.lock().await;
+        let mut transaction = self.pool.begin().await?;
+        let head: Option<(i64, String)> =
+            sqlx::query_as("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1")
+                .fetch_optional(&mut *transaction)
+                .await?;
+        let (id, prev_hash) = match head {
+            Some((id, hash)) => (id + 1, hash),
+            None => (1, GENESIS_HASH.to_string()),
+        };
+        let hash = row_hash(&HashInput {
+            prev_hash: &prev_hash,
+            id,
+            at: now,
+            actor: &event.actor,
+            action: event.action,
+            target: &event.target,
+            outcome: event.outcome.as_str(),
+            detail: &event.detail,
+        });
+        sqlx::query(
+            "INSERT INTO audit_log (id, at, actor, action, target, outcome, detail, prev_hash, hash)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(&event.actor)
+        .bind(event.action)
+        .bind(&event.target)
+        .bind(event.outcome.as_str())
+        .bind(&event.detail)
+        .bind(&prev_hash)
+        .bind(&hash)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(AuditRow {
+            id,
+            at: now,
+            actor: event.actor.clone(),
+            action: event.action.to_string(),
+            target: event.target.clone(),
+            outcome: event.outcome.as_str().to_string(),
+            detail: event.detail.clone(),
+            prev_hash,
+            hash,
+        })
+    }
+
+    /// The newest `limit` rows, newest first.
+    pub async fn recent_audit(&self, limit: u32) -> Result<Vec<AuditRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, at, actor, action, target, outcome, detail, prev_hash, hash
+             FROM audit_log ORDER BY id DESC LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Every row, oldest first, for verification.
+    pub async fn all_audit(&self) -> Result<Vec<AuditRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, at, actor, action, target, outcome, detail, prev_hash, hash
+                 FROM audit_log ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
+
+async fn insert_certificate(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    certificate: &CertificateRecord<'_>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO certificates (serial, kind, name, role, issued_at, not_after) VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(certificate.serial)
+    .bind(certificate.kind)
+    .bind(certificate.name)
+    .bind(certificate.role)
+    .bind(certificate.issued_at)
+    .bind(certificate.not_after)
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
+}
+
+fn agent_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<AgentRecord> {
+    let json_column = |name: &str| -> Result<String> { Ok(row.try_get::<String, _>(name)?) };
+    let operations: Vec<String> =
+        serde_json::from_str(&json_column("permitted_operations")?).unwrap_or_default();
+    Ok(AgentRecord {
+        name: row.try_get("name")?,
+        enrolled_at: row.try_get("enrolled_at")?,
+        certificate_serial: row.try_get("certificate_serial")?,
+        certificate_not_after: row.try_get("certificate_not_after")?,
+        revoked_at: row.try_get("revoked_at")?,
+        hostname: row.try_get("hostname")?,
+        version: row.try_get("version")?,
+        labels: serde_json::from_str(&json_column("labels")?).unwrap_or_default(),
+        instances: serde_json::from_str(&json_column("instances")?).unwrap_or_default(),
+        permitted_operations: operations
+            .iter()
+            .filter_map(|op| serde_json::from_value(serde_json::Value::String(op.clone())).ok())
+            .collect(),
+        peer_address: row.try_get("peer_address")?,
+        last_seen_at: row.try_get("last_seen_at")?,
+    })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{Outcome, verify};
+
+    async fn catalog() -> (tempfile::TempDir, Catalog) {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open_sqlite(&dir.path().join("catalog.sqlite"))
+            .await
+            .unwrap();
+        (dir, catalog)
+    }
+
+    #[tokio::test]
+    async fn tokens_are_single_use_bound_and_expire() {
+        let (_dir, catalog) = catalog().await;
+        let token = TokenRecord {
+            id: "t1".into(),
+            agent_name: "db1".into(),
+            secret_sha256: "s".into(),
+            created_by: "admin".into(),
+            created_at: 0,
+            expires_at: 1000,
+        };
+        catalog.insert_token(&token).await.unwrap();
+        let check = |id: &'static str, agent: &'static str, secret: &'static str, now: i64| {
+            let catalog = &catalog;
+            async move { catalog.consume_token(id, agent, secret, now).await.unwrap() }
+        };
+        assert_eq!(
+            check("t1", "db1", "wrong", 10).await,
+            Err(TokenRefusal::Unknown)
+        );
+        assert_eq!(
+            check("nope", "db1", "s", 10).await,
+            Err(TokenRefusal::Unknown)
+        );
+        assert_eq!(
+            check("t1", "db2", "s", 10).await,
+            Err(TokenRefusal::WrongAgent {
+                bound_to: "db1".into()
+            })
+        );
+        assert_eq!(
+            check("t1", "db1", "s", 1000).await,
+            Err(TokenRefusal::Expired { expired_at: 1000 })
+        );
+        assert_eq!(check("t1", "db1", "s", 10).await, Ok(()));
+        assert_eq!(
+            check("t1", "db1", "s", 11).await,
+            Err(TokenRefusal::AlreadyUsed { used_at: 10 })
+        );
+    }
+
+    #[tokio::test]
+    async fn audit_chain_verifies_and_is_append_only() {
+        let (_dir, catalog) = catalog().await;
+        for i in 0..3 {
+            catalog
+                .append_audit(
+                    &AuditEvent::new("admin", "test", format!("t{i}"), Outcome::Success, ""),
+                    i,
+                )
+                .await
+                .unwrap();
+        }
+        let rows = catalog.all_audit().await.unwrap();
+        assert_eq!(rows.len(), 3);
+        assert!(verify(&rows).ok);
+        let update = sqlx::query("UPDATE audit_log SET detail = 'x' WHERE id = 2")
+            .execute(&catalog.pool)
+            .await;
+        assert!(update.is_err(), "the trigger must refuse updates");
+    }
+
+    #[tokio::test]
+    async fn enrollment_needs_revocation_first() {
+        let (_dir, catalog) = catalog().await;
+        let certificate = |serial| CertificateRecord {
+            serial,
+            kind: "agent",
+            name: "db1",
+            role: None,
+            issued_at: 0,
+            not_after: 10,
+        };
+        catalog
+            .enroll_agent("db1", &certificate("01"), 0)
+            .await
+            .unwrap();
+        let again = catalog.enroll_agent("db1", &certificate("02"), 1).await;
+        assert!(matches!(again, Err(CoordinatorError::Conflict(_))));
+        assert_eq!(catalog.revoke_agent("db1", 2).await.unwrap(), vec!["01"]);
+        catalog
+            .enroll_agent("db1", &certificate("03"), 3)
+            .await
+            .unwrap();
+        let agent = catalog.get_agent("db1").await.unwrap().unwrap();
+        assert_eq!(agent.certificate_serial, "03");
+        assert_eq!(agent.revoked_at, None);
+        assert_eq!(catalog.revoked_serials().await.unwrap(), vec!["01"]);
+    }
+}

@@ -1,0 +1,54 @@
+//! Connecting the operator CLI to the coordinator with an operator identity
+//! (`DIR/ca.pem`, `DIR/cert.pem`, `DIR/key.pem`), and turning gRPC failures
+//! into one-line errors that say what to fix.
+
+use std::path::Path;
+
+use anyhow::{Context, anyhow};
+use cairn_common::proto::admin_client::AdminClient;
+use cairn_common::tls::{self, CoordinatorUrl};
+use tonic::transport::Channel;
+
+pub async fn connect(
+    coordinator: &str,
+    identity_dir: &Path,
+) -> anyhow::Result<AdminClient<Channel>> {
+    let url = CoordinatorUrl::parse(coordinator)?;
+    let read = |file: &str| {
+        let path = identity_dir.join(file);
+        std::fs::read(&path).with_context(|| {
+            format!(
+                "cannot read {} (--identity must be a directory with ca.pem, cert.pem and key.pem, e.g. HOME/admin from cairn init)",
+                path.display()
+            )
+        })
+    };
+    let ca = read("ca.pem")?;
+    let certificate = read("cert.pem")?;
+    let key = read("key.pem")?;
+    let config = tls::client_config(&ca, Some((&certificate, &key)))?;
+    let channel = tls::connect(&url, config, None).await.map_err(|e| {
+        anyhow!("{e}: check --coordinator (or CAIRN_COORDINATOR) and that `cairn serve` runs there")
+    })?;
+    Ok(AdminClient::new(channel))
+}
+
+/// A one-line error for a failed call.
+pub fn explain(status: tonic::Status) -> anyhow::Error {
+    use tonic::Code;
+    match status.code() {
+        Code::Unknown | Code::Unavailable | Code::Cancelled
+            if status.message().contains("transport")
+                || status.message().contains("connection") =>
+        {
+            let cause = tls::describe_transport_error(&status);
+            anyhow!(
+                "the coordinator refused the connection ({cause}): check that --identity holds a valid, unrevoked certificate from this fleet's CA"
+            )
+        }
+        Code::PermissionDenied => anyhow!("permission denied: {}", status.message()),
+        Code::Unauthenticated => anyhow!("not authenticated: {}", status.message()),
+        Code::NotFound => anyhow!("{}", status.message()),
+        _ => anyhow!("{}", status.message()),
+    }
+}

@@ -1,0 +1,523 @@
+//! The `cairn` command line: `init` and `serve` for the coordinator itself,
+//! and the operator commands, which call the Admin API over mTLS.
+
+mod client;
+mod output;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use cairn_common::model::InstanceProbe;
+use cairn_common::names::OperatorName;
+use cairn_common::pki::generate_key_and_csr;
+use cairn_common::proto;
+use cairn_coordinator::config::CoordinatorConfig;
+use cairn_coordinator::home::{InitOptions, init};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use client::{connect, explain};
+use output::{AgentView, AuditView, OutputFormat, print_json};
+
+/// Cairn: fleet-wide PostgreSQL backups, restores and health, driven from
+/// one coordinator.
+#[derive(Debug, Parser)]
+#[command(name = "cairn", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct Connection {
+    /// The coordinator's gRPC address.
+    #[arg(
+        long,
+        env = "CAIRN_COORDINATOR",
+        default_value = "https://127.0.0.1:7443",
+        global = true
+    )]
+    coordinator: String,
+    /// Directory with your operator identity: ca.pem, cert.pem, key.pem
+    /// (cairn init writes one to HOME/admin).
+    #[arg(long, env = "CAIRN_IDENTITY", global = true)]
+    identity: Option<PathBuf>,
+    /// Output format of listings.
+    #[arg(long, value_enum, default_value = "table", global = true)]
+    output: OutputFormat,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a ready-to-run coordinator home (config, fleet CA, server
+    /// certificate, master key, admin identity, SQLite catalog, local repository).
+    Init {
+        /// The home directory to create; must not exist or be empty.
+        #[arg(long)]
+        dir: PathBuf,
+        /// gRPC listen address for agents and operators.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        grpc_listen: SocketAddr,
+        /// HTTP listen address for /healthz, /readyz and /metrics.
+        #[arg(long, default_value = "127.0.0.1:7080")]
+        http_listen: SocketAddr,
+        /// Extra DNS name or address for the server certificate (repeatable).
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
+    },
+    /// Run the coordinator (SIGTERM stops it cleanly).
+    Serve {
+        /// Path to coordinator.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Enrollment tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The fleet's agents.
+    #[command(subcommand)]
+    Agents(AgentsCommand),
+    /// Probe an agent's PostgreSQL instances now.
+    Probe {
+        /// Agent name.
+        name: String,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// The append-only audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Operator identities.
+    #[command(subcommand)]
+    Operators(OperatorsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a one-time enrollment token for one agent name (role: admin).
+    Create {
+        /// The agent name the token may enroll: [a-z0-9][a-z0-9-]{0,62}.
+        #[arg(long)]
+        agent: String,
+        /// How long the token stays valid (1m to fleet.max_token_ttl).
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: Duration,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentsCommand {
+    /// List enrolled agents with their status.
+    List {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// One agent, with its latest probes.
+    Show {
+        name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Revoke an agent's certificate; it is refused from its next call on (role: admin).
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// The newest audit events.
+    List {
+        /// How many events.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Recompute the hash chain; exit 1 and name the first bad row if it is broken.
+    Verify {
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OperatorsCommand {
+    /// Issue an operator identity with a role into a new directory (role: admin).
+    /// The private key is generated here and never sent.
+    Issue {
+        /// Operator name: [a-z0-9][a-z0-9-]{0,62}.
+        #[arg(long)]
+        name: String,
+        /// viewer (read only), operator (also runs work) or admin (also manages identity).
+        #[arg(long)]
+        role: String,
+        /// Directory to create for ca.pem, cert.pem and key.pem.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text)
+        .map_err(|e| format!("{e}: use a duration such as 30m, 1h or 2d"))?;
+    if ttl.is_zero() {
+        return Err("must be longer than zero, for example 1h".into());
+    }
+    Ok(ttl)
+}
+
+impl Connection {
+    async fn admin(
+        &self,
+    ) -> anyhow::Result<proto::admin_client::AdminClient<tonic::transport::Channel>> {
+        let Some(identity) = &self.identity else {
+            bail!(
+                "no operator identity: pass --identity DIR or set CAIRN_IDENTITY (cairn init wrote HOME/admin)"
+            );
+        };
+        connect(&self.coordinator, identity).await
+    }
+
+    fn json(&self) -> bool {
+        self.output == OutputFormat::Json
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Init {
+            dir,
+            grpc_listen,
+            http_listen,
+            server_names,
+        } => {
+            let report = init(&InitOptions {
+                dir,
+                grpc_listen,
+                http_listen,
+                server_names,
+            })
+            .await?;
+            let config = report.config_file.display();
+            let admin = report.admin_identity.display();
+            println!("Created a coordinator home.");
+            println!("  config:          {config}");
+            println!("  admin identity:  {admin}");
+            println!("  fleet CA sha256: {}", report.ca_fingerprint);
+            println!("  server names:    {}", report.server_names.join(", "));
+            println!();
+            println!("Next:");
+            println!("  cairn serve --config {config}");
+            println!("  export CAIRN_COORDINATOR=https://{grpc_listen} CAIRN_IDENTITY={admin}");
+            println!("  cairn token create --agent db1 --ttl 1h");
+            println!(
+                "  cairn-agent enroll --coordinator https://{grpc_listen} --token TOKEN --dir /etc/cairn-agent --postgres 'host=/var/run/postgresql user=postgres'"
+            );
+            Ok(0)
+        }
+        Command::Serve { config } => {
+            let config = CoordinatorConfig::load(&config)?;
+            let shutdown = CancellationToken::new();
+            let signal = shutdown.clone();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                signal.cancel();
+            });
+            cairn_coordinator::server::serve(config, shutdown).await?;
+            Ok(0)
+        }
+        Command::Token(TokenCommand::Create {
+            agent,
+            ttl,
+            connection,
+        }) => {
+            let response = connection
+                .admin()
+                .await?
+                .create_enrollment_token(proto::CreateEnrollmentTokenRequest {
+                    agent_name: agent.clone(),
+                    ttl_seconds: ttl.as_secs(),
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let expires_at = cairn_common::model::time_from_unix_ms(response.expires_at_unix_ms);
+            if connection.json() {
+                print_json(&serde_json::json!({
+                    "agent": agent,
+                    "token": response.token,
+                    "expires_at": expires_at,
+                }))?;
+            } else {
+                println!("{}", response.token);
+                eprintln!(
+                    "One-time token for agent {agent}, valid until {}. On the database host run:\n  cairn-agent enroll --coordinator {} --token <TOKEN> --dir DIR --postgres CONNSTRING",
+                    expires_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                    connection.coordinator
+                );
+            }
+            Ok(0)
+        }
+        Command::Agents(AgentsCommand::List { connection }) => {
+            let response = connection
+                .admin()
+                .await?
+                .list_agents(proto::ListAgentsRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let agents: Vec<AgentView> = response.agents.into_iter().map(Into::into).collect();
+            if connection.json() {
+                print_json(&agents)?;
+            } else if agents.is_empty() {
+                println!("No agents enrolled yet: cairn token create --agent NAME");
+            } else {
+                println!("{}", output::agents_table(&agents));
+            }
+            Ok(0)
+        }
+        Command::Agents(AgentsCommand::Show { name, connection }) => {
+            let response = connection
+                .admin()
+                .await?
+                .get_agent(proto::GetAgentRequest { agent_name: name })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let agent: AgentView = response
+                .agent
+                .context("the coordinator sent no agent")?
+                .into();
+            let probes = probes_from_wire(response.probes);
+            if connection.json() {
+                print_json(&serde_json::json!({ "agent": agent, "probes": probes }))?;
+            } else {
+                println!("{}", output::agent_detail(&agent));
+                let mut seen = std::collections::HashSet::new();
+                let latest: Vec<InstanceProbe> = probes
+                    .iter()
+                    .filter(|p| seen.insert(p.instance.clone()))
+                    .cloned()
+                    .collect();
+                if latest.is_empty() {
+                    println!("\nNo probes yet.");
+                } else {
+                    println!(
+                        "\nLatest probe per instance ({} kept in history):",
+                        probes.len()
+                    );
+                    println!("{}", output::probes_table(&latest));
+                }
+            }
+            Ok(0)
+        }
+        Command::Agents(AgentsCommand::Revoke { name, connection }) => {
+            let response = connection
+                .admin()
+                .await?
+                .revoke_agent(proto::RevokeAgentRequest {
+                    agent_name: name.clone(),
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let revoked_at = cairn_common::model::time_from_unix_ms(response.revoked_at_unix_ms);
+            if connection.json() {
+                print_json(&serde_json::json!({ "agent": name, "revoked_at": revoked_at }))?;
+            } else {
+                println!(
+                    "Revoked agent {name}: its certificate is refused from now on. To enroll it again: cairn token create --agent {name}"
+                );
+            }
+            Ok(0)
+        }
+        Command::Probe {
+            name,
+            timeout,
+            connection,
+        } => {
+            let response = connection
+                .admin()
+                .await?
+                .probe_agent(proto::ProbeAgentRequest {
+                    agent_name: name,
+                    timeout_ms: timeout.as_millis() as u64,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let probes = probes_from_wire(response.result.map(|r| r.instances).unwrap_or_default());
+            if connection.json() {
+                print_json(&probes)?;
+            } else {
+                println!("{}", output::probes_table(&probes));
+            }
+            Ok(if probes.iter().all(|p| p.reachable) {
+                0
+            } else {
+                1
+            })
+        }
+        Command::Audit(AuditCommand::List { limit, connection }) => {
+            let response = connection
+                .admin()
+                .await?
+                .list_audit_events(proto::ListAuditEventsRequest { limit })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let events: Vec<AuditView> = response.events.into_iter().map(Into::into).collect();
+            if connection.json() {
+                print_json(&events)?;
+            } else {
+                println!("{}", output::audit_table(&events));
+            }
+            Ok(0)
+        }
+        Command::Audit(AuditCommand::Verify { connection }) => {
+            let report = connection
+                .admin()
+                .await?
+                .verify_audit_log(proto::VerifyAuditLogRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if connection.json() {
+                print_json(&serde_json::json!({
+                    "ok": report.ok,
+                    "rows_checked": report.rows_checked,
+                    "first_bad_row": (report.first_bad_row != 0).then_some(report.first_bad_row),
+                    "problem": (!report.problem.is_empty()).then_some(&report.problem),
+                }))?;
+            } else if report.ok {
+                println!("audit log intact: {} rows checked", report.rows_checked);
+            } else {
+                println!(
+                    "audit log BROKEN at row {}: {}",
+                    report.first_bad_row, report.problem
+                );
+            }
+            Ok(if report.ok { 0 } else { 1 })
+        }
+        Command::Operators(OperatorsCommand::Issue {
+            name,
+            role,
+            out,
+            connection,
+        }) => {
+            let name = OperatorName::new(name)?;
+            let role: cairn_common::identity::Role = role.parse()?;
+            if out.exists() {
+                bail!(
+                    "{} already exists: choose a new --out directory",
+                    out.display()
+                );
+            }
+            let request = generate_key_and_csr(name.as_str())?;
+            let response = connection
+                .admin()
+                .await?
+                .issue_operator_certificate(proto::IssueOperatorCertificateRequest {
+                    name: name.to_string(),
+                    role: match role {
+                        cairn_common::identity::Role::Viewer => proto::OperatorRole::Viewer,
+                        cairn_common::identity::Role::Operator => proto::OperatorRole::Operator,
+                        cairn_common::identity::Role::Admin => proto::OperatorRole::Admin,
+                    } as i32,
+                    csr_pem: request.csr_pem.clone(),
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            write_identity(
+                &out,
+                &response.ca_pem,
+                &response.certificate_pem,
+                &request.key_pem,
+            )?;
+            if connection.json() {
+                print_json(&serde_json::json!({ "name": name, "role": role, "identity": out }))?;
+            } else {
+                println!("Issued {role} identity {name} in {}", out.display());
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn probes_from_wire(probes: Vec<proto::InstanceProbe>) -> Vec<InstanceProbe> {
+    probes
+        .into_iter()
+        .filter_map(|p| InstanceProbe::try_from(p).ok())
+        .collect()
+}
+
+/// Writes an identity directory through a staging directory and a rename,
+/// so a failure leaves nothing half-written.
+fn write_identity(
+    out: &std::path::Path,
+    ca: &str,
+    certificate: &str,
+    key: &str,
+) -> anyhow::Result<()> {
+    use cairn_common::config::write_file_atomic;
+    use std::os::unix::fs::DirBuilderExt;
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let staging = parent.join(format!(
+        ".{}.tmp-{}",
+        out.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let result = (|| -> anyhow::Result<()> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&staging)?;
+        write_file_atomic(&staging.join("ca.pem"), ca.as_bytes(), 0o644)?;
+        write_file_atomic(&staging.join("cert.pem"), certificate.as_bytes(), 0o644)?;
+        write_file_atomic(&staging.join("key.pem"), key.as_bytes(), 0o600)?;
+        std::fs::rename(&staging, out)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    result.with_context(|| format!("cannot write the identity to {}", out.display()))
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = interrupt.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Whether the command is the long-running server (which logs at info).
+pub fn is_server(cli: &Cli) -> bool {
+    matches!(cli.command, Command::Serve { .. })
+}

@@ -1,0 +1,239 @@
+//! The live fleet: one control session per connected agent, kept in memory.
+//! A session holds the sender half of the agent's command stream, the time
+//! of its last heartbeat, and the commands waiting for an answer.
+//!
+//! Online means: a session exists and its last heartbeat is younger than
+//! three heartbeat intervals.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use cairn_common::model::{InstanceProbe, Operation};
+use cairn_common::proto;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::error::{CoordinatorError, Result};
+
+/// Heartbeats an agent may miss before it is shown offline.
+pub const MISSED_HEARTBEATS_OFFLINE: u32 = 3;
+
+pub type CommandSender = mpsc::Sender<Result<proto::CoordinatorMessage, Status>>;
+
+/// What a command came back with.
+#[derive(Debug, Clone)]
+pub enum CommandOutcome {
+    Probe(Vec<InstanceProbe>),
+    Refused {
+        operation: Option<Operation>,
+        reason: String,
+    },
+    Error(String),
+}
+
+struct Session {
+    id: u64,
+    sender: CommandSender,
+    last_heartbeat: Instant,
+    pending: HashMap<String, oneshot::Sender<CommandOutcome>>,
+    cancel: CancellationToken,
+}
+
+#[derive(Debug)]
+pub struct Fleet {
+    sessions: Mutex<HashMap<String, SessionHandle>>,
+    heartbeat_interval: Duration,
+    next_id: AtomicU64,
+    shutdown: CancellationToken,
+}
+
+/// Keeps `Session` out of the `Debug` output (it holds channels).
+struct SessionHandle(Session);
+
+impl std::fmt::Debug for SessionHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.0.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Fleet {
+    pub fn new(heartbeat_interval: Duration, shutdown: CancellationToken) -> Self {
+        Fleet {
+            sessions: Mutex::new(HashMap::new()),
+            heartbeat_interval,
+            next_id: AtomicU64::new(1),
+            shutdown,
+        }
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_interval
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionHandle>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a new session for `agent`, ending any older one (an agent
+    /// that reconnects replaces its stale stream). Returns the session id and
+    /// a token cancelled when the session must end.
+    pub fn attach(&self, agent: &str, sender: CommandSender) -> (u64, CancellationToken) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let cancel = self.shutdown.child_token();
+        let session = Session {
+            id,
+            sender,
+            last_heartbeat: Instant::now(),
+            pending: HashMap::new(),
+            cancel: cancel.clone(),
+        };
+        if let Some(old) = self
+            .lock()
+            .insert(agent.to_string(), SessionHandle(session))
+        {
+            old.0.cancel.cancel();
+        }
+        (id, cancel)
+    }
+
+    /// Removes the session if it is still the current one.
+    pub fn detach(&self, agent: &str, id: u64) {
+        let mut sessions = self.lock();
+        if sessions.get(agent).is_some_and(|s| s.0.id == id) {
+            sessions.remove(agent);
+        }
+    }
+
+    pub fn heartbeat(&self, agent: &str, id: u64) {
+        if let Some(session) = self.lock().get_mut(agent).filter(|s| s.0.id == id) {
+            session.0.last_heartbeat = Instant::now();
+        }
+    }
+
+    pub fn is_online(&self, agent: &str) -> bool {
+        let limit = self.heartbeat_interval * MISSED_HEARTBEATS_OFFLINE;
+        self.lock()
+            .get(agent)
+            .is_some_and(|s| s.0.last_heartbeat.elapsed() < limit)
+    }
+
+    /// Ends an agent's session now (revocation).
+    pub fn disconnect(&self, agent: &str) {
+        if let Some(session) = self.lock().remove(agent) {
+            session.0.cancel.cancel();
+        }
+    }
+
+    /// Sends a command and waits for its result.
+    pub async fn send_command(
+        &self,
+        agent: &str,
+        kind: proto::command::Kind,
+        timeout: Duration,
+    ) -> Result<CommandOutcome> {
+        let command_id = format!("cmd-{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+        let (sender, receiver) = oneshot::channel();
+        let stream = {
+            let mut sessions = self.lock();
+            let session = sessions
+                .get_mut(agent)
+                .filter(|s| {
+                    s.0.last_heartbeat.elapsed()
+                        < self.heartbeat_interval * MISSED_HEARTBEATS_OFFLINE
+                })
+                .ok_or_else(|| {
+                    CoordinatorError::Unavailable(format!(
+                        "agent {agent:?} is offline: check that cairn-agent runs on its host"
+                    ))
+                })?;
+            session.0.pending.insert(command_id.clone(), sender);
+            session.0.sender.clone()
+        };
+        let message = proto::CoordinatorMessage {
+            body: Some(proto::coordinator_message::Body::Command(proto::Command {
+                command_id: command_id.clone(),
+                kind: Some(kind),
+            })),
+        };
+        let outcome = tokio::time::timeout(timeout, async {
+            stream.send(Ok(message)).await.map_err(|_| {
+                CoordinatorError::Unavailable(format!("agent {agent:?} disconnected"))
+            })?;
+            receiver
+                .await
+                .map_err(|_| CoordinatorError::Unavailable(format!("agent {agent:?} disconnected")))
+        })
+        .await;
+        match outcome {
+            Ok(result) => result,
+            Err(_) => {
+                if let Some(session) = self.lock().get_mut(agent) {
+                    session.0.pending.remove(&command_id);
+                }
+                Err(CoordinatorError::Timeout(format!(
+                    "agent {agent:?} did not answer within {}",
+                    humantime::format_duration(timeout)
+                )))
+            }
+        }
+    }
+
+    /// Delivers a command result from the agent's stream.
+    pub fn complete(&self, agent: &str, id: u64, command_id: &str, outcome: CommandOutcome) {
+        let waiter = self
+            .lock()
+            .get_mut(agent)
+            .filter(|s| s.0.id == id)
+            .and_then(|s| s.0.pending.remove(command_id));
+        match waiter {
+            Some(waiter) => {
+                let _ = waiter.send(outcome);
+            }
+            None => tracing::debug!(
+                agent,
+                command_id,
+                "result for an unknown or expired command"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reconnect_replaces_and_cancels_the_old_session() {
+        let fleet = Fleet::new(Duration::from_secs(5), CancellationToken::new());
+        let (sender, _receiver) = mpsc::channel(1);
+        let (first, first_cancel) = fleet.attach("db1", sender.clone());
+        let (second, second_cancel) = fleet.attach("db1", sender);
+        assert!(first_cancel.is_cancelled());
+        assert!(!second_cancel.is_cancelled());
+        fleet.detach("db1", first);
+        assert!(
+            fleet.is_online("db1"),
+            "detaching a stale session keeps the new one"
+        );
+        fleet.detach("db1", second);
+        assert!(!fleet.is_online("db1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn three_missed_heartbeats_mean_offline() {
+        let fleet = Fleet::new(Duration::from_secs(1), CancellationToken::new());
+        let (sender, _receiver) = mpsc::channel(1);
+        let (id, _) = fleet.attach("db1", sender);
+        tokio::time::advance(Duration::from_millis(2900)).await;
+        assert!(fleet.is_online("db1"));
+        fleet.heartbeat("db1", id);
+        tokio::time::advance(Duration::from_millis(3100)).await;
+        assert!(!fleet.is_online("db1"));
+    }
+}

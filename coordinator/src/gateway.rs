@@ -1,0 +1,264 @@
+//! The AgentGateway gRPC service: enrollment and the agents' control
+//! streams. Converts between the wire and domain types at this edge.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_common::model::{InstanceProbe, Operation};
+use cairn_common::proto::{self, agent_message, coordinator_message};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::audit::{AuditEvent, Outcome};
+use crate::audit_log::AuditLog;
+use crate::auth::{Caller, caller};
+use crate::authority::Authority;
+use crate::catalog::{Catalog, Registration};
+use crate::clock::now_ms;
+use crate::fleet::{CommandOutcome, Fleet};
+
+/// Commands and acknowledgements queued to one agent.
+const CONTROL_QUEUE_LEN: usize = 32;
+/// How long a new stream may take to send `register`.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    pub authority: Arc<Authority>,
+    pub catalog: Arc<Catalog>,
+    pub fleet: Arc<Fleet>,
+    pub audit: AuditLog,
+    pub probe_history: u32,
+}
+
+type ControlStream = Pin<Box<dyn Stream<Item = Result<proto::CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::agent_gateway_server::AgentGateway for Gateway {
+    async fn enroll(
+        &self,
+        request: Request<proto::EnrollRequest>,
+    ) -> Result<Response<proto::EnrollResponse>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let body = request.into_inner();
+        let issued = self
+            .authority
+            .enroll(&peer, &body.token, &body.agent_name, &body.csr_pem)
+            .await?;
+        Ok(Response::new(proto::EnrollResponse {
+            certificate_pem: issued.pem,
+            ca_pem: self.authority.ca_pem().to_string(),
+        }))
+    }
+
+    type ControlStream = ControlStream;
+
+    async fn control(
+        &self,
+        request: Request<Streaming<proto::AgentMessage>>,
+    ) -> Result<Response<ControlStream>, Status> {
+        let Caller::Agent(agent) = caller(&request)? else {
+            return Err(Status::unauthenticated(
+                "the control stream needs an agent certificate: enroll first (cairn-agent enroll)",
+            ));
+        };
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no register message"))??;
+        let Some(proto::AgentMessage {
+            body: Some(agent_message::Body::Register(register)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first message on the control stream must be `register`",
+            ));
+        };
+        if register.agent_name != agent.as_str() {
+            let message = format!(
+                "register names agent {:?} but the certificate is for {agent:?}",
+                register.agent_name
+            );
+            self.audit
+                .record(AuditEvent::new(
+                    format!("agent:{agent}"),
+                    "agent.connect",
+                    agent.as_str(),
+                    Outcome::Refused,
+                    message.clone(),
+                ))
+                .await;
+            return Err(Status::permission_denied(message));
+        }
+        let registration = registration_from_wire(register, &peer)?;
+        self.catalog
+            .record_registration(agent.as_str(), &registration, now_ms())
+            .await?;
+        let (sender, receiver) = mpsc::channel(CONTROL_QUEUE_LEN);
+        let heartbeat_interval_ms = self.fleet.heartbeat_interval().as_millis() as u32;
+        sender
+            .send(Ok(proto::CoordinatorMessage {
+                body: Some(coordinator_message::Body::Registered(proto::Registered {
+                    heartbeat_interval_ms,
+                })),
+            }))
+            .await
+            .map_err(|_| Status::cancelled("agent went away"))?;
+        let (session, cancel) = self.fleet.attach(agent.as_str(), sender);
+        self.audit
+            .record(AuditEvent::new(
+                format!("agent:{agent}"),
+                "agent.connect",
+                agent.as_str(),
+                Outcome::Success,
+                format!(
+                    "from {peer}, version {}, instances [{}], permits [{}]",
+                    registration.version,
+                    registration.instances.join(","),
+                    registration
+                        .permitted_operations
+                        .iter()
+                        .map(|o| o.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            ))
+            .await;
+
+        let gateway = self.clone();
+        let span = tracing::info_span!("control", agent = %agent, session);
+        tokio::spawn(
+            async move {
+                loop {
+                    let message = tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        message = inbound.message() => message,
+                    };
+                    match message {
+                        Ok(Some(message)) => gateway.handle(agent.as_str(), session, message).await,
+                        Ok(None) => break,
+                        Err(status) => {
+                            tracing::info!(error = %status.message(), "control stream broke");
+                            break;
+                        }
+                    }
+                }
+                gateway.fleet.detach(agent.as_str(), session);
+                if let Err(error) = gateway.catalog.touch_agent(agent.as_str(), now_ms()).await {
+                    tracing::warn!(%error, "cannot record last-seen time");
+                }
+                tracing::info!("agent disconnected");
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+impl Gateway {
+    async fn handle(&self, agent: &str, session: u64, message: proto::AgentMessage) {
+        self.fleet.heartbeat(agent, session);
+        match message.body {
+            Some(agent_message::Body::Heartbeat(_)) => {}
+            Some(agent_message::Body::ProbeReport(result)) => {
+                let probes = probes_from_wire(result);
+                self.store_probes(agent, &probes).await;
+            }
+            Some(agent_message::Body::CommandResult(result)) => {
+                let outcome = self.outcome_from_wire(agent, &result).await;
+                self.fleet
+                    .complete(agent, session, &result.command_id, outcome);
+            }
+            Some(agent_message::Body::Register(_)) => {
+                tracing::warn!("ignoring a second register on one stream");
+            }
+            None => tracing::warn!("empty agent message"),
+        }
+    }
+
+    async fn store_probes(&self, agent: &str, probes: &[InstanceProbe]) {
+        if let Err(error) = self
+            .catalog
+            .insert_probes(agent, probes, now_ms(), self.probe_history)
+            .await
+        {
+            tracing::warn!(%error, "cannot store probes");
+        }
+    }
+
+    async fn outcome_from_wire(
+        &self,
+        agent: &str,
+        result: &proto::CommandResult,
+    ) -> CommandOutcome {
+        match &result.outcome {
+            Some(proto::command_result::Outcome::Probe(probe)) => {
+                let probes = probes_from_wire(probe.clone());
+                self.store_probes(agent, &probes).await;
+                CommandOutcome::Probe(probes)
+            }
+            Some(proto::command_result::Outcome::Refused(refusal)) => {
+                let operation = Operation::try_from(refusal.operation).ok();
+                self.audit
+                    .record(AuditEvent::new(
+                        format!("agent:{agent}"),
+                        "agent.refused-command",
+                        agent,
+                        Outcome::Refused,
+                        refusal.reason.clone(),
+                    ))
+                    .await;
+                CommandOutcome::Refused {
+                    operation,
+                    reason: refusal.reason.clone(),
+                }
+            }
+            Some(proto::command_result::Outcome::Error(error)) => {
+                CommandOutcome::Error(error.clone())
+            }
+            None => CommandOutcome::Error("the agent sent an empty command result".into()),
+        }
+    }
+}
+
+fn probes_from_wire(result: proto::ProbeResult) -> Vec<InstanceProbe> {
+    result
+        .instances
+        .into_iter()
+        .filter_map(|probe| match InstanceProbe::try_from(probe) {
+            Ok(probe) => Some(probe),
+            Err(error) => {
+                tracing::warn!(%error, "dropping an invalid probe");
+                None
+            }
+        })
+        .collect()
+}
+
+fn registration_from_wire(register: proto::Register, peer: &str) -> Result<Registration, Status> {
+    let permitted_operations = register
+        .permitted_operations
+        .iter()
+        .map(|op| Operation::try_from(*op))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Registration {
+        hostname: register.hostname,
+        version: register.version,
+        labels: register.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        instances: register.instances,
+        permitted_operations,
+        peer_address: peer.to_string(),
+    })
+}

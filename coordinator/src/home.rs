@@ -1,0 +1,290 @@
+//! `cairn init`: a ready-to-run coordinator home.
+//!
+//! Everything is written into a hidden sibling directory first and renamed
+//! into place at the end, so a failure leaves nothing that looks like a home.
+//!
+//! ```text
+//! DIR/coordinator.toml      embedded defaults, paths relative to DIR
+//! DIR/ca/ca.pem, ca.key     the fleet CA (key 0600)
+//! DIR/tls/server.pem, .key  the coordinator's server certificate (key 0600)
+//! DIR/master.key            wraps the repository data key (0600)
+//! DIR/catalog.sqlite        the catalog
+//! DIR/repository/           the local repository
+//! DIR/admin/                the first admin identity: ca.pem, cert.pem, key.pem
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use cairn_common::config::write_file_atomic;
+use cairn_common::identity::{Principal, Role};
+use cairn_common::names::OperatorName;
+use cairn_common::pki::{CertificateAuthority, generate_key_and_csr};
+use ring::rand::SecureRandom;
+
+use crate::audit::{AuditEvent, Outcome};
+use crate::authority::record_operator_certificate;
+use crate::catalog::Catalog;
+use crate::clock::now_ms;
+use crate::config::FleetConfig;
+use crate::error::{CoordinatorError, Result};
+
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub dir: PathBuf,
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    /// Extra DNS names or addresses for the server certificate.
+    pub server_names: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct InitReport {
+    pub config_file: PathBuf,
+    pub admin_identity: PathBuf,
+    pub ca_fingerprint: String,
+    pub server_names: Vec<String>,
+}
+
+const MASTER_KEY_BYTES: usize = 32;
+
+pub async fn init(options: &InitOptions) -> Result<InitReport> {
+    let dir = &options.dir;
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir)
+            .map(|mut entries| entries.next().is_none())
+            .unwrap_or(false);
+        if !empty {
+            return Err(CoordinatorError::Conflict(format!(
+                "{} already exists and is not empty: cairn init never overwrites a home; choose another --dir",
+                dir.display()
+            )));
+        }
+    }
+    if options.grpc_listen == options.http_listen {
+        return Err(CoordinatorError::InvalidArgument(
+            "--grpc-listen and --http-listen must differ".into(),
+        ));
+    }
+    let parent = match dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent)
+        .map_err(|e| CoordinatorError::io(format!("cannot create {}", parent.display()), e))?;
+    let name = dir
+        .file_name()
+        .ok_or_else(|| CoordinatorError::InvalidArgument("--dir has no final component".into()))?
+        .to_string_lossy()
+        .into_owned();
+    let staging = parent.join(format!(".{name}.init-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    let result = write_home(&staging, options).await;
+    match result {
+        Ok(mut report) => {
+            if dir.exists() {
+                std::fs::remove_dir(dir).map_err(|e| {
+                    CoordinatorError::io(format!("cannot replace empty {}", dir.display()), e)
+                })?;
+            }
+            std::fs::rename(&staging, dir).map_err(|e| {
+                let _ = std::fs::remove_dir_all(&staging);
+                CoordinatorError::io(format!("cannot move the new home to {}", dir.display()), e)
+            })?;
+            let absolute = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
+            report.config_file = absolute.join("coordinator.toml");
+            report.admin_identity = absolute.join("admin");
+            Ok(report)
+        }
+        Err(error) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Err(error)
+        }
+    }
+}
+
+fn mkdir(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(|e| CoordinatorError::io(format!("cannot create {}", path.display()), e))
+}
+
+fn write(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    write_file_atomic(path, contents, mode).map_err(CoordinatorError::from)
+}
+
+async fn write_home(home: &Path, options: &InitOptions) -> Result<InitReport> {
+    mkdir(home, 0o700)?;
+    for sub in ["ca", "tls", "admin", "repository"] {
+        mkdir(&home.join(sub), 0o700)?;
+    }
+
+    let (ca, ca_key_pem) = CertificateAuthority::generate("cairn fleet CA")?;
+    write(&home.join("ca/ca.pem"), ca.ca_pem().as_bytes(), 0o644)?;
+    write(&home.join("ca/ca.key"), ca_key_pem.as_bytes(), 0o600)?;
+
+    let server_names = server_names(options);
+    let (server, server_key) = ca.issue_server(&server_names)?;
+    write(&home.join("tls/server.pem"), server.pem.as_bytes(), 0o644)?;
+    write(&home.join("tls/server.key"), server_key.as_bytes(), 0o600)?;
+
+    let mut master_key = [0u8; MASTER_KEY_BYTES];
+    ring::rand::SystemRandom::new()
+        .fill(&mut master_key)
+        .map_err(|_| CoordinatorError::Unavailable("the system random source failed".into()))?;
+    write(
+        &home.join("master.key"),
+        format!("{}\n", hex::encode(master_key)).as_bytes(),
+        0o600,
+    )?;
+
+    let fleet = FleetConfig::default();
+    let principal = Principal::Operator {
+        name: OperatorName::new("admin")?,
+        role: Role::Admin,
+    };
+    let request = generate_key_and_csr("admin")?;
+    let admin = ca.issue_client_from_csr(
+        &principal,
+        &request.csr_pem,
+        fleet.operator_certificate_lifetime,
+    )?;
+    write(&home.join("admin/ca.pem"), ca.ca_pem().as_bytes(), 0o644)?;
+    write(&home.join("admin/cert.pem"), admin.pem.as_bytes(), 0o644)?;
+    write(
+        &home.join("admin/key.pem"),
+        request.key_pem.as_bytes(),
+        0o600,
+    )?;
+
+    let catalog = Catalog::open_sqlite(&home.join("catalog.sqlite")).await?;
+    record_operator_certificate(&catalog, &principal, &admin).await?;
+    catalog
+        .append_audit(
+            &AuditEvent::new(
+                "cairn init",
+                "coordinator.init",
+                "coordinator",
+                Outcome::Success,
+                format!(
+                    "fleet CA sha256 {}, admin certificate serial {}",
+                    cairn_common::pki::ca_fingerprint(ca.ca_der()),
+                    admin.serial
+                ),
+            ),
+            now_ms(),
+        )
+        .await?;
+    catalog.close().await;
+
+    let config = config_text(options, &fleet);
+    write(&home.join("coordinator.toml"), config.as_bytes(), 0o600)?;
+    Ok(InitReport {
+        config_file: home.join("coordinator.toml"),
+        admin_identity: home.join("admin"),
+        ca_fingerprint: cairn_common::pki::ca_fingerprint(ca.ca_der()),
+        server_names,
+    })
+}
+
+fn server_names(options: &InitOptions) -> Vec<String> {
+    let mut names = Vec::new();
+    let ip = options.grpc_listen.ip();
+    if !ip.is_unspecified() {
+        names.push(ip.to_string());
+    }
+    names.extend(options.server_names.iter().cloned());
+    for default in ["localhost", "127.0.0.1"] {
+        names.push(default.to_string());
+    }
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|name| seen.insert(name.clone()));
+    names
+}
+
+fn config_text(options: &InitOptions, fleet: &FleetConfig) -> String {
+    let duration = |d| humantime::format_duration(d).to_string();
+    format!(
+        r#"# Cairn coordinator configuration, written by `cairn init`.
+# Relative paths are resolved against this file's directory.
+
+[server]
+# gRPC with mutual TLS, for agents and operators.
+grpc_listen = "{grpc}"
+# Plain HTTP: /healthz, /readyz, /metrics.
+http_listen = "{http}"
+shutdown_grace = "30s"
+
+[tls]
+ca_certificate = "ca/ca.pem"
+ca_key = "ca/ca.key"
+server_certificate = "tls/server.pem"
+server_key = "tls/server.key"
+
+[catalog]
+sqlite_path = "catalog.sqlite"
+
+[repository]
+kind = "local"
+path = "repository"
+
+[keys]
+master_key_file = "master.key"
+
+[fleet]
+heartbeat_interval = "{heartbeat}"
+probe_history = {history}
+agent_certificate_lifetime = "{agent_lifetime}"
+operator_certificate_lifetime = "{operator_lifetime}"
+max_token_ttl = "{max_ttl}"
+"#,
+        grpc = options.grpc_listen,
+        http = options.http_listen,
+        heartbeat = duration(fleet.heartbeat_interval),
+        history = fleet.probe_history,
+        agent_lifetime = duration(fleet.agent_certificate_lifetime),
+        operator_lifetime = duration(fleet.operator_certificate_lifetime),
+        max_ttl = duration(fleet.max_token_ttl),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CoordinatorConfig;
+
+    fn options(dir: PathBuf) -> InitOptions {
+        InitOptions {
+            dir,
+            grpc_listen: "127.0.0.1:7443".parse().unwrap(),
+            http_listen: "127.0.0.1:7080".parse().unwrap(),
+            server_names: vec!["coord.example".into()],
+        }
+    }
+
+    #[tokio::test]
+    async fn init_makes_a_valid_home_and_refuses_to_overwrite() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("home");
+        let report = init(&options(dir.clone())).await.unwrap();
+        let config = CoordinatorConfig::load(&report.config_file).unwrap();
+        assert_eq!(
+            config.fleet.heartbeat_interval,
+            std::time::Duration::from_secs(5)
+        );
+        assert!(report.server_names.contains(&"coord.example".to_string()));
+        for secret in ["ca/ca.key", "tls/server.key", "master.key", "admin/key.pem"] {
+            assert!(
+                crate::config::check_secret_file(&dir.join(secret)).is_ok(),
+                "{secret}"
+            );
+        }
+        let again = init(&options(dir.clone())).await.unwrap_err().to_string();
+        assert!(again.contains("already exists"), "{again}");
+        let leftovers: Vec<_> = std::fs::read_dir(temp.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no staging directory is left behind");
+    }
+}

@@ -1,0 +1,272 @@
+//! Plain HTTP for machines: `/healthz` (the process runs), `/readyz` (the
+//! catalog answers and the repository is writable) and `/metrics`
+//! (Prometheus text: agents online/offline, probe status per instance,
+//! replication lag, disk free).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use cairn_common::model::ReplicationRole;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::catalog::Catalog;
+use crate::clock::now_ms;
+use crate::fleet::Fleet;
+
+#[derive(Debug, Clone)]
+pub struct HttpState {
+    pub catalog: Arc<Catalog>,
+    pub fleet: Arc<Fleet>,
+    pub repository_path: PathBuf,
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
+    if let Err(error) = state.catalog.ping().await {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("catalog: {error}\n"),
+        );
+    }
+    let probe = state
+        .repository_path
+        .join(format!(".readyz-{}", std::process::id()));
+    let writable = tokio::fs::write(&probe, b"ok").await;
+    let _ = tokio::fs::remove_file(&probe).await;
+    if let Err(error) = writable {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "repository {} not writable: {error}\n",
+                state.repository_path.display()
+            ),
+        );
+    }
+    (StatusCode::OK, "ready\n".to_string())
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabels {
+    agent: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceLabels {
+    agent: String,
+    instance: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StandbyLabels {
+    agent: String,
+    instance: String,
+    standby: String,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
+    match render_metrics(&state).await {
+        Ok(text) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        ),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("{error}\n"),
+        ),
+    }
+}
+
+async fn render_metrics(state: &HttpState) -> Result<String, crate::error::CoordinatorError> {
+    let agents = state.catalog.list_agents().await?;
+    let probes = state.catalog.latest_probes().await?;
+    let mut registry = Registry::with_prefix("cairn");
+
+    let by_status = Family::<StatusLabels, Gauge>::default();
+    let agent_up = Family::<AgentLabels, Gauge>::default();
+    for status in ["online", "offline", "revoked"] {
+        by_status
+            .get_or_create(&StatusLabels {
+                status: status.into(),
+            })
+            .set(0);
+    }
+    for agent in &agents {
+        let online = agent.revoked_at.is_none() && state.fleet.is_online(&agent.name);
+        let status = match (agent.revoked_at.is_some(), online) {
+            (true, _) => "revoked",
+            (false, true) => "online",
+            (false, false) => "offline",
+        };
+        by_status
+            .get_or_create(&StatusLabels {
+                status: status.into(),
+            })
+            .inc();
+        agent_up
+            .get_or_create(&AgentLabels {
+                agent: agent.name.clone(),
+            })
+            .set(i64::from(online));
+    }
+    registry.register("agents", "Enrolled agents by status", by_status);
+    registry.register(
+        "agent_up",
+        "1 if the agent is connected and heartbeating",
+        agent_up,
+    );
+
+    let reachable = Family::<InstanceLabels, Gauge>::default();
+    let probe_age = Family::<InstanceLabels, FloatGauge>::default();
+    let in_recovery = Family::<InstanceLabels, Gauge>::default();
+    let receiver_lag_bytes = Family::<InstanceLabels, Gauge>::default();
+    let receiver_lag_seconds = Family::<InstanceLabels, FloatGauge>::default();
+    let standby_lag_bytes = Family::<StandbyLabels, Gauge>::default();
+    let disk_available = Family::<InstanceLabels, Gauge>::default();
+    let disk_total = Family::<InstanceLabels, Gauge>::default();
+    let connections = Family::<InstanceLabels, Gauge>::default();
+    let max_connections = Family::<InstanceLabels, Gauge>::default();
+    let archiver_failed = Family::<InstanceLabels, Gauge>::default();
+    let now = now_ms();
+    for (agent, probe) in &probes {
+        let labels = InstanceLabels {
+            agent: agent.clone(),
+            instance: probe.instance.clone(),
+        };
+        reachable
+            .get_or_create(&labels)
+            .set(i64::from(probe.reachable));
+        probe_age
+            .get_or_create(&labels)
+            .set((now - probe.probed_at.timestamp_millis()) as f64 / 1000.0);
+        if !probe.reachable {
+            continue;
+        }
+        in_recovery
+            .get_or_create(&labels)
+            .set(i64::from(probe.in_recovery));
+        if let (ReplicationRole::Standby, Some(receiver)) = (probe.role, &probe.receiver) {
+            receiver_lag_bytes
+                .get_or_create(&labels)
+                .set(saturating_i64(receiver.replay_lag_bytes));
+            if let Some(seconds) = receiver.replay_lag_seconds {
+                receiver_lag_seconds.get_or_create(&labels).set(seconds);
+            }
+        }
+        for standby in &probe.standbys {
+            standby_lag_bytes
+                .get_or_create(&StandbyLabels {
+                    agent: agent.clone(),
+                    instance: probe.instance.clone(),
+                    standby: standby.application_name.clone(),
+                })
+                .set(saturating_i64(standby.replay_lag_bytes));
+        }
+        if let Some(disk) = &probe.data_directory_disk {
+            disk_available
+                .get_or_create(&labels)
+                .set(saturating_i64(disk.available_bytes));
+            disk_total
+                .get_or_create(&labels)
+                .set(saturating_i64(disk.total_bytes));
+        }
+        connections
+            .get_or_create(&labels)
+            .set(i64::from(probe.connections));
+        max_connections
+            .get_or_create(&labels)
+            .set(i64::from(probe.max_connections));
+        if let Some(archiver) = &probe.archiver {
+            archiver_failed
+                .get_or_create(&labels)
+                .set(saturating_i64(archiver.failed_count));
+        }
+    }
+    registry.register(
+        "instance_reachable",
+        "1 if the latest probe reached the instance",
+        reachable,
+    );
+    registry.register(
+        "instance_probe_age_seconds",
+        "Age of the latest probe",
+        probe_age,
+    );
+    registry.register(
+        "instance_in_recovery",
+        "1 if the instance is a standby",
+        in_recovery,
+    );
+    registry.register(
+        "instance_replication_lag_bytes",
+        "Standby's own view: WAL received but not yet replayed",
+        receiver_lag_bytes,
+    );
+    registry.register(
+        "instance_replication_lag_seconds",
+        "Standby's own view: time since the last replayed transaction",
+        receiver_lag_seconds,
+    );
+    registry.register(
+        "standby_replay_lag_bytes",
+        "Primary's view of each standby: WAL not yet replayed there",
+        standby_lag_bytes,
+    );
+    registry.register(
+        "instance_disk_available_bytes",
+        "Free space of the data directory's filesystem",
+        disk_available,
+    );
+    registry.register(
+        "instance_disk_total_bytes",
+        "Size of the data directory's filesystem",
+        disk_total,
+    );
+    registry.register("instance_connections", "Client connections", connections);
+    registry.register(
+        "instance_max_connections",
+        "max_connections",
+        max_connections,
+    );
+    registry.register(
+        "instance_archiver_failed_count",
+        "pg_stat_archiver.failed_count",
+        archiver_failed,
+    );
+    let mut text = String::new();
+    encode(&mut text, &registry).map_err(|e| {
+        crate::error::CoordinatorError::InvalidArgument(format!("metrics encoding: {e}"))
+    })?;
+    Ok(text)
+}
+
+fn saturating_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,185 @@
+//! `cairn serve`: wires the catalog, the CA, the fleet and the two gRPC
+//! services behind our mTLS listener, plus the HTTP endpoints, and shuts
+//! down in order on SIGTERM: stop accepting, end agent sessions, wait for
+//! in-flight calls up to `server.shutdown_grace`, close the catalog.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_common::pki::CertificateAuthority;
+use cairn_common::proto::admin_server::AdminServer;
+use cairn_common::proto::agent_gateway_server::AgentGatewayServer;
+use cairn_common::tls::{self, RevokedSerials, ServerTlsMaterial};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::AdminService;
+use crate::audit::{AuditEvent, Outcome};
+use crate::audit_log::AuditLog;
+use crate::auth::{admin_interceptor, agent_interceptor};
+use crate::authority::Authority;
+use crate::catalog::Catalog;
+use crate::config::CoordinatorConfig;
+use crate::error::{CoordinatorError, Result};
+use crate::fleet::Fleet;
+use crate::gateway::Gateway;
+use crate::http::{HttpState, router};
+
+const SERVER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const SERVER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| CoordinatorError::io(format!("cannot read {what} {}", path.display()), e))
+}
+
+/// Runs the coordinator until `shutdown` fires (the binary wires SIGTERM).
+pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<()> {
+    let catalog = Arc::new(Catalog::open_sqlite(&config.catalog.sqlite_path).await?);
+    let audit = AuditLog::new(catalog.clone());
+    let revoked = RevokedSerials::new(catalog.revoked_serials().await?);
+
+    let ca_pem = read(&config.tls.ca_certificate, "the CA certificate")?;
+    let ca_key = read(&config.tls.ca_key, "the CA key")?;
+    let ca = CertificateAuthority::load(
+        &String::from_utf8_lossy(&ca_pem),
+        &String::from_utf8_lossy(&ca_key),
+    )?;
+    let material = ServerTlsMaterial {
+        ca_pem,
+        certificate_pem: read(&config.tls.server_certificate, "the server certificate")?,
+        key_pem: read(&config.tls.server_key, "the server key")?,
+    };
+    let on_revoked: tls::RevokedCallback = {
+        let audit = audit.clone();
+        Arc::new(move |serial: &str| {
+            audit.record_detached(AuditEvent::new(
+                format!("certificate:{serial}"),
+                "tls.handshake",
+                "coordinator",
+                Outcome::Refused,
+                "revoked certificate",
+            ));
+        })
+    };
+    let tls_config = tls::server_config(&material, revoked.clone(), Some(on_revoked))?;
+
+    let fleet = Arc::new(Fleet::new(
+        config.fleet.heartbeat_interval,
+        shutdown.child_token(),
+    ));
+    let authority = Arc::new(Authority::new(
+        ca,
+        catalog.clone(),
+        audit.clone(),
+        revoked.clone(),
+        fleet.clone(),
+        config.fleet.clone(),
+    ));
+
+    let grpc_listener = TcpListener::bind(config.server.grpc_listen)
+        .await
+        .map_err(|e| {
+            CoordinatorError::io(
+                format!(
+                    "cannot listen on server.grpc_listen {}",
+                    config.server.grpc_listen
+                ),
+                e,
+            )
+        })?;
+    let http_listener = TcpListener::bind(config.server.http_listen)
+        .await
+        .map_err(|e| {
+            CoordinatorError::io(
+                format!(
+                    "cannot listen on server.http_listen {}",
+                    config.server.http_listen
+                ),
+                e,
+            )
+        })?;
+
+    let gateway = Gateway {
+        authority: authority.clone(),
+        catalog: catalog.clone(),
+        fleet: fleet.clone(),
+        audit: audit.clone(),
+        probe_history: config.fleet.probe_history,
+    };
+    let admin = AdminService {
+        authority,
+        catalog: catalog.clone(),
+        fleet: fleet.clone(),
+        audit: audit.clone(),
+    };
+
+    let accept_stop = CancellationToken::new();
+    let incoming = tls::tls_incoming(grpc_listener, tls_config, accept_stop.clone());
+    let grpc_shutdown = shutdown.clone();
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(SERVER_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(SERVER_KEEPALIVE_TIMEOUT))
+        .add_service(AdminServer::with_interceptor(
+            admin,
+            admin_interceptor(revoked.clone(), audit.clone()),
+        ))
+        .add_service(AgentGatewayServer::with_interceptor(
+            gateway,
+            agent_interceptor(revoked, audit.clone()),
+        ))
+        .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await });
+    let grpc = tokio::spawn(grpc);
+
+    let http_state = HttpState {
+        catalog: catalog.clone(),
+        fleet,
+        repository_path: config.repository.path.clone(),
+    };
+    let http_shutdown = shutdown.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(http_listener, router(http_state))
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+            .await
+    });
+
+    audit
+        .record(AuditEvent::new(
+            "coordinator",
+            "coordinator.start",
+            config.server.grpc_listen.to_string(),
+            Outcome::Success,
+            format!("version {}", cairn_common::VERSION),
+        ))
+        .await;
+    tracing::info!(
+        grpc = %config.server.grpc_listen,
+        http = %config.server.http_listen,
+        "coordinator ready"
+    );
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: no new connections, ending agent sessions");
+    accept_stop.cancel();
+    let grace = config.server.shutdown_grace;
+    let finished = tokio::time::timeout(grace, async {
+        let _ = grpc.await;
+        let _ = http.await;
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(grace = %humantime::format_duration(grace), "in-flight calls did not finish in time");
+    }
+    audit
+        .record(AuditEvent::new(
+            "coordinator",
+            "coordinator.stop",
+            config.server.grpc_listen.to_string(),
+            Outcome::Success,
+            "",
+        ))
+        .await;
+    catalog.close().await;
+    Ok(())
+}
