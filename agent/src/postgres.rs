@@ -414,6 +414,8 @@ struct General {
 
 /// `pg_settings` rather than `current_setting`: a role that may not see
 /// `data_directory` gets NULL instead of an error that would sink the row.
+/// The connection count includes the probe's own session, which takes a slot
+/// of `max_connections` like any other.
 const GENERAL_SQL: &str = "\
 SELECT current_setting('server_version'),
        current_setting('server_version_num')::int4,
