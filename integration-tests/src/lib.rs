@@ -1,1 +1,41 @@
+//! Fixtures for whole-system tests of Cairn: real PostgreSQL clusters, the
+//! real `cairn` and `cairn-agent` binaries, real processes on loopback.
+//!
+//! Nothing here is a fake. A test builds the fleet it needs out of these
+//! parts, each of which cleans up after itself when dropped:
+//!
+//! - [`TestDir`]: one directory per test under `/tmp` holding every home,
+//!   data directory and `logs/`; kept when the test panics.
+//! - [`PgCluster`]: a throwaway PostgreSQL cluster (`initdb` + `pg_ctl`),
+//!   optionally a streaming standby of another one.
+//! - [`Coordinator`] and [`Agent`]: the real binaries, initialised, served,
+//!   enrolled and waited for.
+//! - [`Process`], [`run`], [`wait_until`]: the lower-level pieces the above
+//!   are made of, for tests that need to cut, pause or kill things.
+//!
+//! Tests run as root in CI, and PostgreSQL refuses root; every PostgreSQL
+//! command and every agent then runs as the `postgres` OS user (see
+//! [`privileges`]).
+//!
+//! Fixture code panics with a message naming what failed and how to fix it:
+//! a test that cannot set up its world must fail loudly, never skip.
 
+#![allow(clippy::unwrap_used)]
+
+pub mod bins;
+pub mod cluster;
+pub mod http;
+pub mod net;
+pub mod pg;
+pub mod privileges;
+pub mod process;
+pub mod testdir;
+pub mod wait;
+
+pub use bins::{Binaries, binaries};
+pub use cluster::{Agent, AgentOptions, Coordinator, CoordinatorOptions};
+pub use net::{LoopbackAddresses, free_port};
+pub use pg::{PgCluster, PgClusterBuilder};
+pub use process::{Output, Process, ProcessBuilder, run};
+pub use testdir::TestDir;
+pub use wait::{wait_for, wait_until};

@@ -1,1 +1,56 @@
-fn main() {}
+//! `cargo xtask <command>`: the everyday commands of the workspace as plain
+//! cargo, through the alias in `.cargo/config.toml`.
+//!
+//! - `test [ARGS]`: build the binaries, then `cargo nextest run --workspace
+//!   ARGS` (installing cargo-nextest first if it is missing).
+//! - `demo [--keep]`: a throwaway fleet of one coordinator, one agent and one
+//!   PostgreSQL cluster, and the operator commands that look at it.
+//! - `bench`: the benchmarks.
+
+mod cargo;
+mod demo;
+mod interrupt;
+mod test;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  test [ARGS...]   build the binaries, then `cargo nextest run --workspace ARGS...`
+  demo [--keep]    start PostgreSQL, a coordinator and an agent, and show the CLI;
+                   --keep leaves them running and prints how to stop them
+  bench            run the benchmarks
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((command, rest)) = args.split_first() else {
+        eprint!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let outcome = match command.as_str() {
+        "test" => test::run(rest),
+        "demo" => demo::run(rest),
+        "bench" => {
+            println!("no benchmarks yet");
+            Ok(ExitCode::SUCCESS)
+        }
+        "help" | "--help" | "-h" => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => {
+            eprint!("unknown command `{other}`\n\n{USAGE}");
+            Ok(ExitCode::from(2))
+        }
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -223,7 +223,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("  export CAIRN_COORDINATOR=https://{grpc_listen} CAIRN_IDENTITY={admin}");
             println!("  cairn token create --agent db1 --ttl 1h");
             println!(
-                "  cairn-agent enroll --coordinator https://{grpc_listen} --token TOKEN --dir /etc/cairn-agent --postgres 'host=/var/run/postgresql user=postgres'"
+                "  cairn-agent enroll --coordinator https://{grpc_listen} --token TOKEN --dir /var/lib/postgresql/cairn-agent --postgres 'host=/var/run/postgresql user=postgres'   # as user postgres"
             );
             Ok(0)
         }
