@@ -278,9 +278,7 @@ impl Coordinator {
     /// the CLI, `cairn-agent enroll` from a fresh loopback address, then
     /// `cairn-agent run`; by default waits until the agent is online.
     pub fn enroll_agent(&self, name: &str, postgres: &PgCluster, options: AgentOptions) -> Agent {
-        let agents_dir = self.test_dir.join("agents");
-        privileges::create_dir_for_postgres(&agents_dir);
-        let dir = agents_dir.join(name);
+        let dir = self.agents_dir().join(name);
         assert!(
             !dir.exists(),
             "an agent named {name:?} already exists in this test"
@@ -347,6 +345,29 @@ impl Coordinator {
             self.wait_until_online(&agent);
         }
         agent
+    }
+
+    /// The directory (owned by `postgres`) that holds this test's agent
+    /// directories; created on first use.
+    pub fn agents_dir(&self) -> PathBuf {
+        let dir = self.test_dir.join("agents");
+        privileges::create_dir_for_postgres(&dir);
+        dir
+    }
+
+    /// Runs `cairn-agent ARGS` once, as `postgres` when root, and returns its
+    /// output, success or not (for enrollment failures and config errors).
+    /// The call is appended to `logs/agent-cli.log`.
+    pub fn agent_cli(&self, args: &[&str]) -> Output {
+        let log = self.logs_dir.join("agent-cli.log");
+        let mut command =
+            ProcessBuilder::new("agent-cli", &binaries().cairn_agent, &log, &self.test_dir)
+                .as_postgres(true)
+                .args(args)
+                .command();
+        let output = process::run(&mut command);
+        append_to_log(&log, &output);
+        output
     }
 
     /// Waits until `agent` is online; panics with the agent's log if its
