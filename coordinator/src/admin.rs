@@ -50,7 +50,10 @@ impl AdminService {
                 .collect(),
             peer_address: agent.peer_address.clone(),
             enrolled_at_unix_ms: agent.enrolled_at,
-            last_seen_at_unix_ms: agent.last_seen_at.unwrap_or(0),
+            last_seen_at_unix_ms: agent
+                .last_seen_at
+                .max(self.fleet.last_heartbeat_ms(&agent.name))
+                .unwrap_or(0),
             certificate_serial: agent.certificate_serial.clone(),
             certificate_not_after_unix_ms: agent.certificate_not_after,
             revoked_at_unix_ms: agent.revoked_at.unwrap_or(0),

@@ -39,6 +39,8 @@ struct Session {
     id: u64,
     sender: CommandSender,
     last_heartbeat: Instant,
+    /// The same moment on the wall clock, for display (ms since the epoch).
+    last_heartbeat_ms: i64,
     pending: HashMap<String, oneshot::Sender<CommandOutcome>>,
     cancel: CancellationToken,
 }
@@ -90,6 +92,7 @@ impl Fleet {
             id,
             sender,
             last_heartbeat: Instant::now(),
+            last_heartbeat_ms: crate::clock::now_ms(),
             pending: HashMap::new(),
             cancel: cancel.clone(),
         };
@@ -113,7 +116,13 @@ impl Fleet {
     pub fn heartbeat(&self, agent: &str, id: u64) {
         if let Some(session) = self.lock().get_mut(agent).filter(|s| s.0.id == id) {
             session.0.last_heartbeat = Instant::now();
+            session.0.last_heartbeat_ms = crate::clock::now_ms();
         }
+    }
+
+    /// When the agent's live session last heard from it (ms since the epoch).
+    pub fn last_heartbeat_ms(&self, agent: &str) -> Option<i64> {
+        self.lock().get(agent).map(|s| s.0.last_heartbeat_ms)
     }
 
     pub fn is_online(&self, agent: &str) -> bool {
