@@ -156,7 +156,6 @@ async fn session(
     let mut probe_timer = tokio::time::interval(config.probe_interval);
     probe_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sequence = 0u64;
-    let session_tasks = tokio_util::task::TaskTracker::new();
     let session_cancel = shutdown.child_token();
     let _cancel_on_exit = session_cancel.clone().drop_guard();
     loop {
@@ -173,32 +172,16 @@ async fn session(
             }
             _ = probe_timer.tick() => {
                 let config = config.clone();
-                let outbound = outbound.clone();
-                let cancel = session_cancel.clone();
-                session_tasks.spawn(async move {
-                    let result = tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        result = dispatch::probe_instances(&config, &[]) => result,
-                    };
-                    let _ = outbound
-                        .send(proto::AgentMessage { body: Some(agent_message::Body::ProbeReport(result)) })
-                        .await;
+                send_in_background(&session_cancel, &outbound, async move {
+                    agent_message::Body::ProbeReport(dispatch::probe_instances(&config, &[]).await)
                 });
             }
             message = inbound.message() => {
                 match message {
                     Ok(Some(proto::CoordinatorMessage { body: Some(coordinator_message::Body::Command(command)) })) => {
                         let config = config.clone();
-                        let outbound = outbound.clone();
-                        let cancel = session_cancel.clone();
-                        session_tasks.spawn(async move {
-                            let result = tokio::select! {
-                                _ = cancel.cancelled() => return,
-                                result = dispatch::execute(&config, command) => result,
-                            };
-                            let _ = outbound
-                                .send(proto::AgentMessage { body: Some(agent_message::Body::CommandResult(result)) })
-                                .await;
+                        send_in_background(&session_cancel, &outbound, async move {
+                            agent_message::Body::CommandResult(dispatch::execute(&config, command).await)
                         });
                     }
                     Ok(Some(other)) => tracing::warn!(?other, "ignoring an unexpected message"),
@@ -208,6 +191,26 @@ async fn session(
             }
         }
     }
+}
+
+/// Runs `work` off the session loop (a slow probe never delays a
+/// heartbeat) and sends its message, unless the session ends first.
+fn send_in_background(
+    cancel: &CancellationToken,
+    outbound: &mpsc::Sender<proto::AgentMessage>,
+    work: impl std::future::Future<Output = agent_message::Body> + Send + 'static,
+) {
+    let cancel = cancel.clone();
+    let outbound = outbound.clone();
+    tokio::spawn(async move {
+        let body = tokio::select! {
+            _ = cancel.cancelled() => return,
+            body = work => body,
+        };
+        let _ = outbound
+            .send(proto::AgentMessage { body: Some(body) })
+            .await;
+    });
 }
 
 fn describe(status: &tonic::Status) -> String {

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cairn_common::config::write_file_atomic;
+use cairn_common::config::{StagedDirectory, write_file_atomic};
 use cairn_common::identity::{Identity, Principal};
 use cairn_common::model::Operation;
 use cairn_common::names::{AgentName, InstanceName};
@@ -62,7 +62,7 @@ pub async fn enroll(options: &EnrollOptions) -> Result<Enrolled> {
     let instance_name = InstanceName::new(options.instance_name.as_str())?;
     let labels = parse_labels(&options.labels)?;
     let connection = ConnectionString::parse(&options.postgres)?;
-    check_target_dir(&options.dir)?;
+    let staged = StagedDirectory::new(&options.dir, "--dir")?;
 
     let config = AgentConfig {
         name: name.clone(),
@@ -90,41 +90,21 @@ pub async fn enroll(options: &EnrollOptions) -> Result<Enrolled> {
             ))
         })?;
 
-    let staging = staging_dir(&options.dir)?;
-    let result = enroll_into(
-        &staging,
+    enroll_into(
+        staged.path(),
         &url,
         &token,
         &name,
         &config,
         options.source_address,
     )
-    .await;
-    match result {
-        Ok(()) => {
-            if options.dir.exists() {
-                std::fs::remove_dir(&options.dir).map_err(|e| {
-                    AgentError::io(format!("cannot replace empty {}", options.dir.display()), e)
-                })?;
-            }
-            std::fs::rename(&staging, &options.dir).map_err(|e| {
-                let _ = std::fs::remove_dir_all(&staging);
-                AgentError::io(
-                    format!("cannot move the agent home to {}", options.dir.display()),
-                    e,
-                )
-            })?;
-            Ok(Enrolled {
-                name,
-                config_file: options.dir.join("agent.toml"),
-                server_version,
-            })
-        }
-        Err(error) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            Err(error)
-        }
-    }
+    .await?;
+    let dir = staged.commit()?;
+    Ok(Enrolled {
+        name,
+        config_file: dir.join("agent.toml"),
+        server_version,
+    })
 }
 
 async fn enroll_into(
@@ -137,7 +117,6 @@ async fn enroll_into(
 ) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
-        .recursive(true)
         .mode(0o700)
         .create(staging.join("identity"))
         .map_err(|e| AgentError::io(format!("cannot create {}", staging.display()), e))?;
@@ -221,37 +200,6 @@ async fn enroll_into(
         0o600,
     )?;
     Ok(())
-}
-
-fn check_target_dir(dir: &Path) -> Result<()> {
-    if dir.exists() {
-        let empty = std::fs::read_dir(dir)
-            .map(|mut entries| entries.next().is_none())
-            .unwrap_or(false);
-        if !empty {
-            return Err(AgentError::Invalid(format!(
-                "{} already exists and is not empty: enroll into a new --dir (an agent enrolls once)",
-                dir.display()
-            )));
-        }
-    }
-    Ok(())
-}
-
-fn staging_dir(dir: &Path) -> Result<PathBuf> {
-    let parent = match dir.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent)
-        .map_err(|e| AgentError::io(format!("cannot create {}", parent.display()), e))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| AgentError::Invalid("--dir has no final component".into()))?;
-    let staging = parent.join(format!(".{name}.enroll-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    Ok(staging)
 }
 
 fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {

@@ -85,6 +85,96 @@ pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), 
     Ok(())
 }
 
+/// A directory built under a hidden sibling name and renamed into place by
+/// [`StagedDirectory::commit`], so that a failure part-way leaves nothing
+/// that looks like a finished directory. Dropped without a commit, the
+/// staging directory is removed.
+#[derive(Debug)]
+pub struct StagedDirectory {
+    staging: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl StagedDirectory {
+    /// Refuses a `target` that exists and is not empty; `flag` names the
+    /// option that chose it, for the error.
+    pub fn new(target: &Path, flag: &str) -> Result<StagedDirectory, Error> {
+        use std::os::unix::fs::DirBuilderExt;
+        if target.exists() {
+            let empty = std::fs::read_dir(target)
+                .map(|mut entries| entries.next().is_none())
+                .unwrap_or(false);
+            if !empty {
+                return Err(Error::invalid(
+                    flag,
+                    format!(
+                        "{} already exists and is not empty: nothing is ever overwritten; choose another {flag}",
+                        target.display()
+                    ),
+                ));
+            }
+        }
+        let parent = match target.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = target
+            .file_name()
+            .ok_or_else(|| Error::invalid(flag, "has no final path component"))?
+            .to_string_lossy()
+            .into_owned();
+        std::fs::create_dir_all(&parent)
+            .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
+        let staging = parent.join(format!(".{name}.staging-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging)
+            .map_err(|e| Error::io(format!("cannot create {}", staging.display()), e))?;
+        Ok(StagedDirectory {
+            staging,
+            target: target.to_path_buf(),
+            committed: false,
+        })
+    }
+
+    /// Where to write the contents.
+    pub fn path(&self) -> &Path {
+        &self.staging
+    }
+
+    /// Renames the staging directory to the target.
+    pub fn commit(mut self) -> Result<PathBuf, Error> {
+        if self.target.exists() {
+            std::fs::remove_dir(&self.target).map_err(|e| {
+                Error::io(format!("cannot replace empty {}", self.target.display()), e)
+            })?;
+        }
+        std::fs::rename(&self.staging, &self.target).map_err(|e| {
+            Error::io(
+                format!("cannot move the new directory to {}", self.target.display()),
+                e,
+            )
+        })?;
+        self.committed = true;
+        if let Some(parent) = self.target.parent()
+            && let Ok(directory) = std::fs::File::open(parent)
+        {
+            let _ = directory.sync_all();
+        }
+        Ok(self.target.clone())
+    }
+}
+
+impl Drop for StagedDirectory {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.staging);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +214,29 @@ mod tests {
         check("name = \"a\"\n[inner]\nport = \"x\"\n", "key `inner.port`");
         check("name = \"a\"\n", "missing field `inner`");
         check("name = \n", "not valid TOML");
+    }
+
+    #[test]
+    fn staged_directories_appear_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("home");
+        {
+            let staged = StagedDirectory::new(&target, "--dir").unwrap();
+            std::fs::write(staged.path().join("a"), b"1").unwrap();
+            // Dropped without commit: nothing is left.
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let staged = StagedDirectory::new(&target, "--dir").unwrap();
+        std::fs::write(staged.path().join("a"), b"1").unwrap();
+        staged.commit().unwrap();
+        assert_eq!(std::fs::read(target.join("a")).unwrap(), b"1");
+        let error = StagedDirectory::new(&target, "--dir")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("--dir") && error.contains("not empty"),
+            "{error}"
+        );
     }
 
     #[test]

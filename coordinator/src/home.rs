@@ -16,7 +16,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use cairn_common::config::write_file_atomic;
+use cairn_common::config::{StagedDirectory, write_file_atomic};
 use cairn_common::identity::{Principal, Role};
 use cairn_common::names::OperatorName;
 use cairn_common::pki::{CertificateAuthority, generate_key_and_csr};
@@ -49,58 +49,18 @@ pub struct InitReport {
 const MASTER_KEY_BYTES: usize = 32;
 
 pub async fn init(options: &InitOptions) -> Result<InitReport> {
-    let dir = &options.dir;
-    if dir.exists() {
-        let empty = std::fs::read_dir(dir)
-            .map(|mut entries| entries.next().is_none())
-            .unwrap_or(false);
-        if !empty {
-            return Err(CoordinatorError::Conflict(format!(
-                "{} already exists and is not empty: cairn init never overwrites a home; choose another --dir",
-                dir.display()
-            )));
-        }
-    }
     if options.grpc_listen == options.http_listen {
         return Err(CoordinatorError::InvalidArgument(
             "--grpc-listen and --http-listen must differ".into(),
         ));
     }
-    let parent = match dir.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent)
-        .map_err(|e| CoordinatorError::io(format!("cannot create {}", parent.display()), e))?;
-    let name = dir
-        .file_name()
-        .ok_or_else(|| CoordinatorError::InvalidArgument("--dir has no final component".into()))?
-        .to_string_lossy()
-        .into_owned();
-    let staging = parent.join(format!(".{name}.init-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    let result = write_home(&staging, options).await;
-    match result {
-        Ok(mut report) => {
-            if dir.exists() {
-                std::fs::remove_dir(dir).map_err(|e| {
-                    CoordinatorError::io(format!("cannot replace empty {}", dir.display()), e)
-                })?;
-            }
-            std::fs::rename(&staging, dir).map_err(|e| {
-                let _ = std::fs::remove_dir_all(&staging);
-                CoordinatorError::io(format!("cannot move the new home to {}", dir.display()), e)
-            })?;
-            let absolute = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
-            report.config_file = absolute.join("coordinator.toml");
-            report.admin_identity = absolute.join("admin");
-            Ok(report)
-        }
-        Err(error) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            Err(error)
-        }
-    }
+    let staged = StagedDirectory::new(&options.dir, "--dir")?;
+    let mut report = write_home(staged.path(), options).await?;
+    let home = staged.commit()?;
+    let absolute = std::fs::canonicalize(&home).unwrap_or(home);
+    report.config_file = absolute.join("coordinator.toml");
+    report.admin_identity = absolute.join("admin");
+    Ok(report)
 }
 
 fn mkdir(path: &Path, mode: u32) -> Result<()> {
@@ -117,7 +77,6 @@ fn write(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
 }
 
 async fn write_home(home: &Path, options: &InitOptions) -> Result<InitReport> {
-    mkdir(home, 0o700)?;
     for sub in ["ca", "tls", "admin", "repository"] {
         mkdir(&home.join(sub), 0o700)?;
     }
@@ -283,7 +242,10 @@ mod tests {
             );
         }
         let again = init(&options(dir.clone())).await.unwrap_err().to_string();
-        assert!(again.contains("already exists"), "{again}");
+        assert!(
+            again.contains("already exists") && again.contains("--dir"),
+            "{again}"
+        );
         let leftovers: Vec<_> = std::fs::read_dir(temp.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no staging directory is left behind");
     }

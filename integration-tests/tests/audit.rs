@@ -3,6 +3,8 @@
 //! row. Tampering goes straight at the SQLite file, as an attacker with the
 //! file would.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use cairn_integration_tests::{AgentOptions, Coordinator, PgCluster, TestDir};
 use serde_json::Value;
 use sqlx::Connection;

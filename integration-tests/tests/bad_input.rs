@@ -1,6 +1,8 @@
 //! Bad input: each mistake gives a one-line error that says what to fix, a
 //! non-zero exit, and nothing half-written on disk.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::path::Path;
 
 use cairn_integration_tests::{AgentOptions, Coordinator, Output, PgCluster, TestDir, free_port};

@@ -464,42 +464,24 @@ fn probes_from_wire(probes: Vec<proto::InstanceProbe>) -> Vec<InstanceProbe> {
         .collect()
 }
 
-/// Writes an identity directory through a staging directory and a rename,
-/// so a failure leaves nothing half-written.
+/// Writes an identity directory whole or not at all.
 fn write_identity(
     out: &std::path::Path,
     ca: &str,
     certificate: &str,
     key: &str,
 ) -> anyhow::Result<()> {
-    use cairn_common::config::write_file_atomic;
-    use std::os::unix::fs::DirBuilderExt;
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    let staging = parent.join(format!(
-        ".{}.tmp-{}",
-        out.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = (|| -> anyhow::Result<()> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&staging)?;
-        write_file_atomic(&staging.join("ca.pem"), ca.as_bytes(), 0o644)?;
-        write_file_atomic(&staging.join("cert.pem"), certificate.as_bytes(), 0o644)?;
-        write_file_atomic(&staging.join("key.pem"), key.as_bytes(), 0o600)?;
-        std::fs::rename(&staging, out)?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-    result.with_context(|| format!("cannot write the identity to {}", out.display()))
+    use cairn_common::config::{StagedDirectory, write_file_atomic};
+    let staged = StagedDirectory::new(out, "--out")?;
+    write_file_atomic(&staged.path().join("ca.pem"), ca.as_bytes(), 0o644)?;
+    write_file_atomic(
+        &staged.path().join("cert.pem"),
+        certificate.as_bytes(),
+        0o644,
+    )?;
+    write_file_atomic(&staged.path().join("key.pem"), key.as_bytes(), 0o600)?;
+    staged.commit()?;
+    Ok(())
 }
 
 async fn wait_for_signal() {
