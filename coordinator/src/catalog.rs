@@ -217,7 +217,7 @@ impl Catalog {
         certificate: &CertificateRecord<'_>,
         now: i64,
     ) -> Result<()> {
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let existing: Option<Option<i64>> =
             sqlx::query_scalar("SELECT revoked_at FROM agents WHERE name = ?")
                 .bind(name)
@@ -251,7 +251,7 @@ impl Catalog {
     }
 
     pub async fn insert_certificate(&self, certificate: &CertificateRecord<'_>) -> Result<()> {
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         insert_certificate(&mut transaction, certificate).await?;
         transaction.commit().await?;
         Ok(())
@@ -297,7 +297,7 @@ impl Catalog {
     /// Revokes the agent and every certificate issued to it. Returns the
     /// revoked serials.
     pub async fn revoke_agent(&self, name: &str, now: i64) -> Result<Vec<String>> {
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let updated =
             sqlx::query("UPDATE agents SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL")
                 .bind(now)
@@ -348,7 +348,7 @@ impl Catalog {
         received_at: i64,
         keep: u32,
     ) -> Result<()> {
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for probe in probes {
             let result = serde_json::to_string(probe).map_err(|e| {
                 CoordinatorError::InvalidArgument(format!("probe not serialisable: {e}"))
@@ -418,7 +418,10 @@ impl Catalog {
     /// Appends one event to the hash chain.
     pub async fn append_audit(&self, event: &AuditEvent, now: i64) -> Result<AuditRow> {
         let _guard = self.audit_append.lock().await;
-        let mut transaction = self.pool.begin().await?;
+        // IMMEDIATE: take the write lock before reading the chain head, so
+        // no other writer can slip in between (a deferred transaction would
+        // fail with SQLITE_BUSY on upgrade instead of waiting).
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let head: Option<(i64, String)> =
             sqlx::query_as("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1")
                 .fetch_optional(&mut *transaction)
@@ -606,6 +609,43 @@ mod tests {
             .execute(&catalog.pool)
             .await;
         assert!(update.is_err(), "the trigger must refuse updates");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_wait_instead_of_failing() {
+        let (_dir, catalog) = catalog().await;
+        let catalog = std::sync::Arc::new(catalog);
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..40 {
+            let catalog = catalog.clone();
+            tasks.spawn(async move {
+                let probe = InstanceProbe::unreachable("main", chrono::Utc::now(), "down".into());
+                catalog.insert_probes("db1", &[probe], i, 5).await?;
+                catalog
+                    .insert_token(&TokenRecord {
+                        id: format!("t{i}"),
+                        agent_name: "db1".into(),
+                        secret_sha256: "s".into(),
+                        created_by: "admin".into(),
+                        created_at: i,
+                        expires_at: i + 1,
+                    })
+                    .await?;
+                catalog
+                    .append_audit(
+                        &AuditEvent::new("admin", "test", format!("t{i}"), Outcome::Success, ""),
+                        i,
+                    )
+                    .await?;
+                catalog.touch_agent("db1", i).await
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            joined.unwrap().unwrap();
+        }
+        let rows = catalog.all_audit().await.unwrap();
+        assert_eq!(rows.len(), 40);
+        assert!(verify(&rows).ok);
     }
 
     #[tokio::test]
