@@ -215,9 +215,17 @@ fn send_in_background(
 
 fn describe(status: &tonic::Status) -> String {
     let cause = tls::describe_transport_error(status);
-    if cause == status.message() || cause.is_empty() {
+    let detail = if cause == status.message() || cause.is_empty() {
         format!("{}: {}", status.code(), status.message())
     } else {
         format!("{}: {} ({cause})", status.code(), status.message())
+    };
+    match status.code() {
+        // A refused client certificate often shows up as a cancelled call
+        // (TLS 1.3 reports it after the handshake, racing the close).
+        tonic::Code::Cancelled | tonic::Code::Unknown => format!(
+            "{detail}; if this persists, the coordinator may be refusing this agent's certificate (revoked or expired): check `cairn agents list` and `cairn audit list` on the coordinator"
+        ),
+        _ => detail,
     }
 }

@@ -78,7 +78,7 @@ impl Authority {
             && existing.revoked_at.is_none()
         {
             let message = format!(
-                "agent {agent:?} is already enrolled: revoke it first (cairn agents revoke {agent})"
+                "agent \"{agent}\" is already enrolled: revoke it first (cairn agents revoke {agent})"
             );
             self.audit
                 .record(AuditEvent::new(
@@ -167,7 +167,7 @@ impl Authority {
                     "the token is not valid: create a new one with cairn token create".to_string()
                 }
                 TokenRefusal::WrongAgent { bound_to } => {
-                    format!("the token was made for agent {bound_to:?}, not {requested:?}")
+                    format!("the token was made for agent {bound_to:?}, not \"{requested}\"")
                 }
                 TokenRefusal::Expired { expired_at } => format!(
                     "the token expired {} ago: create a new one with cairn token create --agent {requested}",

@@ -88,7 +88,7 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
         };
         if register.agent_name != agent.as_str() {
             let message = format!(
-                "register names agent {:?} but the certificate is for {agent:?}",
+                "register names agent {:?} but the certificate is for \"{agent}\"",
                 register.agent_name
             );
             self.audit

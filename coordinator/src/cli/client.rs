@@ -34,13 +34,16 @@ pub async fn connect(
 }
 
 /// A one-line error for a failed call.
+///
+/// With TLS 1.3 the client finishes its handshake before the server checks
+/// the client certificate, so a refused certificate surfaces on the first
+/// call: as a transport error when the server's alert arrives first, or as a
+/// cancelled call when the closed connection wins the race. Both mean the
+/// coordinator would not talk to this identity.
 pub fn explain(status: tonic::Status) -> anyhow::Error {
     use tonic::Code;
     match status.code() {
-        Code::Unknown | Code::Unavailable | Code::Cancelled
-            if status.message().contains("transport")
-                || status.message().contains("connection") =>
-        {
+        Code::Unknown | Code::Unavailable | Code::Cancelled => {
             let cause = tls::describe_transport_error(&status);
             anyhow!(
                 "the coordinator refused the connection ({cause}): check that --identity holds a valid, unrevoked certificate from this fleet's CA"
@@ -48,7 +51,6 @@ pub fn explain(status: tonic::Status) -> anyhow::Error {
         }
         Code::PermissionDenied => anyhow!("permission denied: {}", status.message()),
         Code::Unauthenticated => anyhow!("not authenticated: {}", status.message()),
-        Code::NotFound => anyhow!("{}", status.message()),
         _ => anyhow!("{}", status.message()),
     }
 }
