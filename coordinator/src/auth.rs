@@ -25,17 +25,6 @@ pub enum Caller {
     Operator(Identity),
 }
 
-impl Caller {
-    /// How the audit log names this caller.
-    pub fn actor(&self) -> String {
-        match self {
-            Caller::Anonymous { peer } => format!("anonymous@{peer}"),
-            Caller::Agent(name) => format!("agent:{name}"),
-            Caller::Operator(identity) => identity.principal.to_string(),
-        }
-    }
-}
-
 fn peer_of<T>(request: &Request<T>) -> String {
     request
         .remote_addr()
