@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use cairn_common::config::{load_toml, resolve};
 use cairn_common::model::Operation;
-use cairn_common::names::{AgentName, InstanceName};
+use cairn_common::names::{AgentName, InstanceName, validate_label};
 use cairn_common::tls::CoordinatorUrl;
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +18,9 @@ use crate::error::{AgentError, Result};
 use crate::postgres::ConnectionString;
 
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(15);
+/// The probe intervals a config may ask for.
+pub const PROBE_INTERVAL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3600);
 pub const DEFAULT_RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -135,9 +138,7 @@ impl AgentConfig {
                 ));
             }
         }
-        if self.probe_interval < Duration::from_secs(1)
-            || self.probe_interval > Duration::from_secs(3600)
-        {
+        if !PROBE_INTERVAL_RANGE.contains(&self.probe_interval) {
             return Err("key `probe_interval`: must be between 1s and 1h".into());
         }
         if self.reconnect_max_backoff < Duration::from_millis(100)
@@ -150,29 +151,6 @@ impl AgentConfig {
         }
         Ok(())
     }
-}
-
-/// Label keys: `[a-z0-9][a-z0-9_.-]{0,62}`; values: printable, at most 256 bytes.
-pub fn validate_label(key: &str, value: &str) -> std::result::Result<(), String> {
-    let key_ok = key.len() <= 63
-        && key
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && key
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_.-".contains(c));
-    if !key_ok {
-        return Err(format!(
-            "label key {key:?} is invalid: use [a-z0-9][a-z0-9_.-]{{0,62}}"
-        ));
-    }
-    if value.len() > 256 || value.chars().any(char::is_control) {
-        return Err(format!(
-            "label value for {key:?} is invalid: at most 256 printable characters"
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

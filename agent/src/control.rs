@@ -7,7 +7,10 @@
 //! SIGTERM.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use cairn_common::proto::{
@@ -17,6 +20,7 @@ use cairn_common::tls;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
 
 use crate::config::AgentConfig;
 use crate::dispatch;
@@ -26,7 +30,10 @@ use crate::error::{AgentError, Result};
 /// and command results, never on the stream itself.
 const OUTBOUND_QUEUE_LEN: usize = 32;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-const REGISTERED_TIMEOUT: Duration = Duration::from_secs(15);
+/// Connecting, opening the stream and registering must finish within this.
+const SESSION_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// A session that lasted this long resets the reconnection backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
 
 enum SessionEnd {
     Shutdown,
@@ -46,26 +53,36 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<()>
         Some((&read(&identity.certificate)?, &read(&identity.key)?)),
     )?;
     let url = config.coordinator_url()?;
+    // backon's jitter adds up to 100% on top of the delay, so the delay
+    // itself is capped at half of the configured longest wait.
     let backoff_builder = ExponentialBuilder::default()
         .with_min_delay(FIRST_BACKOFF)
-        .with_max_delay(config.reconnect_max_backoff)
+        .with_max_delay(config.reconnect_max_backoff / 2)
         .with_jitter()
         .without_max_times();
     let mut backoff = backoff_builder.build();
     loop {
-        let session = session(&config, &url, tls_config.clone(), &shutdown);
-        match session.await {
+        let mut registered_at = None;
+        let result = session(
+            &config,
+            &url,
+            tls_config.clone(),
+            &shutdown,
+            &mut registered_at,
+        )
+        .await;
+        // Only a session that stayed up resets the backoff: two hosts that
+        // share an identity, or a coordinator that accepts and then drops
+        // us, must not make the agent reconnect in a tight loop.
+        if registered_at.is_some_and(|at: Instant| at.elapsed() >= STABLE_SESSION) {
+            backoff = backoff_builder.build();
+        }
+        match result {
             Ok(SessionEnd::Shutdown) => return Ok(()),
             Ok(SessionEnd::Closed) => {
                 tracing::warn!("the coordinator closed the control stream; reconnecting");
-                backoff = backoff_builder.build();
             }
-            Err((error, registered)) => {
-                if registered {
-                    backoff = backoff_builder.build();
-                }
-                tracing::warn!(%error, "control session failed; reconnecting");
-            }
+            Err(error) => tracing::warn!(%error, "control session failed; reconnecting"),
         }
         let delay = backoff.next().unwrap_or(config.reconnect_max_backoff);
         tracing::info!(delay = %humantime::format_duration(delay), "waiting before reconnecting");
@@ -102,50 +119,74 @@ fn register_message(config: &AgentConfig) -> proto::AgentMessage {
     }
 }
 
-/// One connection's life. The error side says whether registration had
-/// succeeded (which resets the backoff).
-async fn session(
-    config: &Arc<AgentConfig>,
+/// Connects, opens the control stream and registers; bounded in time.
+async fn open_session(
+    config: &AgentConfig,
     url: &tls::CoordinatorUrl,
     tls_config: Arc<rustls::ClientConfig>,
-    shutdown: &CancellationToken,
-) -> std::result::Result<SessionEnd, (AgentError, bool)> {
+) -> Result<(
+    Streaming<proto::CoordinatorMessage>,
+    mpsc::Sender<proto::AgentMessage>,
+    Duration,
+)> {
     let unreachable = |reason: String| AgentError::CoordinatorUnreachable {
         url: url.to_string(),
         reason,
     };
-    let channel = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-        channel = tls::connect(url, tls_config, config.source_address) => {
-            channel.map_err(|e| (unreachable(e.to_string()), false))?
-        }
-    };
+    let channel = tls::connect(url, tls_config, config.source_address)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
     let mut client = AgentGatewayClient::new(channel);
     let (outbound, outbound_receiver) = mpsc::channel(OUTBOUND_QUEUE_LEN);
     outbound
         .send(register_message(config))
         .await
-        .map_err(|_| (AgentError::Protocol("outbound queue closed".into()), false))?;
+        .map_err(|_| AgentError::Protocol("outbound queue closed".into()))?;
     let mut inbound = client
         .control(ReceiverStream::new(outbound_receiver))
         .await
-        .map_err(|status| (unreachable(describe(&status)), false))?
+        .map_err(|status| unreachable(describe(&status)))?
         .into_inner();
-    let first = tokio::time::timeout(REGISTERED_TIMEOUT, inbound.message())
+    let first = inbound
+        .message()
         .await
-        .map_err(|_| (AgentError::Protocol("no answer to register".into()), false))?
-        .map_err(|status| (unreachable(describe(&status)), false))?;
-    let heartbeat_interval = match first.and_then(|m| m.body) {
-        Some(coordinator_message::Body::Registered(registered)) => {
-            Duration::from_millis(u64::from(registered.heartbeat_interval_ms).max(100))
-        }
-        _ => {
-            return Err((
-                AgentError::Protocol("the first message was not `registered`".into()),
-                false,
-            ));
-        }
+        .map_err(|status| unreachable(describe(&status)))?;
+    match first.and_then(|m| m.body) {
+        Some(coordinator_message::Body::Registered(registered)) => Ok((
+            inbound,
+            outbound,
+            Duration::from_millis(u64::from(registered.heartbeat_interval_ms).max(100)),
+        )),
+        _ => Err(AgentError::Protocol(
+            "the first message was not `registered`".into(),
+        )),
+    }
+}
+
+/// One connection's life. Sets `registered_at` once the coordinator has
+/// accepted the registration.
+async fn session(
+    config: &Arc<AgentConfig>,
+    url: &tls::CoordinatorUrl,
+    tls_config: Arc<rustls::ClientConfig>,
+    shutdown: &CancellationToken,
+    registered_at: &mut Option<Instant>,
+) -> Result<SessionEnd> {
+    let unreachable = |reason: String| AgentError::CoordinatorUnreachable {
+        url: url.to_string(),
+        reason,
     };
+    let opened = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+        opened = tokio::time::timeout(SESSION_SETUP_TIMEOUT, open_session(config, url, tls_config)) => opened,
+    };
+    let (mut inbound, outbound, heartbeat_interval) = opened.map_err(|_| {
+        unreachable(format!(
+            "no registration within {}",
+            humantime::format_duration(SESSION_SETUP_TIMEOUT)
+        ))
+    })??;
+    *registered_at = Some(Instant::now());
     tracing::info!(
         coordinator = %url,
         heartbeat = %humantime::format_duration(heartbeat_interval),
@@ -156,6 +197,7 @@ async fn session(
     let mut probe_timer = tokio::time::interval(config.probe_interval);
     probe_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sequence = 0u64;
+    let probe_running = Arc::new(AtomicBool::new(false));
     let session_cancel = shutdown.child_token();
     let _cancel_on_exit = session_cancel.clone().drop_guard();
     loop {
@@ -166,14 +208,26 @@ async fn session(
                 let message = proto::AgentMessage {
                     body: Some(agent_message::Body::Heartbeat(proto::Heartbeat { sequence })),
                 };
-                if outbound.send(message).await.is_err() {
-                    return Ok(SessionEnd::Closed);
+                // Never block the loop on a full queue: a missed heartbeat is
+                // what the coordinator's offline detection is for.
+                match outbound.try_send(message) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => tracing::warn!("outbound queue full; skipped a heartbeat"),
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Ok(SessionEnd::Closed),
                 }
             }
             _ = probe_timer.tick() => {
+                // One periodic probe at a time: a stuck server gets no pile
+                // of probe connections.
+                if probe_running.swap(true, Ordering::AcqRel) {
+                    continue;
+                }
                 let config = config.clone();
+                let running = probe_running.clone();
                 send_in_background(&session_cancel, &outbound, async move {
-                    agent_message::Body::ProbeReport(dispatch::probe_instances(&config, &[]).await)
+                    let result = dispatch::probe_instances(&config, &[]).await;
+                    running.store(false, Ordering::Release);
+                    agent_message::Body::ProbeReport(result)
                 });
             }
             message = inbound.message() => {
@@ -184,9 +238,9 @@ async fn session(
                             agent_message::Body::CommandResult(dispatch::execute(&config, command).await)
                         });
                     }
-                    Ok(Some(other)) => tracing::warn!(?other, "ignoring an unexpected message"),
+                    Ok(Some(_)) => tracing::warn!("ignoring an unexpected message on the control stream"),
                     Ok(None) => return Ok(SessionEnd::Closed),
-                    Err(status) => return Err((unreachable(describe(&status)), true)),
+                    Err(status) => return Err(unreachable(describe(&status))),
                 }
             }
         }

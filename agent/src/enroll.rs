@@ -21,7 +21,8 @@ use cairn_common::tls::{self, CoordinatorUrl, parse_certificates};
 use cairn_common::token::EnrollmentToken;
 
 use crate::config::{
-    AgentConfig, DEFAULT_RECONNECT_MAX_BACKOFF, IdentityPaths, InstanceConfig, Permissions,
+    AgentConfig, DEFAULT_RECONNECT_MAX_BACKOFF, IdentityPaths, InstanceConfig,
+    PROBE_INTERVAL_RANGE, Permissions,
 };
 use crate::error::{AgentError, Result};
 use crate::postgres::{self, ConnectionString};
@@ -29,7 +30,7 @@ use crate::postgres::{self, ConnectionString};
 const POSTGRES_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EnrollOptions {
     pub coordinator: String,
     /// The whole token. Secret.
@@ -43,6 +44,22 @@ pub struct EnrollOptions {
     pub allow: Vec<Operation>,
     pub source_address: Option<IpAddr>,
     pub probe_interval: Duration,
+}
+
+/// Leaves out the token and the connection string (which may hold a password).
+impl std::fmt::Debug for EnrollOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollOptions")
+            .field("coordinator", &self.coordinator)
+            .field("name", &self.name)
+            .field("dir", &self.dir)
+            .field("instance_name", &self.instance_name)
+            .field("labels", &self.labels)
+            .field("allow", &self.allow)
+            .field("source_address", &self.source_address)
+            .field("probe_interval", &self.probe_interval)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +77,11 @@ pub async fn enroll(options: &EnrollOptions) -> Result<Enrolled> {
         None => token.agent.clone(),
     };
     let instance_name = InstanceName::new(options.instance_name.as_str())?;
+    if !PROBE_INTERVAL_RANGE.contains(&options.probe_interval) {
+        return Err(AgentError::Invalid(
+            "--probe-interval must be between 1s and 1h, for example 15s".into(),
+        ));
+    }
     let labels = parse_labels(&options.labels)?;
     let connection = ConnectionString::parse(&options.postgres)?;
     let staged = StagedDirectory::new(&options.dir, "--dir")?;
@@ -210,7 +232,7 @@ fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
                 "--label {label:?}: use key=value, for example --label env=prod"
             ))
         })?;
-        crate::config::validate_label(key, value)
+        cairn_common::names::validate_label(key, value)
             .map_err(|e| AgentError::Invalid(format!("--label: {e}")))?;
         parsed.insert(key.to_string(), value.to_string());
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use cairn_agent::config::{AgentConfig, DEFAULT_PROBE_INTERVAL};
+use cairn_agent::config::AgentConfig;
 use cairn_agent::enroll::{EnrollOptions, enroll};
 use cairn_common::model::Operation;
 use clap::{Parser, Subcommand};
@@ -14,14 +14,15 @@ use tracing_subscriber::EnvFilter;
 
 /// Cairn agent: runs on a database host, dials out to the coordinator and
 /// executes what its own config permits.
-#[derive(Debug, Parser)]
+// No Debug: the parsed arguments hold the token and the connection string.
+#[derive(Parser)]
 #[command(name = "cairn-agent", version, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once at startup
 enum Command {
     /// Enroll this host with a one-time token; writes DIR/agent.toml and DIR/identity/.
@@ -36,8 +37,9 @@ enum Command {
         /// The directory to create for the agent's config and identity.
         #[arg(long)]
         dir: PathBuf,
-        /// libpq URL or key=value connection string of the local instance.
-        #[arg(long)]
+        /// libpq URL or key=value connection string of the local instance
+        /// (or set CAIRN_POSTGRES, which keeps a password out of the process list).
+        #[arg(long, env = "CAIRN_POSTGRES", hide_env_values = true)]
         postgres: String,
         /// The agent name; defaults to the name the token was made for.
         #[arg(long)]
@@ -133,11 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 labels,
                 allow,
                 source_address,
-                probe_interval: if probe_interval.is_zero() {
-                    DEFAULT_PROBE_INTERVAL
-                } else {
-                    probe_interval
-                },
+                probe_interval,
             })
             .await?;
             println!(

@@ -231,9 +231,8 @@ impl From<InstanceProbe> for proto::InstanceProbe {
 impl TryFrom<proto::InstanceProbe> for InstanceProbe {
     type Error = Error;
     fn try_from(p: proto::InstanceProbe) -> Result<Self, Error> {
-        if p.instance.is_empty() {
-            return Err(Error::protocol("instance", "empty"));
-        }
+        crate::names::InstanceName::new(p.instance.as_str())
+            .map_err(|e| Error::protocol("instance", e.to_string()))?;
         let probed_at = time_from_unix_ms(p.probed_at_unix_ms)
             .ok_or_else(|| Error::protocol("probed_at_unix_ms", "missing or out of range"))?;
         let role = match proto::ReplicationRole::try_from(p.role) {

@@ -88,6 +88,29 @@ name_type!(AgentName, "agent name");
 name_type!(InstanceName, "instance name");
 name_type!(OperatorName, "operator name");
 
+/// Label keys: `[a-z0-9][a-z0-9_.-]{0,62}`; values: printable, at most 256 bytes.
+pub fn validate_label(key: &str, value: &str) -> std::result::Result<(), String> {
+    let key_ok = key.len() <= 63
+        && key
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && key
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_.-".contains(c));
+    if !key_ok {
+        return Err(format!(
+            "label key {key:?} is invalid: use [a-z0-9][a-z0-9_.-]{{0,62}}"
+        ));
+    }
+    if value.len() > 256 || value.chars().any(char::is_control) {
+        return Err(format!(
+            "label value for {key:?} is invalid: at most 256 printable characters"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +133,15 @@ mod tests {
         check("db 1", false);
         check("db/../x", false);
         check("dé", false);
+    }
+
+    #[test]
+    fn labels() {
+        assert!(validate_label("env", "prod").is_ok());
+        assert!(validate_label("app.tier_2-x", "a b").is_ok());
+        assert!(validate_label("Env", "prod").is_err());
+        assert!(validate_label("env", "a\nb").is_err());
+        assert!(validate_label("env", &"x".repeat(257)).is_err());
     }
 
     #[test]

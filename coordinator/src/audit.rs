@@ -38,6 +38,29 @@ pub struct AuditEvent {
     pub detail: String,
 }
 
+/// Longest stored actor or target, in characters.
+const NAME_FIELD_MAX_CHARS: usize = 200;
+/// Longest stored detail, in characters.
+const DETAIL_MAX_CHARS: usize = 1000;
+
+/// Fields may come from unauthenticated callers: control characters would
+/// forge log lines and unbounded text would bloat the log, so both go.
+fn clean(text: String, max_chars: usize) -> String {
+    let needs_cleaning = text.chars().count() > max_chars || text.chars().any(char::is_control);
+    if !needs_cleaning {
+        return text;
+    }
+    let mut cleaned: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max_chars)
+        .collect();
+    if text.chars().count() > max_chars {
+        cleaned.push('…');
+    }
+    cleaned
+}
+
 impl AuditEvent {
     pub fn new(
         actor: impl Into<String>,
@@ -47,11 +70,11 @@ impl AuditEvent {
         detail: impl Into<String>,
     ) -> Self {
         AuditEvent {
-            actor: actor.into(),
+            actor: clean(actor.into(), NAME_FIELD_MAX_CHARS),
             action,
-            target: target.into(),
+            target: clean(target.into(), NAME_FIELD_MAX_CHARS),
             outcome,
-            detail: detail.into(),
+            detail: clean(detail.into(), DETAIL_MAX_CHARS),
         }
     }
 }
@@ -220,6 +243,20 @@ mod tests {
         });
         // Recomputing the edited row's hash breaks the next row's link.
         check(&rehashed, Some(3));
+    }
+
+    #[test]
+    fn untrusted_fields_are_cleaned_and_bounded() {
+        let event = AuditEvent::new(
+            "a\nfake line",
+            "x",
+            "t".repeat(5000),
+            Outcome::Refused,
+            "d\r\n",
+        );
+        assert_eq!(event.actor, "a fake line");
+        assert_eq!(event.target.chars().count(), NAME_FIELD_MAX_CHARS + 1);
+        assert_eq!(event.detail, "d  ");
     }
 
     #[test]

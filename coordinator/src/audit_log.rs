@@ -5,19 +5,22 @@
 
 use std::sync::Arc;
 
+use tokio_util::task::TaskTracker;
+
 use crate::audit::AuditEvent;
 use crate::catalog::Catalog;
-use crate::clock::now_ms;
 use crate::error::Result;
 
 #[derive(Debug, Clone)]
 pub struct AuditLog {
     catalog: Arc<Catalog>,
+    tasks: TaskTracker,
 }
 
 impl AuditLog {
-    pub fn new(catalog: Arc<Catalog>) -> Self {
-        AuditLog { catalog }
+    /// `tasks` tracks detached appends so that shutdown can wait for them.
+    pub fn new(catalog: Arc<Catalog>, tasks: TaskTracker) -> Self {
+        AuditLog { catalog, tasks }
     }
 
     /// Appends, failing if the row cannot be written.
@@ -30,7 +33,7 @@ impl AuditLog {
             detail = %event.detail,
             "audit"
         );
-        self.catalog.append_audit(&event, now_ms()).await?;
+        self.catalog.append_audit(&event).await?;
         Ok(())
     }
 
@@ -44,8 +47,8 @@ impl AuditLog {
     /// Appends from synchronous code (interceptors, TLS callbacks).
     pub fn record_detached(&self, event: AuditEvent) {
         let audit = self.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move { audit.record(event).await });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.tasks.spawn(async move { audit.record(event).await });
         }
     }
 }

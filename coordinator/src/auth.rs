@@ -21,7 +21,11 @@ pub enum Caller {
     Anonymous {
         peer: String,
     },
-    Agent(AgentName),
+    /// An agent, with the serial of the certificate it presented.
+    Agent {
+        name: AgentName,
+        serial: String,
+    },
     Operator(Identity),
 }
 
@@ -120,7 +124,10 @@ pub fn agent_interceptor(
             }
             Ok(None) => Caller::Anonymous { peer },
             Ok(Some(identity)) => match identity.principal {
-                Principal::Agent(name) => Caller::Agent(name),
+                Principal::Agent(name) => Caller::Agent {
+                    name,
+                    serial: identity.serial,
+                },
                 Principal::Operator { .. } => {
                     return Err(Status::permission_denied(
                         "operator identities cannot call the AgentGateway API",

@@ -147,14 +147,45 @@ impl Authority {
         let token = match EnrollmentToken::parse(token_text) {
             Ok(token) => token,
             Err(error) => {
-                let reason = refuse(error.to_string(), agent_name.to_string()).await;
+                let reason = refuse(error.to_string(), "(unparsable token)".to_string()).await;
                 return Err(CoordinatorError::Unauthenticated(reason));
             }
         };
         let requested = if agent_name.is_empty() {
             token.agent.clone()
         } else {
-            AgentName::new(agent_name)?
+            match AgentName::new(agent_name) {
+                Ok(name) => name,
+                Err(error) => {
+                    let reason = refuse(error.to_string(), "(invalid name)".to_string()).await;
+                    return Err(CoordinatorError::InvalidArgument(reason));
+                }
+            }
+        };
+        // Everything that can be refused without spending the token is
+        // checked first: an enrolled name, and the CSR (signing is pure
+        // computation; the certificate is discarded unless all succeeds).
+        if let Some(existing) = self.catalog.get_agent(requested.as_str()).await?
+            && existing.revoked_at.is_none()
+        {
+            let reason = refuse(
+                format!("agent \"{requested}\" is already enrolled: revoke it first (cairn agents revoke {requested})"),
+                requested.to_string(),
+            )
+            .await;
+            return Err(CoordinatorError::Conflict(reason));
+        }
+        let principal = Principal::Agent(requested.clone());
+        let issued = match self.ca.issue_client_from_csr(
+            &principal,
+            csr_pem,
+            self.config.agent_certificate_lifetime,
+        ) {
+            Ok(issued) => issued,
+            Err(error) => {
+                let reason = refuse(error.to_string(), requested.to_string()).await;
+                return Err(CoordinatorError::InvalidArgument(reason));
+            }
         };
         let now = now_ms();
         let consumed = self
@@ -167,7 +198,7 @@ impl Authority {
                     "the token is not valid: create a new one with cairn token create".to_string()
                 }
                 TokenRefusal::WrongAgent { bound_to } => {
-                    format!("the token was made for agent {bound_to:?}, not \"{requested}\"")
+                    format!("the token was made for agent \"{bound_to}\", not \"{requested}\"")
                 }
                 TokenRefusal::Expired { expired_at } => format!(
                     "the token expired {} ago: create a new one with cairn token create --agent {requested}",
@@ -176,19 +207,13 @@ impl Authority {
                     ))
                 ),
                 TokenRefusal::AlreadyUsed { .. } => {
-                    "the token was already used: tokens are single-use, create a new one"
+                    "the token was already used or revoked: tokens are single-use, create a new one"
                         .to_string()
                 }
             };
             let reason = refuse(reason, requested.to_string()).await;
             return Err(CoordinatorError::Unauthenticated(reason));
         }
-        let principal = Principal::Agent(requested.clone());
-        let issued = self.ca.issue_client_from_csr(
-            &principal,
-            csr_pem,
-            self.config.agent_certificate_lifetime,
-        )?;
         let record = CertificateRecord {
             serial: &issued.serial,
             kind: "agent",

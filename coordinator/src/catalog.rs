@@ -229,6 +229,15 @@ impl Catalog {
             )));
         }
         insert_certificate(&mut transaction, certificate).await?;
+        // Any other token for this name is spent too: one enrollment per token
+        // made, never a second agent from a copy.
+        sqlx::query(
+            "UPDATE enrollment_tokens SET used_at = ? WHERE agent_name = ? AND used_at IS NULL",
+        )
+        .bind(now)
+        .bind(name)
+        .execute(&mut *transaction)
+        .await?;
         sqlx::query(
             "INSERT INTO agents (name, enrolled_at, certificate_serial, certificate_not_after)
              VALUES (?, ?, ?, ?)
@@ -257,20 +266,23 @@ impl Catalog {
         Ok(())
     }
 
+    /// Records what a connecting agent says, if `serial` is still the
+    /// agent's current, unrevoked certificate; returns whether it was.
     pub async fn record_registration(
         &self,
         name: &str,
+        serial: &str,
         registration: &Registration,
         now: i64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let labels = serde_json::to_string(&registration.labels).unwrap_or_default();
         let instances = serde_json::to_string(&registration.instances).unwrap_or_default();
         let operations =
             serde_json::to_string(&registration.permitted_operations).unwrap_or_default();
-        sqlx::query(
+        let updated = sqlx::query(
             "UPDATE agents SET hostname = ?, version = ?, labels = ?, instances = ?,
                 permitted_operations = ?, peer_address = ?, last_seen_at = ?
-             WHERE name = ?",
+             WHERE name = ? AND certificate_serial = ? AND revoked_at IS NULL",
         )
         .bind(&registration.hostname)
         .bind(&registration.version)
@@ -280,9 +292,10 @@ impl Catalog {
         .bind(&registration.peer_address)
         .bind(now)
         .bind(name)
+        .bind(serial)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(updated.rows_affected() == 1)
     }
 
     pub async fn touch_agent(&self, name: &str, now: i64) -> Result<()> {
@@ -314,6 +327,15 @@ impl Catalog {
                 None => CoordinatorError::NotFound(format!("no agent named {name:?}")),
             });
         }
+        // Outstanding tokens for this name die with the revocation: coming
+        // back needs a token made after it.
+        sqlx::query(
+            "UPDATE enrollment_tokens SET used_at = ? WHERE agent_name = ? AND used_at IS NULL",
+        )
+        .bind(now)
+        .bind(name)
+        .execute(&mut *transaction)
+        .await?;
         sqlx::query(
             "UPDATE certificates SET revoked_at = ? WHERE kind = 'agent' AND name = ? AND revoked_at IS NULL",
         )
@@ -415,9 +437,11 @@ impl Catalog {
 
     // ---- audit ----
 
-    /// Appends one event to the hash chain.
-    pub async fn append_audit(&self, event: &AuditEvent, now: i64) -> Result<AuditRow> {
+    /// Appends one event to the hash chain, stamped with the time at which
+    /// it takes the chain's head (so times never go backwards along ids).
+    pub async fn append_audit(&self, event: &AuditEvent) -> Result<AuditRow> {
         let _guard = self.audit_append.lock().await;
+        let now = crate::clock::now_ms();
         // IMMEDIATE: take the write lock before reading the chain head, so
         // no other writer can slip in between (a deferred transaction would
         // fail with SQLITE_BUSY on upgrade instead of waiting).
@@ -595,10 +619,13 @@ mod tests {
         let (_dir, catalog) = catalog().await;
         for i in 0..3 {
             catalog
-                .append_audit(
-                    &AuditEvent::new("admin", "test", format!("t{i}"), Outcome::Success, ""),
-                    i,
-                )
+                .append_audit(&AuditEvent::new(
+                    "admin",
+                    "test",
+                    format!("t{i}"),
+                    Outcome::Success,
+                    "",
+                ))
                 .await
                 .unwrap();
         }
@@ -632,10 +659,13 @@ mod tests {
                     })
                     .await?;
                 catalog
-                    .append_audit(
-                        &AuditEvent::new("admin", "test", format!("t{i}"), Outcome::Success, ""),
-                        i,
-                    )
+                    .append_audit(&AuditEvent::new(
+                        "admin",
+                        "test",
+                        format!("t{i}"),
+                        Outcome::Success,
+                        "",
+                    ))
                     .await?;
                 catalog.touch_agent("db1", i).await
             });
@@ -646,6 +676,42 @@ mod tests {
         let rows = catalog.all_audit().await.unwrap();
         assert_eq!(rows.len(), 40);
         assert!(verify(&rows).ok);
+    }
+
+    #[tokio::test]
+    async fn enrolling_or_revoking_spends_the_names_other_tokens() {
+        let (_dir, catalog) = catalog().await;
+        let token = |id: &str| TokenRecord {
+            id: id.into(),
+            agent_name: "db1".into(),
+            secret_sha256: "s".into(),
+            created_by: "admin".into(),
+            created_at: 0,
+            expires_at: i64::MAX,
+        };
+        catalog.insert_token(&token("copy")).await.unwrap();
+        let certificate = CertificateRecord {
+            serial: "01",
+            kind: "agent",
+            name: "db1",
+            role: None,
+            issued_at: 0,
+            not_after: 10,
+        };
+        catalog.enroll_agent("db1", &certificate, 5).await.unwrap();
+        let spent = catalog.consume_token("copy", "db1", "s", 6).await.unwrap();
+        assert_eq!(spent, Err(TokenRefusal::AlreadyUsed { used_at: 5 }));
+
+        catalog
+            .insert_token(&token("made-before-revoke"))
+            .await
+            .unwrap();
+        catalog.revoke_agent("db1", 7).await.unwrap();
+        let spent = catalog
+            .consume_token("made-before-revoke", "db1", "s", 8)
+            .await
+            .unwrap();
+        assert_eq!(spent, Err(TokenRefusal::AlreadyUsed { used_at: 7 }));
     }
 
     #[tokio::test]

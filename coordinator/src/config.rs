@@ -76,7 +76,7 @@ pub struct KeysConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct FleetConfig {
     /// How often agents must heartbeat; three missed heartbeats show an
     /// agent offline.
@@ -171,6 +171,14 @@ impl CoordinatorConfig {
         }
         if fleet.max_token_ttl < MIN_TOKEN_TTL {
             return Err(fail("fleet.max_token_ttl", "must be at least 1m".into()));
+        }
+        if self.server.shutdown_grace < Duration::from_secs(1)
+            || self.server.shutdown_grace > Duration::from_secs(3600)
+        {
+            return Err(fail(
+                "server.shutdown_grace",
+                "must be between 1s and 1h".into(),
+            ));
         }
         if self.server.grpc_listen == self.server.http_listen {
             return Err(fail(

@@ -7,10 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_common::model::{InstanceProbe, Operation};
+use cairn_common::names::{InstanceName, validate_label};
 use cairn_common::proto::{self, agent_message, coordinator_message};
+use cairn_common::tls::RevokedSerials;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -33,7 +36,10 @@ pub struct Gateway {
     pub catalog: Arc<Catalog>,
     pub fleet: Arc<Fleet>,
     pub audit: AuditLog,
+    pub revoked: RevokedSerials,
     pub probe_history: u32,
+    /// Control-stream loops, so that shutdown waits for them.
+    pub tasks: TaskTracker,
 }
 
 type ControlStream = Pin<Box<dyn Stream<Item = Result<proto::CoordinatorMessage, Status>> + Send>>;
@@ -65,7 +71,11 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
         &self,
         request: Request<Streaming<proto::AgentMessage>>,
     ) -> Result<Response<ControlStream>, Status> {
-        let Caller::Agent(agent) = caller(&request)? else {
+        let Caller::Agent {
+            name: agent,
+            serial,
+        } = caller(&request)?
+        else {
             return Err(Status::unauthenticated(
                 "the control stream needs an agent certificate: enroll first (cairn-agent enroll)",
             ));
@@ -103,9 +113,25 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
             return Err(Status::permission_denied(message));
         }
         let registration = registration_from_wire(register, &peer)?;
-        self.catalog
-            .record_registration(agent.as_str(), &registration, now_ms())
+        let current = self
+            .catalog
+            .record_registration(agent.as_str(), &serial, &registration, now_ms())
             .await?;
+        if !current {
+            let message = format!(
+                "certificate {serial} is not agent \"{agent}\"'s current certificate: it was revoked or replaced"
+            );
+            self.audit
+                .record(AuditEvent::new(
+                    format!("agent:{agent}"),
+                    "agent.connect",
+                    agent.as_str(),
+                    Outcome::Refused,
+                    message.clone(),
+                ))
+                .await;
+            return Err(Status::unauthenticated(message));
+        }
         let (sender, receiver) = mpsc::channel(CONTROL_QUEUE_LEN);
         let heartbeat_interval_ms = self.fleet.heartbeat_interval().as_millis() as u32;
         sender
@@ -117,6 +143,14 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
             .await
             .map_err(|_| Status::cancelled("agent went away"))?;
         let (session, cancel) = self.fleet.attach(agent.as_str(), sender);
+        // A revocation that ran between the checks above and `attach` found
+        // no session to close; close it here instead.
+        if self.revoked.contains(&serial) {
+            self.fleet.detach(agent.as_str(), session);
+            return Err(Status::unauthenticated(format!(
+                "certificate {serial} of agent \"{agent}\" is revoked"
+            )));
+        }
         self.audit
             .record(AuditEvent::new(
                 format!("agent:{agent}"),
@@ -139,7 +173,7 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
 
         let gateway = self.clone();
         let span = tracing::info_span!("control", agent = %agent, session);
-        tokio::spawn(
+        self.tasks.spawn(
             async move {
                 loop {
                     let message = tokio::select! {
@@ -247,11 +281,55 @@ fn probes_from_wire(result: proto::ProbeResult) -> Vec<InstanceProbe> {
         .collect()
 }
 
+/// Most instances and labels one agent may register.
+const REGISTER_ITEMS_MAX: usize = 64;
+/// Longest hostname or version string kept.
+const REGISTER_TEXT_MAX_CHARS: usize = 255;
+
+/// Checks everything an agent registers: it reaches the catalog, the audit
+/// log, the CLI and metric labels.
 fn registration_from_wire(register: proto::Register, peer: &str) -> Result<Registration, Status> {
+    let invalid = |field: &str, reason: String| {
+        Status::invalid_argument(format!("register.{field}: {reason}"))
+    };
+    if register.instances.is_empty() || register.instances.len() > REGISTER_ITEMS_MAX {
+        return Err(invalid(
+            "instances",
+            format!("between 1 and {REGISTER_ITEMS_MAX} are allowed"),
+        ));
+    }
+    for (index, instance) in register.instances.iter().enumerate() {
+        InstanceName::new(instance.as_str())
+            .map_err(|e| invalid(&format!("instances[{index}]"), e.to_string()))?;
+    }
+    if register.labels.len() > REGISTER_ITEMS_MAX {
+        return Err(invalid(
+            "labels",
+            format!("at most {REGISTER_ITEMS_MAX} are allowed"),
+        ));
+    }
+    for (key, value) in &register.labels {
+        validate_label(key, value).map_err(|e| invalid("labels", e))?;
+    }
+    for (field, text) in [
+        ("hostname", &register.hostname),
+        ("version", &register.version),
+    ] {
+        if text.chars().count() > REGISTER_TEXT_MAX_CHARS || text.chars().any(char::is_control) {
+            return Err(invalid(
+                field,
+                format!("at most {REGISTER_TEXT_MAX_CHARS} printable characters"),
+            ));
+        }
+    }
     let permitted_operations = register
         .permitted_operations
         .iter()
-        .map(|op| Operation::try_from(*op))
+        .enumerate()
+        .map(|(index, op)| {
+            Operation::try_from(*op)
+                .map_err(|e| invalid(&format!("permitted_operations[{index}]"), e.to_string()))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Registration {
         hostname: register.hostname,
@@ -261,4 +339,66 @@ fn registration_from_wire(register: proto::Register, peer: &str) -> Result<Regis
         permitted_operations,
         peer_address: peer.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register() -> proto::Register {
+        proto::Register {
+            agent_name: "db1".into(),
+            version: "0.1.0".into(),
+            hostname: "host".into(),
+            labels: [("env".to_string(), "prod".to_string())]
+                .into_iter()
+                .collect(),
+            instances: vec!["main".into()],
+            permitted_operations: vec![proto::Operation::Backup as i32],
+            probe_interval_seconds: 15,
+        }
+    }
+
+    fn check(change: impl FnOnce(&mut proto::Register), expected_field: Option<&str>) {
+        let mut message = register();
+        change(&mut message);
+        match (
+            registration_from_wire(message, "127.0.0.2:1"),
+            expected_field,
+        ) {
+            (Ok(_), None) => {}
+            (Err(status), Some(field)) => assert!(
+                status.message().contains(field),
+                "{} does not name {field}",
+                status.message()
+            ),
+            (result, expected) => panic!("expected an error naming {expected:?}, got {result:?}"),
+        }
+    }
+
+    #[test]
+    fn registrations_are_checked_field_by_field() {
+        check(|_| {}, None);
+        check(|r| r.instances = vec![], Some("register.instances"));
+        check(
+            |r| r.instances = vec!["main".into(), "bad\"name".into()],
+            Some("register.instances[1]"),
+        );
+        check(
+            |r| r.instances = vec!["x".into(); 65],
+            Some("register.instances"),
+        );
+        check(
+            |r| {
+                r.labels.insert("Bad Key".into(), "v".into());
+            },
+            Some("register.labels"),
+        );
+        check(|r| r.hostname = "a\nb".into(), Some("register.hostname"));
+        check(|r| r.version = "v".repeat(300), Some("register.version"));
+        check(
+            |r| r.permitted_operations = vec![1, 99],
+            Some("register.permitted_operations[1]"),
+        );
+    }
 }

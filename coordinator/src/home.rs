@@ -25,7 +25,6 @@ use ring::rand::SecureRandom;
 use crate::audit::{AuditEvent, Outcome};
 use crate::authority::record_operator_certificate;
 use crate::catalog::Catalog;
-use crate::clock::now_ms;
 use crate::config::FleetConfig;
 use crate::error::{CoordinatorError, Result};
 
@@ -122,20 +121,17 @@ async fn write_home(home: &Path, options: &InitOptions) -> Result<InitReport> {
     let catalog = Catalog::open_sqlite(&home.join("catalog.sqlite")).await?;
     record_operator_certificate(&catalog, &principal, &admin).await?;
     catalog
-        .append_audit(
-            &AuditEvent::new(
-                "cairn init",
-                "coordinator.init",
-                "coordinator",
-                Outcome::Success,
-                format!(
-                    "fleet CA sha256 {}, admin certificate serial {}",
-                    cairn_common::pki::ca_fingerprint(ca.ca_der()),
-                    admin.serial
-                ),
+        .append_audit(&AuditEvent::new(
+            "cairn init",
+            "coordinator.init",
+            "coordinator",
+            Outcome::Success,
+            format!(
+                "fleet CA sha256 {}, admin certificate serial {}",
+                cairn_common::pki::ca_fingerprint(ca.ca_der()),
+                admin.serial
             ),
-            now_ms(),
-        )
+        ))
         .await?;
     catalog.close().await;
 

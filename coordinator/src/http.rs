@@ -82,6 +82,23 @@ struct StandbyLabels {
     agent: String,
     instance: String,
     standby: String,
+    client_address: String,
+}
+
+/// Label values from PostgreSQL (a standby's `application_name` is set by
+/// whoever connects) are not validated names: keep them from breaking the
+/// exposition format, which prometheus-client writes without escaping.
+fn label_text(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c == '"' || c == '\\' || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .take(128)
+        .collect()
 }
 
 type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
@@ -149,6 +166,7 @@ async fn render_metrics(state: &HttpState) -> Result<String, crate::error::Coord
     let receiver_lag_bytes = Family::<InstanceLabels, Gauge>::default();
     let receiver_lag_seconds = Family::<InstanceLabels, FloatGauge>::default();
     let standby_lag_bytes = Family::<StandbyLabels, Gauge>::default();
+    let standby_lag_seconds = Family::<StandbyLabels, FloatGauge>::default();
     let disk_available = Family::<InstanceLabels, Gauge>::default();
     let disk_total = Family::<InstanceLabels, Gauge>::default();
     let connections = Family::<InstanceLabels, Gauge>::default();
@@ -181,13 +199,18 @@ async fn render_metrics(state: &HttpState) -> Result<String, crate::error::Coord
             }
         }
         for standby in &probe.standbys {
+            let labels = StandbyLabels {
+                agent: agent.clone(),
+                instance: probe.instance.clone(),
+                standby: label_text(&standby.application_name),
+                client_address: label_text(&standby.client_address),
+            };
             standby_lag_bytes
-                .get_or_create(&StandbyLabels {
-                    agent: agent.clone(),
-                    instance: probe.instance.clone(),
-                    standby: standby.application_name.clone(),
-                })
+                .get_or_create(&labels)
                 .set(saturating_i64(standby.replay_lag_bytes));
+            if let Some(seconds) = standby.replay_lag_seconds {
+                standby_lag_seconds.get_or_create(&labels).set(seconds);
+            }
         }
         if let Some(disk) = &probe.data_directory_disk {
             disk_available
@@ -238,6 +261,11 @@ async fn render_metrics(state: &HttpState) -> Result<String, crate::error::Coord
         "standby_replay_lag_bytes",
         "Primary's view of each standby: WAL not yet replayed there",
         standby_lag_bytes,
+    );
+    registry.register(
+        "standby_replay_lag_seconds",
+        "Primary's view of each standby: replay_lag",
+        standby_lag_seconds,
     );
     registry.register(
         "instance_disk_available_bytes",

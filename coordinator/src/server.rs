@@ -13,6 +13,7 @@ use cairn_common::proto::agent_gateway_server::AgentGatewayServer;
 use cairn_common::tls::{self, RevokedSerials, ServerTlsMaterial};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminService;
 use crate::audit::{AuditEvent, Outcome};
@@ -37,7 +38,10 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
 /// Runs the coordinator until `shutdown` fires (the binary wires SIGTERM).
 pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<()> {
     let catalog = Arc::new(Catalog::open_sqlite(&config.catalog.sqlite_path).await?);
-    let audit = AuditLog::new(catalog.clone());
+    // Background work (control-stream loops, detached audit appends) is
+    // tracked so shutdown can wait for it before closing the catalog.
+    let tasks = TaskTracker::new();
+    let audit = AuditLog::new(catalog.clone(), tasks.clone());
     let revoked = RevokedSerials::new(catalog.revoked_serials().await?);
 
     let ca_pem = read(&config.tls.ca_certificate, "the CA certificate")?;
@@ -106,7 +110,9 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         catalog: catalog.clone(),
         fleet: fleet.clone(),
         audit: audit.clone(),
+        revoked: revoked.clone(),
         probe_history: config.fleet.probe_history,
+        tasks: tasks.clone(),
     };
     let admin = AdminService {
         authority,
@@ -115,8 +121,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         audit: audit.clone(),
     };
 
-    let accept_stop = CancellationToken::new();
-    let incoming = tls::tls_incoming(grpc_listener, tls_config, accept_stop.clone());
+    let incoming = tls::tls_incoming(grpc_listener, tls_config, shutdown.clone());
     let grpc_shutdown = shutdown.clone();
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(SERVER_KEEPALIVE_INTERVAL))
@@ -130,7 +135,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
             agent_interceptor(revoked, audit.clone()),
         ))
         .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await });
-    let grpc = tokio::spawn(grpc);
+    let mut grpc = tokio::spawn(grpc);
 
     let http_state = HttpState {
         catalog: catalog.clone(),
@@ -138,7 +143,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         repository_path: config.repository.path.clone(),
     };
     let http_shutdown = shutdown.clone();
-    let http = tokio::spawn(async move {
+    let mut http = tokio::spawn(async move {
         axum::serve(http_listener, router(http_state))
             .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
             .await
@@ -159,17 +164,39 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         "coordinator ready"
     );
 
-    shutdown.cancelled().await;
+    // Either server ending on its own is a failure, not a reason to keep
+    // running half a coordinator.
+    let (mut grpc_done, mut http_done) = (false, false);
+    let early_exit = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        result = &mut grpc => {
+            grpc_done = true;
+            Some(format!("the gRPC server stopped: {result:?}"))
+        }
+        result = &mut http => {
+            http_done = true;
+            Some(format!("the HTTP server stopped: {result:?}"))
+        }
+    };
+    shutdown.cancel();
     tracing::info!("shutting down: no new connections, ending agent sessions");
-    accept_stop.cancel();
     let grace = config.server.shutdown_grace;
+    tasks.close();
     let finished = tokio::time::timeout(grace, async {
-        let _ = grpc.await;
-        let _ = http.await;
+        if !grpc_done {
+            let _ = (&mut grpc).await;
+        }
+        if !http_done {
+            let _ = (&mut http).await;
+        }
+        tasks.wait().await;
     })
     .await;
     if finished.is_err() {
-        tracing::warn!(grace = %humantime::format_duration(grace), "in-flight calls did not finish in time");
+        tracing::warn!(grace = %humantime::format_duration(grace), "in-flight work did not finish in time; abandoning it");
+        grpc.abort();
+        http.abort();
     }
     audit
         .record(AuditEvent::new(
@@ -181,5 +208,8 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         ))
         .await;
     catalog.close().await;
-    Ok(())
+    match early_exit {
+        Some(reason) => Err(CoordinatorError::Unavailable(reason)),
+        None => Ok(()),
+    }
 }

@@ -654,6 +654,10 @@ fn standby_and_primary_report_replication() {
             (probe["standbys"][0]["state"] == "streaming").then_some(probe)
         },
     );
+    let client_address = primary.psql(
+        "postgres",
+        "SELECT coalesce(host(client_addr), '') FROM pg_stat_replication",
+    );
     let application_name = primary.psql(
         "postgres",
         "SELECT application_name FROM pg_stat_replication",
@@ -684,7 +688,7 @@ fn standby_and_primary_report_replication() {
     checks.finish();
 
     let standby_lag_series = format!(
-        "cairn_standby_replay_lag_bytes{{agent=\"primary-db\",instance=\"main\",standby=\"{application_name}\"}}"
+        "cairn_standby_replay_lag_bytes{{agent=\"primary-db\",instance=\"main\",standby=\"{application_name}\",client_address=\"{client_address}\"}}"
     );
     let metrics = wait_for_metrics(
         &coordinator,

@@ -756,11 +756,17 @@ async fn enrollment_tokens_are_single_use_expire_and_enroll_only_their_agent() {
     let pg = PgCluster::start_in(&test_dir, "main");
     let coordinator = Coordinator::start(&test_dir);
 
-    // Single use: the first enrollment works, the second is refused.
+    // Single use: the first enrollment works; a second use is refused while
+    // the agent is enrolled, and still refused once it has been revoked.
     let token = coordinator.create_token("db1", "10m");
     let (first, first_dir) = enroll(&coordinator, &pg, &token, "db1", &[]);
     assert!(first.success(), "the first use of a token enrolls: {first}");
     assert!(first_dir.join("agent.toml").is_file());
+    let (again, again_dir) = enroll(&coordinator, &pg, &token, "db1-again", &[]);
+    check_enroll_refused(&coordinator, &again, &again_dir, "already enrolled");
+    coordinator
+        .cli(&["agents", "revoke", "db1"])
+        .assert_success();
     let (again, again_dir) = enroll(&coordinator, &pg, &token, "db1-again", &[]);
     check_enroll_refused(&coordinator, &again, &again_dir, "already used");
 

@@ -42,8 +42,11 @@ pub async fn connect(
 /// coordinator would not talk to this identity.
 pub fn explain(status: tonic::Status) -> anyhow::Error {
     use tonic::Code;
+    let transport_failure = std::error::Error::source(&status).is_some()
+        || status.code() == Code::Cancelled
+        || status.message().contains("transport error");
     match status.code() {
-        Code::Unknown | Code::Unavailable | Code::Cancelled => {
+        Code::Unknown | Code::Unavailable | Code::Cancelled if transport_failure => {
             let cause = tls::describe_transport_error(&status);
             anyhow!(
                 "the coordinator refused the connection ({cause}): check that --identity holds a valid, unrevoked certificate from this fleet's CA"

@@ -83,7 +83,7 @@ enum Command {
     Probe {
         /// Agent name.
         name: String,
-        /// How long to wait for the answer.
+        /// How long to wait for the answer (the coordinator allows at most 2m).
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
         #[command(flatten)]
@@ -160,7 +160,7 @@ enum OperatorsCommand {
         name: String,
         /// viewer (read only), operator (also runs work) or admin (also manages identity).
         #[arg(long)]
-        role: String,
+        role: cairn_common::identity::Role,
         /// Directory to create for ca.pem, cert.pem and key.pem.
         #[arg(long)]
         out: PathBuf,
@@ -212,6 +212,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             .await?;
             let config = report.config_file.display();
             let admin = report.admin_identity.display();
+            // The URL must use a name the server certificate carries.
+            let host = report
+                .server_names
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "127.0.0.1".into());
+            let url = if host.contains(':') {
+                format!("https://[{host}]:{}", grpc_listen.port())
+            } else {
+                format!("https://{host}:{}", grpc_listen.port())
+            };
+            if grpc_listen.ip().is_unspecified()
+                && report
+                    .server_names
+                    .iter()
+                    .all(|n| n == "localhost" || n == "127.0.0.1")
+            {
+                eprintln!(
+                    "warning: --grpc-listen {grpc_listen} accepts remote agents, but the server certificate only names localhost and 127.0.0.1: add --server-name HOST for the name agents will dial (re-run init in a new --dir)"
+                );
+            }
             println!("Created a coordinator home.");
             println!("  config:          {config}");
             println!("  admin identity:  {admin}");
@@ -220,10 +241,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             println!();
             println!("Next:");
             println!("  cairn serve --config {config}");
-            println!("  export CAIRN_COORDINATOR=https://{grpc_listen} CAIRN_IDENTITY={admin}");
+            println!("  export CAIRN_COORDINATOR={url} CAIRN_IDENTITY={admin}");
             println!("  cairn token create --agent db1 --ttl 1h");
             println!(
-                "  cairn-agent enroll --coordinator https://{grpc_listen} --token TOKEN --dir /var/lib/postgresql/cairn-agent --postgres 'host=/var/run/postgresql user=postgres'   # as user postgres"
+                "  cairn-agent enroll --coordinator {url} --token TOKEN --dir /var/lib/postgresql/cairn-agent --postgres 'host=/var/run/postgresql user=postgres'   # as user postgres"
             );
             Ok(0)
         }
@@ -243,6 +264,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             ttl,
             connection,
         }) => {
+            let agent = cairn_common::names::AgentName::new(agent)?.to_string();
             let response = connection
                 .admin()
                 .await?
@@ -315,7 +337,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                     println!("\nNo probes yet.");
                 } else {
                     println!(
-                        "\nLatest probe per instance ({} kept in history):",
+                        "\nLatest probe per instance (history: {} probes in all; --output json lists them):",
                         probes.len()
                     );
                     println!("{}", output::probes_table(&latest));
@@ -418,7 +440,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             connection,
         }) => {
             let name = OperatorName::new(name)?;
-            let role: cairn_common::identity::Role = role.parse()?;
             if out.exists() {
                 bail!(
                     "{} already exists: choose a new --out directory",
