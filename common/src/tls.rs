@@ -100,10 +100,6 @@ impl RevokedSerials {
     }
 }
 
-/// Called with the serial of each certificate refused as revoked at the
-/// handshake, so the coordinator can audit it.
-pub type RevokedCallback = Arc<dyn Fn(&str) + Send + Sync>;
-
 /// The fleet CA's WebPKI verifier (chain, validity period, signatures), plus
 /// the revocation set. Client certificates are optional at the handshake so
 /// that an agent can enroll with only its token; every RPC that needs an
@@ -111,7 +107,6 @@ pub type RevokedCallback = Arc<dyn Fn(&str) + Send + Sync>;
 struct RevocationAwareVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     revoked: RevokedSerials,
-    on_revoked: Option<RevokedCallback>,
 }
 
 impl std::fmt::Debug for RevocationAwareVerifier {
@@ -146,9 +141,6 @@ impl ClientCertVerifier for RevocationAwareVerifier {
         let serial = certificate_serial(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         if self.revoked.contains(&serial) {
-            if let Some(callback) = &self.on_revoked {
-                callback(&serial);
-            }
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }
         Ok(verified)
@@ -192,7 +184,6 @@ pub struct ServerTlsMaterial {
 pub fn server_config(
     material: &ServerTlsMaterial,
     revoked: RevokedSerials,
-    on_revoked: Option<RevokedCallback>,
 ) -> Result<Arc<ServerConfig>, Error> {
     let provider = provider();
     let roots = Arc::new(root_store(&material.ca_pem)?);
@@ -200,11 +191,7 @@ pub fn server_config(
         .allow_unauthenticated()
         .build()
         .map_err(|e| Error::Tls(format!("client verifier: {e}")))?;
-    let verifier = Arc::new(RevocationAwareVerifier {
-        inner,
-        revoked,
-        on_revoked,
-    });
+    let verifier = Arc::new(RevocationAwareVerifier { inner, revoked });
     let mut chain = parse_certificates(&material.certificate_pem, "server certificate")?;
     chain.extend(parse_certificates(&material.ca_pem, "CA certificate")?);
     let key = parse_private_key(&material.key_pem, "server key")?;
@@ -330,14 +317,19 @@ impl ServerCertVerifier for PinnedCaVerifier {
     }
 }
 
+/// Called with the peer and the reason of each refused or failed handshake.
+pub type HandshakeRefusedCallback = Arc<dyn Fn(SocketAddr, &str) + Send + Sync>;
+
 /// Accepts TCP connections, runs each TLS handshake in its own task (so a
 /// slow client cannot stall the others), and yields the completed streams for
 /// `tonic::transport::Server::serve_with_incoming`. A refused handshake is
-/// logged and dropped. The stream ends when `shutdown` fires.
+/// logged, reported to `on_refused` and dropped. The stream ends when
+/// `shutdown` fires.
 pub fn tls_incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     shutdown: CancellationToken,
+    on_refused: Option<HandshakeRefusedCallback>,
 ) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>> {
     let (sender, receiver) = mpsc::channel(ACCEPT_QUEUE_LEN);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -358,6 +350,7 @@ pub fn tls_incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let sender = sender.clone();
+            let on_refused = on_refused.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
@@ -365,6 +358,9 @@ pub fn tls_incoming(
                     }
                     Ok(Err(error)) => {
                         tracing::info!(%peer, %error, "TLS handshake refused");
+                        if let Some(callback) = &on_refused {
+                            callback(peer, &error.to_string());
+                        }
                     }
                     Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
                 }

@@ -254,4 +254,19 @@ impl Admin for AdminService {
             ca_pem: self.authority.ca_pem().to_string(),
         }))
     }
+
+    async fn revoke_operator(
+        &self,
+        request: Request<proto::RevokeOperatorRequest>,
+    ) -> Result<Response<proto::RevokeOperatorResponse>, Status> {
+        let identity = require_role(&request, Role::Admin, &self.audit, "operator.revoke").await?;
+        let name = request.into_inner().name;
+        let revoked_serials = self
+            .authority
+            .revoke_operator(&identity.principal.to_string(), &name)
+            .await?;
+        Ok(Response::new(proto::RevokeOperatorResponse {
+            revoked_serials,
+        }))
+    }
 }

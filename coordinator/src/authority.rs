@@ -309,6 +309,36 @@ impl Authority {
     }
 }
 
+impl Authority {
+    /// Revokes an operator's certificates; they are refused from the next
+    /// call on.
+    pub async fn revoke_operator(&self, actor: &str, name: &str) -> Result<Vec<String>> {
+        let name = OperatorName::new(name)?;
+        let serials = self
+            .catalog
+            .revoke_operator(name.as_str(), now_ms())
+            .await?;
+        if serials.is_empty() {
+            return Err(CoordinatorError::NotFound(format!(
+                "operator \"{name}\" has no unrevoked certificate"
+            )));
+        }
+        for serial in &serials {
+            self.revoked.insert(serial.clone());
+        }
+        self.audit
+            .record_strict(AuditEvent::new(
+                actor,
+                "operator.revoke",
+                format!("operator:{name}"),
+                Outcome::Success,
+                format!("revoked serials {}", serials.join(",")),
+            ))
+            .await?;
+        Ok(serials)
+    }
+}
+
 /// Remembers an operator certificate so that it can be revoked by serial.
 pub async fn record_operator_certificate(
     catalog: &Catalog,

@@ -352,6 +352,27 @@ impl Catalog {
         Ok(serials)
     }
 
+    /// Revokes every unrevoked certificate of an operator; returns their
+    /// serials (empty if there were none).
+    pub async fn revoke_operator(&self, name: &str, now: i64) -> Result<Vec<String>> {
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let serials: Vec<String> = sqlx::query_scalar(
+            "SELECT serial FROM certificates WHERE kind = 'operator' AND name = ? AND revoked_at IS NULL",
+        )
+        .bind(name)
+        .fetch_all(&mut *transaction)
+        .await?;
+        sqlx::query(
+            "UPDATE certificates SET revoked_at = ? WHERE kind = 'operator' AND name = ? AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(name)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(serials)
+    }
+
     pub async fn revoked_serials(&self) -> Result<Vec<String>> {
         Ok(
             sqlx::query_scalar("SELECT serial FROM certificates WHERE revoked_at IS NOT NULL")

@@ -3,9 +3,13 @@
 //! down in order on SIGTERM: stop accepting, end agent sessions, wait for
 //! in-flight calls up to `server.shutdown_grace`, close the catalog.
 
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
+use std::time::Instant;
 
 use cairn_common::pki::CertificateAuthority;
 use cairn_common::proto::admin_server::AdminServer;
@@ -29,6 +33,38 @@ use crate::http::{HttpState, router};
 
 const SERVER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const SERVER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// At most one audit row per peer address per this interval for refused
+/// handshakes, so a scanner cannot flood the audit log.
+const HANDSHAKE_AUDIT_INTERVAL: Duration = Duration::from_secs(60);
+/// Peers remembered for that rate limit before old ones are forgotten.
+const HANDSHAKE_AUDIT_PEERS_MAX: usize = 4096;
+
+/// Audits refused TLS handshakes (another CA, expired, revoked, garbage),
+/// rate-limited per peer address.
+fn handshake_refusal_auditor(audit: AuditLog) -> tls::HandshakeRefusedCallback {
+    let last_audited: Mutex<HashMap<IpAddr, Instant>> = Mutex::new(HashMap::new());
+    Arc::new(move |peer: SocketAddr, reason: &str| {
+        let mut last = last_audited.lock().unwrap_or_else(|e| e.into_inner());
+        if last
+            .get(&peer.ip())
+            .is_some_and(|at| at.elapsed() < HANDSHAKE_AUDIT_INTERVAL)
+        {
+            return;
+        }
+        if last.len() >= HANDSHAKE_AUDIT_PEERS_MAX {
+            last.retain(|_, at| at.elapsed() < HANDSHAKE_AUDIT_INTERVAL);
+        }
+        last.insert(peer.ip(), Instant::now());
+        audit.record_detached(AuditEvent::new(
+            format!("peer@{peer}"),
+            "tls.handshake",
+            "coordinator",
+            Outcome::Refused,
+            format!("TLS handshake refused: {reason}"),
+        ));
+    })
+}
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path)
@@ -55,19 +91,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         certificate_pem: read(&config.tls.server_certificate, "the server certificate")?,
         key_pem: read(&config.tls.server_key, "the server key")?,
     };
-    let on_revoked: tls::RevokedCallback = {
-        let audit = audit.clone();
-        Arc::new(move |serial: &str| {
-            audit.record_detached(AuditEvent::new(
-                format!("certificate:{serial}"),
-                "tls.handshake",
-                "coordinator",
-                Outcome::Refused,
-                "revoked certificate",
-            ));
-        })
-    };
-    let tls_config = tls::server_config(&material, revoked.clone(), Some(on_revoked))?;
+    let tls_config = tls::server_config(&material, revoked.clone())?;
 
     let fleet = Arc::new(Fleet::new(
         config.fleet.heartbeat_interval,
@@ -121,7 +145,12 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         audit: audit.clone(),
     };
 
-    let incoming = tls::tls_incoming(grpc_listener, tls_config, shutdown.clone());
+    let incoming = tls::tls_incoming(
+        grpc_listener,
+        tls_config,
+        shutdown.clone(),
+        Some(handshake_refusal_auditor(audit.clone())),
+    );
     let grpc_shutdown = shutdown.clone();
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(SERVER_KEEPALIVE_INTERVAL))

@@ -406,6 +406,20 @@ async fn admin_api_refuses_missing_foreign_and_expired_client_certificates() {
         anonymous.contains("Unauthenticated") && anonymous.contains("client certificate"),
         "an anonymous caller is not told a certificate is required: {anonymous}"
     );
+
+    // The handshake refusals (foreign CA, expired) are audited, at most once
+    // a minute per peer address; the anonymous calls at the RPC.
+    let events = tokio::task::spawn_blocking(move || audit_events(&coordinator))
+        .await
+        .unwrap();
+    let refused = |action: &str| {
+        events
+            .iter()
+            .filter(|e| e["action"] == action && e["outcome"] == "refused")
+            .count()
+    };
+    assert_eq!(refused("tls.handshake"), 1, "{events:#?}");
+    assert!(refused("admin.call") >= 2, "{events:#?}");
 }
 
 /// Runs `cairn agents list --identity DIR`: with `expected` None it must
@@ -1230,4 +1244,52 @@ fn no_secret_appears_in_logs_json_output_or_the_catalog() {
         }
     }
     assert!(leaks.is_empty(), "secrets leaked:\n{}", leaks.join("\n"));
+}
+
+#[test]
+fn a_revoked_operator_is_refused_from_its_next_call() {
+    let test_dir = TestDir::new("operator_revoke");
+    let coordinator = Coordinator::start(&test_dir);
+    let viewer_dir = test_dir.path().join("viewer");
+    let viewer = viewer_dir.to_str().unwrap();
+    coordinator
+        .cli(&[
+            "operators",
+            "issue",
+            "--name",
+            "carol",
+            "--role",
+            "viewer",
+            "--out",
+            viewer,
+        ])
+        .assert_success();
+    let as_viewer = |args: &[&str]| {
+        let mut args = args.to_vec();
+        args.extend(["--identity", viewer]);
+        coordinator.cli(&args)
+    };
+    as_viewer(&["agents", "list"]).assert_success();
+
+    // A viewer cannot revoke anyone; an admin can, without a restart.
+    as_viewer(&["operators", "revoke", "carol"]).assert_failure();
+    let revoked = coordinator.cli_json(&["operators", "revoke", "carol"]);
+    assert_eq!(
+        revoked["revoked_serials"].as_array().map(Vec::len),
+        Some(1),
+        "{revoked}"
+    );
+    let refused = as_viewer(&["agents", "list"]).assert_failure();
+    assert!(refused.stderr.contains("refused"), "{refused}");
+    coordinator.cli(&["agents", "list"]).assert_success();
+
+    let again = coordinator
+        .cli(&["operators", "revoke", "carol"])
+        .assert_failure();
+    assert!(again.stderr.contains("no unrevoked certificate"), "{again}");
+    let events = audit_events(&coordinator);
+    assert!(
+        last_event(&events, "operator.revoke", "operator:carol").is_some(),
+        "{events:#?}"
+    );
 }

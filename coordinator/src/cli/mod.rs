@@ -167,6 +167,13 @@ enum OperatorsCommand {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Revoke every certificate of an operator; refused from its next call on (role: admin).
+    Revoke {
+        /// Operator name.
+        name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
 }
 
 fn parse_ttl(text: &str) -> Result<Duration, String> {
@@ -433,6 +440,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(if report.ok { 0 } else { 1 })
         }
+        Command::Operators(OperatorsCommand::Revoke { name, connection }) => {
+            revoke_operator(name, connection).await
+        }
         Command::Operators(OperatorsCommand::Issue {
             name,
             role,
@@ -476,6 +486,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+async fn revoke_operator(name: String, connection: Connection) -> anyhow::Result<i32> {
+    let name = OperatorName::new(name)?;
+    let response = connection
+        .admin()
+        .await?
+        .revoke_operator(proto::RevokeOperatorRequest {
+            name: name.to_string(),
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    if connection.json() {
+        print_json(&serde_json::json!({
+            "operator": name,
+            "revoked_serials": response.revoked_serials,
+        }))?;
+    } else {
+        println!(
+            "Revoked {} certificate(s) of operator {name}: refused from now on.",
+            response.revoked_serials.len()
+        );
+    }
+    Ok(0)
 }
 
 fn probes_from_wire(probes: Vec<proto::InstanceProbe>) -> Vec<InstanceProbe> {
