@@ -11,7 +11,7 @@ use std::time::Duration;
 use cairn_common::config::{load_toml, resolve};
 use cairn_common::model::Operation;
 use cairn_common::names::{AgentName, InstanceName, validate_label};
-use cairn_common::tls::CoordinatorUrl;
+use cairn_common::tls::{CoordinatorUrl, IdentityPaths};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{AgentError, Result};
@@ -78,24 +78,6 @@ fn default_probe_interval() -> Duration {
 
 fn default_reconnect_max_backoff() -> Duration {
     DEFAULT_RECONNECT_MAX_BACKOFF
-}
-
-/// Identity files, resolved.
-#[derive(Debug, Clone)]
-pub struct IdentityPaths {
-    pub ca: PathBuf,
-    pub certificate: PathBuf,
-    pub key: PathBuf,
-}
-
-impl IdentityPaths {
-    pub fn in_dir(dir: &Path) -> Self {
-        IdentityPaths {
-            ca: dir.join("ca.pem"),
-            certificate: dir.join("cert.pem"),
-            key: dir.join("key.pem"),
-        }
-    }
 }
 
 impl AgentConfig {

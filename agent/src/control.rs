@@ -43,15 +43,7 @@ enum SessionEnd {
 /// Runs until `shutdown` fires.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let config = Arc::new(config);
-    let identity = config.identity();
-    let read = |path: &std::path::Path| {
-        std::fs::read(path)
-            .map_err(|e| AgentError::io(format!("cannot read {}", path.display()), e))
-    };
-    let tls_config = tls::client_config(
-        &read(&identity.ca)?,
-        Some((&read(&identity.certificate)?, &read(&identity.key)?)),
-    )?;
+    let tls_config = config.identity().client_config()?;
     let url = config.coordinator_url()?;
     // backon's jitter adds up to 100% on top of the delay, so the delay
     // itself is capped at half of the configured longest wait.

@@ -17,12 +17,11 @@ use cairn_common::model::Operation;
 use cairn_common::names::{AgentName, InstanceName};
 use cairn_common::pki::{ca_fingerprint, generate_key_and_csr};
 use cairn_common::proto::{self, agent_gateway_client::AgentGatewayClient};
-use cairn_common::tls::{self, CoordinatorUrl, parse_certificates};
+use cairn_common::tls::{self, CoordinatorUrl, IdentityPaths, parse_certificates};
 use cairn_common::token::EnrollmentToken;
 
 use crate::config::{
-    AgentConfig, DEFAULT_RECONNECT_MAX_BACKOFF, IdentityPaths, InstanceConfig,
-    PROBE_INTERVAL_RANGE, Permissions,
+    AgentConfig, DEFAULT_RECONNECT_MAX_BACKOFF, InstanceConfig, PROBE_INTERVAL_RANGE, Permissions,
 };
 use crate::error::{AgentError, Result};
 use crate::postgres::{self, ConnectionString};

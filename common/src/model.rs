@@ -69,6 +69,40 @@ impl TryFrom<i32> for Operation {
     }
 }
 
+impl From<crate::identity::Role> for proto::OperatorRole {
+    fn from(role: crate::identity::Role) -> Self {
+        match role {
+            crate::identity::Role::Viewer => proto::OperatorRole::Viewer,
+            crate::identity::Role::Operator => proto::OperatorRole::Operator,
+            crate::identity::Role::Admin => proto::OperatorRole::Admin,
+        }
+    }
+}
+
+/// The operator role carried in a request's `role` field.
+pub fn role_from_wire(value: i32) -> Result<crate::identity::Role, Error> {
+    match proto::OperatorRole::try_from(value) {
+        Ok(proto::OperatorRole::Viewer) => Ok(crate::identity::Role::Viewer),
+        Ok(proto::OperatorRole::Operator) => Ok(crate::identity::Role::Operator),
+        Ok(proto::OperatorRole::Admin) => Ok(crate::identity::Role::Admin),
+        _ => Err(Error::protocol("role", "use viewer, operator or admin")),
+    }
+}
+
+/// Converts received probes, dropping (and logging) any that are invalid.
+pub fn probes_from_wire(probes: Vec<proto::InstanceProbe>) -> Vec<InstanceProbe> {
+    probes
+        .into_iter()
+        .filter_map(|probe| match InstanceProbe::try_from(probe) {
+            Ok(probe) => Some(probe),
+            Err(error) => {
+                tracing::warn!(%error, "dropping an invalid probe");
+                None
+            }
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReplicationRole {

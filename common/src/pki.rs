@@ -222,14 +222,20 @@ fn distinguished_name(common_name: &str) -> DistinguishedName {
     name
 }
 
-fn random_serial() -> Result<SerialNumber, Error> {
-    let mut bytes = [0u8; 16];
+/// `len` bytes from the operating system's random source.
+pub fn random_bytes(len: usize) -> Result<Vec<u8>, Error> {
+    let mut bytes = vec![0u8; len];
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| Error::Certificate("the system random source failed".into()))?;
+    Ok(bytes)
+}
+
+fn random_serial() -> Result<SerialNumber, Error> {
+    let mut bytes = random_bytes(16)?;
     // A positive INTEGER: clear the top bit, and never start with a zero byte.
     bytes[0] = (bytes[0] & 0x7f) | 0x10;
-    Ok(SerialNumber::from(bytes.to_vec()))
+    Ok(SerialNumber::from(bytes))
 }
 
 fn certificate_error(error: rcgen::Error) -> Error {

@@ -231,6 +231,37 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// The files of a client identity directory (an operator's, or an agent's
+/// `identity/`): `ca.pem`, `cert.pem`, `key.pem` (0600).
+#[derive(Debug, Clone)]
+pub struct IdentityPaths {
+    pub ca: std::path::PathBuf,
+    pub certificate: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+impl IdentityPaths {
+    pub fn in_dir(dir: &std::path::Path) -> Self {
+        IdentityPaths {
+            ca: dir.join("ca.pem"),
+            certificate: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        }
+    }
+
+    /// The client config that trusts this identity's CA and presents its
+    /// certificate; a missing file is named in the error.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, Error> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))
+        };
+        client_config(
+            &read(&self.ca)?,
+            Some((&read(&self.certificate)?, &read(&self.key)?)),
+        )
+    }
+}
+
 /// The client config an enrolling agent uses: it trusts no CA yet, only a
 /// SHA-256 pin of one. The server must send the CA in its chain; the chain is
 /// then verified with that CA as the only root, names and dates included.

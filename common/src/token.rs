@@ -7,8 +7,6 @@
 //! discovery). The whole token is a secret: never logged, never printed in
 //! JSON output other than `token create`'s own answer.
 
-use ring::rand::SecureRandom;
-
 use crate::Error;
 use crate::names::AgentName;
 
@@ -91,11 +89,7 @@ impl EnrollmentToken {
 }
 
 fn random_hex(len: usize) -> Result<String, Error> {
-    let mut bytes = vec![0u8; len];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| Error::Certificate("the system random source failed".into()))?;
-    Ok(hex::encode(bytes))
+    Ok(hex::encode(crate::pki::random_bytes(len)?))
 }
 
 #[cfg(test)]

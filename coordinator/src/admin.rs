@@ -230,16 +230,7 @@ impl Admin for AdminService {
     ) -> Result<Response<proto::IssueOperatorCertificateResponse>, Status> {
         let identity = require_role(&request, Role::Admin, &self.audit, "operator.issue").await?;
         let body = request.into_inner();
-        let role = match proto::OperatorRole::try_from(body.role) {
-            Ok(proto::OperatorRole::Viewer) => Role::Viewer,
-            Ok(proto::OperatorRole::Operator) => Role::Operator,
-            Ok(proto::OperatorRole::Admin) => Role::Admin,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "role: use viewer, operator or admin",
-                ));
-            }
-        };
+        let role = cairn_common::model::role_from_wire(body.role)?;
         let issued = self
             .authority
             .issue_operator(

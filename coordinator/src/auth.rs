@@ -4,8 +4,6 @@
 //! revocation bites without waiting for a reconnect), refuses agents on the
 //! Admin service and operators on the AgentGateway, and checks roles.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use cairn_common::identity::{Identity, Principal, Role};
 use cairn_common::names::AgentName;
 use cairn_common::tls::RevokedSerials;
@@ -29,18 +27,12 @@ pub enum Caller {
     Operator(Identity),
 }
 
-fn peer_of<T>(request: &Request<T>) -> String {
+/// The caller's address, for audit rows and logs.
+pub fn peer_of<T>(request: &Request<T>) -> String {
     request
         .remote_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|| "unknown".into())
-}
-
-fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// Reads and checks the peer certificate, if any.
@@ -58,7 +50,7 @@ fn identify<T>(request: &Request<T>, revoked: &RevokedSerials) -> Result<Option<
             identity.serial, identity.principal
         ));
     }
-    if identity.not_after_unix < now_unix() {
+    if identity.not_after_unix < crate::clock::now_ms() / 1000 {
         return Err(format!("certificate of {} has expired", identity.principal));
     }
     Ok(Some(identity))

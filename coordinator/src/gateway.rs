@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_common::model::{InstanceProbe, Operation};
+use cairn_common::model::{InstanceProbe, Operation, probes_from_wire};
 use cairn_common::names::{InstanceName, validate_label};
 use cairn_common::proto::{self, agent_message, coordinator_message};
 use cairn_common::tls::RevokedSerials;
@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use crate::audit::{AuditEvent, Outcome};
 use crate::audit_log::AuditLog;
-use crate::auth::{Caller, caller};
+use crate::auth::{Caller, caller, peer_of};
 use crate::authority::Authority;
 use crate::catalog::{Catalog, Registration};
 use crate::clock::now_ms;
@@ -50,10 +50,7 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
         &self,
         request: Request<proto::EnrollRequest>,
     ) -> Result<Response<proto::EnrollResponse>, Status> {
-        let peer = request
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let peer = peer_of(&request);
         let body = request.into_inner();
         let issued = self
             .authority
@@ -80,10 +77,7 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                 "the control stream needs an agent certificate: enroll first (cairn-agent enroll)",
             ));
         };
-        let peer = request
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let peer = peer_of(&request);
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
@@ -207,7 +201,7 @@ impl Gateway {
         match message.body {
             Some(agent_message::Body::Heartbeat(_)) => {}
             Some(agent_message::Body::ProbeReport(result)) => {
-                let probes = probes_from_wire(result);
+                let probes = probes_from_wire(result.instances);
                 self.store_probes(agent, &probes).await;
             }
             Some(agent_message::Body::CommandResult(result)) => {
@@ -239,7 +233,7 @@ impl Gateway {
     ) -> CommandOutcome {
         match &result.outcome {
             Some(proto::command_result::Outcome::Probe(probe)) => {
-                let probes = probes_from_wire(probe.clone());
+                let probes = probes_from_wire(probe.instances.clone());
                 self.store_probes(agent, &probes).await;
                 CommandOutcome::Probe(probes)
             }
@@ -265,20 +259,6 @@ impl Gateway {
             None => CommandOutcome::Error("the agent sent an empty command result".into()),
         }
     }
-}
-
-fn probes_from_wire(result: proto::ProbeResult) -> Vec<InstanceProbe> {
-    result
-        .instances
-        .into_iter()
-        .filter_map(|probe| match InstanceProbe::try_from(probe) {
-            Ok(probe) => Some(probe),
-            Err(error) => {
-                tracing::warn!(%error, "dropping an invalid probe");
-                None
-            }
-        })
-        .collect()
 }
 
 /// Most instances and labels one agent may register.

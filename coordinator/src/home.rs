@@ -20,7 +20,6 @@ use cairn_common::config::{StagedDirectory, write_file_atomic};
 use cairn_common::identity::{Principal, Role};
 use cairn_common::names::OperatorName;
 use cairn_common::pki::{CertificateAuthority, generate_key_and_csr};
-use ring::rand::SecureRandom;
 
 use crate::audit::{AuditEvent, Outcome};
 use crate::authority::record_operator_certificate;
@@ -89,10 +88,7 @@ async fn write_home(home: &Path, options: &InitOptions) -> Result<InitReport> {
     write(&home.join("tls/server.pem"), server.pem.as_bytes(), 0o644)?;
     write(&home.join("tls/server.key"), server_key.as_bytes(), 0o600)?;
 
-    let mut master_key = [0u8; MASTER_KEY_BYTES];
-    ring::rand::SystemRandom::new()
-        .fill(&mut master_key)
-        .map_err(|_| CoordinatorError::Unavailable("the system random source failed".into()))?;
+    let master_key = cairn_common::pki::random_bytes(MASTER_KEY_BYTES)?;
     write(
         &home.join("master.key"),
         format!("{}\n", hex::encode(master_key)).as_bytes(),

@@ -14,19 +14,9 @@ pub async fn connect(
     identity_dir: &Path,
 ) -> anyhow::Result<AdminClient<Channel>> {
     let url = CoordinatorUrl::parse(coordinator)?;
-    let read = |file: &str| {
-        let path = identity_dir.join(file);
-        std::fs::read(&path).with_context(|| {
-            format!(
-                "cannot read {} (--identity must be a directory with ca.pem, cert.pem and key.pem, e.g. HOME/admin from cairn init)",
-                path.display()
-            )
-        })
-    };
-    let ca = read("ca.pem")?;
-    let certificate = read("cert.pem")?;
-    let key = read("key.pem")?;
-    let config = tls::client_config(&ca, Some((&certificate, &key)))?;
+    let config = tls::IdentityPaths::in_dir(identity_dir)
+        .client_config()
+        .context("--identity must be a directory with ca.pem, cert.pem and key.pem, e.g. HOME/admin from cairn init")?;
     let channel = tls::connect(&url, config, None).await.map_err(|e| {
         anyhow!("{e}: check --coordinator (or CAIRN_COORDINATOR) and that `cairn serve` runs there")
     })?;

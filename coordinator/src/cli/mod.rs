@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use cairn_common::model::InstanceProbe;
+use cairn_common::model::{InstanceProbe, probes_from_wire};
 use cairn_common::names::OperatorName;
 use cairn_common::pki::generate_key_and_csr;
 use cairn_common::proto;
@@ -462,11 +462,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .await?
                 .issue_operator_certificate(proto::IssueOperatorCertificateRequest {
                     name: name.to_string(),
-                    role: match role {
-                        cairn_common::identity::Role::Viewer => proto::OperatorRole::Viewer,
-                        cairn_common::identity::Role::Operator => proto::OperatorRole::Operator,
-                        cairn_common::identity::Role::Admin => proto::OperatorRole::Admin,
-                    } as i32,
+                    role: proto::OperatorRole::from(role) as i32,
                     csr_pem: request.csr_pem.clone(),
                 })
                 .await
@@ -511,13 +507,6 @@ async fn revoke_operator(name: String, connection: Connection) -> anyhow::Result
         );
     }
     Ok(0)
-}
-
-fn probes_from_wire(probes: Vec<proto::InstanceProbe>) -> Vec<InstanceProbe> {
-    probes
-        .into_iter()
-        .filter_map(|p| InstanceProbe::try_from(p).ok())
-        .collect()
 }
 
 /// Writes an identity directory whole or not at all.

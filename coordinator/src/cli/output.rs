@@ -223,7 +223,16 @@ pub fn probes_table(probes: &[InstanceProbe]) -> Table {
             (None, false) => p
                 .standbys
                 .iter()
-                .map(|s| format!("{}: {}", s.application_name, bytes(s.replay_lag_bytes)))
+                .map(|s| {
+                    format!(
+                        "{}: {} / {}",
+                        s.application_name,
+                        bytes(s.replay_lag_bytes),
+                        s.replay_lag_seconds
+                            .map(|t| format!("{t:.1}s"))
+                            .unwrap_or_else(|| "-".into())
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(", "),
             (None, true) => "-".into(),
