@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_common::model::{InstanceProbe, Operation, probes_from_wire};
-use cairn_common::names::{InstanceName, validate_label};
+use cairn_common::names::{AgentName, InstanceName, validate_label};
 use cairn_common::proto::{self, agent_message, coordinator_message};
 use cairn_common::tls::RevokedSerials;
 use tokio::sync::mpsc;
@@ -95,16 +95,9 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                 "register names agent {:?} but the certificate is for \"{agent}\"",
                 register.agent_name
             );
-            self.audit
-                .record(AuditEvent::new(
-                    format!("agent:{agent}"),
-                    "agent.connect",
-                    agent.as_str(),
-                    Outcome::Refused,
-                    message.clone(),
-                ))
-                .await;
-            return Err(Status::permission_denied(message));
+            return Err(self
+                .refuse_connect(&agent, Status::permission_denied(message))
+                .await);
         }
         let registration = registration_from_wire(register, &peer)?;
         let current = self
@@ -115,16 +108,9 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
             let message = format!(
                 "certificate {serial} is not agent \"{agent}\"'s current certificate: it was revoked or replaced"
             );
-            self.audit
-                .record(AuditEvent::new(
-                    format!("agent:{agent}"),
-                    "agent.connect",
-                    agent.as_str(),
-                    Outcome::Refused,
-                    message.clone(),
-                ))
-                .await;
-            return Err(Status::unauthenticated(message));
+            return Err(self
+                .refuse_connect(&agent, Status::unauthenticated(message))
+                .await);
         }
         let (sender, receiver) = mpsc::channel(CONTROL_QUEUE_LEN);
         let heartbeat_interval_ms = self.fleet.heartbeat_interval().as_millis() as u32;
@@ -141,9 +127,10 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
         // no session to close; close it here instead.
         if self.revoked.contains(&serial) {
             self.fleet.detach(agent.as_str(), session);
-            return Err(Status::unauthenticated(format!(
-                "certificate {serial} of agent \"{agent}\" is revoked"
-            )));
+            let message = format!("certificate {serial} of agent \"{agent}\" is revoked");
+            return Err(self
+                .refuse_connect(&agent, Status::unauthenticated(message))
+                .await);
         }
         self.audit
             .record(AuditEvent::new(
@@ -196,6 +183,20 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
 }
 
 impl Gateway {
+    /// Audits a refused control stream and returns the status to send.
+    async fn refuse_connect(&self, agent: &AgentName, status: Status) -> Status {
+        self.audit
+            .record(AuditEvent::new(
+                format!("agent:{agent}"),
+                "agent.connect",
+                agent.as_str(),
+                Outcome::Refused,
+                status.message(),
+            ))
+            .await;
+        status
+    }
+
     async fn handle(&self, agent: &str, session: u64, message: proto::AgentMessage) {
         self.fleet.heartbeat(agent, session);
         match message.body {
