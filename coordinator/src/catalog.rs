@@ -393,9 +393,8 @@ impl Catalog {
     ) -> Result<()> {
         let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for probe in probes {
-            let result = serde_json::to_string(probe).map_err(|e| {
-                CoordinatorError::InvalidArgument(format!("probe not serialisable: {e}"))
-            })?;
+            let result = serde_json::to_string(probe)
+                .map_err(|e| CoordinatorError::Internal(format!("probe not serialisable: {e}")))?;
             sqlx::query(
                 "INSERT INTO probes (agent_name, instance, probed_at, received_at, result) VALUES (?, ?, ?, ?, ?)",
             )

@@ -17,6 +17,9 @@ pub enum CoordinatorError {
     Unavailable(String),
     #[error("{0}")]
     Timeout(String),
+    /// A bug or an impossible state; details go to the log.
+    #[error("{0}")]
+    Internal(String),
     #[error("catalog: {0}")]
     Catalog(#[from] sqlx::Error),
     #[error("catalog migration: {0}")]

@@ -289,9 +289,8 @@ async fn render_metrics(state: &HttpState) -> Result<String, crate::error::Coord
         archiver_failed,
     );
     let mut text = String::new();
-    encode(&mut text, &registry).map_err(|e| {
-        crate::error::CoordinatorError::InvalidArgument(format!("metrics encoding: {e}"))
-    })?;
+    encode(&mut text, &registry)
+        .map_err(|e| crate::error::CoordinatorError::Internal(format!("metrics encoding: {e}")))?;
     Ok(text)
 }
 
