@@ -6,7 +6,9 @@
 //! The wire stays at the edge: only [`proto`] and the conversions in
 //! [`model`] see prost types.
 
+pub mod chunk;
 pub mod config;
+pub mod crypto;
 pub mod error;
 pub mod identity;
 pub mod model;
