@@ -211,6 +211,30 @@ impl CoordinatorConfig {
     }
 }
 
+impl CoordinatorConfig {
+    /// Reads the master key file (64 hex digits).
+    pub fn master_key(&self) -> Result<cairn_common::crypto::SecretKey, CommonError> {
+        let text = std::fs::read_to_string(&self.keys.master_key_file).map_err(|e| {
+            CommonError::io(
+                format!(
+                    "cannot read keys.master_key_file {}",
+                    self.keys.master_key_file.display()
+                ),
+                e,
+            )
+        })?;
+        cairn_common::crypto::SecretKey::from_hex(&text).map_err(|_| {
+            CommonError::invalid(
+                "keys.master_key_file",
+                format!(
+                    "{} must hold 64 hex digits",
+                    self.keys.master_key_file.display()
+                ),
+            )
+        })
+    }
+}
+
 /// A secret file must exist and be readable by its owner only.
 pub fn check_secret_file(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;

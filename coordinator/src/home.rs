@@ -21,11 +21,14 @@ use cairn_common::identity::{Principal, Role};
 use cairn_common::names::OperatorName;
 use cairn_common::pki::{CertificateAuthority, generate_key_and_csr};
 
+use cairn_common::crypto::SecretKey;
+
 use crate::audit::{AuditEvent, Outcome};
 use crate::authority::record_operator_certificate;
 use crate::catalog::Catalog;
 use crate::config::FleetConfig;
 use crate::error::{CoordinatorError, Result};
+use crate::repository::{LocalStore, Repository, Store};
 
 #[derive(Debug, Clone)]
 pub struct InitOptions {
@@ -43,8 +46,6 @@ pub struct InitReport {
     pub ca_fingerprint: String,
     pub server_names: Vec<String>,
 }
-
-const MASTER_KEY_BYTES: usize = 32;
 
 pub async fn init(options: &InitOptions) -> Result<InitReport> {
     if options.grpc_listen == options.http_listen {
@@ -88,12 +89,18 @@ async fn write_home(home: &Path, options: &InitOptions) -> Result<InitReport> {
     write(&home.join("tls/server.pem"), server.pem.as_bytes(), 0o644)?;
     write(&home.join("tls/server.key"), server_key.as_bytes(), 0o600)?;
 
-    let master_key = cairn_common::pki::random_bytes(MASTER_KEY_BYTES)?;
+    let master_key = SecretKey::generate()?;
     write(
         &home.join("master.key"),
-        format!("{}\n", hex::encode(master_key)).as_bytes(),
+        format!("{}\n", master_key.expose_hex()).as_bytes(),
         0o600,
     )?;
+    let repository = Repository::create(
+        Store::Local(LocalStore::new(home.join("repository"))),
+        &master_key,
+    )
+    .await
+    .map_err(|e| CoordinatorError::Unavailable(format!("cannot create the repository: {e}")))?;
 
     let fleet = FleetConfig::default();
     let principal = Principal::Operator {
@@ -123,9 +130,11 @@ async fn write_home(home: &Path, options: &InitOptions) -> Result<InitReport> {
             "coordinator",
             Outcome::Success,
             format!(
-                "fleet CA sha256 {}, admin certificate serial {}",
+                "fleet CA sha256 {}, admin certificate serial {}, repository {}, master key {}",
                 cairn_common::pki::ca_fingerprint(ca.ca_der()),
-                admin.serial
+                admin.serial,
+                repository.id(),
+                master_key.key_id()
             ),
         ))
         .await?;

@@ -16,6 +16,7 @@ pub mod fleet;
 pub mod gateway;
 pub mod home;
 pub mod http;
+pub mod repository;
 pub mod server;
 
 pub use error::{CoordinatorError, Result};

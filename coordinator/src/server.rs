@@ -30,6 +30,7 @@ use crate::error::{CoordinatorError, Result};
 use crate::fleet::Fleet;
 use crate::gateway::Gateway;
 use crate::http::{HttpState, router};
+use crate::repository::{LocalStore, Repository, Store};
 
 const SERVER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const SERVER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -74,6 +75,15 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
 /// Runs the coordinator until `shutdown` fires (the binary wires SIGTERM).
 pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<()> {
     let catalog = Arc::new(Catalog::open_sqlite(&config.catalog.sqlite_path).await?);
+    // The repository must open with the master key before anything is
+    // served: a wrong key is a startup error, not a failed backup later.
+    let repository = Repository::open(
+        Store::Local(LocalStore::new(config.repository.path.clone())),
+        &config.master_key()?,
+    )
+    .await
+    .map_err(|e| CoordinatorError::Unavailable(format!("repository: {e}")))?;
+    tracing::info!(repository = repository.id(), store = %repository.store.describe(), "repository open");
     // Background work (control-stream loops, detached audit appends) is
     // tracked so shutdown can wait for it before closing the catalog.
     let tasks = TaskTracker::new();

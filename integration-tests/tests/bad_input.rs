@@ -180,6 +180,17 @@ fn bad_coordinator_config_fails_at_startup_naming_file_and_key() {
     check_one_line_error(&output, &["keys.master_key_file", "chmod 600"]);
     std::fs::set_permissions(&master_key, std::fs::Permissions::from_mode(0o600)).unwrap();
 
+    // Another master key cannot open the repository: a startup error that
+    // names both keys, never a failed backup later.
+    let right_key = std::fs::read(&master_key).unwrap();
+    std::fs::write(&master_key, format!("{}\n", "ab".repeat(32))).unwrap();
+    let output = serve_with_config(&coordinator, &path);
+    check_one_line_error(&output, &["repository", "master key"]);
+    std::fs::write(&master_key, "not hex\n").unwrap();
+    let output = serve_with_config(&coordinator, &path);
+    check_one_line_error(&output, &["keys.master_key_file", "64 hex digits"]);
+    std::fs::write(&master_key, right_key).unwrap();
+
     // Put right, it serves again.
     coordinator.start_again();
 }

@@ -1,0 +1,202 @@
+//! A repository in a local directory. Each object is written to a
+//! temporary name in its final directory, fsynced, renamed into place, and
+//! the directory fsynced: a crash leaves either the whole object or none
+//! (plus, at worst, a `.tmp-` file that listings skip).
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+
+use super::{ObjectKey, RepositoryError, Result};
+
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+const TEMPORARY_PREFIX: &str = ".tmp-";
+
+impl LocalStore {
+    pub fn new(root: PathBuf) -> LocalStore {
+        LocalStore { root }
+    }
+
+    pub fn describe(&self) -> String {
+        format!("local repository {}", self.root.display())
+    }
+
+    fn path(&self, key: &ObjectKey) -> PathBuf {
+        // ObjectKey admits no absolute paths and no `..`.
+        self.root.join(key.as_str())
+    }
+
+    fn io(key: &ObjectKey, source: std::io::Error) -> RepositoryError {
+        RepositoryError::Io {
+            key: key.to_string(),
+            source,
+        }
+    }
+
+    pub async fn put(&self, key: &ObjectKey, bytes: Bytes) -> Result<()> {
+        let path = self.path(key);
+        let dir = path
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.root.clone());
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| Self::io(key, e))?;
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let unique = hex::encode(
+            cairn_common::pki::random_bytes(8)
+                .map_err(|e| RepositoryError::Invalid(e.to_string()))?,
+        );
+        let temporary = dir.join(format!("{TEMPORARY_PREFIX}{file_name}.{unique}"));
+        let written = async {
+            let mut file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&temporary)
+                .await?;
+            file.write_all(&bytes).await?;
+            file.sync_all().await?;
+            drop(file);
+            tokio::fs::rename(&temporary, &path).await?;
+            tokio::fs::File::open(&dir).await?.sync_all().await
+        }
+        .await;
+        if let Err(error) = written {
+            let _ = tokio::fs::remove_file(&temporary).await;
+            return Err(Self::io(key, error));
+        }
+        Ok(())
+    }
+
+    pub async fn get(&self, key: &ObjectKey) -> Result<Bytes> {
+        match tokio::fs::read(self.path(key)).await {
+            Ok(bytes) => Ok(Bytes::from(bytes)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                Err(RepositoryError::NotFound(key.to_string()))
+            }
+            Err(error) => Err(Self::io(key, error)),
+        }
+    }
+
+    pub async fn exists(&self, key: &ObjectKey) -> Result<bool> {
+        tokio::fs::try_exists(self.path(key))
+            .await
+            .map_err(|e| Self::io(key, e))
+    }
+
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectKey>> {
+        let mut keys = Vec::new();
+        let mut pending = vec![self.root.join(prefix.trim_end_matches('/'))];
+        while let Some(dir) = pending.pop() {
+            let mut entries = match tokio::fs::read_dir(&dir).await {
+                Ok(entries) => entries,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => {
+                    return Err(RepositoryError::Io {
+                        key: prefix.to_string(),
+                        source: error,
+                    });
+                }
+            };
+            while let Some(entry) = entries
+                .next_entry()
+                .await
+                .map_err(|e| RepositoryError::Io {
+                    key: prefix.to_string(),
+                    source: e,
+                })?
+            {
+                let path = entry.path();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(TEMPORARY_PREFIX) || name.starts_with('.') {
+                    continue;
+                }
+                let file_type = entry.file_type().await.map_err(|e| RepositoryError::Io {
+                    key: prefix.to_string(),
+                    source: e,
+                })?;
+                if file_type.is_dir() {
+                    pending.push(path);
+                } else if let Ok(relative) = path.strip_prefix(&self.root)
+                    && let Ok(key) = ObjectKey::new(relative.to_string_lossy().into_owned())
+                {
+                    keys.push(key);
+                }
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    pub async fn delete(&self, key: &ObjectKey) -> Result<()> {
+        match tokio::fs::remove_file(self.path(key)).await {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(Self::io(key, error)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn put_get_list_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().to_path_buf());
+        let key = |k: &str| ObjectKey::new(k).unwrap();
+        store
+            .put(&key("chunks/ab/ab01"), Bytes::from_static(b"one"))
+            .await
+            .unwrap();
+        store
+            .put(&key("chunks/cd/cd02"), Bytes::from_static(b"two"))
+            .await
+            .unwrap();
+        store
+            .put(&key("manifests/b1"), Bytes::from_static(b"m"))
+            .await
+            .unwrap();
+        // A crash's leftover is not an object.
+        std::fs::write(dir.path().join("chunks/ab/.tmp-ab03.x"), b"partial").unwrap();
+
+        assert_eq!(
+            store.get(&key("chunks/ab/ab01")).await.unwrap(),
+            Bytes::from_static(b"one")
+        );
+        assert!(matches!(
+            store.get(&key("chunks/ab/nope")).await,
+            Err(RepositoryError::NotFound(_))
+        ));
+        let listed: Vec<String> = store
+            .list("chunks/")
+            .await
+            .unwrap()
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+        assert_eq!(listed, ["chunks/ab/ab01", "chunks/cd/cd02"]);
+        assert!(store.list("nothing/").await.unwrap().is_empty());
+
+        store
+            .put(&key("chunks/ab/ab01"), Bytes::from_static(b"new"))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get(&key("chunks/ab/ab01")).await.unwrap(),
+            Bytes::from_static(b"new")
+        );
+        store.delete(&key("chunks/ab/ab01")).await.unwrap();
+        assert!(!store.exists(&key("chunks/ab/ab01")).await.unwrap());
+        store.delete(&key("chunks/ab/ab01")).await.unwrap();
+    }
+}
