@@ -21,7 +21,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
+use tonic::transport::Channel;
 
+use crate::backup::RunningJobs;
 use crate::config::AgentConfig;
 use crate::dispatch;
 use crate::error::{AgentError, Result};
@@ -53,6 +55,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<()>
         .with_jitter()
         .without_max_times();
     let mut backoff = backoff_builder.build();
+    let jobs = Arc::new(RunningJobs::default());
     loop {
         let mut registered_at = None;
         let result = session(
@@ -61,6 +64,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<()>
             tls_config.clone(),
             &shutdown,
             &mut registered_at,
+            &jobs,
         )
         .await;
         // Only a session that stayed up resets the backoff: two hosts that
@@ -117,6 +121,7 @@ async fn open_session(
     url: &tls::CoordinatorUrl,
     tls_config: Arc<rustls::ClientConfig>,
 ) -> Result<(
+    Channel,
     Streaming<proto::CoordinatorMessage>,
     mpsc::Sender<proto::AgentMessage>,
     Duration,
@@ -128,7 +133,7 @@ async fn open_session(
     let channel = tls::connect(url, tls_config, config.source_address)
         .await
         .map_err(|e| unreachable(e.to_string()))?;
-    let mut client = AgentGatewayClient::new(channel);
+    let mut client = AgentGatewayClient::new(channel.clone());
     let (outbound, outbound_receiver) = mpsc::channel(OUTBOUND_QUEUE_LEN);
     outbound
         .send(register_message(config))
@@ -145,6 +150,7 @@ async fn open_session(
         .map_err(|status| unreachable(describe(&status)))?;
     match first.and_then(|m| m.body) {
         Some(coordinator_message::Body::Registered(registered)) => Ok((
+            channel,
             inbound,
             outbound,
             Duration::from_millis(u64::from(registered.heartbeat_interval_ms).max(100)),
@@ -163,6 +169,7 @@ async fn session(
     tls_config: Arc<rustls::ClientConfig>,
     shutdown: &CancellationToken,
     registered_at: &mut Option<Instant>,
+    jobs: &Arc<RunningJobs>,
 ) -> Result<SessionEnd> {
     let unreachable = |reason: String| AgentError::CoordinatorUnreachable {
         url: url.to_string(),
@@ -172,7 +179,7 @@ async fn session(
         _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         opened = tokio::time::timeout(SESSION_SETUP_TIMEOUT, open_session(config, url, tls_config)) => opened,
     };
-    let (mut inbound, outbound, heartbeat_interval) = opened.map_err(|_| {
+    let (channel, mut inbound, outbound, heartbeat_interval) = opened.map_err(|_| {
         unreachable(format!(
             "no registration within {}",
             humantime::format_duration(SESSION_SETUP_TIMEOUT)
@@ -189,6 +196,11 @@ async fn session(
     let mut probe_timer = tokio::time::interval(config.probe_interval);
     probe_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sequence = 0u64;
+    let context = dispatch::Context {
+        config: config.clone(),
+        channel,
+        jobs: jobs.clone(),
+    };
     let probe_running = Arc::new(AtomicBool::new(false));
     let session_cancel = shutdown.child_token();
     let _cancel_on_exit = session_cancel.clone().drop_guard();
@@ -225,9 +237,9 @@ async fn session(
             message = inbound.message() => {
                 match message {
                     Ok(Some(proto::CoordinatorMessage { body: Some(coordinator_message::Body::Command(command)) })) => {
-                        let config = config.clone();
+                        let context = context.clone();
                         send_in_background(&session_cancel, &outbound, async move {
-                            agent_message::Body::CommandResult(dispatch::execute(&config, command).await)
+                            agent_message::Body::CommandResult(dispatch::execute(&context, command).await)
                         });
                     }
                     Ok(Some(_)) => tracing::warn!("ignoring an unexpected message on the control stream"),

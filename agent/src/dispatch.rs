@@ -9,8 +9,18 @@ use cairn_common::model::Operation;
 use cairn_common::proto::{self, command, command_result};
 use tracing::Instrument;
 
+use crate::backup::{self, RunningJobs};
 use crate::config::AgentConfig;
 use crate::postgres;
+
+/// What commands run with: the config, the channel to the coordinator (for
+/// a job's own data stream) and the running jobs (for cancellation).
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub config: std::sync::Arc<AgentConfig>,
+    pub channel: tonic::transport::Channel,
+    pub jobs: std::sync::Arc<RunningJobs>,
+}
 
 /// How long one instance's probe may take.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -18,7 +28,7 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The operation a command needs, if any (probes need none).
 fn required_operation(kind: &command::Kind) -> Option<Operation> {
     match kind {
-        command::Kind::Probe(_) => None,
+        command::Kind::Probe(_) | command::Kind::Cancel(_) => None,
         command::Kind::Backup(_) => Some(Operation::Backup),
         command::Kind::Restore(_) => Some(Operation::Restore),
         command::Kind::Replica(_) => Some(Operation::Replica),
@@ -27,7 +37,8 @@ fn required_operation(kind: &command::Kind) -> Option<Operation> {
 }
 
 /// Runs one command and returns its result message.
-pub async fn execute(config: &AgentConfig, command: proto::Command) -> proto::CommandResult {
+pub async fn execute(context: &Context, command: proto::Command) -> proto::CommandResult {
+    let config = context.config.as_ref();
     let span = tracing::info_span!("command", command_id = %command.command_id);
     let command_id = command.command_id.clone();
     let outcome = async {
@@ -57,6 +68,24 @@ pub async fn execute(config: &AgentConfig, command: proto::Command) -> proto::Co
         match kind {
             command::Kind::Probe(probe) => {
                 command_result::Outcome::Probe(probe_instances(config, &probe.instances).await)
+            }
+            command::Kind::Backup(backup_command) => {
+                let job_id = backup_command.job_id.clone();
+                let span = tracing::info_span!("job", job_id = %job_id, database = %backup_command.database);
+                match backup::run(config, context.channel.clone(), &context.jobs, backup_command)
+                    .instrument(span)
+                    .await
+                {
+                    Ok(()) => command_result::Outcome::JobDone(proto::JobDone { job_id }),
+                    Err(error) => command_result::Outcome::Error(error),
+                }
+            }
+            command::Kind::Cancel(cancel) => {
+                if context.jobs.cancel(&cancel.job_id) {
+                    command_result::Outcome::JobDone(proto::JobDone { job_id: cancel.job_id })
+                } else {
+                    command_result::Outcome::Error(format!("no running job {}", cancel.job_id))
+                }
             }
             other => command_result::Outcome::Error(format!(
                 "{} is permitted here but not supported by cairn-agent {}",
@@ -127,8 +156,16 @@ mod tests {
         }
     }
 
+    fn context(allow: &str) -> Context {
+        Context {
+            config: std::sync::Arc::new(config(allow)),
+            channel: tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
+            jobs: Default::default(),
+        }
+    }
+
     async fn check(allow: &str, kind: command::Kind, expect_refused: bool) {
-        let result = execute(&config(allow), command(kind.clone())).await;
+        let result = execute(&context(allow), command(kind.clone())).await;
         assert_eq!(result.command_id, "c1");
         let refused = matches!(result.outcome, Some(command_result::Outcome::Refused(_)));
         assert_eq!(
@@ -155,7 +192,7 @@ mod tests {
     #[tokio::test]
     async fn probes_are_always_allowed() {
         let result = execute(
-            &config(""),
+            &context(""),
             command(command::Kind::Probe(proto::ProbeCommand::default())),
         )
         .await;

@@ -3,9 +3,11 @@
 //! control stream to the coordinator (`control`) and executes what its own
 //! config permits (`dispatch`). Only `postgres` talks to PostgreSQL.
 
+pub mod backup;
 pub mod config;
 pub mod control;
 pub mod dispatch;
+pub mod dump;
 pub mod enroll;
 pub mod error;
 pub mod postgres;

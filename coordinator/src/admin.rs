@@ -12,8 +12,9 @@ use crate::audit::{AuditEvent, Outcome, verify};
 use crate::audit_log::AuditLog;
 use crate::auth::require_role;
 use crate::authority::Authority;
-use crate::catalog::{AgentRecord, Catalog};
+use crate::catalog::{AgentRecord, BackupRecord, Catalog, JobRecord};
 use crate::fleet::{CommandOutcome, Fleet};
+use crate::jobs::{BackupRequest, Jobs};
 
 const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -25,6 +26,56 @@ pub struct AdminService {
     pub catalog: Arc<Catalog>,
     pub fleet: Arc<Fleet>,
     pub audit: AuditLog,
+    pub jobs: Arc<Jobs>,
+}
+
+fn job_to_wire(job: JobRecord) -> proto::Job {
+    let status = match job.status.as_str() {
+        "running" => proto::JobStatus::Running,
+        "succeeded" => proto::JobStatus::Succeeded,
+        "failed" => proto::JobStatus::Failed,
+        "cancelled" => proto::JobStatus::Cancelled,
+        _ => proto::JobStatus::Unspecified,
+    };
+    let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
+    proto::Job {
+        id: job.id,
+        kind: job.kind,
+        agent_name: job.agent_name,
+        instance: job.instance,
+        database: job.database,
+        status: status as i32,
+        error: job.error,
+        backup_id: job.backup_id,
+        started_at_unix_ms: job.started_at,
+        finished_at_unix_ms: job.finished_at.unwrap_or(0),
+        bytes_read: unsigned(job.bytes_read),
+        bytes_uploaded: unsigned(job.bytes_uploaded),
+        chunks: unsigned(job.chunks),
+        created_by: job.created_by,
+    }
+}
+
+fn backup_to_wire(backup: BackupRecord) -> proto::Backup {
+    let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
+    proto::Backup {
+        tags: backup.tags().into_iter().collect(),
+        id: backup.id,
+        agent_name: backup.agent_name,
+        instance: backup.instance,
+        database: backup.database,
+        server_version: backup.server_version,
+        pg_dump_version: backup.pg_dump_version,
+        started_at_unix_ms: backup.started_at,
+        finished_at_unix_ms: backup.finished_at.unwrap_or(0),
+        logical_bytes: unsigned(backup.logical_bytes),
+        new_stored_bytes: unsigned(backup.new_stored_bytes),
+        referenced_bytes: unsigned(backup.referenced_bytes),
+        chunk_count: unsigned(backup.chunk_count),
+        new_chunk_count: unsigned(backup.new_chunk_count),
+        database_bytes: unsigned(backup.database_bytes),
+        job_id: backup.job_id,
+    }
 }
 
 impl AdminService {
@@ -160,6 +211,7 @@ impl Admin for AdminService {
             }
             Ok(CommandOutcome::Refused { reason, .. }) => (Outcome::Refused, reason.clone()),
             Ok(CommandOutcome::Error(error)) => (Outcome::Failed, error.clone()),
+            Ok(CommandOutcome::JobDone) => (Outcome::Failed, "unexpected answer".to_string()),
             Err(error) => (Outcome::Failed, error.to_string()),
         };
         self.audit
@@ -179,6 +231,7 @@ impl Admin for AdminService {
             })),
             CommandOutcome::Refused { reason, .. } => Err(Status::permission_denied(reason)),
             CommandOutcome::Error(error) => Err(Status::internal(error)),
+            CommandOutcome::JobDone => Err(Status::internal("the agent answered a probe as a job")),
         }
     }
 
@@ -259,5 +312,106 @@ impl Admin for AdminService {
         Ok(Response::new(proto::RevokeOperatorResponse {
             revoked_serials,
         }))
+    }
+
+    async fn start_backup(
+        &self,
+        request: Request<proto::StartBackupRequest>,
+    ) -> Result<Response<proto::StartBackupResponse>, Status> {
+        let identity = require_role(&request, Role::Operator, &self.audit, "backup.start").await?;
+        let body = request.into_inner();
+        let jobs = self
+            .jobs
+            .start_backup(
+                &identity.principal.to_string(),
+                BackupRequest {
+                    agent: body.agent_name,
+                    instance: body.instance,
+                    database: (!body.database.is_empty()).then_some(body.database),
+                    all_databases: body.all_databases,
+                    tags: body.tags.into_iter().collect(),
+                },
+            )
+            .await?;
+        Ok(Response::new(proto::StartBackupResponse {
+            jobs: jobs.into_iter().map(job_to_wire).collect(),
+        }))
+    }
+
+    async fn list_backups(
+        &self,
+        request: Request<proto::ListBackupsRequest>,
+    ) -> Result<Response<proto::ListBackupsResponse>, Status> {
+        require_role(&request, Role::Viewer, &self.audit, "backups.list").await?;
+        let body = request.into_inner();
+        let backups = self
+            .catalog
+            .list_backups(
+                (!body.agent_name.is_empty()).then_some(body.agent_name.as_str()),
+                (!body.database.is_empty()).then_some(body.database.as_str()),
+            )
+            .await?;
+        Ok(Response::new(proto::ListBackupsResponse {
+            backups: backups.into_iter().map(backup_to_wire).collect(),
+        }))
+    }
+
+    async fn get_backup(
+        &self,
+        request: Request<proto::GetBackupRequest>,
+    ) -> Result<Response<proto::Backup>, Status> {
+        require_role(&request, Role::Viewer, &self.audit, "backups.show").await?;
+        let id = request.into_inner().backup_id;
+        let backup = self
+            .catalog
+            .get_backup(&id)
+            .await?
+            .filter(|b| b.status == "complete")
+            .ok_or_else(|| {
+                Status::not_found(format!("no complete backup {id}: see cairn backups list"))
+            })?;
+        Ok(Response::new(backup_to_wire(backup)))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<proto::ListJobsRequest>,
+    ) -> Result<Response<proto::ListJobsResponse>, Status> {
+        require_role(&request, Role::Viewer, &self.audit, "jobs.list").await?;
+        let limit = match request.into_inner().limit {
+            0 => 50,
+            n => n.min(1000),
+        };
+        let jobs = self.catalog.list_jobs(limit).await?;
+        Ok(Response::new(proto::ListJobsResponse {
+            jobs: jobs.into_iter().map(job_to_wire).collect(),
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<proto::GetJobRequest>,
+    ) -> Result<Response<proto::Job>, Status> {
+        require_role(&request, Role::Viewer, &self.audit, "jobs.show").await?;
+        let id = request.into_inner().job_id;
+        let job = self
+            .catalog
+            .get_job(&id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no job {id}: see cairn jobs list")))?;
+        Ok(Response::new(job_to_wire(job)))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<proto::CancelJobRequest>,
+    ) -> Result<Response<proto::Job>, Status> {
+        let identity = require_role(&request, Role::Operator, &self.audit, "job.cancel").await?;
+        let id = request.into_inner().job_id;
+        let job = self
+            .jobs
+            .cancel(&identity.principal.to_string(), &id)
+            .await?;
+        Ok(Response::new(job_to_wire(job)))
     }
 }

@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 use cairn_common::Error as CommonError;
 use cairn_common::config::{load_toml, resolve};
 
+use crate::repository::{
+    LocalStore, S3Credentials, S3Settings, S3Store, Store, normalize_s3_prefix,
+};
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorConfig {
@@ -22,6 +26,27 @@ pub struct CoordinatorConfig {
     pub keys: KeysConfig,
     #[serde(default)]
     pub fleet: FleetConfig,
+    #[serde(default)]
+    pub backup: BackupConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// zstd level for chunks (0 stores them uncompressed). Level 1 keeps
+    /// up with a PostgreSQL backend serving COPY; level 3 halves the rate.
+    pub zstd_level: i32,
+    /// Whether the globals dump keeps role passwords (hashes).
+    pub include_role_passwords: bool,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            zstd_level: 1,
+            include_role_passwords: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,14 +83,310 @@ pub struct CatalogConfig {
 #[serde(rename_all = "lowercase")]
 pub enum RepositoryKind {
     Local,
+    S3,
 }
 
+/// `[repository]`: `kind = "local"` takes `path`; `kind = "s3"` takes
+/// `bucket` and the optional S3 keys below (their defaults are in the
+/// accessors and in [`S3Settings::new`]). Keys of the other kind are refused
+/// by `validate()`, so the S3 keys are options here.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RepositoryConfig {
     pub kind: RepositoryKind,
-    /// For `kind = "local"`: the directory that holds the repository.
+    /// For `kind = "local"`: the directory that holds the repository
+    /// (empty when not given).
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub path: PathBuf,
+    /// For `kind = "s3"`: the bucket (required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+    /// Key prefix inside the bucket; default "" (the bucket's root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Default "us-east-1".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// `http(s)://host[:port]` of an S3-compatible store (MinIO, on-premise);
+    /// default: AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`); default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_style: Option<bool>,
+    /// Static credentials: the access key id here and the secret in a 0600
+    /// file, never inline. Without them, `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN` are read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// A PEM file of the CAs that sign the endpoint's TLS certificate; when
+    /// set, only these are trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<PathBuf>,
+    /// Requests in flight at once, 1..=64; default 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_requests: Option<u32>,
+    /// Bounds each request with its retries; default 60s.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub request_timeout: Option<Duration>,
+}
+
+fn path_is_empty(path: &Path) -> bool {
+    path.as_os_str().is_empty()
+}
+
+pub const DEFAULT_S3_REGION: &str = "us-east-1";
+pub const DEFAULT_S3_MAX_CONCURRENT_REQUESTS: u32 = 8;
+pub const DEFAULT_S3_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl RepositoryConfig {
+    /// The S3 keys that are set, by name, for refusing them on a local
+    /// repository.
+    fn s3_keys_set(&self) -> Vec<&'static str> {
+        [
+            ("bucket", self.bucket.is_some()),
+            ("prefix", self.prefix.is_some()),
+            ("region", self.region.is_some()),
+            ("endpoint", self.endpoint.is_some()),
+            ("path_style", self.path_style.is_some()),
+            ("access_key_id", self.access_key_id.is_some()),
+            (
+                "secret_access_key_file",
+                self.secret_access_key_file.is_some(),
+            ),
+            ("ca_bundle", self.ca_bundle.is_some()),
+            (
+                "max_concurrent_requests",
+                self.max_concurrent_requests.is_some(),
+            ),
+            ("request_timeout", self.request_timeout.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
+
+    fn resolve_paths(&mut self, file: &Path) {
+        if !path_is_empty(&self.path) {
+            self.path = resolve(file, &self.path);
+        }
+        for path in [&mut self.secret_access_key_file, &mut self.ca_bundle]
+            .into_iter()
+            .flatten()
+        {
+            *path = resolve(file, path);
+        }
+    }
+
+    /// The checks that need no file system: which keys go with which kind,
+    /// and their values. Returns the key and the message.
+    fn check_shape(&self) -> Result<(), (String, String)> {
+        let fail = |key: &str, message: String| Err((format!("repository.{key}"), message));
+        match self.kind {
+            RepositoryKind::Local => {
+                if let Some(key) = self.s3_keys_set().first() {
+                    return fail(key, "only for kind = \"s3\", not \"local\"".into());
+                }
+                if path_is_empty(&self.path) {
+                    return fail("path", "required for kind = \"local\"".into());
+                }
+            }
+            RepositoryKind::S3 => {
+                if !path_is_empty(&self.path) {
+                    return fail(
+                        "path",
+                        "only for kind = \"local\"; an S3 repository takes bucket and prefix"
+                            .into(),
+                    );
+                }
+                let Some(bucket) = &self.bucket else {
+                    return fail("bucket", "required for kind = \"s3\"".into());
+                };
+                check_bucket_name(bucket).map_err(|m| ("repository.bucket".to_string(), m))?;
+                if let Some(prefix) = &self.prefix {
+                    normalize_s3_prefix(prefix)
+                        .map_err(|e| ("repository.prefix".to_string(), e.to_string()))?;
+                }
+                if let Some(region) = &self.region {
+                    let valid = !region.is_empty()
+                        && region.len() <= 64
+                        && region
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+                    if !valid {
+                        return fail(
+                            "region",
+                            format!("{region:?} is not a region name (like us-east-1)"),
+                        );
+                    }
+                }
+                if let Some(endpoint) = &self.endpoint {
+                    check_endpoint(endpoint).map_err(|m| ("repository.endpoint".to_string(), m))?;
+                }
+                match (&self.access_key_id, &self.secret_access_key_file) {
+                    (Some(id), Some(_)) if id.trim().is_empty() => {
+                        return fail("access_key_id", "must not be empty".into());
+                    }
+                    (Some(_), None) => {
+                        return fail(
+                            "secret_access_key_file",
+                            "required with repository.access_key_id (the secret lives in a 0600 file, never in this file)"
+                                .into(),
+                        );
+                    }
+                    (None, Some(_)) => {
+                        return fail(
+                            "access_key_id",
+                            "required with repository.secret_access_key_file".into(),
+                        );
+                    }
+                    _ => {}
+                }
+                if let Some(requests) = self.max_concurrent_requests
+                    && !(1..=64).contains(&requests)
+                {
+                    return fail("max_concurrent_requests", "must be between 1 and 64".into());
+                }
+                if let Some(timeout) = self.request_timeout
+                    && (timeout < Duration::from_secs(1) || timeout > Duration::from_secs(3600))
+                {
+                    return fail("request_timeout", "must be between 1s and 1h".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The checks on files: the local directory, the secret file's mode,
+    /// the CA bundle.
+    fn check_files(&self) -> Result<(), (String, String)> {
+        let fail = |key: &str, message: String| Err((format!("repository.{key}"), message));
+        match self.kind {
+            RepositoryKind::Local => {
+                if !self.path.is_dir() {
+                    return fail(
+                        "path",
+                        format!("{} is not a directory", self.path.display()),
+                    );
+                }
+            }
+            RepositoryKind::S3 => {
+                if let Some(path) = &self.secret_access_key_file {
+                    check_secret_file(path)
+                        .map_err(|m| ("repository.secret_access_key_file".to_string(), m))?;
+                }
+                if let Some(path) = &self.ca_bundle
+                    && !path.is_file()
+                {
+                    return fail("ca_bundle", format!("{} does not exist", path.display()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The S3 settings, defaults filled in, the secret read from its file
+    /// (or the credentials from the environment).
+    pub fn s3_settings(&self) -> Result<S3Settings, CommonError> {
+        let Some(bucket) = &self.bucket else {
+            return Err(CommonError::invalid(
+                "repository.bucket",
+                "required for kind = \"s3\"",
+            ));
+        };
+        let credentials = match (&self.access_key_id, &self.secret_access_key_file) {
+            (Some(id), Some(file)) => {
+                let secret = std::fs::read_to_string(file).map_err(|e| {
+                    CommonError::io(
+                        format!(
+                            "cannot read repository.secret_access_key_file {}",
+                            file.display()
+                        ),
+                        e,
+                    )
+                })?;
+                let secret = secret.trim();
+                if secret.is_empty() {
+                    return Err(CommonError::invalid(
+                        "repository.secret_access_key_file",
+                        format!("{} is empty", file.display()),
+                    ));
+                }
+                S3Credentials::new(id.trim(), secret, None)
+            }
+            _ => S3Credentials::from_env()
+                .map_err(|e| CommonError::invalid("repository.access_key_id", e.to_string()))?,
+        };
+        let mut settings = S3Settings::new(bucket.clone(), credentials);
+        settings.prefix = self.prefix.clone().unwrap_or_default();
+        settings.region = self
+            .region
+            .clone()
+            .unwrap_or_else(|| DEFAULT_S3_REGION.to_string());
+        settings.endpoint = self.endpoint.clone();
+        settings.path_style = self.path_style.unwrap_or(false);
+        settings.ca_bundle = self.ca_bundle.clone();
+        settings.max_concurrent_requests =
+            self.max_concurrent_requests
+                .unwrap_or(DEFAULT_S3_MAX_CONCURRENT_REQUESTS) as usize;
+        settings.request_timeout = self.request_timeout.unwrap_or(DEFAULT_S3_REQUEST_TIMEOUT);
+        Ok(settings)
+    }
+
+    /// The store this section describes. Sends no request.
+    pub fn open_store(&self) -> Result<Store, CommonError> {
+        match self.kind {
+            RepositoryKind::Local => Ok(Store::Local(LocalStore::new(self.path.clone()))),
+            RepositoryKind::S3 => S3Store::new(self.s3_settings()?)
+                .map(Store::S3)
+                .map_err(|e| CommonError::invalid("repository", e.to_string())),
+        }
+    }
+}
+
+/// S3's bucket naming rules: 3 to 63 characters of `[a-z0-9.-]`, starting
+/// and ending with a letter or digit.
+fn check_bucket_name(bucket: &str) -> Result<(), String> {
+    let bytes = bucket.as_bytes();
+    let valid = (3..=63).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b".-".contains(b))
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+        && !bucket.contains("..");
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{bucket:?} is not a bucket name: 3 to 63 characters of a-z, 0-9, `.` and `-`, starting and ending with a letter or digit"
+        ))
+    }
+}
+
+/// An endpoint is an `http://` or `https://` URL with a host and nothing
+/// after it but an optional `/`.
+fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    let bad = || {
+        format!(
+            "{endpoint:?} is not an endpoint URL like https://s3.example.com or http://127.0.0.1:9000"
+        )
+    };
+    let uri: axum::http::Uri = endpoint.parse().map_err(|_| bad())?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    let host_ok = uri.host().is_some_and(|h| !h.is_empty());
+    let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
+    if scheme_ok && host_ok && path_ok {
+        Ok(())
+    } else {
+        Err(bad())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -127,11 +448,11 @@ impl CoordinatorConfig {
             &mut self.tls.server_certificate,
             &mut self.tls.server_key,
             &mut self.catalog.sqlite_path,
-            &mut self.repository.path,
             &mut self.keys.master_key_file,
         ] {
             *path = resolve(file, path);
         }
+        self.repository.resolve_paths(file);
     }
 
     /// Cross-field and environment checks, each naming the key.
@@ -172,6 +493,12 @@ impl CoordinatorConfig {
         if fleet.max_token_ttl < MIN_TOKEN_TTL {
             return Err(fail("fleet.max_token_ttl", "must be at least 1m".into()));
         }
+        if !(0..=19).contains(&self.backup.zstd_level) {
+            return Err(fail(
+                "backup.zstd_level",
+                "must be between 0 (off) and 19".into(),
+            ));
+        }
         if self.server.shutdown_grace < Duration::from_secs(1)
             || self.server.shutdown_grace > Duration::from_secs(3600)
         {
@@ -186,6 +513,9 @@ impl CoordinatorConfig {
                 "must differ from server.grpc_listen".into(),
             ));
         }
+        self.repository
+            .check_shape()
+            .map_err(|(key, message)| fail(&key, message))?;
         for (key, path) in [
             ("tls.ca_certificate", &self.tls.ca_certificate),
             ("tls.server_certificate", &self.tls.server_certificate),
@@ -201,17 +531,19 @@ impl CoordinatorConfig {
         ] {
             check_secret_file(path).map_err(|message| fail(key, message))?;
         }
-        if !self.repository.path.is_dir() {
-            return Err(fail(
-                "repository.path",
-                format!("{} is not a directory", self.repository.path.display()),
-            ));
-        }
+        self.repository
+            .check_files()
+            .map_err(|(key, message)| fail(&key, message))?;
         Ok(())
     }
 }
 
 impl CoordinatorConfig {
+    /// The repository's store, local or S3, as `[repository]` says.
+    pub fn open_store(&self) -> Result<Store, CommonError> {
+        self.repository.open_store()
+    }
+
     /// Reads the master key file (64 hex digits).
     pub fn master_key(&self) -> Result<cairn_common::crypto::SecretKey, CommonError> {
         let text = std::fs::read_to_string(&self.keys.master_key_file).map_err(|e| {
@@ -300,5 +632,52 @@ master_key_file = "master.key"
         );
         // The first file-level check names the missing file's key.
         check("", "key `tls.ca_certificate`");
+    }
+
+    #[test]
+    fn repository_keys_are_named() {
+        let s3 = |extra: &str| {
+            MINIMAL.replace(
+                "kind = \"local\"\npath = \"repository\"\n",
+                &format!("kind = \"s3\"\n{extra}"),
+            )
+        };
+        let check_repository = |text: String, expected: &str| {
+            let file = Path::new("/x/coordinator.toml");
+            let error = match parse_toml::<CoordinatorConfig>(&text, file) {
+                Err(error) => error.to_string(),
+                Ok(config) => config.validate(file).unwrap_err().to_string(),
+            };
+            assert!(error.contains(expected), "{error} lacks {expected}");
+        };
+        check_repository(
+            MINIMAL.replace(
+                "path = \"repository\"\n",
+                "path = \"repository\"\nregion = \"eu-west-1\"\n",
+            ),
+            "key `repository.region`: only for kind = \"s3\"",
+        );
+        check_repository(s3(""), "key `repository.bucket`: required");
+        check_repository(
+            s3("bucket = \"b-1\"\nsecret_access_key = \"x\"\n"),
+            "unknown field `secret_access_key`",
+        );
+        check_repository(
+            s3("bucket = \"b-1\"\nmax_concurrent_requests = 100\n"),
+            "key `repository.max_concurrent_requests`",
+        );
+        check_repository(
+            s3("bucket = \"b-1\"\nrequest_timeout = \"1 fortnight\"\n"),
+            "key `repository.request_timeout`",
+        );
+        check_repository(
+            s3("bucket = \"b-1\"\nendpoint = \"s3.example.com\"\n"),
+            "key `repository.endpoint`",
+        );
+        // A valid S3 section gets as far as the file checks.
+        check_repository(
+            s3("bucket = \"b-1\"\nendpoint = \"https://s3.example.com:9000\"\npath_style = true\n"),
+            "key `tls.ca_certificate`",
+        );
     }
 }

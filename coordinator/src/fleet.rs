@@ -28,6 +28,8 @@ pub type CommandSender = mpsc::Sender<Result<proto::CoordinatorMessage, Status>>
 #[derive(Debug, Clone)]
 pub enum CommandOutcome {
     Probe(Vec<InstanceProbe>),
+    /// A job command (a backup) finished on the agent.
+    JobDone,
     Refused {
         operation: Option<Operation>,
         reason: String,

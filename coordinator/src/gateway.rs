@@ -24,6 +24,8 @@ use crate::authority::Authority;
 use crate::catalog::{Catalog, Registration};
 use crate::clock::now_ms;
 use crate::fleet::{CommandOutcome, Fleet};
+use crate::repository::Repository;
+use crate::upload::Upload;
 
 /// Commands and acknowledgements queued to one agent.
 const CONTROL_QUEUE_LEN: usize = 32;
@@ -40,9 +42,14 @@ pub struct Gateway {
     pub probe_history: u32,
     /// Control-stream loops, so that shutdown waits for them.
     pub tasks: TaskTracker,
+    pub repository: Arc<Repository>,
 }
 
 type ControlStream = Pin<Box<dyn Stream<Item = Result<proto::CoordinatorMessage, Status>> + Send>>;
+type UploadStream = Pin<Box<dyn Stream<Item = Result<proto::BackupUploadReply, Status>> + Send>>;
+
+/// Replies queued to an uploading agent.
+const UPLOAD_REPLY_QUEUE_LEN: usize = 4;
 
 #[tonic::async_trait]
 impl proto::agent_gateway_server::AgentGateway for Gateway {
@@ -63,6 +70,67 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
     }
 
     type ControlStream = ControlStream;
+    type UploadBackupStream = UploadStream;
+
+    async fn upload_backup(
+        &self,
+        request: Request<Streaming<proto::BackupUpload>>,
+    ) -> Result<Response<UploadStream>, Status> {
+        let Caller::Agent { name: agent, .. } = caller(&request)? else {
+            return Err(Status::unauthenticated("uploads need an agent certificate"));
+        };
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no start message"))??;
+        let Some(proto::BackupUpload {
+            body: Some(proto::backup_upload::Body::Start(start)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first upload message must be `start`",
+            ));
+        };
+        let job = self
+            .catalog
+            .get_job(&start.job_id)
+            .await?
+            .filter(|job| {
+                job.agent_name == agent.as_str()
+                    && job.backup_id == start.backup_id
+                    && job.status == "running"
+            })
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "job {} is not a running backup of agent \"{agent}\"",
+                    start.job_id
+                ))
+            })?;
+        let tags = self
+            .catalog
+            .get_backup(&job.backup_id)
+            .await?
+            .map(|b| b.tags())
+            .unwrap_or_default();
+        let (replies, receiver) = mpsc::channel(UPLOAD_REPLY_QUEUE_LEN);
+        let upload = Upload::new(
+            self.catalog.clone(),
+            self.repository.clone(),
+            job.clone(),
+            tags,
+        );
+        let span = tracing::info_span!("upload", job_id = %job.id, agent = %agent, database = %job.database);
+        self.tasks.spawn(
+            async move {
+                if let Err(status) = upload.run(inbound, replies.clone()).await {
+                    tracing::warn!(error = %status.message(), "upload failed");
+                    let _ = replies.send(Err(status)).await;
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
 
     async fn control(
         &self,
@@ -257,6 +325,7 @@ impl Gateway {
             Some(proto::command_result::Outcome::Error(error)) => {
                 CommandOutcome::Error(error.clone())
             }
+            Some(proto::command_result::Outcome::JobDone(_)) => CommandOutcome::JobDone,
             None => CommandOutcome::Error("the agent sent an empty command result".into()),
         }
     }

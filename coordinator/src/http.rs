@@ -3,7 +3,6 @@
 //! (Prometheus text: agents online/offline, probe status per instance,
 //! replication lag, disk free).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
@@ -21,12 +20,14 @@ use prometheus_client::registry::Registry;
 use crate::catalog::Catalog;
 use crate::clock::now_ms;
 use crate::fleet::Fleet;
+use crate::repository::{ObjectKey, Store};
 
 #[derive(Debug, Clone)]
 pub struct HttpState {
     pub catalog: Arc<Catalog>,
     pub fleet: Arc<Fleet>,
-    pub repository_path: PathBuf,
+    /// The repository's store, for the writability check.
+    pub store: Store,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -44,21 +45,35 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
             format!("catalog: {error}\n"),
         );
     }
-    let probe = state
-        .repository_path
-        .join(format!(".readyz-{}", std::process::id()));
-    let writable = tokio::fs::write(&probe, b"ok").await;
-    let _ = tokio::fs::remove_file(&probe).await;
-    if let Err(error) = writable {
+    if let Err(error) = check_writable(&state.store).await {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "repository {} not writable: {error}\n",
-                state.repository_path.display()
+                state.store.describe()
             ),
         );
     }
     (StatusCode::OK, "ready\n".to_string())
+}
+
+/// How long `/readyz` waits for the repository before answering 503.
+const READYZ_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Writes and deletes a small object, `readyz/<pid>`, through the store.
+async fn check_writable(store: &Store) -> Result<(), String> {
+    let key =
+        ObjectKey::new(format!("readyz/{}", std::process::id())).map_err(|e| e.to_string())?;
+    let check = async {
+        store
+            .put(&key, bytes::Bytes::from_static(b"ok"))
+            .await
+            .map_err(|e| e.to_string())?;
+        store.delete(&key).await.map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(READYZ_STORE_TIMEOUT, check)
+        .await
+        .map_err(|_| format!("no answer within {}s", READYZ_STORE_TIMEOUT.as_secs()))?
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -16,7 +16,10 @@ pub mod fleet;
 pub mod gateway;
 pub mod home;
 pub mod http;
+pub mod jobs;
+pub mod manifest;
 pub mod repository;
 pub mod server;
+pub mod upload;
 
 pub use error::{CoordinatorError, Result};

@@ -30,7 +30,8 @@ use crate::error::{CoordinatorError, Result};
 use crate::fleet::Fleet;
 use crate::gateway::Gateway;
 use crate::http::{HttpState, router};
-use crate::repository::{LocalStore, Repository, Store};
+use crate::jobs::Jobs;
+use crate::repository::Repository;
 
 const SERVER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const SERVER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -77,12 +78,23 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     let catalog = Arc::new(Catalog::open_sqlite(&config.catalog.sqlite_path).await?);
     // The repository must open with the master key before anything is
     // served: a wrong key is a startup error, not a failed backup later.
-    let repository = Repository::open(
-        Store::Local(LocalStore::new(config.repository.path.clone())),
-        &config.master_key()?,
-    )
-    .await
-    .map_err(|e| CoordinatorError::Unavailable(format!("repository: {e}")))?;
+    let repository = Arc::new(
+        Repository::open(config.open_store()?, &config.master_key()?)
+            .await
+            .map_err(|e| CoordinatorError::Unavailable(format!("repository: {e}")))?,
+    );
+    let orphans = catalog
+        .fail_orphaned_jobs(
+            "the coordinator stopped while the job ran",
+            crate::clock::now_ms(),
+        )
+        .await?;
+    if orphans > 0 {
+        tracing::warn!(
+            orphans,
+            "failed jobs left running by the previous coordinator"
+        );
+    }
     tracing::info!(repository = repository.id(), store = %repository.store.describe(), "repository open");
     // Background work (control-stream loops, detached audit appends) is
     // tracked so shutdown can wait for it before closing the catalog.
@@ -147,12 +159,22 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         revoked: revoked.clone(),
         probe_history: config.fleet.probe_history,
         tasks: tasks.clone(),
+        repository: repository.clone(),
     };
+    let jobs = Arc::new(Jobs {
+        catalog: catalog.clone(),
+        fleet: fleet.clone(),
+        audit: audit.clone(),
+        repository: repository.clone(),
+        config: config.backup.clone(),
+        tasks: tasks.clone(),
+    });
     let admin = AdminService {
         authority,
         catalog: catalog.clone(),
         fleet: fleet.clone(),
         audit: audit.clone(),
+        jobs,
     };
 
     let incoming = tls::tls_incoming(
@@ -179,7 +201,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     let http_state = HttpState {
         catalog: catalog.clone(),
         fleet,
-        repository_path: config.repository.path.clone(),
+        store: repository.store.clone(),
     };
     let http_shutdown = shutdown.clone();
     let mut http = tokio::spawn(async move {

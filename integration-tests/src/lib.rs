@@ -10,6 +10,7 @@
 //!   optionally a streaming standby of another one.
 //! - [`Coordinator`] and [`Agent`]: the real binaries, initialised, served,
 //!   enrolled and waited for.
+//! - [`S3Server`]: a real S3-protocol server (s3s + s3s-fs) on loopback.
 //! - [`Process`], [`run`], [`wait_until`]: the lower-level pieces the above
 //!   are made of, for tests that need to cut, pause or kill things.
 //!
@@ -29,6 +30,7 @@ pub mod net;
 pub mod pg;
 pub mod privileges;
 pub mod process;
+pub mod s3;
 pub mod testdir;
 pub mod wait;
 
@@ -37,5 +39,6 @@ pub use cluster::{Agent, AgentOptions, Coordinator, CoordinatorOptions};
 pub use net::{LoopbackAddresses, free_port};
 pub use pg::{PgCluster, PgClusterBuilder};
 pub use process::{Output, Process, ProcessBuilder, run};
+pub use s3::S3Server;
 pub use testdir::TestDir;
 pub use wait::{wait_for, wait_until};

@@ -409,9 +409,23 @@ async fn admin_api_refuses_missing_foreign_and_expired_client_certificates() {
 
     // The handshake refusals (foreign CA, expired) are audited, at most once
     // a minute per peer address; the anonymous calls at the RPC.
-    let events = tokio::task::spawn_blocking(move || audit_events(&coordinator))
-        .await
-        .unwrap();
+    // Refusals are appended in the background: wait (bounded) for them.
+    let events = tokio::task::spawn_blocking(move || {
+        cairn_integration_tests::wait_for(
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            "the refused handshake appears in the audit log",
+            || {
+                let events = audit_events(&coordinator);
+                events
+                    .iter()
+                    .any(|e| e["action"] == "tls.handshake")
+                    .then_some(events)
+            },
+        )
+    })
+    .await
+    .unwrap();
     let refused = |action: &str| {
         events
             .iter()

@@ -1,6 +1,7 @@
 //! The `cairn` command line: `init` and `serve` for the coordinator itself,
 //! and the operator commands, which call the Admin API over mTLS.
 
+mod backups;
 mod client;
 mod output;
 
@@ -95,6 +96,90 @@ enum Command {
     /// Operator identities.
     #[command(subcommand)]
     Operators(OperatorsCommand),
+    /// Run a backup.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// Complete backups.
+    #[command(subcommand)]
+    Backups(BackupsCommand),
+    /// Jobs: backups in progress and finished.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BackupCommand {
+    /// Back up one database (or every database) of an agent's instance (role: operator).
+    Run {
+        /// The agent whose instance to back up.
+        #[arg(long)]
+        agent: String,
+        /// The database to back up.
+        #[arg(long, conflicts_with = "all_databases")]
+        database: Option<String>,
+        /// One backup per database of the instance (templates excluded).
+        #[arg(long)]
+        all_databases: bool,
+        /// The agent's instance (default: its first).
+        #[arg(long, default_value = "")]
+        instance: String,
+        /// A label key=value shown by list and show (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Follow the job with a progress display; exit 1 if it fails.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BackupsCommand {
+    /// Complete backups, newest first.
+    List {
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        database: Option<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// One backup.
+    Show {
+        id: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsCommand {
+    /// The newest jobs.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// One job.
+    Show {
+        id: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Follow a job to its end; exit 1 unless it succeeds.
+    Watch {
+        id: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Cancel a running job: the agent stops pg_dump and nothing is listed (role: operator).
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -439,6 +524,133 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
             Ok(if report.ok { 0 } else { 1 })
+        }
+        Command::Backup(BackupCommand::Run {
+            agent,
+            database,
+            all_databases,
+            instance,
+            tags,
+            wait,
+            connection,
+        }) => {
+            let mut client = connection.admin().await?;
+            backups::run_backup(
+                &mut client,
+                backups::RunBackup {
+                    agent,
+                    instance,
+                    database,
+                    all_databases,
+                    tags,
+                    wait,
+                },
+                connection.json(),
+            )
+            .await
+        }
+        Command::Backups(BackupsCommand::List {
+            agent,
+            database,
+            connection,
+        }) => {
+            let response = connection
+                .admin()
+                .await?
+                .list_backups(proto::ListBackupsRequest {
+                    agent_name: agent.unwrap_or_default(),
+                    database: database.unwrap_or_default(),
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let views: Vec<backups::BackupView> =
+                response.backups.into_iter().map(Into::into).collect();
+            if connection.json() {
+                print_json(&views)?;
+            } else if views.is_empty() {
+                println!(
+                    "No complete backups yet: cairn backup run --agent NAME --database DB --wait"
+                );
+            } else {
+                println!("{}", backups::backups_table(&views));
+            }
+            Ok(0)
+        }
+        Command::Backups(BackupsCommand::Show { id, connection }) => {
+            let backup = connection
+                .admin()
+                .await?
+                .get_backup(proto::GetBackupRequest { backup_id: id })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let view = backups::BackupView::from(backup);
+            if connection.json() {
+                print_json(&view)?;
+            } else {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            }
+            Ok(0)
+        }
+        Command::Jobs(JobsCommand::List { limit, connection }) => {
+            let response = connection
+                .admin()
+                .await?
+                .list_jobs(proto::ListJobsRequest { limit })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let views: Vec<backups::JobView> = response.jobs.into_iter().map(Into::into).collect();
+            if connection.json() {
+                print_json(&views)?;
+            } else {
+                println!("{}", backups::jobs_table(&views));
+            }
+            Ok(0)
+        }
+        Command::Jobs(JobsCommand::Show { id, connection }) => {
+            let job: backups::JobView = connection
+                .admin()
+                .await?
+                .get_job(proto::GetJobRequest { job_id: id })
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .into();
+            if connection.json() {
+                print_json(&job)?;
+            } else {
+                println!("{}", backups::jobs_table(std::slice::from_ref(&job)));
+            }
+            Ok(0)
+        }
+        Command::Jobs(JobsCommand::Watch { id, connection }) => {
+            let mut client = connection.admin().await?;
+            let job = backups::watch(&mut client, &id, connection.json()).await?;
+            if connection.json() {
+                print_json(&job)?;
+            }
+            Ok(if job.status == "succeeded" { 0 } else { 1 })
+        }
+        Command::Jobs(JobsCommand::Cancel { id, connection }) => {
+            let job: backups::JobView = connection
+                .admin()
+                .await?
+                .cancel_job(proto::CancelJobRequest { job_id: id })
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .into();
+            if connection.json() {
+                print_json(&job)?;
+            } else {
+                println!(
+                    "Asked the agent to cancel job {}; it is {} now.",
+                    job.id, job.status
+                );
+            }
+            Ok(0)
         }
         Command::Operators(OperatorsCommand::Revoke { name, connection }) => {
             revoke_operator(name, connection).await

@@ -14,6 +14,7 @@
 //! With only the store and the master key, everything else can be rebuilt.
 
 mod local;
+mod s3;
 
 use bytes::Bytes;
 use cairn_common::chunk::ChunkId;
@@ -21,6 +22,7 @@ use cairn_common::crypto::{RepositoryKeys, SecretKey, WrappedKeys};
 use serde::{Deserialize, Serialize};
 
 pub use local::LocalStore;
+pub use s3::{S3Credentials, S3Settings, S3Store, normalize_prefix as normalize_s3_prefix};
 
 const REPOSITORY_FORMAT: &str = "cairn-repository-v1";
 const DESCRIPTOR_KEY: &str = "cairn-repository.json";
@@ -36,6 +38,10 @@ pub enum RepositoryError {
         #[source]
         source: std::io::Error,
     },
+    /// The storage service refused or failed a request; `message` is what
+    /// it said (an S3 error code and message, or the transport failure).
+    #[error("repository object {key}: {message}")]
+    Storage { key: String, message: String },
     #[error("repository: {0}")]
     Invalid(String),
     #[error(transparent)]
@@ -90,6 +96,7 @@ impl std::fmt::Display for ObjectKey {
 #[derive(Debug, Clone)]
 pub enum Store {
     Local(LocalStore),
+    S3(S3Store),
 }
 
 impl Store {
@@ -97,18 +104,21 @@ impl Store {
     pub async fn put(&self, key: &ObjectKey, bytes: Bytes) -> Result<()> {
         match self {
             Store::Local(store) => store.put(key, bytes).await,
+            Store::S3(store) => store.put(key, bytes).await,
         }
     }
 
     pub async fn get(&self, key: &ObjectKey) -> Result<Bytes> {
         match self {
             Store::Local(store) => store.get(key).await,
+            Store::S3(store) => store.get(key).await,
         }
     }
 
     pub async fn exists(&self, key: &ObjectKey) -> Result<bool> {
         match self {
             Store::Local(store) => store.exists(key).await,
+            Store::S3(store) => store.exists(key).await,
         }
     }
 
@@ -117,12 +127,14 @@ impl Store {
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectKey>> {
         match self {
             Store::Local(store) => store.list(prefix).await,
+            Store::S3(store) => store.list(prefix).await,
         }
     }
 
     pub async fn delete(&self, key: &ObjectKey) -> Result<()> {
         match self {
             Store::Local(store) => store.delete(key).await,
+            Store::S3(store) => store.delete(key).await,
         }
     }
 
@@ -130,6 +142,7 @@ impl Store {
     pub fn describe(&self) -> String {
         match self {
             Store::Local(store) => store.describe(),
+            Store::S3(store) => store.describe(),
         }
     }
 }

@@ -10,8 +10,12 @@
 //! - `probes`: a short history of health probes per instance.
 //! - `audit_log`: the append-only, hash-chained record of security-relevant
 //!   events (see [`crate::audit`]).
+//! - `jobs`, `backups`, `chunks` (see [`backups`]): what was asked, what is
+//!   complete, and which chunks the repository holds.
 //!
 //! SQLite (WAL mode) is the default; migrations are embedded.
+
+mod backups;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,11 +29,13 @@ use tokio::sync::Mutex;
 use crate::audit::{AuditEvent, AuditRow, GENESIS_HASH, HashInput, row_hash};
 use crate::error::{CoordinatorError, Result};
 
+pub use backups::{BackupRecord, BackupStats, JobRecord, JobStatus};
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Debug)]
 pub struct Catalog {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
     /// Serialises audit appends so that each reads the true chain head.
     audit_append: Mutex<()>,
 }

@@ -1,0 +1,248 @@
+//! Executes a backup command: `pg_dump` through the chunker ([`crate::dump`])
+//! and up to the coordinator on the job's own `UploadBackup` stream.
+//!
+//! The upload offers at most one batch of chunks at a time and sends bytes
+//! only for the chunks the repository lacks, so a second backup of a mostly
+//! unchanged database moves little, and a retried one resumes. With one
+//! batch in flight, a slow coordinator or repository slows `pg_dump` down
+//! instead of filling memory.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cairn_common::chunk::{SealedChunk, seal_chunk};
+use cairn_common::crypto::{RepositoryKeys, SecretKey};
+use cairn_common::proto::{
+    self, agent_gateway_client::AgentGatewayClient, backup_upload, backup_upload_reply,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::config::AgentConfig;
+use crate::dump::{self, DumpError, DumpProgress, DumpRequest};
+use crate::postgres;
+
+/// Chunks offered at once (the coordinator accepts at most 8).
+const OFFER_BATCH: usize = 8;
+const FACTS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Running jobs by id, so that a cancel command can reach them.
+#[derive(Debug, Default)]
+pub struct RunningJobs {
+    jobs: Mutex<HashMap<String, CancellationToken>>,
+}
+
+impl RunningJobs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn register(self: &Arc<Self>, job_id: &str) -> JobGuard {
+        let token = CancellationToken::new();
+        self.lock().insert(job_id.to_string(), token.clone());
+        JobGuard {
+            jobs: self.clone(),
+            job_id: job_id.to_string(),
+            token,
+        }
+    }
+
+    /// Cancels a running job; false if there is none by that id.
+    pub fn cancel(&self, job_id: &str) -> bool {
+        match self.lock().get(job_id) {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+struct JobGuard {
+    jobs: Arc<RunningJobs>,
+    job_id: String,
+    token: CancellationToken,
+}
+
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        self.jobs.lock().remove(&self.job_id);
+    }
+}
+
+fn keys_of(command: &proto::BackupCommand) -> Result<RepositoryKeys, String> {
+    Ok(RepositoryKeys {
+        data: SecretKey::from_bytes(&command.data_key).map_err(|e| e.to_string())?,
+        chunk_id: SecretKey::from_bytes(&command.chunk_id_key).map_err(|e| e.to_string())?,
+    })
+}
+
+/// Runs one backup to its end. The error is one line for the operator:
+/// pg_dump's own message, the coordinator's, or `cancelled: ...`.
+pub async fn run(
+    config: &AgentConfig,
+    channel: Channel,
+    jobs: &Arc<RunningJobs>,
+    command: proto::BackupCommand,
+) -> Result<(), String> {
+    let guard = jobs.register(&command.job_id);
+    let keys = keys_of(&command)?;
+    let instance = config
+        .instances
+        .iter()
+        .find(|i| i.name.as_str() == command.instance)
+        .ok_or_else(|| format!("this agent has no instance {:?}", command.instance))?;
+    let connection = instance.postgres.clone();
+    let facts = postgres::database_facts(&connection, &command.database, FACTS_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let globals = dump::dump_globals(&connection, command.include_role_passwords, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let sealed_globals =
+        seal_chunk(&keys, &globals, command.zstd_level).map_err(|e| e.to_string())?;
+
+    let mut client = AgentGatewayClient::new(channel);
+    let (outbound, outbound_receiver) = mpsc::channel(2);
+    send(
+        &outbound,
+        backup_upload::Body::Start(proto::UploadStart {
+            job_id: command.job_id.clone(),
+            backup_id: command.backup_id.clone(),
+        }),
+    )
+    .await?;
+    let mut replies = client
+        .upload_backup(ReceiverStream::new(outbound_receiver))
+        .await
+        .map_err(|status| format!("the coordinator refused the upload: {}", status.message()))?
+        .into_inner();
+
+    let request = DumpRequest {
+        connection,
+        database: command.database.clone(),
+        zstd_level: command.zstd_level,
+        keys,
+        pg_bindir: None,
+    };
+    let (chunk_sender, mut chunk_receiver) = mpsc::channel::<SealedChunk>(OFFER_BATCH);
+    let (progress, _) = watch::channel(DumpProgress::default());
+    let dumping = dump::dump(&request, chunk_sender, progress, guard.token.clone());
+    let upload_batches = async {
+        while let Some(first) = chunk_receiver.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < OFFER_BATCH {
+                match chunk_receiver.try_recv() {
+                    Ok(chunk) => batch.push(chunk),
+                    Err(_) => break,
+                }
+            }
+            send(
+                &outbound,
+                backup_upload::Body::Offer(proto::ChunkOffer {
+                    ids: batch.iter().map(|c| c.id.as_bytes().to_vec()).collect(),
+                }),
+            )
+            .await?;
+            let missing = match next_reply(&mut replies).await? {
+                backup_upload_reply::Body::Missing(missing) => missing.ids,
+                _ => return Err("the coordinator answered an offer out of turn".to_string()),
+            };
+            for chunk in batch {
+                let send_bytes = missing
+                    .iter()
+                    .any(|id| id.as_slice() == chunk.id.as_bytes());
+                send(
+                    &outbound,
+                    backup_upload::Body::Chunk(proto::UploadChunk {
+                        id: chunk.id.as_bytes().to_vec(),
+                        plaintext_bytes: chunk.plaintext_len as u64,
+                        sealed: if send_bytes { chunk.bytes } else { Vec::new() },
+                    }),
+                )
+                .await?;
+            }
+        }
+        Ok::<(), String>(())
+    };
+    // A failed upload must stop pg_dump too: its chunks would wait forever
+    // on a channel nobody reads.
+    let dump_token = guard.token.clone();
+    let uploading = async {
+        let result = upload_batches.await;
+        if result.is_err() {
+            dump_token.cancel();
+        }
+        result
+    };
+    let (dumped, uploaded) = tokio::join!(dumping, uploading);
+    // The upload's error explains a dump that stopped because the upload
+    // went away; otherwise the dump's own error comes first.
+    let outcome = match (dumped, uploaded) {
+        (_, Err(upload_error)) => return Err(upload_error),
+        (Err(DumpError::Cancelled), Ok(())) => {
+            return Err(format!(
+                "{}: the job was cancelled; pg_dump was stopped",
+                crate::backup::CANCELLED
+            ));
+        }
+        (Err(error), Ok(())) => return Err(error.to_string()),
+        (Ok(outcome), Ok(())) => outcome,
+    };
+
+    send(
+        &outbound,
+        backup_upload::Body::Globals(proto::UploadGlobals {
+            id: sealed_globals.id.as_bytes().to_vec(),
+            plaintext_bytes: sealed_globals.plaintext_len as u64,
+            sealed: sealed_globals.bytes,
+        }),
+    )
+    .await?;
+    send(
+        &outbound,
+        backup_upload::Body::Finish(proto::UploadFinish {
+            dump_bytes: outcome.dump_bytes,
+            pg_dump_version: outcome.pg_dump_version,
+            server_version: facts.server_version,
+            database_bytes: facts.size_bytes,
+            row_estimates: facts.row_estimates.into_iter().collect(),
+            dump_millis: outcome.duration.as_millis() as u64,
+        }),
+    )
+    .await?;
+    match next_reply(&mut replies).await? {
+        backup_upload_reply::Body::Stored(_) => Ok(()),
+        _ => Err("the coordinator did not confirm the backup".into()),
+    }
+}
+
+/// How a cancelled job's error message starts (the coordinator relies on it).
+pub const CANCELLED: &str = "cancelled";
+
+async fn send(
+    outbound: &mpsc::Sender<proto::BackupUpload>,
+    body: backup_upload::Body,
+) -> Result<(), String> {
+    outbound
+        .send(proto::BackupUpload { body: Some(body) })
+        .await
+        .map_err(|_| "the upload stream to the coordinator closed".to_string())
+}
+
+async fn next_reply(
+    replies: &mut tonic::Streaming<proto::BackupUploadReply>,
+) -> Result<backup_upload_reply::Body, String> {
+    match replies.message().await {
+        Ok(Some(proto::BackupUploadReply { body: Some(body) })) => Ok(body),
+        Ok(_) => Err("the coordinator ended the upload".into()),
+        Err(status) => Err(format!(
+            "the coordinator stopped the upload: {}",
+            status.message()
+        )),
+    }
+}

@@ -1,0 +1,420 @@
+//! Jobs, backups and stored chunks.
+//!
+//! A backup row exists from the moment its job starts, but only a row with
+//! status `complete` is ever listed, and it becomes complete only after the
+//! manifest is durable in the repository. The `chunks` table mirrors which
+//! chunks the repository holds, so that an agent uploads only what is
+//! missing and a retried backup resumes; the repository stays the source of
+//! truth (see `cairn repository rebuild-catalog`).
+
+use std::collections::{BTreeMap, HashMap};
+
+use sqlx::FromRow;
+
+use super::Catalog;
+use crate::error::Result;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobStatus {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct JobRecord {
+    pub id: String,
+    pub kind: String,
+    pub agent_name: String,
+    pub instance: String,
+    pub database: String,
+    pub status: String,
+    pub error: String,
+    pub backup_id: String,
+    pub created_by: String,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub bytes_read: i64,
+    pub bytes_uploaded: i64,
+    pub chunks: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct BackupRecord {
+    pub id: String,
+    pub job_id: String,
+    pub agent_name: String,
+    pub instance: String,
+    pub database: String,
+    pub status: String,
+    pub server_version: String,
+    pub pg_dump_version: String,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub logical_bytes: i64,
+    pub new_stored_bytes: i64,
+    pub referenced_bytes: i64,
+    pub chunk_count: i64,
+    pub new_chunk_count: i64,
+    pub database_bytes: i64,
+    /// JSON object of tags.
+    pub tags: String,
+    pub error: String,
+}
+
+impl BackupRecord {
+    pub fn tags(&self) -> BTreeMap<String, String> {
+        serde_json::from_str(&self.tags).unwrap_or_default()
+    }
+}
+
+/// What a finished upload measured.
+#[derive(Debug, Clone, Default)]
+pub struct BackupStats {
+    pub server_version: String,
+    pub pg_dump_version: String,
+    pub logical_bytes: u64,
+    pub new_stored_bytes: u64,
+    pub referenced_bytes: u64,
+    pub chunk_count: u64,
+    pub new_chunk_count: u64,
+    pub database_bytes: u64,
+}
+
+fn i64_of(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+impl Catalog {
+    /// Records a new running backup job and its (unlisted) backup row.
+    pub async fn insert_backup_job(
+        &self,
+        job: &JobRecord,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, agent_name, instance, database, status, error, backup_id, created_by, started_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&job.id)
+        .bind(&job.kind)
+        .bind(&job.agent_name)
+        .bind(&job.instance)
+        .bind(&job.database)
+        .bind(&job.status)
+        .bind(&job.error)
+        .bind(&job.backup_id)
+        .bind(&job.created_by)
+        .bind(job.started_at)
+        .execute(&mut *transaction)
+        .await?;
+        if !job.backup_id.is_empty() {
+            sqlx::query(
+                "INSERT INTO backups (id, job_id, agent_name, instance, database, status, started_at, tags)
+                 VALUES (?, ?, ?, ?, ?, 'running', ?, ?)",
+            )
+            .bind(&job.backup_id)
+            .bind(&job.id)
+            .bind(&job.agent_name)
+            .bind(&job.instance)
+            .bind(&job.database)
+            .bind(job.started_at)
+            .bind(serde_json::to_string(tags).unwrap_or_else(|_| "{}".into()))
+            .execute(&mut *transaction)
+            .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// Ends a job. A backup that is not complete by now is marked with the
+    /// job's outcome and never listed.
+    pub async fn finish_job(
+        &self,
+        job_id: &str,
+        status: JobStatus,
+        error: &str,
+        now: i64,
+    ) -> Result<()> {
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ? AND status = 'running'",
+        )
+        .bind(status.as_str())
+        .bind(error)
+        .bind(now)
+        .bind(job_id)
+        .execute(&mut *transaction)
+        .await?;
+        let backup_status = match status {
+            JobStatus::Cancelled => "cancelled",
+            _ => "failed",
+        };
+        sqlx::query(
+            "UPDATE backups SET status = ?, error = ?, finished_at = ? WHERE job_id = ? AND status = 'running'",
+        )
+        .bind(backup_status)
+        .bind(if error.is_empty() { "the job ended before the backup was complete" } else { error })
+        .bind(now)
+        .bind(job_id)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// Jobs still running when the coordinator stopped cannot finish: they
+    /// fail, and their backups are never listed.
+    pub async fn fail_orphaned_jobs(&self, reason: &str, now: i64) -> Result<u64> {
+        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM jobs WHERE status = 'running'")
+            .fetch_all(&self.pool)
+            .await?;
+        for id in &ids {
+            self.finish_job(id, JobStatus::Failed, reason, now).await?;
+        }
+        Ok(ids.len() as u64)
+    }
+
+    pub async fn update_job_progress(
+        &self,
+        job_id: &str,
+        bytes_read: u64,
+        bytes_uploaded: u64,
+        chunks: u64,
+    ) -> Result<()> {
+        sqlx::query("UPDATE jobs SET bytes_read = ?, bytes_uploaded = ?, chunks = ? WHERE id = ?")
+            .bind(i64_of(bytes_read))
+            .bind(i64_of(bytes_uploaded))
+            .bind(i64_of(chunks))
+            .bind(job_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks a backup complete: call only once its manifest is durable.
+    pub async fn complete_backup(
+        &self,
+        backup_id: &str,
+        stats: &BackupStats,
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE backups SET status = 'complete', server_version = ?, pg_dump_version = ?, finished_at = ?,
+                logical_bytes = ?, new_stored_bytes = ?, referenced_bytes = ?, chunk_count = ?,
+                new_chunk_count = ?, database_bytes = ?
+             WHERE id = ? AND status = 'running'",
+        )
+        .bind(&stats.server_version)
+        .bind(&stats.pg_dump_version)
+        .bind(now)
+        .bind(i64_of(stats.logical_bytes))
+        .bind(i64_of(stats.new_stored_bytes))
+        .bind(i64_of(stats.referenced_bytes))
+        .bind(i64_of(stats.chunk_count))
+        .bind(i64_of(stats.new_chunk_count))
+        .bind(i64_of(stats.database_bytes))
+        .bind(backup_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get_job(&self, id: &str) -> Result<Option<JobRecord>> {
+        Ok(sqlx::query_as("SELECT * FROM jobs WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    pub async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRecord>> {
+        Ok(
+            sqlx::query_as("SELECT * FROM jobs ORDER BY started_at DESC, id DESC LIMIT ?")
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    pub async fn get_backup(&self, id: &str) -> Result<Option<BackupRecord>> {
+        Ok(sqlx::query_as("SELECT * FROM backups WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Complete backups, newest first, optionally of one agent and database.
+    pub async fn list_backups(
+        &self,
+        agent_name: Option<&str>,
+        database: Option<&str>,
+    ) -> Result<Vec<BackupRecord>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM backups WHERE status = 'complete'
+               AND (?1 IS NULL OR agent_name = ?1) AND (?2 IS NULL OR database = ?2)
+             ORDER BY started_at DESC, id DESC",
+        )
+        .bind(agent_name)
+        .bind(database)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Which of `ids` (hex) the repository holds, with their sealed sizes.
+    pub async fn stored_chunks(&self, ids: &[String]) -> Result<HashMap<String, u64>> {
+        let mut stored = HashMap::new();
+        for id in ids {
+            let size: Option<i64> =
+                sqlx::query_scalar("SELECT sealed_bytes FROM chunks WHERE id = ?")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            if let Some(size) = size {
+                stored.insert(id.clone(), u64::try_from(size).unwrap_or(0));
+            }
+        }
+        Ok(stored)
+    }
+
+    pub async fn insert_chunk(
+        &self,
+        id: &str,
+        sealed_bytes: u64,
+        plaintext_bytes: u64,
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO chunks (id, sealed_bytes, plaintext_bytes, stored_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(i64_of(sealed_bytes))
+        .bind(i64_of(plaintext_bytes))
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn catalog() -> (tempfile::TempDir, Catalog) {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open_sqlite(&dir.path().join("c.sqlite"))
+            .await
+            .unwrap();
+        (dir, catalog)
+    }
+
+    fn job(id: &str, backup: &str) -> JobRecord {
+        JobRecord {
+            id: id.into(),
+            kind: "backup".into(),
+            agent_name: "db1".into(),
+            instance: "main".into(),
+            database: "shop".into(),
+            status: "running".into(),
+            error: String::new(),
+            backup_id: backup.into(),
+            created_by: "admin".into(),
+            started_at: 1,
+            finished_at: None,
+            bytes_read: 0,
+            bytes_uploaded: 0,
+            chunks: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_complete_backups_are_listed() {
+        let (_dir, catalog) = catalog().await;
+        let tags = BTreeMap::from([("ticket".to_string(), "OPS-1".to_string())]);
+        catalog
+            .insert_backup_job(&job("j1", "b1"), &tags)
+            .await
+            .unwrap();
+        catalog
+            .insert_backup_job(&job("j2", "b2"), &tags)
+            .await
+            .unwrap();
+        assert!(catalog.list_backups(None, None).await.unwrap().is_empty());
+
+        catalog
+            .complete_backup("b1", &BackupStats::default(), 5)
+            .await
+            .unwrap();
+        catalog
+            .finish_job("j1", JobStatus::Succeeded, "", 6)
+            .await
+            .unwrap();
+        catalog
+            .finish_job("j2", JobStatus::Cancelled, "cancelled by admin", 6)
+            .await
+            .unwrap();
+        let listed = catalog
+            .list_backups(Some("db1"), Some("shop"))
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id, "b1");
+        assert_eq!(listed[0].tags(), tags);
+        assert_eq!(
+            catalog.get_backup("b2").await.unwrap().unwrap().status,
+            "cancelled"
+        );
+        assert!(
+            catalog
+                .list_backups(Some("db2"), None)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        // A finished job is not finished again; an orphan fails.
+        catalog
+            .insert_backup_job(&job("j3", "b3"), &tags)
+            .await
+            .unwrap();
+        assert_eq!(catalog.fail_orphaned_jobs("restart", 9).await.unwrap(), 1);
+        assert_eq!(
+            catalog.get_job("j1").await.unwrap().unwrap().status,
+            "succeeded"
+        );
+        assert_eq!(
+            catalog.get_job("j3").await.unwrap().unwrap().status,
+            "failed"
+        );
+        assert_eq!(
+            catalog.get_backup("b3").await.unwrap().unwrap().status,
+            "failed"
+        );
+    }
+
+    #[tokio::test]
+    async fn stored_chunks() {
+        let (_dir, catalog) = catalog().await;
+        catalog.insert_chunk("aa", 10, 20, 1).await.unwrap();
+        catalog.insert_chunk("aa", 10, 20, 2).await.unwrap();
+        let stored = catalog
+            .stored_chunks(&["aa".into(), "bb".into()])
+            .await
+            .unwrap();
+        assert_eq!(stored, HashMap::from([("aa".to_string(), 10)]));
+    }
+}

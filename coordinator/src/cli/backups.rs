@@ -1,0 +1,318 @@
+//! `cairn backup run`, `cairn backups list|show`, `cairn jobs list|show|watch|cancel`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use cairn_common::model::time_from_unix_ms;
+use cairn_common::names::validate_label;
+use cairn_common::proto::{self, admin_client::AdminClient};
+use chrono::{DateTime, Utc};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use super::client::explain;
+use super::output::{self, bytes, print_json};
+
+const WATCH_INTERVAL: Duration = Duration::from_millis(300);
+
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    pub id: String,
+    pub kind: String,
+    pub agent: String,
+    pub instance: String,
+    pub database: String,
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    pub backup_id: String,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub bytes_read: u64,
+    pub bytes_uploaded: u64,
+    pub chunks: u64,
+    pub created_by: String,
+}
+
+fn status_name(status: i32) -> &'static str {
+    match proto::JobStatus::try_from(status) {
+        Ok(proto::JobStatus::Running) => "running",
+        Ok(proto::JobStatus::Succeeded) => "succeeded",
+        Ok(proto::JobStatus::Failed) => "failed",
+        Ok(proto::JobStatus::Cancelled) => "cancelled",
+        _ => "unknown",
+    }
+}
+
+impl From<proto::Job> for JobView {
+    fn from(j: proto::Job) -> Self {
+        JobView {
+            status: status_name(j.status),
+            started_at: time_from_unix_ms(j.started_at_unix_ms),
+            finished_at: time_from_unix_ms(j.finished_at_unix_ms),
+            id: j.id,
+            kind: j.kind,
+            agent: j.agent_name,
+            instance: j.instance,
+            database: j.database,
+            error: j.error,
+            backup_id: j.backup_id,
+            bytes_read: j.bytes_read,
+            bytes_uploaded: j.bytes_uploaded,
+            chunks: j.chunks,
+            created_by: j.created_by,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackupView {
+    pub id: String,
+    pub agent: String,
+    pub instance: String,
+    pub database: String,
+    pub server_version: String,
+    pub pg_dump_version: String,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub logical_bytes: u64,
+    pub new_stored_bytes: u64,
+    pub referenced_bytes: u64,
+    pub chunk_count: u64,
+    pub new_chunk_count: u64,
+    /// Logical bytes over new stored bytes.
+    pub dedup_ratio: f64,
+    pub database_bytes: u64,
+    pub tags: BTreeMap<String, String>,
+    pub job_id: String,
+    pub status: &'static str,
+}
+
+impl From<proto::Backup> for BackupView {
+    fn from(b: proto::Backup) -> Self {
+        BackupView {
+            dedup_ratio: if b.new_stored_bytes == 0 {
+                0.0
+            } else {
+                b.logical_bytes as f64 / b.new_stored_bytes as f64
+            },
+            started_at: time_from_unix_ms(b.started_at_unix_ms),
+            finished_at: time_from_unix_ms(b.finished_at_unix_ms),
+            tags: b.tags.into_iter().collect(),
+            id: b.id,
+            agent: b.agent_name,
+            instance: b.instance,
+            database: b.database,
+            server_version: b.server_version,
+            pg_dump_version: b.pg_dump_version,
+            logical_bytes: b.logical_bytes,
+            new_stored_bytes: b.new_stored_bytes,
+            referenced_bytes: b.referenced_bytes,
+            chunk_count: b.chunk_count,
+            new_chunk_count: b.new_chunk_count,
+            database_bytes: b.database_bytes,
+            job_id: b.job_id,
+            status: "complete",
+        }
+    }
+}
+
+pub fn parse_tags(tags: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut parsed = BTreeMap::new();
+    for tag in tags {
+        let (key, value) = tag.split_once('=').ok_or_else(|| {
+            anyhow!("--tag {tag:?}: use key=value, for example --tag ticket=OPS-12")
+        })?;
+        validate_label(key, value).map_err(|e| anyhow!("--tag: {e}"))?;
+        parsed.insert(key.to_string(), value.to_string());
+    }
+    Ok(parsed)
+}
+
+pub struct RunBackup {
+    pub agent: String,
+    pub instance: String,
+    pub database: Option<String>,
+    pub all_databases: bool,
+    pub tags: Vec<String>,
+    pub wait: bool,
+}
+
+pub async fn run_backup(
+    client: &mut AdminClient<Channel>,
+    request: RunBackup,
+    json: bool,
+) -> anyhow::Result<i32> {
+    if request.database.is_some() == request.all_databases {
+        bail!("give either --database DB or --all-databases");
+    }
+    let tags = parse_tags(&request.tags)?;
+    let response = client
+        .start_backup(proto::StartBackupRequest {
+            agent_name: request.agent,
+            instance: request.instance,
+            database: request.database.unwrap_or_default(),
+            all_databases: request.all_databases,
+            tags: tags.into_iter().collect(),
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    if !request.wait {
+        let jobs: Vec<JobView> = response.jobs.into_iter().map(Into::into).collect();
+        if json {
+            print_json(&jobs)?;
+        } else {
+            for job in &jobs {
+                println!("{}", job.id);
+            }
+            eprintln!("Follow with: cairn jobs watch JOB_ID");
+        }
+        return Ok(if jobs.iter().any(|j| j.status == "failed") {
+            1
+        } else {
+            0
+        });
+    }
+    let mut code = 0;
+    let mut finished = Vec::new();
+    for job in response.jobs {
+        let job = watch(client, &job.id, json).await?;
+        if job.status != "succeeded" {
+            code = 1;
+        }
+        finished.push(job);
+    }
+    if json {
+        print_json(&finished)?;
+    }
+    Ok(code)
+}
+
+/// Follows a job to its end with a progress bar (on a terminal), then
+/// prints its summary.
+pub async fn watch(
+    client: &mut AdminClient<Channel>,
+    job_id: &str,
+    json: bool,
+) -> anyhow::Result<JobView> {
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar
+    };
+    let started = std::time::Instant::now();
+    let job = loop {
+        let job: JobView = client
+            .get_job(proto::GetJobRequest {
+                job_id: job_id.to_string(),
+            })
+            .await
+            .map_err(explain)?
+            .into_inner()
+            .into();
+        let seconds = started.elapsed().as_secs_f64().max(0.001);
+        bar.set_message(format!(
+            "{} {}/{}: read {} from pg_dump, uploaded {} ({}/s), {} chunks",
+            job.id,
+            job.agent,
+            job.database,
+            bytes(job.bytes_read),
+            bytes(job.bytes_uploaded),
+            bytes((job.bytes_read as f64 / seconds) as u64),
+            job.chunks
+        ));
+        bar.tick();
+        if job.status != "running" {
+            break job;
+        }
+        tokio::time::sleep(WATCH_INTERVAL).await;
+    };
+    bar.finish_and_clear();
+    if !json {
+        match job.status {
+            "succeeded" => {
+                let backup = client
+                    .get_backup(proto::GetBackupRequest {
+                        backup_id: job.backup_id.clone(),
+                    })
+                    .await
+                    .map_err(explain)?
+                    .into_inner();
+                let view = BackupView::from(backup);
+                println!(
+                    "backup {} of {}/{}: {} dumped, {} new stored ({} chunks, {} new), dedup ratio {:.1}",
+                    view.id,
+                    view.agent,
+                    view.database,
+                    bytes(view.logical_bytes),
+                    bytes(view.new_stored_bytes),
+                    view.chunk_count,
+                    view.new_chunk_count,
+                    view.dedup_ratio
+                );
+            }
+            status => eprintln!("error: job {} {status}: {}", job.id, job.error),
+        }
+    }
+    Ok(job)
+}
+
+pub fn jobs_table(jobs: &[JobView]) -> comfy_table::Table {
+    let mut table = output::table(&[
+        "JOB", "KIND", "AGENT", "DATABASE", "STATUS", "STARTED", "READ", "BACKUP", "ERROR",
+    ]);
+    for j in jobs {
+        table.add_row(vec![
+            j.id.clone(),
+            j.kind.clone(),
+            j.agent.clone(),
+            j.database.clone(),
+            j.status.to_string(),
+            output::ago(j.started_at),
+            bytes(j.bytes_read),
+            j.backup_id.clone(),
+            j.error.clone(),
+        ]);
+    }
+    table
+}
+
+pub fn backups_table(backups: &[BackupView]) -> comfy_table::Table {
+    let mut table = output::table(&[
+        "BACKUP",
+        "AGENT",
+        "DATABASE",
+        "FINISHED",
+        "DUMP SIZE",
+        "NEW STORED",
+        "DEDUP",
+        "CHUNKS",
+        "TAGS",
+    ]);
+    for b in backups {
+        table.add_row(vec![
+            b.id.clone(),
+            b.agent.clone(),
+            b.database.clone(),
+            output::ago(b.finished_at),
+            bytes(b.logical_bytes),
+            bytes(b.new_stored_bytes),
+            format!("{:.1}x", b.dedup_ratio),
+            b.chunk_count.to_string(),
+            b.tags
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        ]);
+    }
+    table
+}

@@ -1,0 +1,354 @@
+//! The job engine: starts backup jobs on agents, follows them to their end,
+//! and cancels them. A job is a row in the catalog; its live progress is
+//! written there by the upload (see [`crate::upload`]).
+//!
+//! A backup job ends `succeeded` only if the agent reports it done *and*
+//! the upload stored the manifest (the backup is complete in the catalog);
+//! every other ending fails or cancels the job, and its backup is never
+//! listed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_common::names::validate_label;
+use cairn_common::proto::{self, command};
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::audit::{AuditEvent, Outcome};
+use crate::audit_log::AuditLog;
+use crate::catalog::{AgentRecord, Catalog, JobRecord, JobStatus};
+use crate::clock::now_ms;
+use crate::config::BackupConfig;
+use crate::error::{CoordinatorError, Result};
+use crate::fleet::{CommandOutcome, Fleet};
+use crate::repository::Repository;
+
+/// How long a backup may run before the coordinator gives up on it.
+const BACKUP_COMMAND_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+const CANCEL_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// PostgreSQL's identifier limit (NAMEDATALEN - 1).
+const DATABASE_NAME_MAX_BYTES: usize = 63;
+
+#[derive(Debug)]
+pub struct Jobs {
+    pub catalog: Arc<Catalog>,
+    pub fleet: Arc<Fleet>,
+    pub audit: AuditLog,
+    pub repository: Arc<Repository>,
+    pub config: BackupConfig,
+    pub tasks: TaskTracker,
+}
+
+/// What `cairn backup run` asks for.
+#[derive(Debug, Clone)]
+pub struct BackupRequest {
+    pub agent: String,
+    pub instance: String,
+    pub database: Option<String>,
+    pub all_databases: bool,
+    pub tags: BTreeMap<String, String>,
+}
+
+fn random_suffix() -> Result<String> {
+    Ok(hex::encode(cairn_common::pki::random_bytes(4)?))
+}
+
+/// Checks a database name before it reaches pg_dump (as an argument, never
+/// a shell) and the catalog.
+fn check_database_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > DATABASE_NAME_MAX_BYTES || name.contains('\0') {
+        return Err(CoordinatorError::InvalidArgument(format!(
+            "--database {name:?}: a PostgreSQL database name has 1 to {DATABASE_NAME_MAX_BYTES} bytes and no NUL"
+        )));
+    }
+    Ok(())
+}
+
+impl Jobs {
+    /// Starts one backup job per database asked for; returns the jobs.
+    pub async fn start_backup(
+        &self,
+        actor: &str,
+        request: BackupRequest,
+    ) -> Result<Vec<JobRecord>> {
+        for (key, value) in &request.tags {
+            validate_label(key, value)
+                .map_err(|e| CoordinatorError::InvalidArgument(format!("--tag: {e}")))?;
+        }
+        let agent = match self.catalog.get_agent(&request.agent).await? {
+            Some(agent) if agent.revoked_at.is_none() => agent,
+            Some(_) => {
+                return Err(self
+                    .refuse(
+                        actor,
+                        &request.agent,
+                        format!("agent \"{}\" is revoked", request.agent),
+                    )
+                    .await);
+            }
+            None => {
+                return Err(self
+                    .refuse(
+                        actor,
+                        &request.agent,
+                        format!(
+                            "no agent named \"{}\": see cairn agents list",
+                            request.agent
+                        ),
+                    )
+                    .await);
+            }
+        };
+        let instance = if request.instance.is_empty() {
+            agent
+                .instances
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "main".into())
+        } else {
+            request.instance.clone()
+        };
+        if !agent.instances.contains(&instance) {
+            return Err(self
+                .refuse(
+                    actor,
+                    &agent.name,
+                    format!(
+                        "agent \"{}\" has no instance \"{instance}\" (it has: {})",
+                        agent.name,
+                        agent.instances.join(", ")
+                    ),
+                )
+                .await);
+        }
+        let databases = match (&request.database, request.all_databases) {
+            (Some(database), false) => vec![database.clone()],
+            (None, true) => self.databases_of(&agent, &instance).await?,
+            _ => {
+                return Err(CoordinatorError::InvalidArgument(
+                    "give either --database DB or --all-databases".into(),
+                ));
+            }
+        };
+        for database in &databases {
+            check_database_name(database)?;
+        }
+        let mut jobs = Vec::new();
+        for database in databases {
+            jobs.push(
+                self.start_one(actor, &agent, &instance, &database, &request.tags)
+                    .await?,
+            );
+        }
+        Ok(jobs)
+    }
+
+    async fn refuse(&self, actor: &str, target: &str, message: String) -> CoordinatorError {
+        self.audit
+            .record(AuditEvent::new(
+                actor,
+                "backup.start",
+                target,
+                Outcome::Refused,
+                message.clone(),
+            ))
+            .await;
+        CoordinatorError::NotFound(message)
+    }
+
+    /// The instance's non-template databases, from its latest probe.
+    async fn databases_of(&self, agent: &AgentRecord, instance: &str) -> Result<Vec<String>> {
+        let probes = self.catalog.probes_of(&agent.name).await?;
+        let latest = probes
+            .iter()
+            .find(|p| p.instance == instance && p.reachable)
+            .ok_or_else(|| {
+                CoordinatorError::Unavailable(format!(
+                    "no successful probe of {}/{instance} yet: run cairn probe {} first",
+                    agent.name, agent.name
+                ))
+            })?;
+        Ok(latest.databases.iter().map(|d| d.name.clone()).collect())
+    }
+
+    async fn start_one(
+        &self,
+        actor: &str,
+        agent: &AgentRecord,
+        instance: &str,
+        database: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<JobRecord> {
+        let now = now_ms();
+        let suffix = random_suffix()?;
+        let job = JobRecord {
+            id: format!("job-{now}-{suffix}"),
+            kind: "backup".into(),
+            agent_name: agent.name.clone(),
+            instance: instance.to_string(),
+            database: database.to_string(),
+            status: JobStatus::Running.as_str().into(),
+            error: String::new(),
+            backup_id: format!("bk-{now}-{suffix}"),
+            created_by: actor.to_string(),
+            started_at: now,
+            finished_at: None,
+            bytes_read: 0,
+            bytes_uploaded: 0,
+            chunks: 0,
+        };
+        self.catalog.insert_backup_job(&job, tags).await?;
+        self.audit
+            .record(AuditEvent::new(
+                actor,
+                "backup.start",
+                format!("{}/{}/{}", agent.name, instance, database),
+                Outcome::Success,
+                format!("job {}, backup {}", job.id, job.backup_id),
+            ))
+            .await;
+        if !self.fleet.is_online(&agent.name) {
+            let message = format!(
+                "agent \"{}\" is offline: check that cairn-agent runs on its host",
+                agent.name
+            );
+            self.end(&job, JobStatus::Failed, &message).await;
+            return self.reload(&job.id).await;
+        }
+        let keys = self.repository.keys();
+        let command = command::Kind::Backup(proto::BackupCommand {
+            instance: instance.to_string(),
+            database: database.to_string(),
+            job_id: job.id.clone(),
+            backup_id: job.backup_id.clone(),
+            zstd_level: self.config.zstd_level,
+            data_key: keys.data.expose_bytes().to_vec(),
+            chunk_id_key: keys.chunk_id.expose_bytes().to_vec(),
+            include_role_passwords: self.config.include_role_passwords,
+        });
+        let engine = self.clone_handle();
+        let running = job.clone();
+        let span =
+            tracing::info_span!("job", job_id = %job.id, agent = %agent.name, database = %database);
+        self.tasks.spawn(
+            async move {
+                let outcome = engine
+                    .fleet
+                    .send_command(&running.agent_name, command, BACKUP_COMMAND_TIMEOUT)
+                    .await;
+                engine.conclude(&running, outcome).await;
+            }
+            .instrument(span),
+        );
+        Ok(job)
+    }
+
+    fn clone_handle(&self) -> Arc<Jobs> {
+        Arc::new(Jobs {
+            catalog: self.catalog.clone(),
+            fleet: self.fleet.clone(),
+            audit: self.audit.clone(),
+            repository: self.repository.clone(),
+            config: self.config.clone(),
+            tasks: self.tasks.clone(),
+        })
+    }
+
+    async fn reload(&self, job_id: &str) -> Result<JobRecord> {
+        self.catalog
+            .get_job(job_id)
+            .await?
+            .ok_or_else(|| CoordinatorError::NotFound(format!("no job {job_id}")))
+    }
+
+    /// Decides how a job ended from the agent's answer and the catalog.
+    async fn conclude(&self, job: &JobRecord, outcome: Result<CommandOutcome>) {
+        let (status, message) = match outcome {
+            Ok(CommandOutcome::JobDone) => match self.catalog.get_backup(&job.backup_id).await {
+                Ok(Some(backup)) if backup.status == "complete" => {
+                    (JobStatus::Succeeded, String::new())
+                }
+                _ => (
+                    JobStatus::Failed,
+                    "the agent finished but the backup's manifest was not stored".to_string(),
+                ),
+            },
+            Ok(CommandOutcome::Refused { reason, .. }) => (JobStatus::Failed, reason),
+            Ok(CommandOutcome::Error(error)) if error.starts_with(CANCELLED_PREFIX) => {
+                (JobStatus::Cancelled, error)
+            }
+            Ok(CommandOutcome::Error(error)) => (JobStatus::Failed, error),
+            Ok(CommandOutcome::Probe(_)) => {
+                (JobStatus::Failed, "the agent answered with a probe".into())
+            }
+            Err(error) => (JobStatus::Failed, error.to_string()),
+        };
+        self.end(job, status, &message).await;
+    }
+
+    async fn end(&self, job: &JobRecord, status: JobStatus, message: &str) {
+        if let Err(error) = self
+            .catalog
+            .finish_job(&job.id, status, message, now_ms())
+            .await
+        {
+            tracing::error!(%error, "cannot record the end of the job");
+        }
+        let outcome = match status {
+            JobStatus::Succeeded => Outcome::Success,
+            JobStatus::Cancelled => Outcome::Refused,
+            _ => Outcome::Failed,
+        };
+        tracing::info!(status = status.as_str(), error = message, "job ended");
+        self.audit
+            .record(AuditEvent::new(
+                "coordinator",
+                "backup.end",
+                job.id.clone(),
+                outcome,
+                format!("{}: {message}", status.as_str()),
+            ))
+            .await;
+    }
+
+    /// Asks the agent to stop a running job.
+    pub async fn cancel(&self, actor: &str, job_id: &str) -> Result<JobRecord> {
+        let job = self.reload(job_id).await?;
+        if job.status != JobStatus::Running.as_str() {
+            return Err(CoordinatorError::Conflict(format!(
+                "job {job_id} is {}, not running",
+                job.status
+            )));
+        }
+        self.audit
+            .record(AuditEvent::new(
+                actor,
+                "job.cancel",
+                job_id,
+                Outcome::Success,
+                "",
+            ))
+            .await;
+        let outcome = self
+            .fleet
+            .send_command(
+                &job.agent_name,
+                command::Kind::Cancel(proto::CancelCommand {
+                    job_id: job_id.to_string(),
+                }),
+                CANCEL_COMMAND_TIMEOUT,
+            )
+            .await;
+        if let Err(error) = outcome {
+            // The agent is gone: the job cannot go on anyway.
+            let message = format!("{CANCELLED_PREFIX} by {actor} (agent unreachable: {error})");
+            self.end(&job, JobStatus::Cancelled, &message).await;
+        }
+        self.reload(job_id).await
+    }
+}
+
+/// How an agent's error message starts when a job was cancelled.
+pub const CANCELLED_PREFIX: &str = "cancelled";

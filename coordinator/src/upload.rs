@@ -1,0 +1,264 @@
+//! The coordinator's side of `AgentGateway/UploadBackup`: receives a
+//! backup's chunks in dump order, checks each one (authenticated, decrypted,
+//! re-hashed: a buggy or hostile agent cannot plant a chunk under a name
+//! that is not its content's), stores the missing ones, then writes the
+//! manifest and only then marks the backup complete.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cairn_common::chunk::{ChunkId, open_chunk};
+use cairn_common::proto::{self, backup_upload, backup_upload_reply};
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use crate::catalog::{BackupStats, Catalog, JobRecord};
+use crate::clock::now_ms;
+use crate::manifest::{Manifest, ManifestChunk};
+use crate::repository::{ObjectKey, Repository};
+
+/// Most chunk ids one offer may carry.
+pub const OFFER_MAX_CHUNKS: usize = 8;
+
+pub type ReplySender = mpsc::Sender<Result<proto::BackupUploadReply, Status>>;
+
+/// One upload in progress.
+pub struct Upload {
+    pub catalog: Arc<Catalog>,
+    pub repository: Arc<Repository>,
+    pub job: JobRecord,
+    pub tags: BTreeMap<String, String>,
+    chunks: Vec<ManifestChunk>,
+    expected: VecDeque<(ChunkId, bool)>,
+    globals: Option<ManifestChunk>,
+    stats: BackupStats,
+}
+
+fn protocol(message: impl Into<String>) -> Status {
+    Status::invalid_argument(message.into())
+}
+
+fn storage(error: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("repository: {error}"))
+}
+
+impl Upload {
+    pub fn new(
+        catalog: Arc<Catalog>,
+        repository: Arc<Repository>,
+        job: JobRecord,
+        tags: BTreeMap<String, String>,
+    ) -> Upload {
+        Upload {
+            catalog,
+            repository,
+            job,
+            tags,
+            chunks: Vec::new(),
+            expected: VecDeque::new(),
+            globals: None,
+            stats: BackupStats::default(),
+        }
+    }
+
+    /// Runs the upload to its end; an error fails the upload (the job
+    /// engine then fails the job).
+    pub async fn run(
+        mut self,
+        mut inbound: Streaming<proto::BackupUpload>,
+        replies: ReplySender,
+    ) -> Result<(), Status> {
+        while let Some(message) = inbound.message().await? {
+            match message.body {
+                Some(backup_upload::Body::Offer(offer)) => {
+                    let missing = self.offer(offer).await?;
+                    reply(
+                        &replies,
+                        backup_upload_reply::Body::Missing(proto::ChunkMissing { ids: missing }),
+                    )
+                    .await?;
+                }
+                Some(backup_upload::Body::Chunk(chunk)) => self.chunk(chunk).await?,
+                Some(backup_upload::Body::Globals(globals)) => {
+                    let id = ChunkId::from_bytes(&globals.id)?;
+                    let stored = self
+                        .store(id, globals.plaintext_bytes, globals.sealed)
+                        .await?;
+                    self.globals = Some(stored);
+                }
+                Some(backup_upload::Body::Finish(finish)) => {
+                    self.finish(finish).await?;
+                    reply(
+                        &replies,
+                        backup_upload_reply::Body::Stored(proto::BackupStored {
+                            backup_id: self.job.backup_id.clone(),
+                        }),
+                    )
+                    .await?;
+                    return Ok(());
+                }
+                Some(backup_upload::Body::Start(_)) | None => {
+                    return Err(protocol("unexpected message in the middle of an upload"));
+                }
+            }
+        }
+        Err(Status::cancelled(
+            "the agent ended the upload before `finish`",
+        ))
+    }
+
+    async fn offer(&mut self, offer: proto::ChunkOffer) -> Result<Vec<Vec<u8>>, Status> {
+        if !self.expected.is_empty() {
+            return Err(protocol(
+                "offer before the previous offer's chunks were sent",
+            ));
+        }
+        if offer.ids.is_empty() || offer.ids.len() > OFFER_MAX_CHUNKS {
+            return Err(protocol(format!("offer.ids: 1 to {OFFER_MAX_CHUNKS} ids")));
+        }
+        let ids = offer
+            .ids
+            .iter()
+            .map(|id| ChunkId::from_bytes(id))
+            .collect::<Result<Vec<_>, _>>()?;
+        let hex: Vec<String> = ids.iter().map(ChunkId::to_hex).collect();
+        let stored = self.catalog.stored_chunks(&hex).await?;
+        let mut missing = Vec::new();
+        for id in ids {
+            let is_missing =
+                !stored.contains_key(&id.to_hex()) && !missing.contains(&id.as_bytes().to_vec());
+            if is_missing {
+                missing.push(id.as_bytes().to_vec());
+            }
+            self.expected.push_back((id, is_missing));
+        }
+        Ok(missing)
+    }
+
+    async fn chunk(&mut self, chunk: proto::UploadChunk) -> Result<(), Status> {
+        let id = ChunkId::from_bytes(&chunk.id)?;
+        let Some((expected, must_send)) = self.expected.pop_front() else {
+            return Err(protocol("chunk without an offer"));
+        };
+        if id != expected {
+            return Err(protocol("chunks must come in the order they were offered"));
+        }
+        let entry = if chunk.sealed.is_empty() {
+            if must_send {
+                return Err(protocol(format!(
+                    "chunk {id} is missing from the repository: send its bytes"
+                )));
+            }
+            let stored = self.catalog.stored_chunks(&[id.to_hex()]).await?;
+            let sealed_bytes = stored.get(&id.to_hex()).copied().unwrap_or(0);
+            ManifestChunk {
+                id,
+                plaintext_bytes: chunk.plaintext_bytes,
+                sealed_bytes,
+            }
+        } else {
+            self.store(id, chunk.plaintext_bytes, chunk.sealed).await?
+        };
+        self.stats.logical_bytes += entry.plaintext_bytes;
+        self.stats.referenced_bytes += entry.sealed_bytes;
+        self.stats.chunk_count += 1;
+        self.chunks.push(entry);
+        self.catalog
+            .update_job_progress(
+                &self.job.id,
+                self.stats.logical_bytes,
+                self.stats.new_stored_bytes,
+                self.stats.chunk_count,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Checks a sealed chunk against its name and stores it.
+    async fn store(
+        &mut self,
+        id: ChunkId,
+        plaintext_bytes: u64,
+        sealed: Vec<u8>,
+    ) -> Result<ManifestChunk, Status> {
+        let repository = self.repository.clone();
+        let sealed = Bytes::from(sealed);
+        let checked = sealed.clone();
+        let plaintext_len = tokio::task::spawn_blocking(move || {
+            open_chunk(repository.keys(), &id, &checked).map(|plaintext| plaintext.len() as u64)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("chunk check: {e}")))?
+        .map_err(|e| protocol(e.to_string()))?;
+        if plaintext_len != plaintext_bytes {
+            return Err(protocol(format!(
+                "chunk {id}: plaintext_bytes does not match its content"
+            )));
+        }
+        let sealed_bytes = sealed.len() as u64;
+        self.repository
+            .store
+            .put(&ObjectKey::chunk(&id), sealed)
+            .await
+            .map_err(storage)?;
+        self.catalog
+            .insert_chunk(&id.to_hex(), sealed_bytes, plaintext_bytes, now_ms())
+            .await?;
+        self.stats.new_stored_bytes += sealed_bytes;
+        self.stats.new_chunk_count += 1;
+        Ok(ManifestChunk {
+            id,
+            plaintext_bytes,
+            sealed_bytes,
+        })
+    }
+
+    async fn finish(&mut self, finish: proto::UploadFinish) -> Result<(), Status> {
+        if !self.expected.is_empty() {
+            return Err(protocol("finish before every offered chunk was sent"));
+        }
+        if finish.dump_bytes != self.stats.logical_bytes {
+            return Err(protocol(format!(
+                "finish.dump_bytes {} but the chunks hold {} bytes",
+                finish.dump_bytes, self.stats.logical_bytes
+            )));
+        }
+        let now = now_ms();
+        let manifest = Manifest {
+            format: Manifest::new_format(),
+            backup_id: self.job.backup_id.clone(),
+            job_id: self.job.id.clone(),
+            agent: self.job.agent_name.clone(),
+            instance: self.job.instance.clone(),
+            database: self.job.database.clone(),
+            server_version: finish.server_version.clone(),
+            pg_dump_version: finish.pg_dump_version.clone(),
+            started_at: self.job.started_at,
+            finished_at: now,
+            dump_millis: finish.dump_millis,
+            dump_bytes: finish.dump_bytes,
+            database_bytes: finish.database_bytes,
+            row_estimates: finish.row_estimates.into_iter().collect(),
+            tags: self.tags.clone(),
+            chunks: std::mem::take(&mut self.chunks),
+            globals: self.globals.clone(),
+        };
+        // Chunks first (already durable), then the manifest, then the catalog.
+        manifest.store(&self.repository).await.map_err(storage)?;
+        self.stats.server_version = finish.server_version;
+        self.stats.pg_dump_version = finish.pg_dump_version;
+        self.stats.database_bytes = finish.database_bytes;
+        self.catalog
+            .complete_backup(&self.job.backup_id, &self.stats, now)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn reply(replies: &ReplySender, body: backup_upload_reply::Body) -> Result<(), Status> {
+    replies
+        .send(Ok(proto::BackupUploadReply { body: Some(body) }))
+        .await
+        .map_err(|_| Status::cancelled("the agent went away"))
+}

@@ -1,0 +1,162 @@
+//! Backups end to end: real PostgreSQL, real binaries, the local repository.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use cairn_integration_tests::{AgentOptions, Coordinator, PgCluster, TestDir};
+use serde_json::Value;
+
+/// A database of about `megabytes` MiB of incompressible-ish rows.
+fn fill(pg: &PgCluster, database: &str, megabytes: u32) {
+    pg.create_database(database);
+    pg.psql(
+        database,
+        &format!(
+            "CREATE TABLE orders (id bigserial PRIMARY KEY, customer text, note text, amount numeric, at timestamptz);
+             INSERT INTO orders (customer, note, amount, at)
+               SELECT md5(i::text), repeat(md5((i * 7)::text), 4), (i % 1000) / 7.0, now() - i * interval '1 minute'
+               FROM generate_series(1, {rows}) i;
+             CREATE TABLE customers AS SELECT i AS id, md5(i::text) AS name FROM generate_series(1, 20000) i;
+             ANALYZE;",
+            rows = megabytes * 4000
+        ),
+    );
+}
+
+fn backups(coordinator: &Coordinator) -> Vec<Value> {
+    coordinator
+        .cli_json(&["backups", "list"])
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn backups_are_listed_complete_and_deduplicated() {
+    let test_dir = TestDir::new("backup_dedup");
+    let pg = PgCluster::start_in(&test_dir, "pg");
+    fill(&pg, "shop", 48);
+    let coordinator = Coordinator::start(&test_dir);
+    let _agent = coordinator.enroll_agent("db1", &pg, AgentOptions::default().allow("backup"));
+
+    let first = coordinator
+        .cli(&[
+            "backup",
+            "run",
+            "--agent",
+            "db1",
+            "--database",
+            "shop",
+            "--wait",
+            "--tag",
+            "ticket=OPS-1",
+            "--output",
+            "json",
+        ])
+        .assert_success()
+        .json();
+    assert_eq!(first[0]["status"], "succeeded", "{first}");
+    let listed = backups(&coordinator);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let b1 = &listed[0];
+    assert_eq!(b1["database"], "shop");
+    assert_eq!(b1["tags"]["ticket"], "OPS-1");
+    assert!(b1["chunk_count"].as_u64().unwrap() >= 2, "{b1}");
+    assert!(b1["logical_bytes"].as_u64().unwrap() > 4 << 20, "{b1}");
+    assert!(
+        b1["server_version"].as_str().unwrap().starts_with("15"),
+        "{b1}"
+    );
+    // The manifest and the chunks are in the repository, sealed.
+    let id = b1["id"].as_str().unwrap();
+    let manifest = coordinator.home().join("repository/manifests").join(id);
+    assert!(manifest.is_file(), "no manifest at {}", manifest.display());
+    let raw = std::fs::read(&manifest).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&raw).contains("shop"),
+        "the manifest is not sealed"
+    );
+
+    // Append about 2% to one table: the second backup stores a fraction.
+    pg.psql(
+        "shop",
+        "INSERT INTO orders (customer, note, amount, at)
+           SELECT md5(i::text), repeat(md5((i * 3)::text), 4), 1, now() FROM generate_series(1, 1000) i",
+    );
+    coordinator
+        .cli(&[
+            "backup",
+            "run",
+            "--agent",
+            "db1",
+            "--database",
+            "shop",
+            "--wait",
+        ])
+        .assert_success();
+    let listed = backups(&coordinator);
+    assert_eq!(listed.len(), 2);
+    let (second, first) = (&listed[0], &listed[1]);
+    let first_new = first["new_stored_bytes"].as_u64().unwrap();
+    let second_new = second["new_stored_bytes"].as_u64().unwrap();
+    assert!(
+        second_new * 4 < first_new,
+        "the second backup stored {second_new} new bytes, the first {first_new}"
+    );
+    assert!(second["chunk_count"].as_u64().unwrap() > second["new_chunk_count"].as_u64().unwrap());
+
+    let show = coordinator.cli_json(&["backups", "show", id]);
+    assert_eq!(show["id"], id);
+    let jobs = coordinator.cli_json(&["jobs", "list"]);
+    assert_eq!(jobs.as_array().unwrap().len(), 2, "{jobs}");
+}
+
+#[test]
+fn failed_backups_are_never_listed_and_say_why() {
+    let test_dir = TestDir::new("backup_failures");
+    let pg = PgCluster::start_in(&test_dir, "pg");
+    pg.create_database("shop");
+    let coordinator = Coordinator::start(&test_dir);
+    let _allowed = coordinator.enroll_agent("db1", &pg, AgentOptions::default().allow("backup"));
+    let _forbidden = coordinator.enroll_agent("db2", &pg, AgentOptions::default().allow("restore"));
+
+    // (agent, database, what the error says)
+    let cases = [
+        ("db1", "nosuchdb", "does not exist"),
+        ("db2", "shop", "does not permit backup"),
+    ];
+    for (agent, database, expected) in cases {
+        let output = coordinator.cli(&[
+            "backup",
+            "run",
+            "--agent",
+            agent,
+            "--database",
+            database,
+            "--wait",
+        ]);
+        assert_eq!(output.status_code, Some(1), "{output}");
+        assert!(output.stderr.contains(expected), "{output}");
+    }
+    let unknown = coordinator.cli(&["backup", "run", "--agent", "nobody", "--database", "shop"]);
+    assert!(
+        !unknown.success() && unknown.stderr.contains("no agent named"),
+        "{unknown}"
+    );
+    assert!(backups(&coordinator).is_empty());
+
+    let jobs = coordinator.cli_json(&["jobs", "list"]);
+    let statuses: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["failed", "failed"], "{jobs}");
+    let events = coordinator.cli_json(&["audit", "list", "--limit", "200"]);
+    let refused = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["action"] == "agent.refused-command" && e["target"] == "db2");
+    assert!(refused, "{events}");
+}
