@@ -27,6 +27,8 @@ pub struct AdminService {
     pub fleet: Arc<Fleet>,
     pub audit: AuditLog,
     pub jobs: Arc<Jobs>,
+    pub repository: Arc<crate::repository::Repository>,
+    pub master_key_file: std::path::PathBuf,
 }
 
 fn job_to_wire(job: JobRecord) -> proto::Job {
@@ -413,5 +415,42 @@ impl Admin for AdminService {
             .cancel(&identity.principal.to_string(), &id)
             .await?;
         Ok(Response::new(job_to_wire(job)))
+    }
+
+    async fn rotate_master_key(
+        &self,
+        request: Request<proto::RotateMasterKeyRequest>,
+    ) -> Result<Response<proto::RotateMasterKeyResponse>, Status> {
+        let identity = require_role(&request, Role::Admin, &self.audit, "keys.rotate").await?;
+        let actor = identity.principal.to_string();
+        match crate::keys::rotate(&self.repository, &self.master_key_file).await {
+            Ok((old_key_id, new_key_id)) => {
+                self.audit
+                    .record_strict(AuditEvent::new(
+                        actor,
+                        "keys.rotate",
+                        "master key",
+                        Outcome::Success,
+                        format!("{old_key_id} -> {new_key_id}; repository keys rewrapped, no data rewritten"),
+                    ))
+                    .await?;
+                Ok(Response::new(proto::RotateMasterKeyResponse {
+                    old_key_id,
+                    new_key_id,
+                }))
+            }
+            Err(error) => {
+                self.audit
+                    .record(AuditEvent::new(
+                        actor,
+                        "keys.rotate",
+                        "master key",
+                        Outcome::Failed,
+                        error.to_string(),
+                    ))
+                    .await;
+                Err(error.into())
+            }
+        }
     }
 }

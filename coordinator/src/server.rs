@@ -31,7 +31,6 @@ use crate::fleet::Fleet;
 use crate::gateway::Gateway;
 use crate::http::{HttpState, router};
 use crate::jobs::Jobs;
-use crate::repository::Repository;
 
 const SERVER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const SERVER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -79,9 +78,12 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     // The repository must open with the master key before anything is
     // served: a wrong key is a startup error, not a failed backup later.
     let repository = Arc::new(
-        Repository::open(config.open_store()?, &config.master_key()?)
-            .await
-            .map_err(|e| CoordinatorError::Unavailable(format!("repository: {e}")))?,
+        crate::keys::open_repository(
+            config.open_store()?,
+            &config.keys.master_key_file,
+            config.master_key()?,
+        )
+        .await?,
     );
     let orphans = catalog
         .fail_orphaned_jobs(
@@ -169,12 +171,15 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         config: config.backup.clone(),
         tasks: tasks.clone(),
     });
+    let master_key_file = config.keys.master_key_file.clone();
     let admin = AdminService {
         authority,
         catalog: catalog.clone(),
         fleet: fleet.clone(),
         audit: audit.clone(),
         jobs,
+        repository: repository.clone(),
+        master_key_file,
     };
 
     let incoming = tls::tls_incoming(

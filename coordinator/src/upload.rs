@@ -82,10 +82,21 @@ impl Upload {
                 Some(backup_upload::Body::Chunk(chunk)) => self.chunk(chunk).await?,
                 Some(backup_upload::Body::Globals(globals)) => {
                     let id = ChunkId::from_bytes(&globals.id)?;
-                    let stored = self
-                        .store(id, globals.plaintext_bytes, globals.sealed)
-                        .await?;
-                    self.globals = Some(stored);
+                    let stored = self.catalog.stored_chunks(&[id.to_hex()]).await?;
+                    let entry = match stored.get(&id.to_hex()) {
+                        Some(sealed_bytes) => ManifestChunk {
+                            id,
+                            plaintext_bytes: globals.plaintext_bytes,
+                            sealed_bytes: *sealed_bytes,
+                        },
+                        None => {
+                            self.store(id, globals.plaintext_bytes, globals.sealed)
+                                .await?
+                        }
+                    };
+                    self.stats.referenced_bytes += entry.sealed_bytes;
+                    self.stats.chunk_count += 1;
+                    self.globals = Some(entry);
                 }
                 Some(backup_upload::Body::Finish(finish)) => {
                     self.finish(finish).await?;

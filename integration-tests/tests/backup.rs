@@ -160,3 +160,114 @@ fn failed_backups_are_never_listed_and_say_why() {
         .any(|e| e["action"] == "agent.refused-command" && e["target"] == "db2");
     assert!(refused, "{events}");
 }
+
+#[test]
+fn key_rotation_keeps_backups_and_the_catalog_rebuilds_from_the_repository() {
+    let test_dir = TestDir::new("backup_keys_rebuild");
+    let pg = PgCluster::start_in(&test_dir, "pg");
+    fill(&pg, "shop", 8);
+    let mut coordinator = Coordinator::start(&test_dir);
+    let mut agent = coordinator.enroll_agent("db1", &pg, AgentOptions::default().allow("backup"));
+    let run = |coordinator: &Coordinator| {
+        coordinator
+            .cli(&[
+                "backup",
+                "run",
+                "--agent",
+                "db1",
+                "--database",
+                "shop",
+                "--wait",
+            ])
+            .assert_success();
+    };
+    run(&coordinator);
+
+    let master_key = coordinator.home().join("master.key");
+    let before = std::fs::read(&master_key).unwrap();
+    let chunks_before = std::fs::read_dir(coordinator.home().join("repository/chunks"))
+        .unwrap()
+        .count();
+    let rotated = coordinator.cli_json(&["keys", "rotate"]);
+    assert_ne!(rotated["old_key_id"], rotated["new_key_id"], "{rotated}");
+    assert_ne!(
+        std::fs::read(&master_key).unwrap(),
+        before,
+        "master.key was not replaced"
+    );
+    // The coordinator restarts on the new key; the old backup is still
+    // there and the next one deduplicates against it (same data keys).
+    coordinator.restart();
+    coordinator.wait_until_online(&agent);
+    run(&coordinator);
+    let listed = backups(&coordinator);
+    assert_eq!(listed.len(), 2);
+    assert!(
+        listed[0]["new_chunk_count"].as_u64().unwrap() < listed[0]["chunk_count"].as_u64().unwrap()
+    );
+    let chunks_after = std::fs::read_dir(coordinator.home().join("repository/chunks"))
+        .unwrap()
+        .count();
+    assert!(
+        chunks_after >= chunks_before,
+        "rotation must not rewrite or drop chunks"
+    );
+    let ids: Vec<String> = listed
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect();
+
+    // Only the repository and the master key: an empty catalog gets the
+    // backups back; an altered manifest is reported, not trusted.
+    agent.stop();
+    coordinator.stop();
+    let catalog = coordinator.catalog_path();
+    std::fs::rename(&catalog, test_dir.path().join("old-catalog.sqlite")).unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", catalog.display()));
+    }
+    let tampered = coordinator
+        .home()
+        .join("repository/manifests")
+        .join(&ids[1]);
+    let mut bytes = std::fs::read(&tampered).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&tampered, &bytes).unwrap();
+    let config = coordinator.config_path();
+    let rebuilt = coordinator.cli(&[
+        "repository",
+        "rebuild-catalog",
+        "--config",
+        config.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(
+        rebuilt.status_code,
+        Some(1),
+        "an altered manifest must fail the rebuild: {rebuilt}"
+    );
+    let report = rebuilt.json();
+    assert_eq!(report["backups"], 1, "{report}");
+    assert!(
+        report["problems"][0].as_str().unwrap().contains(&ids[1]),
+        "{report}"
+    );
+
+    coordinator.start_again();
+    let listed = backups(&coordinator);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["id"], ids[0].as_str());
+    assert_eq!(listed[0]["database"], "shop");
+    let again = coordinator.cli(&[
+        "repository",
+        "rebuild-catalog",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(
+        !again.success() && again.stderr.contains("already holds backups"),
+        "{again}"
+    );
+}

@@ -13,6 +13,7 @@ use sqlx::FromRow;
 
 use super::Catalog;
 use crate::error::Result;
+use crate::manifest::Manifest;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobStatus {
@@ -228,6 +229,45 @@ impl Catalog {
         .bind(i64_of(stats.new_chunk_count))
         .bind(i64_of(stats.database_bytes))
         .bind(backup_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn count_backups(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM backups")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Lists a backup found in the repository (`rebuild-catalog`).
+    pub async fn insert_rebuilt_backup(
+        &self,
+        manifest: &Manifest,
+        stats: &BackupStats,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO backups (id, job_id, agent_name, instance, database, status, server_version,
+                pg_dump_version, started_at, finished_at, logical_bytes, new_stored_bytes,
+                referenced_bytes, chunk_count, new_chunk_count, database_bytes, tags)
+             VALUES (?, ?, ?, ?, ?, 'complete', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&manifest.backup_id)
+        .bind(&manifest.job_id)
+        .bind(&manifest.agent)
+        .bind(&manifest.instance)
+        .bind(&manifest.database)
+        .bind(&stats.server_version)
+        .bind(&stats.pg_dump_version)
+        .bind(manifest.started_at)
+        .bind(manifest.finished_at)
+        .bind(i64_of(stats.logical_bytes))
+        .bind(i64_of(stats.new_stored_bytes))
+        .bind(i64_of(stats.referenced_bytes))
+        .bind(i64_of(stats.chunk_count))
+        .bind(i64_of(stats.new_chunk_count))
+        .bind(i64_of(stats.database_bytes))
+        .bind(serde_json::to_string(&manifest.tags).unwrap_or_else(|_| "{}".into()))
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -105,6 +105,35 @@ enum Command {
     /// Jobs: backups in progress and finished.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// The master key.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// The repository itself.
+    #[command(subcommand)]
+    Repository(RepositoryCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Make a new master key and rewrap the repository keys with it; old
+    /// backups still restore and no chunk is rewritten (role: admin).
+    Rotate {
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RepositoryCommand {
+    /// Rebuild the backup list of an empty catalog from the repository and
+    /// the master key alone. Runs offline: stop `cairn serve` first.
+    RebuildCatalog {
+        /// Path to coordinator.toml.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        output: OutputFormat,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -651,6 +680,43 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
             Ok(0)
+        }
+        Command::Keys(KeysCommand::Rotate { connection }) => {
+            let response = connection
+                .admin()
+                .await?
+                .rotate_master_key(proto::RotateMasterKeyRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if connection.json() {
+                print_json(&serde_json::json!({
+                    "old_key_id": response.old_key_id,
+                    "new_key_id": response.new_key_id,
+                }))?;
+            } else {
+                println!(
+                    "Rotated the master key: {} -> {}. The repository keys are rewrapped; no data was rewritten. Back up the new master key file.",
+                    response.old_key_id, response.new_key_id
+                );
+            }
+            Ok(0)
+        }
+        Command::Repository(RepositoryCommand::RebuildCatalog { config, output }) => {
+            let config = CoordinatorConfig::load(&config)?;
+            let report = cairn_coordinator::rebuild::rebuild_catalog(&config).await?;
+            if output == OutputFormat::Json {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "Rebuilt the catalog: {} backup(s), {} chunk(s) from {}.",
+                    report.backups, report.chunks, report.repository
+                );
+                for problem in &report.problems {
+                    eprintln!("error: {problem}");
+                }
+            }
+            Ok(if report.problems.is_empty() { 0 } else { 1 })
         }
         Command::Operators(OperatorsCommand::Revoke { name, connection }) => {
             revoke_operator(name, connection).await

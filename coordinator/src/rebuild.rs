@@ -1,0 +1,109 @@
+//! `cairn repository rebuild-catalog`: the repository is self-describing,
+//! so with only the store and the master key an empty catalog gets back
+//! every backup whose manifest opens. A manifest that does not authenticate
+//! is reported and skipped, never trusted.
+
+use std::collections::HashSet;
+
+use serde::Serialize;
+
+use crate::audit::{AuditEvent, Outcome};
+use crate::catalog::{BackupStats, Catalog};
+use crate::clock::now_ms;
+use crate::config::CoordinatorConfig;
+use crate::error::{CoordinatorError, Result};
+use crate::manifest::Manifest;
+
+#[derive(Debug, Serialize)]
+pub struct RebuildReport {
+    pub repository: String,
+    pub backups: u64,
+    pub chunks: u64,
+    /// Manifests that could not be read or authenticated.
+    pub problems: Vec<String>,
+}
+
+pub async fn rebuild_catalog(config: &CoordinatorConfig) -> Result<RebuildReport> {
+    let catalog = Catalog::open_sqlite(&config.catalog.sqlite_path).await?;
+    if catalog.count_backups().await? > 0 {
+        return Err(CoordinatorError::Conflict(format!(
+            "the catalog {} already holds backups: rebuild only into an empty catalog (move it aside first)",
+            config.catalog.sqlite_path.display()
+        )));
+    }
+    let repository = crate::keys::open_repository(
+        config.open_store()?,
+        &config.keys.master_key_file,
+        config.master_key()?,
+    )
+    .await?;
+    let storage = |e: crate::repository::RepositoryError| {
+        CoordinatorError::Unavailable(format!("repository: {e}"))
+    };
+    let mut manifests = Vec::new();
+    let mut problems = Vec::new();
+    for key in repository.store.list("manifests/").await.map_err(storage)? {
+        let Some(backup_id) = key.as_str().strip_prefix("manifests/") else {
+            continue;
+        };
+        match Manifest::load(&repository, backup_id).await {
+            Ok(manifest) => manifests.push(manifest),
+            Err(error) => problems.push(format!("{key}: {error}")),
+        }
+    }
+    manifests.sort_by_key(|m| (m.started_at, m.backup_id.clone()));
+    let mut seen = HashSet::new();
+    let now = now_ms();
+    for manifest in &manifests {
+        let mut stats = BackupStats {
+            server_version: manifest.server_version.clone(),
+            pg_dump_version: manifest.pg_dump_version.clone(),
+            logical_bytes: manifest.dump_bytes,
+            database_bytes: manifest.database_bytes,
+            ..BackupStats::default()
+        };
+        for chunk in manifest.chunks.iter().chain(manifest.globals.iter()) {
+            stats.referenced_bytes += chunk.sealed_bytes;
+            stats.chunk_count += 1;
+            if seen.insert(chunk.id) {
+                stats.new_stored_bytes += chunk.sealed_bytes;
+                stats.new_chunk_count += 1;
+                catalog
+                    .insert_chunk(
+                        &chunk.id.to_hex(),
+                        chunk.sealed_bytes,
+                        chunk.plaintext_bytes,
+                        now,
+                    )
+                    .await?;
+            }
+        }
+        catalog.insert_rebuilt_backup(manifest, &stats).await?;
+    }
+    let report = RebuildReport {
+        repository: repository.store.describe(),
+        backups: manifests.len() as u64,
+        chunks: seen.len() as u64,
+        problems,
+    };
+    catalog
+        .append_audit(&AuditEvent::new(
+            "cairn repository rebuild-catalog",
+            "catalog.rebuild",
+            report.repository.clone(),
+            if report.problems.is_empty() {
+                Outcome::Success
+            } else {
+                Outcome::Failed
+            },
+            format!(
+                "{} backups, {} chunks, {} unreadable manifests",
+                report.backups,
+                report.chunks,
+                report.problems.len()
+            ),
+        ))
+        .await?;
+    catalog.close().await;
+    Ok(report)
+}
