@@ -16,7 +16,7 @@ use tracing_subscriber::EnvFilter;
 /// executes what its own config permits.
 // No Debug: the parsed arguments hold the token and the connection string.
 #[derive(Parser)]
-#[command(name = "cairn-agent", version, about, long_about = None)]
+#[command(name = "cairn-agent", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

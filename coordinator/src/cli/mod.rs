@@ -25,7 +25,7 @@ use output::{AgentView, AuditView, OutputFormat, print_json};
 /// Cairn: fleet-wide PostgreSQL backups, restores and health, driven from
 /// one coordinator.
 #[derive(Debug, Parser)]
-#[command(name = "cairn", version, about, long_about = None)]
+#[command(name = "cairn", version)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
