@@ -30,6 +30,7 @@ pub mod net;
 pub mod pg;
 pub mod privileges;
 pub mod process;
+pub mod proxy;
 pub mod s3;
 pub mod testdir;
 pub mod wait;
