@@ -21,7 +21,7 @@ use crate::audit::{AuditEvent, Outcome};
 use crate::audit_log::AuditLog;
 use crate::auth::{Caller, caller, peer_of};
 use crate::authority::Authority;
-use crate::catalog::{Catalog, Registration};
+use crate::catalog::{Catalog, JobStatus, Registration};
 use crate::clock::now_ms;
 use crate::fleet::{CommandOutcome, Fleet};
 use crate::repository::Repository;
@@ -119,11 +119,23 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
             job.clone(),
             tags,
         );
+        let catalog = self.catalog.clone();
+        let job_id = job.id.clone();
         let span = tracing::info_span!("upload", job_id = %job.id, agent = %agent, database = %job.database);
         self.tasks.spawn(
             async move {
                 if let Err(status) = upload.run(inbound, replies.clone()).await {
                     tracing::warn!(error = %status.message(), "upload failed");
+                    // A storage failure is recorded here, with its own
+                    // words: the agent may only see its stream reset.
+                    if status.code() == tonic::Code::Unavailable
+                        && status.message().starts_with("repository:")
+                        && let Err(error) = catalog
+                            .finish_job(&job_id, JobStatus::Failed, status.message(), now_ms())
+                            .await
+                    {
+                        tracing::error!(%error, "cannot record the failed job");
+                    }
                     let _ = replies.send(Err(status)).await;
                 }
             }

@@ -63,6 +63,9 @@ impl LocalStore {
                 .open(&temporary)
                 .await?;
             file.write_all(&bytes).await?;
+            // tokio writes in the background: only `flush` reports a failed
+            // write (a full disk), and `sync_all` does not wait for it.
+            file.flush().await?;
             file.sync_all().await?;
             drop(file);
             tokio::fs::rename(&temporary, &path).await?;
