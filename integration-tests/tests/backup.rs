@@ -271,3 +271,82 @@ fn key_rotation_keeps_backups_and_the_catalog_rebuilds_from_the_repository() {
         "{again}"
     );
 }
+
+#[test]
+fn all_databases_offline_agents_and_unreadable_databases() {
+    let test_dir = TestDir::new("backup_all_offline");
+    let pg = PgCluster::start_in(&test_dir, "pg");
+    pg.create_database("shop");
+    pg.create_database("crm");
+    // A role that may log in but not read `crm`'s table.
+    pg.psql(
+        "crm",
+        "CREATE TABLE secrets (x int); INSERT INTO secrets VALUES (1);
+         CREATE ROLE reader LOGIN; REVOKE ALL ON secrets FROM PUBLIC;",
+    );
+    let coordinator = Coordinator::start(&test_dir);
+    let mut agent = coordinator.enroll_agent("db1", &pg, AgentOptions::default().allow("backup"));
+    let reader = AgentOptions {
+        postgres_connstring: Some(pg.connstring().replace("user=postgres", "user=reader")),
+        ..AgentOptions::default()
+    }
+    .allow("backup");
+    let _reader = coordinator.enroll_agent("db2", &pg, reader);
+    // The latest probe lists the databases (it runs every second here).
+    coordinator.cli(&["probe", "db1"]).assert_success();
+
+    let jobs = coordinator
+        .cli(&[
+            "backup",
+            "run",
+            "--agent",
+            "db1",
+            "--all-databases",
+            "--wait",
+            "--output",
+            "json",
+        ])
+        .assert_success()
+        .json();
+    let mut databases: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["database"].as_str().unwrap())
+        .collect();
+    databases.sort();
+    assert_eq!(databases, ["crm", "postgres", "shop"], "{jobs}");
+    assert_eq!(backups(&coordinator).len(), 3);
+
+    // A database the agent's role cannot read: pg_dump's own message.
+    let denied = coordinator.cli(&[
+        "backup",
+        "run",
+        "--agent",
+        "db2",
+        "--database",
+        "crm",
+        "--wait",
+    ]);
+    assert_eq!(denied.status_code, Some(1), "{denied}");
+    assert!(denied.stderr.contains("permission denied"), "{denied}");
+
+    // An offline agent: the job fails at once and says so.
+    agent.stop();
+    coordinator.wait_for_agent_status("db1", "offline", std::time::Duration::from_secs(20));
+    let offline = coordinator.cli(&[
+        "backup",
+        "run",
+        "--agent",
+        "db1",
+        "--database",
+        "shop",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(offline.status_code, Some(1), "{offline}");
+    let job = &offline.json()[0];
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(job["error"].as_str().unwrap().contains("offline"), "{job}");
+    assert_eq!(backups(&coordinator).len(), 3);
+}
