@@ -2,7 +2,9 @@
 //! `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    // Read at run time, not `env!`: a build script binary reused from
+    // another checkout (a shared CARGO_TARGET_DIR) must not look there.
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../proto");
     let files = [
         "cairn/v1/agent_gateway.proto",
         "cairn/v1/admin.proto",
