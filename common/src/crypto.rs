@@ -4,7 +4,7 @@
 //! chunk to its id, a manifest to its backup id), so that no object can be
 //! swapped for another without detection.
 //!
-//! Key hierarchy: the master key (a file or an environment variable, 0600)
+//! Key hierarchy: the master key (a 0600 file, `keys.master_key_file`)
 //! wraps the repository keys (the data key and the chunk-id key), which are
 //! stored wrapped in the repository itself. Rotating the master key rewraps
 //! them; no data is re-encrypted.

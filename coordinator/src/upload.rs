@@ -4,7 +4,7 @@
 //! that is not its content's), stores the missing ones, then writes the
 //! manifest and only then marks the backup complete.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -30,7 +30,11 @@ pub struct Upload {
     pub job: JobRecord,
     pub tags: BTreeMap<String, String>,
     chunks: Vec<ManifestChunk>,
-    expected: VecDeque<(ChunkId, bool)>,
+    /// The last offer's chunks still to come: whether their bytes must be
+    /// sent, and their sealed size when the repository already holds them.
+    expected: VecDeque<(ChunkId, bool, Option<u64>)>,
+    /// Sealed sizes of the chunks this upload stored.
+    stored_here: HashMap<ChunkId, u64>,
     globals: Option<ManifestChunk>,
     stats: BackupStats,
 }
@@ -57,6 +61,7 @@ impl Upload {
             tags,
             chunks: Vec::new(),
             expected: VecDeque::new(),
+            stored_here: HashMap::new(),
             globals: None,
             stats: BackupStats::default(),
         }
@@ -137,19 +142,19 @@ impl Upload {
         let stored = self.catalog.stored_chunks(&hex).await?;
         let mut missing = Vec::new();
         for id in ids {
-            let is_missing =
-                !stored.contains_key(&id.to_hex()) && !missing.contains(&id.as_bytes().to_vec());
+            let known = stored.get(&id.to_hex()).copied();
+            let is_missing = known.is_none() && !missing.contains(&id.as_bytes().to_vec());
             if is_missing {
                 missing.push(id.as_bytes().to_vec());
             }
-            self.expected.push_back((id, is_missing));
+            self.expected.push_back((id, is_missing, known));
         }
         Ok(missing)
     }
 
     async fn chunk(&mut self, chunk: proto::UploadChunk) -> Result<(), Status> {
         let id = ChunkId::from_bytes(&chunk.id)?;
-        let Some((expected, must_send)) = self.expected.pop_front() else {
+        let Some((expected, must_send, known_size)) = self.expected.pop_front() else {
             return Err(protocol("chunk without an offer"));
         };
         if id != expected {
@@ -161,8 +166,11 @@ impl Upload {
                     "chunk {id} is missing from the repository: send its bytes"
                 )));
             }
-            let stored = self.catalog.stored_chunks(&[id.to_hex()]).await?;
-            let sealed_bytes = stored.get(&id.to_hex()).copied().unwrap_or(0);
+            // Known from the offer, or stored earlier in this upload (an id
+            // offered twice in one batch).
+            let sealed_bytes = known_size
+                .or_else(|| self.stored_here.get(&id).copied())
+                .ok_or_else(|| protocol(format!("chunk {id}: send its bytes")))?;
             ManifestChunk {
                 id,
                 plaintext_bytes: chunk.plaintext_bytes,
@@ -175,14 +183,18 @@ impl Upload {
         self.stats.referenced_bytes += entry.sealed_bytes;
         self.stats.chunk_count += 1;
         self.chunks.push(entry);
-        self.catalog
-            .update_job_progress(
-                &self.job.id,
-                self.stats.logical_bytes,
-                self.stats.new_stored_bytes,
-                self.stats.chunk_count,
-            )
-            .await?;
+        // Progress is written once per batch, not per chunk: it is for
+        // people watching, and each write is an fsync.
+        if self.expected.is_empty() {
+            self.catalog
+                .update_job_progress(
+                    &self.job.id,
+                    self.stats.logical_bytes,
+                    self.stats.new_stored_bytes,
+                    self.stats.chunk_count,
+                )
+                .await?;
+        }
         Ok(())
     }
 
@@ -218,6 +230,7 @@ impl Upload {
             .await?;
         self.stats.new_stored_bytes += sealed_bytes;
         self.stats.new_chunk_count += 1;
+        self.stored_here.insert(id, sealed_bytes);
         Ok(ManifestChunk {
             id,
             plaintext_bytes,

@@ -388,6 +388,25 @@ impl PgCluster {
         );
     }
 
+    /// Creates `name` with sample data for backup tests: an `orders` table
+    /// of about `megabytes` MiB (md5-based text, so it compresses well) and
+    /// a 20,000-row `customers` table, analyzed.
+    pub fn create_sample_database(&self, name: &str, megabytes: u32) {
+        self.create_database(name);
+        self.psql(
+            name,
+            &format!(
+                "CREATE TABLE orders (id bigserial PRIMARY KEY, customer text, note text, amount numeric, at timestamptz);
+                 INSERT INTO orders (customer, note, amount, at)
+                   SELECT md5(i::text), repeat(md5((i * 7)::text), 4), (i % 1000) / 7.0, now() - i * interval '1 minute'
+                   FROM generate_series(1, {rows}) i;
+                 CREATE TABLE customers AS SELECT i AS id, md5(i::text) AS name FROM generate_series(1, 20000) i;
+                 ANALYZE;",
+                rows = megabytes * 4000
+            ),
+        );
+    }
+
     /// Whether the server is started (by this fixture) and not stopped.
     pub fn is_running(&self) -> bool {
         self.running

@@ -5,23 +5,6 @@
 use cairn_integration_tests::{AgentOptions, Coordinator, PgCluster, TestDir};
 use serde_json::Value;
 
-/// A database of about `megabytes` MiB of incompressible-ish rows.
-fn fill(pg: &PgCluster, database: &str, megabytes: u32) {
-    pg.create_database(database);
-    pg.psql(
-        database,
-        &format!(
-            "CREATE TABLE orders (id bigserial PRIMARY KEY, customer text, note text, amount numeric, at timestamptz);
-             INSERT INTO orders (customer, note, amount, at)
-               SELECT md5(i::text), repeat(md5((i * 7)::text), 4), (i % 1000) / 7.0, now() - i * interval '1 minute'
-               FROM generate_series(1, {rows}) i;
-             CREATE TABLE customers AS SELECT i AS id, md5(i::text) AS name FROM generate_series(1, 20000) i;
-             ANALYZE;",
-            rows = megabytes * 4000
-        ),
-    );
-}
-
 fn backups(coordinator: &Coordinator) -> Vec<Value> {
     coordinator
         .cli_json(&["backups", "list"])
@@ -34,7 +17,7 @@ fn backups(coordinator: &Coordinator) -> Vec<Value> {
 fn backups_are_listed_complete_and_deduplicated() {
     let test_dir = TestDir::new("backup_dedup");
     let pg = PgCluster::start_in(&test_dir, "pg");
-    fill(&pg, "shop", 48);
+    pg.create_sample_database("shop", 48);
     let coordinator = Coordinator::start(&test_dir);
     let _agent = coordinator.enroll_agent("db1", &pg, AgentOptions::default().allow("backup"));
 
@@ -165,7 +148,7 @@ fn failed_backups_are_never_listed_and_say_why() {
 fn key_rotation_keeps_backups_and_the_catalog_rebuilds_from_the_repository() {
     let test_dir = TestDir::new("backup_keys_rebuild");
     let pg = PgCluster::start_in(&test_dir, "pg");
-    fill(&pg, "shop", 8);
+    pg.create_sample_database("shop", 8);
     let mut coordinator = Coordinator::start(&test_dir);
     let mut agent = coordinator.enroll_agent("db1", &pg, AgentOptions::default().allow("backup"));
     let run = |coordinator: &Coordinator| {

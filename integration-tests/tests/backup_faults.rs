@@ -49,24 +49,6 @@ const PG_DUMP_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a whole backup of the test database may take.
 const BACKUP_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// A database of about `megabytes` MiB of incompressible-ish rows (as in
-/// `tests/backup.rs`).
-fn fill(pg: &PgCluster, database: &str, megabytes: u32) {
-    pg.create_database(database);
-    pg.psql(
-        database,
-        &format!(
-            "CREATE TABLE orders (id bigserial PRIMARY KEY, customer text, note text, amount numeric, at timestamptz);
-             INSERT INTO orders (customer, note, amount, at)
-               SELECT md5(i::text), repeat(md5((i * 7)::text), 4), (i % 1000) / 7.0, now() - i * interval '1 minute'
-               FROM generate_series(1, {rows}) i;
-             CREATE TABLE customers AS SELECT i AS id, md5(i::text) AS name FROM generate_series(1, 20000) i;
-             ANALYZE;",
-            rows = megabytes * 4000
-        ),
-    );
-}
-
 /// One test's fleet: a filled database, a coordinator, and one agent
 /// allowed to back it up. Fields drop in order: the agent first, the test
 /// directory last.
@@ -81,7 +63,7 @@ impl Fleet {
     fn start(test_name: &str) -> Fleet {
         let test_dir = TestDir::new(test_name);
         let pg = PgCluster::start_in(&test_dir, "pg");
-        fill(&pg, DATABASE, DATABASE_MIB);
+        pg.create_sample_database(DATABASE, DATABASE_MIB);
         let coordinator = Coordinator::start(&test_dir);
         let agent = coordinator.enroll_agent(AGENT, &pg, AgentOptions::default().allow("backup"));
         Fleet {

@@ -342,18 +342,7 @@ impl Catalog {
         .bind(name)
         .execute(&mut *transaction)
         .await?;
-        sqlx::query(
-            "UPDATE certificates SET revoked_at = ? WHERE kind = 'agent' AND name = ? AND revoked_at IS NULL",
-        )
-        .bind(now)
-        .bind(name)
-        .execute(&mut *transaction)
-        .await?;
-        let serials: Vec<String> =
-            sqlx::query_scalar("SELECT serial FROM certificates WHERE kind = 'agent' AND name = ?")
-                .bind(name)
-                .fetch_all(&mut *transaction)
-                .await?;
+        let serials = revoke_certificates(&mut transaction, "agent", name, now).await?;
         transaction.commit().await?;
         Ok(serials)
     }
@@ -362,19 +351,7 @@ impl Catalog {
     /// serials (empty if there were none).
     pub async fn revoke_operator(&self, name: &str, now: i64) -> Result<Vec<String>> {
         let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let serials: Vec<String> = sqlx::query_scalar(
-            "SELECT serial FROM certificates WHERE kind = 'operator' AND name = ? AND revoked_at IS NULL",
-        )
-        .bind(name)
-        .fetch_all(&mut *transaction)
-        .await?;
-        sqlx::query(
-            "UPDATE certificates SET revoked_at = ? WHERE kind = 'operator' AND name = ? AND revoked_at IS NULL",
-        )
-        .bind(now)
-        .bind(name)
-        .execute(&mut *transaction)
-        .await?;
+        let serials = revoke_certificates(&mut transaction, "operator", name, now).await?;
         transaction.commit().await?;
         Ok(serials)
     }
@@ -539,6 +516,31 @@ impl Catalog {
         .fetch_all(&self.pool)
         .await?)
     }
+}
+
+/// Revokes the unrevoked certificates of one holder; returns their serials.
+async fn revoke_certificates(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    kind: &str,
+    name: &str,
+    now: i64,
+) -> Result<Vec<String>> {
+    let serials: Vec<String> = sqlx::query_scalar(
+        "SELECT serial FROM certificates WHERE kind = ? AND name = ? AND revoked_at IS NULL",
+    )
+    .bind(kind)
+    .bind(name)
+    .fetch_all(&mut **transaction)
+    .await?;
+    sqlx::query(
+        "UPDATE certificates SET revoked_at = ? WHERE kind = ? AND name = ? AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .bind(kind)
+    .bind(name)
+    .execute(&mut **transaction)
+    .await?;
+    Ok(serials)
 }
 
 async fn insert_certificate(
