@@ -21,6 +21,7 @@ pub mod keys;
 pub mod manifest;
 pub mod rebuild;
 pub mod repository;
+pub mod repository_init;
 pub mod server;
 pub mod upload;
 

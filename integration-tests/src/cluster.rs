@@ -43,6 +43,10 @@ pub const IDENTITY_ENV: &str = "CAIRN_IDENTITY";
 /// rewrites to a shorter interval so tests see agents go offline quickly.
 const INIT_HEARTBEAT_LINE: &str = "heartbeat_interval = \"5s\"";
 
+/// The `[repository]` table `cairn init` writes, which the fixture replaces
+/// when a test asks for another repository.
+const INIT_REPOSITORY_TABLE: &str = "[repository]\nkind = \"local\"\npath = \"repository\"\n";
+
 /// How many times `serve` is retried on fresh ports when a port chosen by
 /// [`free_port`] was taken before the coordinator bound it.
 const PORT_ATTEMPTS: usize = 3;
@@ -60,6 +64,10 @@ pub struct CoordinatorOptions {
     pub extra_init_args: Vec<String>,
     /// Environment of `cairn serve`.
     pub env: Vec<(String, String)>,
+    /// Replaces the `[repository]` table of the generated config (the whole
+    /// table, header included); the fixture then runs
+    /// `cairn repository init` on it. `None` keeps the local repository.
+    pub repository_table: Option<String>,
 }
 
 impl Default for CoordinatorOptions {
@@ -69,6 +77,7 @@ impl Default for CoordinatorOptions {
             heartbeat_interval: Some("1s".to_string()),
             extra_init_args: Vec::new(),
             env: Vec::new(),
+            repository_table: None,
         }
     }
 }
@@ -430,6 +439,17 @@ impl Coordinator {
             .unwrap_or_else(|log| panic!("coordinator {} did not start again:\n{log}", self.name));
     }
 
+    /// [`Coordinator::start_again`] for a start that may fail: the error
+    /// holds the end of the log.
+    pub fn try_start_again(&mut self) -> Result<(), String> {
+        assert!(
+            self.process.is_none(),
+            "coordinator {} is already running",
+            self.name
+        );
+        self.serve()
+    }
+
     /// Lets `cairn serve` outlive this handle and returns its pid (used by
     /// `cargo xtask demo --keep`).
     pub fn keep_running(mut self) -> u32 {
@@ -456,6 +476,9 @@ impl Coordinator {
         append_to_log(&self.log_path(), &output);
         assert!(output.success(), "`cairn init` failed: {output}");
 
+        if let Some(table) = &options.repository_table {
+            self.replace_repository_table(table);
+        }
         if let Some(interval) = &options.heartbeat_interval {
             let config_path = self.config_path();
             let config = std::fs::read_to_string(&config_path)
@@ -473,6 +496,31 @@ impl Coordinator {
             std::fs::write(&config_path, config)
                 .unwrap_or_else(|e| panic!("write {}: {e}", config_path.display()));
         }
+    }
+
+    /// Points the config at another repository and creates it there with
+    /// `cairn repository init`, as an operator would.
+    fn replace_repository_table(&self, table: &str) {
+        let config_path = self.config_path();
+        let config = std::fs::read_to_string(&config_path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", config_path.display()));
+        assert!(
+            config.contains(INIT_REPOSITORY_TABLE),
+            "{} has no local `[repository]` table to replace; the fixture follows the \
+             `cairn init` contract and needs updating:\n{config}",
+            config_path.display()
+        );
+        std::fs::write(&config_path, config.replace(INIT_REPOSITORY_TABLE, table))
+            .unwrap_or_else(|e| panic!("write {}: {e}", config_path.display()));
+        let config_arg = config_path.to_str().expect("the config path is UTF-8");
+        let output = process::run(
+            &mut self
+                .serve_builder()
+                .args(&["repository", "init", "--config", config_arg])
+                .command(),
+        );
+        append_to_log(&self.log_path(), &output);
+        assert!(output.success(), "`cairn repository init` failed: {output}");
     }
 
     fn log_path(&self) -> PathBuf {

@@ -125,6 +125,17 @@ enum KeysCommand {
 
 #[derive(Debug, Subcommand)]
 enum RepositoryCommand {
+    /// Create the repository that `[repository]` in coordinator.toml names
+    /// (an S3 bucket and prefix, or a directory), with fresh keys wrapped
+    /// by the master key. `cairn init` does this for its local default; run
+    /// it once after pointing `[repository]` at S3, before `cairn serve`.
+    Init {
+        /// Path to coordinator.toml.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        output: OutputFormat,
+    },
     /// Rebuild the backup list of an empty catalog from the repository and
     /// the master key alone. Runs offline: stop `cairn serve` first.
     RebuildCatalog {
@@ -698,6 +709,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!(
                     "Rotated the master key: {} -> {}. The repository keys are rewrapped; no data was rewritten. Back up the new master key file.",
                     response.old_key_id, response.new_key_id
+                );
+            }
+            Ok(0)
+        }
+        Command::Repository(RepositoryCommand::Init { config, output }) => {
+            let config = CoordinatorConfig::load(&config)?;
+            let report = cairn_coordinator::repository_init::init_repository(&config).await?;
+            if output == OutputFormat::Json {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "Created repository {} in {} (keys wrapped by master key {}).",
+                    report.id, report.repository, report.master_key_id
                 );
             }
             Ok(0)

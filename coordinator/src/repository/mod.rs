@@ -196,7 +196,7 @@ impl Repository {
             .await
             .map_err(|e| match e {
                 RepositoryError::NotFound(_) => RepositoryError::Invalid(format!(
-                    "{} holds no cairn repository (no {DESCRIPTOR_KEY})",
+                    "{} holds no cairn repository (no {DESCRIPTOR_KEY}); create one with `cairn repository init --config FILE`",
                     store.describe()
                 )),
                 other => other,
