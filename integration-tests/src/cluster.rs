@@ -516,7 +516,7 @@ impl Coordinator {
         let output = process::run(
             &mut self
                 .serve_builder()
-                .args(&["repository", "init", "--config", config_arg])
+                .args(["repository", "init", "--config", config_arg])
                 .command(),
         );
         append_to_log(&self.log_path(), &output);
