@@ -81,14 +81,29 @@ fn keys_of(command: &proto::BackupCommand) -> Result<RepositoryKeys, String> {
     })
 }
 
-/// Runs one backup to its end. The error is one line for the operator:
-/// pg_dump's own message, the coordinator's, or `cancelled: ...`.
+/// How a job ended short of done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobEnd {
+    /// A cancel command stopped it; what was stopped.
+    Cancelled(String),
+    /// One line for the operator: pg_dump's own message or the
+    /// coordinator's.
+    Failed(String),
+}
+
+impl From<String> for JobEnd {
+    fn from(message: String) -> Self {
+        JobEnd::Failed(message)
+    }
+}
+
+/// Runs one backup to its end.
 pub async fn run(
     config: &AgentConfig,
     channel: Channel,
     jobs: &Arc<RunningJobs>,
     command: proto::BackupCommand,
-) -> Result<(), String> {
+) -> Result<(), JobEnd> {
     let guard = jobs.register(&command.job_id);
     let keys = keys_of(&command)?;
     let instance = config
@@ -183,14 +198,11 @@ pub async fn run(
     // The upload's error explains a dump that stopped because the upload
     // went away; otherwise the dump's own error comes first.
     let outcome = match (dumped, uploaded) {
-        (_, Err(upload_error)) => return Err(upload_error),
+        (_, Err(upload_error)) => return Err(JobEnd::Failed(upload_error)),
         (Err(DumpError::Cancelled), Ok(())) => {
-            return Err(format!(
-                "{}: the job was cancelled; pg_dump was stopped",
-                crate::backup::CANCELLED
-            ));
+            return Err(JobEnd::Cancelled("pg_dump was stopped".into()));
         }
-        (Err(error), Ok(())) => return Err(error.to_string()),
+        (Err(error), Ok(())) => return Err(JobEnd::Failed(error.to_string())),
         (Ok(outcome), Ok(())) => outcome,
     };
 
@@ -217,12 +229,11 @@ pub async fn run(
     .await?;
     match next_reply(&mut replies).await? {
         backup_upload_reply::Body::Stored(_) => Ok(()),
-        _ => Err("the coordinator did not confirm the backup".into()),
+        _ => Err(JobEnd::Failed(
+            "the coordinator did not confirm the backup".into(),
+        )),
     }
 }
-
-/// How a cancelled job's error message starts (the coordinator relies on it).
-pub const CANCELLED: &str = "cancelled";
 
 async fn send(
     outbound: &mpsc::Sender<proto::BackupUpload>,

@@ -77,7 +77,10 @@ pub async fn execute(context: &Context, command: proto::Command) -> proto::Comma
                     .await
                 {
                     Ok(()) => command_result::Outcome::JobDone(proto::JobDone { job_id }),
-                    Err(error) => command_result::Outcome::Error(error),
+                    Err(backup::JobEnd::Cancelled(detail)) => {
+                        command_result::Outcome::Cancelled(proto::JobCancelled { job_id, detail })
+                    }
+                    Err(backup::JobEnd::Failed(error)) => command_result::Outcome::Error(error),
                 }
             }
             command::Kind::Cancel(cancel) => {

@@ -213,7 +213,9 @@ impl Admin for AdminService {
             }
             Ok(CommandOutcome::Refused { reason, .. }) => (Outcome::Refused, reason.clone()),
             Ok(CommandOutcome::Error(error)) => (Outcome::Failed, error.clone()),
-            Ok(CommandOutcome::JobDone) => (Outcome::Failed, "unexpected answer".to_string()),
+            Ok(CommandOutcome::JobDone | CommandOutcome::Cancelled(_)) => {
+                (Outcome::Failed, "unexpected answer".to_string())
+            }
             Err(error) => (Outcome::Failed, error.to_string()),
         };
         self.audit
@@ -233,7 +235,9 @@ impl Admin for AdminService {
             })),
             CommandOutcome::Refused { reason, .. } => Err(Status::permission_denied(reason)),
             CommandOutcome::Error(error) => Err(Status::internal(error)),
-            CommandOutcome::JobDone => Err(Status::internal("the agent answered a probe as a job")),
+            CommandOutcome::JobDone | CommandOutcome::Cancelled(_) => {
+                Err(Status::internal("the agent answered a probe as a job"))
+            }
         }
     }
 

@@ -30,6 +30,8 @@ pub enum CommandOutcome {
     Probe(Vec<InstanceProbe>),
     /// A job command (a backup) finished on the agent.
     JobDone,
+    /// A job command stopped because a cancel reached it; what was stopped.
+    Cancelled(String),
     Refused {
         operation: Option<Operation>,
         reason: String,

@@ -338,6 +338,9 @@ impl Gateway {
                 CommandOutcome::Error(error.clone())
             }
             Some(proto::command_result::Outcome::JobDone(_)) => CommandOutcome::JobDone,
+            Some(proto::command_result::Outcome::Cancelled(cancelled)) => {
+                CommandOutcome::Cancelled(cancelled.detail.clone())
+            }
             None => CommandOutcome::Error("the agent sent an empty command result".into()),
         }
     }

@@ -276,8 +276,8 @@ impl Jobs {
                 ),
             },
             Ok(CommandOutcome::Refused { reason, .. }) => (JobStatus::Failed, reason),
-            Ok(CommandOutcome::Error(error)) if error.starts_with(CANCELLED_PREFIX) => {
-                (JobStatus::Cancelled, error)
+            Ok(CommandOutcome::Cancelled(detail)) => {
+                (JobStatus::Cancelled, format!("cancelled: {detail}"))
             }
             Ok(CommandOutcome::Error(error)) => (JobStatus::Failed, error),
             Ok(CommandOutcome::Probe(_)) => {
@@ -343,12 +343,9 @@ impl Jobs {
             .await;
         if let Err(error) = outcome {
             // The agent is gone: the job cannot go on anyway.
-            let message = format!("{CANCELLED_PREFIX} by {actor} (agent unreachable: {error})");
+            let message = format!("cancelled by {actor} (agent unreachable: {error})");
             self.end(&job, JobStatus::Cancelled, &message).await;
         }
         self.reload(job_id).await
     }
 }
-
-/// How an agent's error message starts when a job was cancelled.
-pub const CANCELLED_PREFIX: &str = "cancelled";
