@@ -47,8 +47,8 @@ use std::fmt::Write as _;
 use std::os::unix::process::CommandExt as _;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
 use cairn_integration_tests::{
@@ -364,18 +364,10 @@ fn run_bench(
     print_machine(settings);
     let s3 = S3Server::start();
     s3.create_bucket(BUCKET);
-    let mut s3_checked = false;
     let mut reports = Vec::new();
     for dataset in [Dataset::Pgbench, Dataset::Realistic] {
         interrupts.check()?;
-        let report = bench_dataset(
-            test_dir,
-            interrupts,
-            settings,
-            dataset,
-            &s3,
-            &mut s3_checked,
-        )?;
+        let report = bench_dataset(test_dir, interrupts, settings, dataset, &s3)?;
         print_report(&report);
         reports.push(report);
     }
@@ -466,7 +458,6 @@ fn bench_dataset(
     settings: &Settings,
     dataset: Dataset,
     s3: &S3Server,
-    s3_checked: &mut bool,
 ) -> anyhow::Result<DatasetReport> {
     println!(
         "\n==> Dataset {}: a PostgreSQL cluster and its data",
@@ -547,11 +538,7 @@ fn bench_dataset(
                 }
                 Case::S3 => {
                     let name = format!("{}-d{run}", dataset.name());
-                    let (fleet, refusal) = Fleet::s3(test_dir, &postgres, &name, s3, !*s3_checked)?;
-                    if let Some(refusal) = refusal {
-                        *s3_checked = true;
-                        report.notes.push(refusal);
-                    }
+                    let fleet = Fleet::s3(test_dir, &postgres, &name, s3);
                     let (sample, _) = fleet.measured_backup(&postgres, settings)?;
                     fleet.remove()?;
                     let prefix_dir = s3.data_dir().join(BUCKET).join(&name);
@@ -933,16 +920,9 @@ impl Fleet {
     }
 
     /// A fresh coordinator home whose repository is in the S3 bucket under
-    /// the prefix `name`, and its agent. With `check_refusal`, first
-    /// whether `cairn serve` starts on the empty prefix; what it said is
-    /// returned.
-    fn s3(
-        test_dir: &TestDir,
-        postgres: &PgCluster,
-        name: &str,
-        s3: &S3Server,
-        check_refusal: bool,
-    ) -> anyhow::Result<(Fleet, Option<String>)> {
+    /// the prefix `name` (made by `cairn repository init`, as an operator
+    /// would), and its agent.
+    fn s3(test_dir: &TestDir, postgres: &PgCluster, name: &str, s3: &S3Server) -> Fleet {
         let env = vec![
             ("AWS_ACCESS_KEY_ID".to_string(), s3.access_key().to_string()),
             (
@@ -950,35 +930,15 @@ impl Fleet {
                 s3.secret_key().to_string(),
             ),
         ];
-        let mut coordinator = Coordinator::start_with(test_dir, coordinator_options(name, env));
-        coordinator.stop();
-        let config_path = coordinator.config_path();
-        let config = std::fs::read_to_string(&config_path)
-            .with_context(|| format!("read {}", config_path.display()))?;
-        let local = "[repository]\nkind = \"local\"\npath = \"repository\"\n";
-        ensure!(
-            config.contains(local),
-            "{} has no `{local}` table to replace; `cairn init` changed",
-            config_path.display()
-        );
-        let s3_table = format!(
+        let mut options = coordinator_options(name, env);
+        options.repository_table = Some(format!(
             "[repository]\nkind = \"s3\"\nbucket = \"{BUCKET}\"\nprefix = \"{name}\"\n\
              region = \"{}\"\nendpoint = \"{}\"\npath_style = true\n",
             s3.region(),
             s3.endpoint()
-        );
-        std::fs::write(&config_path, config.replace(local, &s3_table))
-            .with_context(|| format!("write {}", config_path.display()))?;
-        let _ = std::fs::remove_dir_all(coordinator.home().join("repository"));
-
-        let refusal = if check_refusal {
-            Some(serve_on_empty_prefix(&coordinator, test_dir, s3)?)
-        } else {
-            None
-        };
-        create_s3_repository(&coordinator, s3, name)?;
-        coordinator.start_again();
-        Ok((Fleet::with_agent(coordinator, postgres, name), refusal))
+        ));
+        let coordinator = Coordinator::start_with(test_dir, options);
+        Fleet::with_agent(coordinator, postgres, name)
     }
 
     fn with_agent(coordinator: Coordinator, postgres: &PgCluster, name: &str) -> Fleet {
@@ -1119,95 +1079,8 @@ fn coordinator_options(name: &str, env: Vec<(String, String)>) -> CoordinatorOpt
         heartbeat_interval: None,
         extra_init_args: Vec::new(),
         env,
+        repository_table: None,
     }
-}
-
-/// Runs `cairn serve` on the configured S3 prefix, which holds nothing yet,
-/// and returns what happened, for the report.
-fn serve_on_empty_prefix(
-    coordinator: &Coordinator,
-    test_dir: &TestDir,
-    s3: &S3Server,
-) -> anyhow::Result<String> {
-    let log = test_dir.log_path("serve-on-empty-s3-prefix");
-    let log_file =
-        std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-    let mut child = Command::new(&cairn_integration_tests::binaries().cairn)
-        .arg("serve")
-        .arg("--config")
-        .arg(coordinator.config_path())
-        .env("AWS_ACCESS_KEY_ID", s3.access_key())
-        .env("AWS_SECRET_ACCESS_KEY", s3.secret_key())
-        .env_remove(cairn_integration_tests::bins::BIN_DIR_ENV)
-        .env_remove(BUILT_ENV)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(
-            log_file.try_clone().context("duplicate a log file")?,
-        ))
-        .stderr(Stdio::from(log_file))
-        .process_group(0)
-        .spawn()
-        .context("run cairn serve")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().context("wait for cairn serve")? {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let logged = std::fs::read_to_string(&log).unwrap_or_default();
-    let said = logged
-        .lines()
-        .rfind(|line| line.contains("repository") || line.contains("rror"))
-        .unwrap_or("(nothing)")
-        .trim()
-        .to_string();
-    Ok(match status {
-        Some(status) => format!(
-            "`cairn serve` on an empty S3 prefix refuses to start ({status}): {said}. No CLI \
-             creates an S3 repository, so the bench creates it with \
-             cairn_coordinator::repository::Repository::create, as \
-             integration-tests/tests/s3_repository.rs does"
-        ),
-        None => "`cairn serve` on an empty S3 prefix kept running (it did not refuse)".to_string(),
-    })
-}
-
-/// Creates the repository under the S3 prefix with the coordinator's master
-/// key.
-fn create_s3_repository(
-    coordinator: &Coordinator,
-    s3: &S3Server,
-    prefix: &str,
-) -> anyhow::Result<()> {
-    use cairn_coordinator::repository::{Repository, S3Credentials, S3Settings, S3Store, Store};
-    let key_path = coordinator.home().join("master.key");
-    let hex = std::fs::read_to_string(&key_path)
-        .with_context(|| format!("read {}", key_path.display()))?;
-    let master = cairn_common::crypto::SecretKey::from_hex(&hex)
-        .with_context(|| format!("parse {}", key_path.display()))?;
-    let mut settings = S3Settings::new(
-        BUCKET,
-        S3Credentials::new(s3.access_key(), s3.secret_key(), None),
-    );
-    settings.prefix = prefix.to_string();
-    settings.region = s3.region().to_string();
-    settings.endpoint = Some(s3.endpoint().to_string());
-    settings.path_style = true;
-    let store = S3Store::new(settings).context("an S3 store for the repository")?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("a runtime to create the S3 repository")?;
-    runtime
-        .block_on(Repository::create(Store::S3(store), &master))
-        .context("create the S3 repository")?;
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------
