@@ -112,14 +112,6 @@ pub async fn run(
         .find(|i| i.name.as_str() == command.instance)
         .ok_or_else(|| format!("this agent has no instance {:?}", command.instance))?;
     let connection = instance.postgres.clone();
-    let facts = postgres::database_facts(&connection, &command.database, FACTS_TIMEOUT)
-        .await
-        .map_err(|e| e.to_string())?;
-    let globals = dump::dump_globals(&connection, command.include_role_passwords, None)
-        .await
-        .map_err(|e| e.to_string())?;
-    let sealed_globals =
-        seal_chunk(&keys, &globals, command.zstd_level).map_err(|e| e.to_string())?;
 
     let mut client = AgentGatewayClient::new(channel);
     let (outbound, outbound_receiver) = mpsc::channel(2);
@@ -137,16 +129,45 @@ pub async fn run(
         .map_err(|status| format!("the coordinator refused the upload: {}", status.message()))?
         .into_inner();
 
+    // The dump starts at once; the database's facts and the instance's
+    // globals are gathered beside it (they are sent after its chunks).
+    // Stopping the dump for a failure here is not a cancellation:
+    // `dump_token` is a child of the job's token.
+    let dump_token = guard.token.child_token();
+    let prelude = async {
+        let gathered = async {
+            let facts = postgres::database_facts(&connection, &command.database, FACTS_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?;
+            let globals = dump::dump_globals(&connection, command.include_role_passwords, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            let sealing_keys = keys.clone();
+            let level = command.zstd_level;
+            let sealed_globals =
+                tokio::task::spawn_blocking(move || seal_chunk(&sealing_keys, &globals, level))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+            Ok::<_, String>((facts, sealed_globals))
+        }
+        .await;
+        if gathered.is_err() {
+            dump_token.cancel();
+        }
+        gathered
+    };
+
     let request = DumpRequest {
-        connection,
+        connection: connection.clone(),
         database: command.database.clone(),
         zstd_level: command.zstd_level,
-        keys,
+        keys: keys.clone(),
         pg_bindir: None,
     };
     let (chunk_sender, mut chunk_receiver) = mpsc::channel::<SealedChunk>(OFFER_BATCH);
     let (progress, _) = watch::channel(DumpProgress::default());
-    let dumping = dump::dump(&request, chunk_sender, progress, guard.token.clone());
+    let dumping = dump::dump(&request, chunk_sender, progress, dump_token.clone());
     let upload_batches = async {
         while let Some(first) = chunk_receiver.recv().await {
             let mut batch = vec![first];
@@ -186,7 +207,6 @@ pub async fn run(
     };
     // A failed upload must stop pg_dump too: its chunks would wait forever
     // on a channel nobody reads.
-    let dump_token = guard.token.clone();
     let uploading = async {
         let result = upload_batches.await;
         if result.is_err() {
@@ -194,16 +214,20 @@ pub async fn run(
         }
         result
     };
-    let (dumped, uploaded) = tokio::join!(dumping, uploading);
+    let (dumped, uploaded, gathered) = tokio::join!(dumping, uploading, prelude);
     // The upload's error explains a dump that stopped because the upload
-    // went away; otherwise the dump's own error comes first.
-    let outcome = match (dumped, uploaded) {
-        (_, Err(upload_error)) => return Err(JobEnd::Failed(upload_error)),
-        (Err(DumpError::Cancelled), Ok(())) => {
+    // went away; then pg_dump's own message; then the facts' or globals'.
+    let (outcome, (facts, sealed_globals)) = match (dumped, uploaded, gathered) {
+        (_, Err(upload_error), _) => return Err(JobEnd::Failed(upload_error)),
+        (Err(DumpError::Cancelled), Ok(()), _) if guard.token.is_cancelled() => {
             return Err(JobEnd::Cancelled("pg_dump was stopped".into()));
         }
-        (Err(error), Ok(())) => return Err(JobEnd::Failed(error.to_string())),
-        (Ok(outcome), Ok(())) => outcome,
+        (Err(error), Ok(()), _) if !matches!(error, DumpError::Cancelled) => {
+            return Err(JobEnd::Failed(error.to_string()));
+        }
+        (_, Ok(()), Err(prelude_error)) => return Err(JobEnd::Failed(prelude_error)),
+        (Ok(outcome), Ok(()), Ok(gathered)) => (outcome, gathered),
+        (Err(error), Ok(()), Ok(_)) => return Err(JobEnd::Failed(error.to_string())),
     };
 
     send(

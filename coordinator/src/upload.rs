@@ -3,6 +3,13 @@
 //! re-hashed: a buggy or hostile agent cannot plant a chunk under a name
 //! that is not its content's), stores the missing ones, then writes the
 //! manifest and only then marks the backup complete.
+//!
+//! Checking and storing run off the receiving loop, up to
+//! [`STORE_IN_FLIGHT`] chunks at once, so one chunk's fsync overlaps the
+//! next one's check and the agent's next offer. When that many are in
+//! flight the loop stops reading, and HTTP/2 flow control holds the agent.
+//! A chunk enters the catalog (where offers find it) only once its object
+//! is durable; the manifest is written only once every chunk is.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -11,6 +18,7 @@ use bytes::Bytes;
 use cairn_common::chunk::{ChunkId, open_chunk};
 use cairn_common::proto::{self, backup_upload, backup_upload_reply};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tonic::{Status, Streaming};
 
 use crate::catalog::{BackupStats, Catalog, JobRecord};
@@ -20,6 +28,13 @@ use crate::repository::{ObjectKey, Repository};
 
 /// Most chunk ids one offer may carry.
 pub const OFFER_MAX_CHUNKS: usize = 8;
+
+/// Most chunks of one upload being checked and stored at once.
+pub const STORE_IN_FLIGHT: usize = 4;
+
+/// A chunk whose object is durable: (id hex, sealed bytes, plaintext bytes),
+/// ready for the catalog.
+type DurableChunk = (String, u64, u64);
 
 pub type ReplySender = mpsc::Sender<Result<proto::BackupUploadReply, Status>>;
 
@@ -33,8 +48,12 @@ pub struct Upload {
     /// The last offer's chunks still to come: whether their bytes must be
     /// sent, and their sealed size when the repository already holds them.
     expected: VecDeque<(ChunkId, bool, Option<u64>)>,
-    /// Sealed sizes of the chunks this upload stored.
+    /// Sealed sizes of the chunks this upload stored or is storing.
     stored_here: HashMap<ChunkId, u64>,
+    /// Chunks being checked and stored.
+    in_flight: JoinSet<Result<DurableChunk, Status>>,
+    /// Durable chunks not yet in the catalog.
+    durable: Vec<DurableChunk>,
     globals: Option<ManifestChunk>,
     stats: BackupStats,
 }
@@ -62,15 +81,32 @@ impl Upload {
             chunks: Vec::new(),
             expected: VecDeque::new(),
             stored_here: HashMap::new(),
+            in_flight: JoinSet::new(),
+            durable: Vec::new(),
             globals: None,
             stats: BackupStats::default(),
         }
     }
 
     /// Runs the upload to its end; an error fails the upload (the job
-    /// engine then fails the job).
+    /// engine then fails the job). Chunks stored before an error stay in
+    /// the catalog, so a retry does not upload them again.
     pub async fn run(
         mut self,
+        inbound: Streaming<proto::BackupUpload>,
+        replies: ReplySender,
+    ) -> Result<(), Status> {
+        let result = self.receive(inbound, replies).await;
+        if result.is_err() {
+            // Whatever was already on its way to storage is finished and
+            // recorded; a failure there adds nothing to the first error.
+            let _ = self.settle().await;
+        }
+        result
+    }
+
+    async fn receive(
+        &mut self,
         mut inbound: Streaming<proto::BackupUpload>,
         replies: ReplySender,
     ) -> Result<(), Status> {
@@ -142,7 +178,12 @@ impl Upload {
         let stored = self.catalog.stored_chunks(&hex).await?;
         let mut missing = Vec::new();
         for id in ids {
-            let known = stored.get(&id.to_hex()).copied();
+            // Stored earlier in this upload counts as known, even before
+            // it reaches the catalog.
+            let known = stored
+                .get(&id.to_hex())
+                .copied()
+                .or_else(|| self.stored_here.get(&id).copied());
             let is_missing = known.is_none() && !missing.contains(&id.as_bytes().to_vec());
             if is_missing {
                 missing.push(id.as_bytes().to_vec());
@@ -183,9 +224,10 @@ impl Upload {
         self.stats.referenced_bytes += entry.sealed_bytes;
         self.stats.chunk_count += 1;
         self.chunks.push(entry);
-        // Progress is written once per batch, not per chunk: it is for
-        // people watching, and each write is an fsync.
+        // The catalog is written once per batch, not per chunk: each write
+        // is an fsync. Progress is for people watching.
         if self.expected.is_empty() {
+            self.record_durable(false).await?;
             self.catalog
                 .update_job_progress(
                     &self.job.id,
@@ -198,36 +240,41 @@ impl Upload {
         Ok(())
     }
 
-    /// Checks a sealed chunk against its name and stores it.
+    /// Starts checking a sealed chunk against its name and storing it;
+    /// waits first while [`STORE_IN_FLIGHT`] chunks are on their way.
     async fn store(
         &mut self,
         id: ChunkId,
         plaintext_bytes: u64,
         sealed: Vec<u8>,
     ) -> Result<ManifestChunk, Status> {
+        while self.in_flight.len() >= STORE_IN_FLIGHT {
+            self.reap_one().await?;
+        }
         let repository = self.repository.clone();
         let sealed = Bytes::from(sealed);
-        let checked = sealed.clone();
-        let plaintext_len = tokio::task::spawn_blocking(move || {
-            open_chunk(repository.keys(), &id, &checked).map(|plaintext| plaintext.len() as u64)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("chunk check: {e}")))?
-        .map_err(|e| protocol(e.to_string()))?;
-        if plaintext_len != plaintext_bytes {
-            return Err(protocol(format!(
-                "chunk {id}: plaintext_bytes does not match its content"
-            )));
-        }
         let sealed_bytes = sealed.len() as u64;
-        self.repository
-            .store
-            .put(&ObjectKey::chunk(&id), sealed)
+        self.in_flight.spawn(async move {
+            let checked = sealed.clone();
+            let keys = repository.clone();
+            let plaintext_len = tokio::task::spawn_blocking(move || {
+                open_chunk(keys.keys(), &id, &checked).map(|plaintext| plaintext.len() as u64)
+            })
             .await
-            .map_err(storage)?;
-        self.catalog
-            .insert_chunk(&id.to_hex(), sealed_bytes, plaintext_bytes, now_ms())
-            .await?;
+            .map_err(|e| Status::internal(format!("chunk check: {e}")))?
+            .map_err(|e| protocol(e.to_string()))?;
+            if plaintext_len != plaintext_bytes {
+                return Err(protocol(format!(
+                    "chunk {id}: plaintext_bytes does not match its content"
+                )));
+            }
+            repository
+                .store
+                .put(&ObjectKey::chunk(&id), sealed)
+                .await
+                .map_err(storage)?;
+            Ok((id.to_hex(), sealed_bytes, plaintext_bytes))
+        });
         self.stats.new_stored_bytes += sealed_bytes;
         self.stats.new_chunk_count += 1;
         self.stored_here.insert(id, sealed_bytes);
@@ -236,6 +283,49 @@ impl Upload {
             plaintext_bytes,
             sealed_bytes,
         })
+    }
+
+    /// Waits for the next chunk in flight to be durable (or fail).
+    async fn reap_one(&mut self) -> Result<(), Status> {
+        if let Some(joined) = self.in_flight.join_next().await {
+            let durable = joined.map_err(|e| Status::internal(format!("chunk store: {e}")))??;
+            self.durable.push(durable);
+        }
+        Ok(())
+    }
+
+    /// Moves finished chunks into the catalog; with `wait`, all of them
+    /// (every chunk in flight is awaited).
+    async fn record_durable(&mut self, wait: bool) -> Result<(), Status> {
+        let mut first_error = None;
+        loop {
+            let joined = if wait {
+                self.in_flight.join_next().await
+            } else {
+                self.in_flight.try_join_next()
+            };
+            let Some(joined) = joined else { break };
+            match joined {
+                Ok(Ok(durable)) => self.durable.push(durable),
+                Ok(Err(status)) => {
+                    first_error.get_or_insert(status);
+                }
+                Err(error) => {
+                    first_error.get_or_insert(Status::internal(format!("chunk store: {error}")));
+                }
+            }
+        }
+        let durable = std::mem::take(&mut self.durable);
+        self.catalog.insert_chunks(&durable, now_ms()).await?;
+        match first_error {
+            Some(status) => Err(status),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for every chunk in flight and records the durable ones.
+    async fn settle(&mut self) -> Result<(), Status> {
+        self.record_durable(true).await
     }
 
     async fn finish(&mut self, finish: proto::UploadFinish) -> Result<(), Status> {
@@ -268,7 +358,9 @@ impl Upload {
             chunks: std::mem::take(&mut self.chunks),
             globals: self.globals.clone(),
         };
-        // Chunks first (already durable), then the manifest, then the catalog.
+        // Chunks first (durable once settled), then the manifest, then the
+        // catalog.
+        self.settle().await?;
         manifest.store(&self.repository).await.map_err(storage)?;
         self.stats.server_version = finish.server_version;
         self.stats.pg_dump_version = finish.pg_dump_version;

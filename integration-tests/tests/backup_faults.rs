@@ -192,7 +192,8 @@ impl Fleet {
 
     /// A new backup with `--wait` succeeds, is the only one listed, and
     /// reuses the chunks the interrupted job stored (all but the first,
-    /// which holds the time of the dump). Returns the listed backup.
+    /// which holds the time of the dump, and those still in flight).
+    /// Returns the listed backup.
     fn backup_again_reusing(&self, stored_before_fault: u64) -> Value {
         let output = self.backup_and_wait();
         assert!(
@@ -220,8 +221,11 @@ impl Fleet {
             "the backup after the fault: {} bytes in {chunk_count} chunks, {new_chunk_count} new",
             backup["logical_bytes"]
         );
+        // The progress counts chunks received; up to STORE_IN_FLIGHT of
+        // them were still on their way to storage when the fault struck.
+        let in_flight = cairn_coordinator::upload::STORE_IN_FLIGHT as u64;
         assert!(
-            chunk_count - new_chunk_count >= stored_before_fault - 1,
+            chunk_count - new_chunk_count >= stored_before_fault.saturating_sub(1 + in_flight),
             "the interrupted job had stored {stored_before_fault} chunks but the next backup \
              reused only {}: {backup}",
             chunk_count - new_chunk_count

@@ -315,18 +315,44 @@ impl Catalog {
 
     /// Which of `ids` (hex) the repository holds, with their sealed sizes.
     pub async fn stored_chunks(&self, ids: &[String]) -> Result<HashMap<String, u64>> {
-        let mut stored = HashMap::new();
-        for id in ids {
-            let size: Option<i64> =
-                sqlx::query_scalar("SELECT sealed_bytes FROM chunks WHERE id = ?")
-                    .bind(id)
-                    .fetch_optional(&self.pool)
-                    .await?;
-            if let Some(size) = size {
-                stored.insert(id.clone(), u64::try_from(size).unwrap_or(0));
-            }
+        if ids.is_empty() {
+            return Ok(HashMap::new());
         }
-        Ok(stored)
+        let mut query =
+            sqlx::QueryBuilder::new("SELECT id, sealed_bytes FROM chunks WHERE id IN (");
+        let mut list = query.separated(", ");
+        for id in ids {
+            list.push_bind(id);
+        }
+        list.push_unseparated(")");
+        let rows: Vec<(String, i64)> = query.build_query_as().fetch_all(&self.pool).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, size)| (id, u64::try_from(size).unwrap_or(0)))
+            .collect())
+    }
+
+    /// Records chunks now durable in the repository, in one transaction:
+    /// (id, sealed bytes, plaintext bytes).
+    pub async fn insert_chunks(&self, chunks: &[(String, u64, u64)], now: i64) -> Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for (id, sealed_bytes, plaintext_bytes) in chunks {
+            sqlx::query(
+                "INSERT INTO chunks (id, sealed_bytes, plaintext_bytes, stored_at) VALUES (?, ?, ?, ?)
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(id)
+            .bind(i64_of(*sealed_bytes))
+            .bind(i64_of(*plaintext_bytes))
+            .bind(now)
+            .execute(&mut *transaction)
+            .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
     }
 
     pub async fn insert_chunk(
@@ -451,6 +477,16 @@ mod tests {
         let (_dir, catalog) = catalog().await;
         catalog.insert_chunk("aa", 10, 20, 1).await.unwrap();
         catalog.insert_chunk("aa", 10, 20, 2).await.unwrap();
+        catalog
+            .insert_chunks(&[("aa".into(), 10, 20), ("bb".into(), 30, 40)], 3)
+            .await
+            .unwrap();
+        let stored = catalog
+            .stored_chunks(&["aa".into(), "bb".into(), "cc".into()])
+            .await
+            .unwrap();
+        assert_eq!(stored.len(), 2, "{stored:?}");
+        assert_eq!(stored.get("bb"), Some(&30));
         let stored = catalog
             .stored_chunks(&["aa".into(), "bb".into()])
             .await

@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 use super::client::explain;
 use super::output::{self, bytes, print_json};
 
-const WATCH_INTERVAL: Duration = Duration::from_millis(300);
+const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Serialize)]
 pub struct JobView {
