@@ -300,7 +300,7 @@ struct Sample {
     /// How the client CPU divides.
     detail: String,
     /// The job's own duration by the coordinator's clock (the CLI's wall
-    /// time adds up to 0.3 s: `--wait` polls the job every 300 ms).
+    /// time adds up to 0.1 s: `--wait` polls the job every 100 ms).
     job_seconds: Option<f64>,
 }
 
@@ -1355,7 +1355,7 @@ fn print_report(report: &DatasetReport) {
         }
     }
     println!(
-        "\n  wall s: of the command (for (c)-(f) the CLI's `--wait`, which polls every 300 ms); \
+        "\n  wall s: of the command (for (c)-(f) the CLI's `--wait`, which polls every 100 ms); \
          job s: the job's own start to end by the coordinator's clock; MB/s: \
          pg_database_size / wall;\n  client s: CPU of the client processes (pg_dump and the pipeline for (s)-(b); \
          agent, its pg_dump, coordinator and CLI for (c)-(f));\n  server s: CPU of the \
