@@ -491,6 +491,10 @@ mod tests {
             .stored_chunks(&["aa".into(), "bb".into()])
             .await
             .unwrap();
-        assert_eq!(stored, HashMap::from([("aa".to_string(), 10)]));
+        assert_eq!(
+            stored,
+            HashMap::from([("aa".to_string(), 10), ("bb".to_string(), 30)])
+        );
+        assert!(catalog.stored_chunks(&[]).await.unwrap().is_empty());
     }
 }
