@@ -248,6 +248,27 @@ pub async fn run(
             database_bytes: facts.size_bytes,
             row_estimates: facts.row_estimates.into_iter().collect(),
             dump_millis: outcome.duration.as_millis() as u64,
+            table_rows: outcome
+                .rows
+                .as_ref()
+                .map(|summary| {
+                    summary
+                        .tables
+                        .iter()
+                        .map(|t| proto::TableRows {
+                            schema: t.schema.clone(),
+                            table: t.table.clone(),
+                            rows: t.rows,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            rows_not_counted: outcome.rows.as_ref().err().cloned().unwrap_or_default(),
+            archive_version: outcome
+                .rows
+                .as_ref()
+                .map(|summary| summary.archive_version.clone())
+                .unwrap_or_default(),
         }),
     )
     .await?;

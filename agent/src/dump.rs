@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use cairn_common::archive::{ArchiveScanner, ArchiveSummary};
 use cairn_common::chunk::{
     CHUNK_AVG_BYTES, CHUNK_MAX_BYTES, CHUNK_MIN_BYTES, SealedChunk, seal_chunk,
 };
@@ -94,6 +95,10 @@ pub struct DumpOutcome {
     /// `pg_dump (PostgreSQL) 15.13 (Debian 15.13-0+deb12u1)`.
     pub pg_dump_version: String,
     pub duration: Duration,
+    /// Exact rows of every table, counted in the archive as it went by, or
+    /// why they could not be (an archive this agent cannot read). Never
+    /// fails the dump.
+    pub rows: Result<ArchiveSummary, String>,
 }
 
 /// Why a dump failed. No variant carries the connection string.
@@ -230,6 +235,7 @@ async fn run_dump(
                 chunk_count: totals.chunks,
                 pg_dump_version,
                 duration: started.elapsed(),
+                rows: totals.rows,
             };
             tracing::info!(
                 bytes = outcome.dump_bytes,
@@ -325,10 +331,11 @@ async fn stop(child: &mut Child) {
     }
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug)]
 struct Totals {
     bytes: u64,
     chunks: u64,
+    rows: Result<ArchiveSummary, String>,
 }
 
 /// How many chunks are sealed at once.
@@ -362,8 +369,9 @@ async fn pump(
             let keys = Arc::clone(&keys);
             async move {
                 let chunk = cut.map_err(chunker_error)?;
-                let sealing =
-                    tokio::task::spawn_blocking(move || seal_chunk(&keys, &chunk.data, zstd_level));
+                let sealing = tokio::task::spawn_blocking(move || {
+                    seal_chunk(&keys, &chunk.data, zstd_level).map(|sealed| (sealed, chunk.data))
+                });
                 match sealing.await {
                     Ok(sealed) => sealed.map_err(DumpError::Seal),
                     Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
@@ -374,18 +382,34 @@ async fn pump(
         })
         .buffered(sealing_in_flight());
     let mut sealed = pin!(sealed);
-    let mut totals = Totals::default();
+    let mut bytes = 0;
+    let mut count = 0;
+    // Counting the rows of the archive as it goes by: in order, on this
+    // task (a newline count, far cheaper than sealing).
+    let mut scanner = Ok(ArchiveScanner::new());
     while let Some(chunk) = sealed.next().await {
-        let chunk = chunk?;
-        totals.bytes += chunk.plaintext_len as u64;
-        totals.chunks += 1;
+        let (chunk, plaintext) = chunk?;
+        if let Ok(reading) = &mut scanner
+            && let Err(error) = reading.feed(&plaintext)
+        {
+            tracing::warn!(%error, "cannot count the rows of this dump");
+            scanner = Err(error.to_string());
+        }
+        drop(plaintext);
+        bytes += chunk.plaintext_len as u64;
+        count += 1;
         chunks
             .send(chunk)
             .await
             .map_err(|_| DumpError::ReceiverClosed)?;
-        progress.send_modify(|p| p.chunks = totals.chunks);
+        progress.send_modify(|p| p.chunks = count);
     }
-    Ok(totals)
+    let rows = scanner.and_then(|reading| reading.finish().map_err(|e| e.to_string()));
+    Ok(Totals {
+        bytes,
+        chunks: count,
+        rows,
+    })
 }
 
 fn chunker_error(error: fastcdc::v2020::Error) -> DumpError {

@@ -6,6 +6,7 @@
 //! The wire stays at the edge: only [`proto`] and the conversions in
 //! [`model`] see prost types.
 
+pub mod archive;
 pub mod chunk;
 pub mod config;
 pub mod crypto;

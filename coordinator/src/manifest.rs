@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use cairn_common::archive::TableRows;
 use cairn_common::chunk::ChunkId;
 use cairn_common::crypto::{Domain, RepositoryKeys, open, seal};
 use serde::{Deserialize, Serialize};
@@ -44,6 +45,14 @@ pub struct Manifest {
     pub chunks: Vec<ManifestChunk>,
     /// `pg_dumpall --globals-only`, one chunk.
     pub globals: Option<ManifestChunk>,
+    /// Exact rows of every table's data in the dump, in archive order;
+    /// `None` when the agent could not count them (see `rows_not_counted`).
+    #[serde(default)]
+    pub table_rows: Option<Vec<TableRows>>,
+    #[serde(default)]
+    pub rows_not_counted: String,
+    #[serde(default)]
+    pub archive_version: String,
 }
 
 impl Manifest {
@@ -124,6 +133,13 @@ mod tests {
             tags: BTreeMap::new(),
             chunks: vec![],
             globals: None,
+            table_rows: Some(vec![TableRows {
+                schema: "public".into(),
+                table: "t".into(),
+                rows: 10,
+            }]),
+            rows_not_counted: String::new(),
+            archive_version: "1.14.0".into(),
         }
     }
 

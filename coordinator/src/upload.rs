@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use cairn_common::archive::TableRows;
 use cairn_common::chunk::{ChunkId, open_chunk};
 use cairn_common::proto::{self, backup_upload, backup_upload_reply};
 use tokio::sync::mpsc;
@@ -357,6 +358,19 @@ impl Upload {
             tags: self.tags.clone(),
             chunks: std::mem::take(&mut self.chunks),
             globals: self.globals.clone(),
+            table_rows: finish.rows_not_counted.is_empty().then(|| {
+                finish
+                    .table_rows
+                    .iter()
+                    .map(|t| TableRows {
+                        schema: t.schema.clone(),
+                        table: t.table.clone(),
+                        rows: t.rows,
+                    })
+                    .collect()
+            }),
+            rows_not_counted: finish.rows_not_counted.clone(),
+            archive_version: finish.archive_version.clone(),
         };
         // Chunks first (durable once settled), then the manifest, then the
         // catalog.

@@ -82,7 +82,12 @@ fn fill_shop(pg: &PgCluster, database: &str) {
                                   FROM generate_series(1, 30) AS i)
              FROM generate_series(1, 6000) AS g;
          CREATE TABLE tags (id int PRIMARY KEY, name text);
-         INSERT INTO tags SELECT g, 'tag-' || g FROM generate_series(1, 3000) AS g;",
+         INSERT INTO tags SELECT g, 'tag-' || g FROM generate_series(1, 3000) AS g;
+         CREATE TABLE empty (id int);
+         CREATE SCHEMA \"weird schema\";
+         CREATE TABLE \"weird schema\".\"multi\nline\" (v text);
+         INSERT INTO \"weird schema\".\"multi\nline\"
+           VALUES (E'a\\nb\\tc'), (E'\\\\.'), ('');",
     );
 }
 
@@ -168,6 +173,27 @@ async fn a_dump_reassembles_into_an_archive_that_pg_restore_reads() {
         outcome.pg_dump_version.starts_with("pg_dump (PostgreSQL) "),
         "{}",
         outcome.pg_dump_version
+    );
+    // The exact row count of every table, counted as the dump went by,
+    // including a table with a newline and a tab in its values and an
+    // empty one.
+    let rows = outcome.rows.as_ref().expect("the rows are counted");
+    assert_eq!(rows.database, "shop");
+    let mut counted: Vec<(&str, &str, u64)> = rows
+        .tables
+        .iter()
+        .map(|t| (t.schema.as_str(), t.table.as_str(), t.rows))
+        .collect();
+    counted.sort();
+    assert_eq!(
+        counted,
+        [
+            ("public", "accounts", 8000),
+            ("public", "empty", 0),
+            ("public", "events", 6000),
+            ("public", "tags", 3000),
+            ("weird schema", "multi\nline", 3),
+        ]
     );
     let archive = reassemble(&keys, &chunks);
     assert_eq!(archive.len() as u64, outcome.dump_bytes);
