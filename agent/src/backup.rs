@@ -7,95 +7,26 @@
 //! batch in flight, a slow coordinator or repository slows `pg_dump` down
 //! instead of filling memory.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_common::chunk::{SealedChunk, seal_chunk};
-use cairn_common::crypto::{RepositoryKeys, SecretKey};
 use cairn_common::proto::{
     self, agent_gateway_client::AgentGatewayClient, backup_upload, backup_upload_reply,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::config::AgentConfig;
 use crate::dump::{self, DumpError, DumpProgress, DumpRequest};
+use crate::jobs::repository_keys;
+use crate::jobs::{JobEnd, RunningJobs};
 use crate::postgres;
 
 /// Chunks offered at once (the coordinator accepts at most 8).
 const OFFER_BATCH: usize = 8;
 const FACTS_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Running jobs by id, so that a cancel command can reach them.
-#[derive(Debug, Default)]
-pub struct RunningJobs {
-    jobs: Mutex<HashMap<String, CancellationToken>>,
-}
-
-impl RunningJobs {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
-        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn register(self: &Arc<Self>, job_id: &str) -> JobGuard {
-        let token = CancellationToken::new();
-        self.lock().insert(job_id.to_string(), token.clone());
-        JobGuard {
-            jobs: self.clone(),
-            job_id: job_id.to_string(),
-            token,
-        }
-    }
-
-    /// Cancels a running job; false if there is none by that id.
-    pub fn cancel(&self, job_id: &str) -> bool {
-        match self.lock().get(job_id) {
-            Some(token) => {
-                token.cancel();
-                true
-            }
-            None => false,
-        }
-    }
-}
-
-struct JobGuard {
-    jobs: Arc<RunningJobs>,
-    job_id: String,
-    token: CancellationToken,
-}
-
-impl Drop for JobGuard {
-    fn drop(&mut self) {
-        self.jobs.lock().remove(&self.job_id);
-    }
-}
-
-fn keys_of(command: &proto::BackupCommand) -> Result<RepositoryKeys, String> {
-    Ok(RepositoryKeys {
-        data: SecretKey::from_bytes(&command.data_key).map_err(|e| e.to_string())?,
-        chunk_id: SecretKey::from_bytes(&command.chunk_id_key).map_err(|e| e.to_string())?,
-    })
-}
-
-/// How a job ended short of done.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JobEnd {
-    /// A cancel command stopped it; what was stopped.
-    Cancelled(String),
-    /// One line for the operator: pg_dump's own message or the
-    /// coordinator's.
-    Failed(String),
-}
-
-impl From<String> for JobEnd {
-    fn from(message: String) -> Self {
-        JobEnd::Failed(message)
-    }
-}
 
 /// Runs one backup to its end.
 pub async fn run(
@@ -105,7 +36,7 @@ pub async fn run(
     command: proto::BackupCommand,
 ) -> Result<(), JobEnd> {
     let guard = jobs.register(&command.job_id);
-    let keys = keys_of(&command)?;
+    let keys = repository_keys(&command.data_key, &command.chunk_id_key)?;
     let instance = config
         .instances
         .iter()

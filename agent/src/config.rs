@@ -22,6 +22,10 @@ pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(15);
 pub const PROBE_INTERVAL_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(3600);
 pub const DEFAULT_RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Where a parallel restore spools its dump unless `spool_dir` says
+/// otherwise: on disk (unlike `/tmp` on many hosts), and writable under
+/// the systemd unit's sandbox (`PrivateTmp=yes` gives the agent its own).
+pub const DEFAULT_SPOOL_DIR: &str = "/var/tmp/cairn-agent";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,6 +45,11 @@ pub struct AgentConfig {
     /// The longest wait between reconnection attempts (exponential, with jitter).
     #[serde(with = "humantime_serde", default = "default_reconnect_max_backoff")]
     pub reconnect_max_backoff: Duration,
+    /// Where a parallel restore (`--jobs` above 1) writes the dump for
+    /// `pg_restore` to read (0600, removed at the end); relative to this
+    /// file. Default: [`DEFAULT_SPOOL_DIR`]. Created when first needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spool_dir: Option<PathBuf>,
     #[serde(default)]
     pub permissions: Permissions,
     #[serde(default)]
@@ -84,6 +93,9 @@ impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig> {
         let mut config: AgentConfig = load_toml(path)?;
         config.identity_dir = resolve(path, &config.identity_dir);
+        if let Some(spool_dir) = &config.spool_dir {
+            config.spool_dir = Some(resolve(path, spool_dir));
+        }
         config.validate().map_err(|message| {
             AgentError::Common(cairn_common::Error::Config {
                 file: path.to_path_buf(),
@@ -99,6 +111,13 @@ impl AgentConfig {
 
     pub fn coordinator_url(&self) -> Result<CoordinatorUrl> {
         Ok(CoordinatorUrl::parse(&self.coordinator)?)
+    }
+
+    /// Where parallel restores spool their dump.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.spool_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_DIR))
     }
 
     pub fn permits(&self, operation: Operation) -> bool {
@@ -130,6 +149,19 @@ impl AgentConfig {
         }
         for (key, value) in &self.labels {
             validate_label(key, value).map_err(|e| format!("key `labels.{key}`: {e}"))?;
+        }
+        if let Some(spool_dir) = &self.spool_dir {
+            if spool_dir.as_os_str().is_empty() {
+                return Err(
+                    "key `spool_dir`: must not be empty (leave it out for the default)".into(),
+                );
+            }
+            if spool_dir.exists() && !spool_dir.is_dir() {
+                return Err(format!(
+                    "key `spool_dir`: {} exists and is not a directory",
+                    spool_dir.display()
+                ));
+            }
         }
         Ok(())
     }
@@ -181,6 +213,27 @@ identity_dir = "identity"
             "key `instances[1].name`",
         );
         check(&BASE.replace("db1", "DB1").to_string(), "agent name");
+        check(
+            &format!("{BASE}spool_dir = \"\"\n{INSTANCE}"),
+            "key `spool_dir`",
+        );
+        check(
+            &format!("{BASE}spool_dir = \"/dev/null\"\n{INSTANCE}"),
+            "key `spool_dir`: /dev/null exists and is not a directory",
+        );
+    }
+
+    #[test]
+    fn the_spool_dir_defaults_and_resolves_next_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, format!("{BASE}{INSTANCE}")).unwrap();
+        let config = AgentConfig::load(&path).unwrap();
+        assert_eq!(config.spool_dir(), Path::new(DEFAULT_SPOOL_DIR));
+        assert!(!toml::to_string(&config).unwrap().contains("spool_dir"));
+        std::fs::write(&path, format!("{BASE}spool_dir = \"spool\"\n{INSTANCE}")).unwrap();
+        let config = AgentConfig::load(&path).unwrap();
+        assert_eq!(config.spool_dir(), dir.path().join("spool"));
     }
 
     #[test]

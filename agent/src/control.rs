@@ -23,10 +23,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
-use crate::backup::RunningJobs;
 use crate::config::AgentConfig;
 use crate::dispatch;
 use crate::error::{AgentError, Result};
+use crate::jobs::RunningJobs;
 
 /// Messages queued to the coordinator; a full queue pushes back on probes
 /// and command results, never on the stream itself.

@@ -9,9 +9,11 @@ use cairn_common::model::Operation;
 use cairn_common::proto::{self, command, command_result};
 use tracing::Instrument;
 
-use crate::backup::{self, RunningJobs};
+use crate::backup;
 use crate::config::AgentConfig;
+use crate::jobs::{JobEnd, RunningJobs};
 use crate::postgres;
+use crate::restore;
 
 /// What commands run with: the config, the channel to the coordinator (for
 /// a job's own data stream) and the running jobs (for cancellation).
@@ -76,16 +78,38 @@ pub async fn execute(context: &Context, command: proto::Command) -> proto::Comma
                     .instrument(span)
                     .await
                 {
-                    Ok(()) => command_result::Outcome::JobDone(proto::JobDone { job_id }),
-                    Err(backup::JobEnd::Cancelled(detail)) => {
-                        command_result::Outcome::Cancelled(proto::JobCancelled { job_id, detail })
-                    }
-                    Err(backup::JobEnd::Failed(error)) => command_result::Outcome::Error(error),
+                    Ok(()) => command_result::Outcome::JobDone(proto::JobDone {
+                        job_id,
+                        restore: None,
+                    }),
+                    Err(end) => job_end(job_id, end),
+                }
+            }
+            command::Kind::Restore(restore_command) => {
+                let job_id = restore_command.job_id.clone();
+                let span = tracing::info_span!(
+                    "job",
+                    job_id = %job_id,
+                    database = %restore_command.database,
+                    drill = restore_command.drill
+                );
+                match restore::run(config, context.channel.clone(), &context.jobs, restore_command)
+                    .instrument(span)
+                    .await
+                {
+                    Ok(report) => command_result::Outcome::JobDone(proto::JobDone {
+                        job_id,
+                        restore: Some(report),
+                    }),
+                    Err(end) => job_end(job_id, end),
                 }
             }
             command::Kind::Cancel(cancel) => {
                 if context.jobs.cancel(&cancel.job_id) {
-                    command_result::Outcome::JobDone(proto::JobDone { job_id: cancel.job_id })
+                    command_result::Outcome::JobDone(proto::JobDone {
+                        job_id: cancel.job_id,
+                        restore: None,
+                    })
                 } else {
                     command_result::Outcome::Error(format!("no running job {}", cancel.job_id))
                 }
@@ -102,6 +126,16 @@ pub async fn execute(context: &Context, command: proto::Command) -> proto::Comma
     proto::CommandResult {
         command_id,
         outcome: Some(outcome),
+    }
+}
+
+/// A job's end short of done, as its command's outcome.
+fn job_end(job_id: String, end: JobEnd) -> command_result::Outcome {
+    match end {
+        JobEnd::Cancelled(detail) => {
+            command_result::Outcome::Cancelled(proto::JobCancelled { job_id, detail })
+        }
+        JobEnd::Failed(error) => command_result::Outcome::Error(error),
     }
 }
 

@@ -450,7 +450,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for CountingReader<'_, R> {
 }
 
 /// Reads `source` to its end, keeping the last `limit` bytes, as text.
-async fn read_tail(mut source: impl AsyncRead + Unpin, limit: usize) -> String {
+pub(crate) async fn read_tail(mut source: impl AsyncRead + Unpin, limit: usize) -> String {
     let mut kept: Vec<u8> = Vec::new();
     let mut dropped = false;
     let mut buffer = vec![0u8; 8 * 1024];

@@ -92,6 +92,7 @@ pub async fn enroll(options: &EnrollOptions) -> Result<Enrolled> {
         source_address: options.source_address,
         probe_interval: options.probe_interval,
         reconnect_max_backoff: DEFAULT_RECONNECT_MAX_BACKOFF,
+        spool_dir: None,
         permissions: Permissions {
             allow: options.allow.iter().copied().collect(),
         },

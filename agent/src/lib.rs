@@ -10,6 +10,8 @@ pub mod dispatch;
 pub mod dump;
 pub mod enroll;
 pub mod error;
+pub mod jobs;
 pub mod postgres;
+pub mod restore;
 
 pub use error::{AgentError, Result};

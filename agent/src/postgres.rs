@@ -15,11 +15,15 @@
 //! Every call is bounded by the `timeout` it is given, which covers the
 //! connection (TCP or Unix socket, and authentication) and the queries.
 //!
-//! The PostgreSQL client programs the agent runs (`pg_dump`, `pg_dumpall`)
-//! are found ([`PgTools`]) and their command lines built here too
-//! ([`pg_dump_command`], [`pg_dumpall_globals_command`]): the connection
-//! string becomes a quoted conninfo on the command line and the password
-//! goes to the child's environment only.
+//! The PostgreSQL client programs the agent runs (`pg_dump`, `pg_dumpall`,
+//! `pg_restore`) are found ([`PgTools`]) and their command lines built here
+//! too ([`pg_dump_command`], [`pg_dumpall_globals_command`],
+//! [`pg_restore_command`]): the connection string becomes a quoted conninfo
+//! on the command line and the password goes to the child's environment
+//! only.
+//!
+//! The SQL a restore runs on its target instance (checks, `CREATE DATABASE`,
+//! the swap) is in [`target`].
 
 use std::ffi::OsStr;
 use std::fmt;
@@ -570,7 +574,7 @@ async fn query_archiver(client: &Client) -> Result<ArchiverStatus, tokio_postgre
 /// `statvfs` of the data directory, off the async threads (a hung network
 /// filesystem must not hang the agent) and before `deadline`. The error is a
 /// note for the probe's `error`.
-async fn disk_space(path: String, deadline: Deadline) -> Result<DiskSpace, String> {
+pub(crate) async fn disk_space(path: String, deadline: Deadline) -> Result<DiskSpace, String> {
     let stat_path = path.clone();
     let stat = tokio::task::spawn_blocking(move || rustix::fs::statvfs(stat_path.as_str()));
     match tokio::time::timeout_at(deadline, stat).await {
@@ -663,7 +667,7 @@ fn to_u64_from_f64(value: f64) -> u64 {
     value as u64
 }
 
-// PostgreSQL client programs (`pg_dump`, `pg_dumpall`).
+// PostgreSQL client programs (`pg_dump`, `pg_dumpall`, `pg_restore`).
 //
 // The agent's connection string is turned into a libpq key=value conninfo
 // with every value single-quoted, handed over as `--dbname=...` (never
@@ -792,6 +796,67 @@ pub fn pg_dump_command(
         .arg(format!("--dbname={}", target.conninfo))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    target.set_password(&mut command);
+    Ok(command)
+}
+
+/// How [`pg_restore_command`] restores.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PgRestoreOptions {
+    /// The archive file; `None` reads the archive from stdin (piped).
+    pub archive: Option<PathBuf>,
+    /// A `--use-list` file: only the entries it names (by dump id, one per
+    /// line), in its order.
+    pub list: Option<PathBuf>,
+    /// `--jobs`; only with an archive file (a pipe cannot be shared).
+    pub jobs: u32,
+    /// `--no-owner`: everything is owned by the connecting role.
+    pub no_owner: bool,
+    /// `--single-transaction`: all or nothing (not with `jobs` above 1).
+    pub single_transaction: bool,
+    /// `--clean --if-exists`: drop each object before creating it.
+    pub clean: bool,
+}
+
+/// `pg_restore --format=custom --exit-on-error --no-password` into
+/// `database`, with `options`; stdout discarded, stderr piped, stdin piped
+/// when the archive comes that way.
+pub fn pg_restore_command(
+    tools: &PgTools,
+    conn: &ConnectionString,
+    database: &str,
+    options: &PgRestoreOptions,
+) -> Result<TokioCommand, PostgresError> {
+    let target = conn.tool_connection(Some(database))?;
+    let mut command = tools.command("pg_restore");
+    command
+        .args(["--format=custom", "--exit-on-error", "--no-password"])
+        .arg(format!("--dbname={}", target.conninfo));
+    if options.no_owner {
+        command.arg("--no-owner");
+    }
+    if options.single_transaction {
+        command.arg("--single-transaction");
+    }
+    if options.clean {
+        command.args(["--clean", "--if-exists"]);
+    }
+    if let Some(list) = &options.list {
+        command.arg(format!("--use-list={}", list.display()));
+    }
+    match &options.archive {
+        Some(archive) => {
+            if options.jobs > 1 {
+                command.arg(format!("--jobs={}", options.jobs));
+            }
+            // Absolute, so it can never be read as an option.
+            command.arg(std::path::absolute(archive).unwrap_or_else(|_| archive.clone()));
+        }
+        None => {
+            command.stdin(Stdio::piped());
+        }
+    }
+    command.stdout(Stdio::null()).stderr(Stdio::piped());
     target.set_password(&mut command);
     Ok(command)
 }
@@ -1245,6 +1310,80 @@ mod tests {
     }
 
     #[test]
+    fn pg_restore_reads_stdin_or_a_file_and_never_sees_the_password() {
+        let conn =
+            ConnectionString::parse("host=/tmp user=postgres password=sekrit dbname=app").unwrap();
+        let tools = PgTools::in_dir(Path::new("/opt/pg/bin"));
+        let piped = pg_restore_command(
+            &tools,
+            &conn,
+            "cairn_restore_0a1b2c3d",
+            &PgRestoreOptions {
+                no_owner: true,
+                jobs: 4,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            piped.as_std().get_program(),
+            Path::new("/opt/pg/bin/pg_restore").as_os_str()
+        );
+        let args = args_of(&piped);
+        assert_eq!(
+            args[..3],
+            ["--format=custom", "--exit-on-error", "--no-password"]
+        );
+        assert!(args[3].starts_with("--dbname=host='/tmp'"), "{args:?}");
+        assert!(
+            args[3].contains("dbname='cairn_restore_0a1b2c3d'"),
+            "{args:?}"
+        );
+        // No --jobs from a pipe, and no file argument.
+        assert_eq!(args[4..], ["--no-owner"]);
+        assert!(!args.join(" ").contains("sekrit"), "{args:?}");
+        assert_eq!(password_of(&piped).as_deref(), Some("sekrit"));
+
+        let from_file = pg_restore_command(
+            &tools,
+            &conn,
+            "it's \"odd\"",
+            &PgRestoreOptions {
+                archive: Some(PathBuf::from("/spool/x.dump")),
+                list: Some(PathBuf::from("/spool/x.list")),
+                jobs: 4,
+                single_transaction: false,
+                clean: true,
+                no_owner: false,
+            },
+        )
+        .unwrap();
+        let args = args_of(&from_file);
+        assert!(args[3].contains("dbname='it\\'s \"odd\"'"), "{args:?}");
+        assert_eq!(
+            args[4..],
+            [
+                "--clean",
+                "--if-exists",
+                "--use-list=/spool/x.list",
+                "--jobs=4",
+                "/spool/x.dump"
+            ]
+        );
+        let partial = pg_restore_command(
+            &tools,
+            &conn,
+            "app",
+            &PgRestoreOptions {
+                single_transaction: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(args_of(&partial)[4..], ["--single-transaction"]);
+    }
+
+    #[test]
     fn conversions_clamp() {
         assert_eq!(to_u64(-5), 0);
         assert_eq!(to_u32(-1), 0);
@@ -1255,4 +1394,5 @@ mod tests {
 }
 
 mod facts;
+pub mod target;
 pub use facts::{DatabaseFacts, database_facts};

@@ -8,6 +8,10 @@
 //!
 //! Only what the counting needs is read: the header, the table of contents
 //! (which dump id is which table), and the framing of the data blocks. The
+//! table of contents is also handed to the caller ([`ArchiveScanner::head`],
+//! an [`ArchiveHead`]) as soon as it is whole: a restore learns from it
+//! which roles the archive needs and which entries a partial restore
+//! selects, before the first byte reaches `pg_restore`. The
 //! layout follows `pg_backup_archiver.c` and `pg_backup_custom.c` of
 //! PostgreSQL 12 to 17 (archive versions 1.14 to 1.16) for an archive
 //! written to a pipe with compression off (`-Z0`), which is how Cairn runs
@@ -31,7 +35,7 @@
 //! row per newline (newlines inside values are escaped), ended by `\.` and
 //! two blank lines in the archive versions that write them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -79,11 +83,50 @@ pub struct ArchiveSummary {
     pub large_objects: u64,
 }
 
-#[derive(Debug, Clone)]
-struct Entry {
-    schema: String,
-    tag: String,
-    table_data: bool,
+/// The `desc` of the entries whose SQL ([`TocEntry::defn`]) is kept: the
+/// ones that name roles (privileges, policies) or describe the database.
+const DEFN_KEPT_FOR: &[&str] = &["ACL", "DEFAULT ACL", "DATABASE", "POLICY"];
+
+/// One entry of an archive's table of contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TocEntry {
+    /// The dump id, which dependencies and `pg_restore -L` lists refer to.
+    pub dump_id: i64,
+    /// What it is: `TABLE`, `TABLE DATA`, `INDEX`, `ACL`, `SCHEMA`, ...
+    pub desc: String,
+    /// The schema it lives in; empty for objects outside schemas.
+    pub namespace: String,
+    /// Its name (for an `ACL` or `COMMENT`, like `TABLE orders`).
+    pub tag: String,
+    /// The role that owns it; empty when none is recorded.
+    pub owner: String,
+    /// Dump ids of the entries it depends on.
+    pub dependencies: Vec<i64>,
+    /// The SQL that creates it, kept only for `ACL`, `DEFAULT ACL`,
+    /// `DATABASE` and `POLICY` entries (the others' can be large, and
+    /// nothing here needs them).
+    pub defn: Option<String>,
+}
+
+/// The header and table of contents of an archive, in archive order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveHead {
+    /// Like "1.14.0".
+    pub archive_version: String,
+    /// The database that was dumped.
+    pub database: String,
+    pub entries: Vec<TocEntry>,
+    /// Every role that owns an entry.
+    pub owners: BTreeSet<String>,
+    /// The owner of the `DATABASE` entry: the database's own owner.
+    pub database_owner: Option<String>,
+}
+
+impl ArchiveHead {
+    /// The entry with this dump id.
+    pub fn entry(&self, dump_id: i64) -> Option<&TocEntry> {
+        self.entries.iter().find(|entry| entry.dump_id == dump_id)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -117,18 +160,15 @@ pub struct ArchiveScanner {
     /// most the few bytes of an int split across two feeds.
     pending: Vec<u8>,
     int_size: usize,
-    head: Option<Head>,
+    head: Option<ArchiveHead>,
+    /// Index in `head.entries` of every `TABLE DATA` entry, by dump id.
+    table_data: HashMap<i64, usize>,
     data: Data,
     summary: ArchiveSummary,
     /// Index in `summary.tables` by dump id.
     tables_by_id: HashMap<i64, usize>,
     /// The last bytes of each table's data, to spot the end marker.
     tails: Vec<Vec<u8>>,
-}
-
-#[derive(Debug)]
-struct Head {
-    entries: HashMap<i64, Entry>,
 }
 
 impl Default for ArchiveScanner {
@@ -143,6 +183,7 @@ impl ArchiveScanner {
             pending: Vec::new(),
             int_size: 4,
             head: None,
+            table_data: HashMap::new(),
             data: Data::BlockType,
             summary: ArchiveSummary::default(),
             tables_by_id: HashMap::new(),
@@ -163,14 +204,20 @@ impl ArchiveScanner {
                 None => return Ok(()),
                 Some((parsed, used)) => {
                     self.int_size = parsed.int_size;
-                    self.summary.archive_version = parsed.version.clone();
-                    self.summary.database = parsed.database.clone();
-                    self.summary.toc_entries = parsed.entries.len() as u64;
+                    let head = parsed.head;
+                    self.summary.archive_version = head.archive_version.clone();
+                    self.summary.database = head.database.clone();
+                    self.summary.toc_entries = head.entries.len() as u64;
+                    self.table_data = head
+                        .entries
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, entry)| entry.desc == "TABLE DATA")
+                        .map(|(index, entry)| (entry.dump_id, index))
+                        .collect();
                     let rest = self.pending.split_off(used);
-                    self.pending.clear();
-                    self.head = Some(Head {
-                        entries: parsed.entries,
-                    });
+                    self.pending = Vec::new();
+                    self.head = Some(head);
                     return self.feed_data(&rest);
                 }
             }
@@ -301,13 +348,10 @@ impl ArchiveScanner {
         if let Some(index) = self.tables_by_id.get(&id) {
             return Some(*index);
         }
-        let entry = self.head.as_ref()?.entries.get(&id)?;
-        if !entry.table_data {
-            return None;
-        }
+        let entry = &self.head.as_ref()?.entries[*self.table_data.get(&id)?];
         let index = self.summary.tables.len();
         self.summary.tables.push(TableRows {
-            schema: entry.schema.clone(),
+            schema: entry.namespace.clone(),
             table: entry.tag.clone(),
             rows: 0,
         });
@@ -322,6 +366,11 @@ impl ArchiveScanner {
         tail.extend_from_slice(&data[data.len().saturating_sub(COPY_END.len())..]);
         let excess = tail.len().saturating_sub(COPY_END.len());
         tail.drain(..excess);
+    }
+
+    /// The header and table of contents, once they have been fed whole.
+    pub fn head(&self) -> Option<&ArchiveHead> {
+        self.head.as_ref()
     }
 
     /// Ends the archive: it must stop between blocks.
@@ -343,10 +392,8 @@ impl ArchiveScanner {
 }
 
 struct ParsedHead {
-    version: String,
-    database: String,
     int_size: usize,
-    entries: HashMap<i64, Entry>,
+    head: ArchiveHead,
 }
 
 /// A cursor over the buffered head; `None` from a read means "need more".
@@ -481,48 +528,71 @@ fn parse_head(bytes: &[u8]) -> Result<Option<(ParsedHead, usize)>, ArchiveError>
     let count = need!(cursor.int())?;
     let count = usize::try_from(count)
         .map_err(|_| ArchiveError::Malformed(format!("TOC count {count}")))?;
-    let mut entries = HashMap::new();
+    let mut entries = Vec::with_capacity(count.min(1 << 16));
     for _ in 0..count {
-        let id = need!(cursor.int())?;
+        let dump_id = need!(cursor.int())?;
         need!(cursor.int())?; // had dumper
         need!(cursor.string())?; // table oid
         need!(cursor.string())?; // oid
         let tag = need!(cursor.string())?.unwrap_or_default();
         let desc = need!(cursor.string())?.unwrap_or_default();
         need!(cursor.int())?; // section
-        for _ in 0..3 {
-            need!(cursor.string())?; // defn, drop, copy statements
-        }
-        let schema = need!(cursor.string())?.unwrap_or_default();
+        let defn = need!(cursor.string())?;
+        need!(cursor.string())?; // drop statement
+        need!(cursor.string())?; // copy statement
+        let namespace = need!(cursor.string())?.unwrap_or_default();
         need!(cursor.string())?; // tablespace
         need!(cursor.string())?; // table access method
         if minor >= 16 {
             need!(cursor.int())?; // relkind
         }
-        need!(cursor.string())?; // owner
+        let owner = need!(cursor.string())?.unwrap_or_default();
         need!(cursor.string())?; // "false": with oids
-        loop {
-            if need!(cursor.string())?.is_none() {
-                break;
-            }
+        let mut dependencies = Vec::new();
+        while let Some(dependency) = need!(cursor.string())? {
+            let dependency = dependency.trim().parse::<i64>().map_err(|_| {
+                ArchiveError::Malformed(format!(
+                    "entry {dump_id} depends on {dependency:?}, not a dump id"
+                ))
+            })?;
+            dependencies.push(dependency);
         }
         need!(cursor.byte()); // offset flag
         need!(cursor.take(offset_size));
-        entries.insert(
-            id,
-            Entry {
-                schema,
-                table_data: desc == "TABLE DATA",
-                tag,
-            },
-        );
+        let defn = if DEFN_KEPT_FOR.contains(&desc.as_str()) {
+            defn
+        } else {
+            None
+        };
+        entries.push(TocEntry {
+            dump_id,
+            desc,
+            namespace,
+            tag,
+            owner,
+            dependencies,
+            defn,
+        });
     }
+    let owners = entries
+        .iter()
+        .filter(|entry| !entry.owner.is_empty())
+        .map(|entry| entry.owner.clone())
+        .collect();
+    let database_owner = entries
+        .iter()
+        .find(|entry| entry.desc == "DATABASE" && !entry.owner.is_empty())
+        .map(|entry| entry.owner.clone());
     Ok(Some((
         ParsedHead {
-            version: format!("{major}.{minor}.{revision}"),
-            database,
             int_size,
-            entries,
+            head: ArchiveHead {
+                archive_version: format!("{major}.{minor}.{revision}"),
+                database,
+                entries,
+                owners,
+                database_owner,
+            },
         },
         cursor.at,
     )))
@@ -532,13 +602,38 @@ fn parse_head(bytes: &[u8]) -> Result<Option<(ParsedHead, usize)>, ArchiveError>
 mod tests {
     use super::*;
 
-    /// A tiny archive in the layout above (version 1.14, 4-byte ints).
-    fn archive(tables: &[(&str, &str, &[u8])]) -> Vec<u8> {
-        let int = |out: &mut Vec<u8>, value: i64| {
-            out.push(u8::from(value < 0));
-            out.extend_from_slice(&(value.unsigned_abs() as u32).to_le_bytes());
-        };
-        let string = |out: &mut Vec<u8>, value: Option<&str>| match value {
+    /// One TOC entry of a test archive.
+    struct TestEntry<'a> {
+        id: i64,
+        desc: &'a str,
+        namespace: &'a str,
+        tag: &'a str,
+        owner: &'a str,
+        dependencies: &'a [i64],
+        defn: &'a str,
+    }
+
+    impl<'a> TestEntry<'a> {
+        fn new(id: i64, desc: &'a str, namespace: &'a str, tag: &'a str) -> Self {
+            TestEntry {
+                id,
+                desc,
+                namespace,
+                tag,
+                owner: "postgres",
+                dependencies: &[],
+                defn: "",
+            }
+        }
+    }
+
+    fn int(out: &mut Vec<u8>, value: i64) {
+        out.push(u8::from(value < 0));
+        out.extend_from_slice(&(value.unsigned_abs() as u32).to_le_bytes());
+    }
+
+    fn string(out: &mut Vec<u8>, value: Option<&str>) {
+        match value {
             None => {
                 out.push(1);
                 out.extend_from_slice(&1u32.to_le_bytes());
@@ -548,7 +643,12 @@ mod tests {
                 out.extend_from_slice(&(text.len() as u32).to_le_bytes());
                 out.extend_from_slice(text.as_bytes());
             }
-        };
+        }
+    }
+
+    /// A tiny archive in the layout above (version 1.14, 4-byte ints):
+    /// these entries, then these data blocks (dump id, COPY text).
+    fn archive_with(toc: &[TestEntry], blocks: &[(i64, &[u8])]) -> Vec<u8> {
         let mut out = b"PGDMP".to_vec();
         out.extend_from_slice(&[1, 14, 0, 4, 8, 1]);
         int(&mut out, 0);
@@ -558,35 +658,33 @@ mod tests {
         string(&mut out, Some("shop"));
         string(&mut out, Some("15.0"));
         string(&mut out, Some("15.0"));
-        int(&mut out, tables.len() as i64 + 1);
-        let entry = |out: &mut Vec<u8>, id: i64, schema: &str, tag: &str, desc: &str| {
-            int(out, id);
-            int(out, 1);
-            string(out, Some("0"));
-            string(out, Some("0"));
-            string(out, Some(tag));
-            string(out, Some(desc));
-            int(out, 2);
-            for _ in 0..3 {
-                string(out, Some(""));
+        int(&mut out, toc.len() as i64);
+        for entry in toc {
+            int(&mut out, entry.id);
+            int(&mut out, 1);
+            string(&mut out, Some("0"));
+            string(&mut out, Some("0"));
+            string(&mut out, Some(entry.tag));
+            string(&mut out, Some(entry.desc));
+            int(&mut out, 2);
+            string(&mut out, Some(entry.defn));
+            string(&mut out, Some(""));
+            string(&mut out, Some(""));
+            string(&mut out, Some(entry.namespace));
+            string(&mut out, Some(""));
+            string(&mut out, Some("heap"));
+            string(&mut out, Some(entry.owner));
+            string(&mut out, Some("false"));
+            for dependency in entry.dependencies {
+                string(&mut out, Some(&dependency.to_string()));
             }
-            string(out, Some(schema));
-            string(out, Some(""));
-            string(out, Some("heap"));
-            string(out, Some("postgres"));
-            string(out, Some("false"));
-            string(out, Some("1"));
-            string(out, None);
+            string(&mut out, None);
             out.push(1);
             out.extend_from_slice(&[0; 8]);
-        };
-        entry(&mut out, 1, "public", "t_seq", "SEQUENCE");
-        for (index, (schema, table, _)) in tables.iter().enumerate() {
-            entry(&mut out, index as i64 + 10, schema, table, "TABLE DATA");
         }
-        for (index, (_, _, data)) in tables.iter().enumerate() {
+        for (id, data) in blocks {
             out.push(BLOCK_DATA);
-            int(&mut out, index as i64 + 10);
+            int(&mut out, *id);
             for piece in data.chunks(7) {
                 int(&mut out, piece.len() as i64);
                 out.extend_from_slice(piece);
@@ -601,6 +699,22 @@ mod tests {
         int(&mut out, 0);
         int(&mut out, 0);
         out
+    }
+
+    /// An archive with a sequence and the data of these tables.
+    fn archive(tables: &[(&str, &str, &[u8])]) -> Vec<u8> {
+        let mut toc = vec![TestEntry::new(1, "SEQUENCE", "public", "t_seq")];
+        let mut blocks = Vec::new();
+        for (index, (schema, table, data)) in tables.iter().enumerate() {
+            toc.push(TestEntry::new(
+                index as i64 + 10,
+                "TABLE DATA",
+                schema,
+                table,
+            ));
+            blocks.push((index as i64 + 10, *data));
+        }
+        archive_with(&toc, &blocks)
     }
 
     fn scan_in_pieces(bytes: &[u8], piece: usize) -> Result<ArchiveSummary, ArchiveError> {
@@ -656,5 +770,93 @@ mod tests {
         compressed[12] = 6; // compression level 6
         let error = scan_in_pieces(&compressed, 100).unwrap_err();
         assert!(matches!(error, ArchiveError::Compressed(_)), "{error}");
+    }
+
+    #[test]
+    fn the_head_is_handed_over_once_whole() {
+        let defn_acl = "GRANT SELECT ON TABLE public.orders TO \"Read \"\"Only\"\"\";\n";
+        let toc = [
+            TestEntry {
+                owner: "shop_owner",
+                defn: "CREATE DATABASE shop WITH TEMPLATE = template0 ENCODING = 'UTF8';",
+                ..TestEntry::new(3000, "DATABASE", "", "shop")
+            },
+            TestEntry {
+                owner: "app",
+                defn: "CREATE TABLE public.orders (id integer);",
+                ..TestEntry::new(210, "TABLE", "public", "orders")
+            },
+            TestEntry {
+                owner: "app",
+                dependencies: &[210],
+                ..TestEntry::new(211, "TABLE DATA", "public", "orders")
+            },
+            TestEntry {
+                owner: "",
+                dependencies: &[210, 3000],
+                defn: defn_acl,
+                ..TestEntry::new(212, "ACL", "public", "TABLE orders")
+            },
+        ];
+        let bytes = archive_with(&toc, &[(211, b"1\n2\n\\.\n\n\n")]);
+        let mut scanner = ArchiveScanner::new();
+        // Not before the last byte of the TOC is in.
+        // The large object block that ends every test archive: type,
+        // dump id, oid, length, 3 bytes, end of object, end of block.
+        let toc_end = archive_with(&toc, &[]).len() - (1 + 5 + 5 + 5 + 3 + 5 + 5);
+        for byte in &bytes[..toc_end - 1] {
+            scanner.feed(std::slice::from_ref(byte)).unwrap();
+            assert!(scanner.head().is_none());
+        }
+        scanner.feed(&bytes[toc_end - 1..toc_end]).unwrap();
+        let head = scanner
+            .head()
+            .expect("the head after the TOC's last byte")
+            .clone();
+        assert_eq!(head.archive_version, "1.14.0");
+        assert_eq!(head.database, "shop");
+        assert_eq!(
+            head.entries.iter().map(|e| e.dump_id).collect::<Vec<_>>(),
+            [3000, 210, 211, 212],
+            "archive order"
+        );
+        assert_eq!(
+            head.owners.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["app", "shop_owner"]
+        );
+        assert_eq!(head.database_owner.as_deref(), Some("shop_owner"));
+        let acl = head.entry(212).unwrap();
+        assert_eq!(
+            (acl.desc.as_str(), acl.namespace.as_str(), acl.tag.as_str()),
+            ("ACL", "public", "TABLE orders")
+        );
+        assert_eq!(acl.dependencies, [210, 3000]);
+        assert_eq!(acl.defn.as_deref(), Some(defn_acl));
+        assert!(head.entry(3000).unwrap().defn.is_some());
+        // The SQL of other entries is not kept.
+        assert_eq!(head.entry(210).unwrap().defn, None);
+        assert_eq!(head.entry(211).unwrap().dependencies, [210]);
+        scanner.feed(&bytes[toc_end..]).unwrap();
+        let summary = scanner.finish().unwrap();
+        assert_eq!(summary.tables.len(), 1);
+        assert_eq!(summary.tables[0].rows, 2);
+    }
+
+    #[test]
+    fn a_dependency_that_is_not_a_dump_id_is_malformed() {
+        let mut bytes = archive_with(
+            &[TestEntry {
+                dependencies: &[7],
+                ..TestEntry::new(1, "TABLE", "public", "t")
+            }],
+            &[],
+        );
+        let at = bytes
+            .windows(6)
+            .position(|w| w == [0, 1, 0, 0, 0, b'7'])
+            .unwrap();
+        bytes[at + 5] = b'x';
+        let error = scan_in_pieces(&bytes, 1000).unwrap_err();
+        assert!(matches!(error, ArchiveError::Malformed(_)), "{error}");
     }
 }

@@ -151,3 +151,105 @@ mod tests {
         assert!(message.contains("[a-z0-9][a-z0-9-]{0,62}"), "{message}");
     }
 }
+
+/// PostgreSQL's identifier limit (NAMEDATALEN - 1), in bytes.
+pub const IDENTIFIER_MAX_BYTES: usize = 63;
+
+/// Splits `text` into dot-separated identifiers, each bare (taken as
+/// written: no case folding) or double-quoted (with `""` for a quote, so a
+/// name may hold dots). Every part is 1 to 63 bytes with no NUL.
+fn split_identifiers(text: &str) -> std::result::Result<Vec<String>, String> {
+    let mut parts = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        part.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => part.push(c),
+                    None => return Err("an unterminated quoted name".into()),
+                }
+            }
+            if !matches!(chars.peek(), None | Some('.')) {
+                return Err("text after a quoted name".into());
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == '.' {
+                    break;
+                }
+                if c == '"' {
+                    return Err("a quote inside a bare name (quote the whole name)".into());
+                }
+                part.push(c);
+                chars.next();
+            }
+        }
+        if part.is_empty() || part.len() > IDENTIFIER_MAX_BYTES || part.contains('\0') {
+            return Err(format!(
+                "each name has 1 to {IDENTIFIER_MAX_BYTES} bytes and no NUL"
+            ));
+        }
+        parts.push(part);
+        match chars.next() {
+            None => return Ok(parts),
+            Some(_) => continue, // the dot
+        }
+    }
+}
+
+/// `SCHEMA.TABLE` as given to `--table`: two names, see
+/// [`split_identifiers`]. Returns (schema, table).
+pub fn parse_qualified_table(text: &str) -> std::result::Result<(String, String), String> {
+    match split_identifiers(text)?.as_slice() {
+        [schema, table] => Ok((schema.clone(), table.clone())),
+        _ => Err(format!(
+            "{text:?} is not SCHEMA.TABLE (like public.orders; quote a name that holds a dot: \"my.schema\".orders)"
+        )),
+    }
+}
+
+/// A schema name as given to `--schema`: one name, bare or quoted.
+pub fn parse_schema_name(text: &str) -> std::result::Result<String, String> {
+    match split_identifiers(text)?.as_slice() {
+        [schema] => Ok(schema.clone()),
+        _ => Err(format!(
+            "{text:?} is not one schema name (quote a name that holds a dot)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod qualified_name_tests {
+    use super::*;
+
+    #[test]
+    fn tables_and_schemas_parse_with_quotes_dots_and_unicode() {
+        assert_eq!(
+            parse_qualified_table("public.orders").unwrap(),
+            ("public".into(), "orders".into())
+        );
+        assert_eq!(
+            parse_qualified_table("\"my.schema\".\"Ünï \"\"q\"\"\"").unwrap(),
+            ("my.schema".into(), "Ünï \"q\"".into())
+        );
+        assert_eq!(
+            parse_qualified_table("Sales.Orders").unwrap(),
+            ("Sales".into(), "Orders".into())
+        );
+        for bad in [
+            "orders", "a.b.c", "a.", ".b", "\"a.b", "a\"b\".c", "\"a\"x.b",
+        ] {
+            assert!(parse_qualified_table(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert_eq!(parse_schema_name("\"a.b\"").unwrap(), "a.b");
+        assert!(parse_schema_name("a.b").is_err());
+        assert!(parse_schema_name(&"x".repeat(64)).is_err());
+    }
+}

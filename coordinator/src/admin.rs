@@ -12,9 +12,11 @@ use crate::audit::{AuditEvent, Outcome, verify};
 use crate::audit_log::AuditLog;
 use crate::auth::require_role;
 use crate::authority::Authority;
-use crate::catalog::{AgentRecord, BackupRecord, Catalog, JobRecord};
+use crate::catalog::{AgentRecord, Catalog};
 use crate::fleet::{CommandOutcome, Fleet};
 use crate::jobs::{BackupRequest, Jobs};
+use crate::restores::RestoreRequest;
+use crate::wire::{backup_to_wire, job_to_wire};
 
 const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -29,55 +31,6 @@ pub struct AdminService {
     pub jobs: Arc<Jobs>,
     pub repository: Arc<crate::repository::Repository>,
     pub master_key_file: std::path::PathBuf,
-}
-
-fn job_to_wire(job: JobRecord) -> proto::Job {
-    let status = match job.status.as_str() {
-        "running" => proto::JobStatus::Running,
-        "succeeded" => proto::JobStatus::Succeeded,
-        "failed" => proto::JobStatus::Failed,
-        "cancelled" => proto::JobStatus::Cancelled,
-        _ => proto::JobStatus::Unspecified,
-    };
-    let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
-    proto::Job {
-        id: job.id,
-        kind: job.kind,
-        agent_name: job.agent_name,
-        instance: job.instance,
-        database: job.database,
-        status: status as i32,
-        error: job.error,
-        backup_id: job.backup_id,
-        started_at_unix_ms: job.started_at,
-        finished_at_unix_ms: job.finished_at.unwrap_or(0),
-        bytes_read: unsigned(job.bytes_read),
-        bytes_uploaded: unsigned(job.bytes_uploaded),
-        chunks: unsigned(job.chunks),
-        created_by: job.created_by,
-    }
-}
-
-fn backup_to_wire(backup: BackupRecord) -> proto::Backup {
-    let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
-    proto::Backup {
-        tags: backup.tags().into_iter().collect(),
-        id: backup.id,
-        agent_name: backup.agent_name,
-        instance: backup.instance,
-        database: backup.database,
-        server_version: backup.server_version,
-        pg_dump_version: backup.pg_dump_version,
-        started_at_unix_ms: backup.started_at,
-        finished_at_unix_ms: backup.finished_at.unwrap_or(0),
-        logical_bytes: unsigned(backup.logical_bytes),
-        new_stored_bytes: unsigned(backup.new_stored_bytes),
-        referenced_bytes: unsigned(backup.referenced_bytes),
-        chunk_count: unsigned(backup.chunk_count),
-        new_chunk_count: unsigned(backup.new_chunk_count),
-        database_bytes: unsigned(backup.database_bytes),
-        job_id: backup.job_id,
-    }
 }
 
 impl AdminService {
@@ -213,7 +166,7 @@ impl Admin for AdminService {
             }
             Ok(CommandOutcome::Refused { reason, .. }) => (Outcome::Refused, reason.clone()),
             Ok(CommandOutcome::Error(error)) => (Outcome::Failed, error.clone()),
-            Ok(CommandOutcome::JobDone | CommandOutcome::Cancelled(_)) => {
+            Ok(CommandOutcome::JobDone(_) | CommandOutcome::Cancelled(_)) => {
                 (Outcome::Failed, "unexpected answer".to_string())
             }
             Err(error) => (Outcome::Failed, error.to_string()),
@@ -235,7 +188,7 @@ impl Admin for AdminService {
             })),
             CommandOutcome::Refused { reason, .. } => Err(Status::permission_denied(reason)),
             CommandOutcome::Error(error) => Err(Status::internal(error)),
-            CommandOutcome::JobDone | CommandOutcome::Cancelled(_) => {
+            CommandOutcome::JobDone(_) | CommandOutcome::Cancelled(_) => {
                 Err(Status::internal("the agent answered a probe as a job"))
             }
         }
@@ -357,8 +310,16 @@ impl Admin for AdminService {
                 (!body.database.is_empty()).then_some(body.database.as_str()),
             )
             .await?;
+        let ids: Vec<String> = backups.iter().map(|b| b.id.clone()).collect();
+        let mut verified = self.catalog.latest_verifications(&ids).await?;
         Ok(Response::new(proto::ListBackupsResponse {
-            backups: backups.into_iter().map(backup_to_wire).collect(),
+            backups: backups
+                .into_iter()
+                .map(|backup| {
+                    let verification = verified.remove(&backup.id);
+                    backup_to_wire(backup, verification)
+                })
+                .collect(),
         }))
     }
 
@@ -376,7 +337,12 @@ impl Admin for AdminService {
             .ok_or_else(|| {
                 Status::not_found(format!("no complete backup {id}: see cairn backups list"))
             })?;
-        Ok(Response::new(backup_to_wire(backup)))
+        let mut verified = self
+            .catalog
+            .latest_verifications(std::slice::from_ref(&backup.id))
+            .await?;
+        let verification = verified.remove(&backup.id);
+        Ok(Response::new(backup_to_wire(backup, verification)))
     }
 
     async fn list_jobs(
@@ -419,6 +385,82 @@ impl Admin for AdminService {
             .cancel(&identity.principal.to_string(), &id)
             .await?;
         Ok(Response::new(job_to_wire(job)))
+    }
+
+    async fn start_restore(
+        &self,
+        request: Request<proto::StartRestoreRequest>,
+    ) -> Result<Response<proto::Job>, Status> {
+        let identity = require_role(&request, Role::Operator, &self.audit, "restore.start").await?;
+        let body = request.into_inner();
+        let job = self
+            .jobs
+            .start_restore(
+                &identity.principal.to_string(),
+                RestoreRequest {
+                    backup_id: body.backup_id,
+                    agent: body.agent_name,
+                    instance: body.instance,
+                    database: (!body.database.is_empty()).then_some(body.database),
+                    replace: body.replace,
+                    drop_previous: body.drop_previous,
+                    no_owner: body.no_owner,
+                    no_roles: body.no_roles,
+                    jobs: body.jobs,
+                    tables: body.tables,
+                    schemas: body.schemas,
+                },
+            )
+            .await?;
+        Ok(Response::new(job_to_wire(job)))
+    }
+
+    async fn start_restore_drill(
+        &self,
+        request: Request<proto::StartRestoreDrillRequest>,
+    ) -> Result<Response<proto::Job>, Status> {
+        let identity = require_role(&request, Role::Operator, &self.audit, "drill.start").await?;
+        let body = request.into_inner();
+        let job = self
+            .jobs
+            .start_drill(
+                &identity.principal.to_string(),
+                &body.backup_id,
+                &body.agent_name,
+                &body.instance,
+            )
+            .await?;
+        Ok(Response::new(job_to_wire(job)))
+    }
+
+    async fn verify_backup(
+        &self,
+        request: Request<proto::VerifyBackupRequest>,
+    ) -> Result<Response<proto::VerifyBackupResponse>, Status> {
+        let identity = require_role(&request, Role::Operator, &self.audit, "backup.verify").await?;
+        let backup_id = request.into_inner().backup_id;
+        let report =
+            crate::verify::verify_backup(&self.catalog, &self.repository, &backup_id).await?;
+        self.audit
+            .record(AuditEvent::new(
+                identity.principal.to_string(),
+                "backup.verify",
+                backup_id.clone(),
+                if report.ok {
+                    Outcome::Success
+                } else {
+                    Outcome::Failed
+                },
+                format!(
+                    "{} chunks, {} bytes checked, {} bad, {} other problems",
+                    report.chunks_checked,
+                    report.bytes_checked,
+                    report.bad_chunks.len(),
+                    report.problems.len()
+                ),
+            ))
+            .await;
+        Ok(Response::new(crate::wire::verify_report_to_wire(report)))
     }
 
     async fn rotate_master_key(

@@ -28,8 +28,8 @@ pub type CommandSender = mpsc::Sender<Result<proto::CoordinatorMessage, Status>>
 #[derive(Debug, Clone)]
 pub enum CommandOutcome {
     Probe(Vec<InstanceProbe>),
-    /// A job command (a backup) finished on the agent.
-    JobDone,
+    /// A job command finished on the agent; restores carry their report.
+    JobDone(Option<proto::RestoreReport>),
     /// A job command stopped because a cancel reached it; what was stopped.
     Cancelled(String),
     Refused {

@@ -47,6 +47,7 @@ pub struct Gateway {
 
 type ControlStream = Pin<Box<dyn Stream<Item = Result<proto::CoordinatorMessage, Status>> + Send>>;
 type UploadStream = Pin<Box<dyn Stream<Item = Result<proto::BackupUploadReply, Status>> + Send>>;
+type DownloadStream = Pin<Box<dyn Stream<Item = Result<proto::DownloadChunk, Status>> + Send>>;
 
 /// Replies queued to an uploading agent.
 const UPLOAD_REPLY_QUEUE_LEN: usize = 4;
@@ -71,6 +72,49 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
 
     type ControlStream = ControlStream;
     type UploadBackupStream = UploadStream;
+    type DownloadBackupStream = DownloadStream;
+
+    async fn download_backup(
+        &self,
+        request: Request<proto::DownloadRequest>,
+    ) -> Result<Response<DownloadStream>, Status> {
+        let Caller::Agent { name: agent, .. } = caller(&request)? else {
+            return Err(Status::unauthenticated(
+                "downloads need an agent certificate",
+            ));
+        };
+        let job_id = request.into_inner().job_id;
+        // Only the agent a running restore (or drill) job was sent to may
+        // read its backup, and only while the job runs.
+        let job = self
+            .catalog
+            .get_job(&job_id)
+            .await?
+            .filter(|job| {
+                (job.kind == "restore" || job.kind == "drill")
+                    && job.agent_name == agent.as_str()
+                    && job.status == "running"
+            })
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "job {job_id} is not a running restore of agent \"{agent}\""
+                ))
+            })?;
+        let manifest = crate::download::manifest_of(&self.repository, &job).await?;
+        let (sender, receiver) = mpsc::channel(crate::download::DOWNLOAD_QUEUE_LEN);
+        let span = tracing::info_span!("download", job_id = %job.id, agent = %agent, backup = %job.backup_id);
+        self.tasks.spawn(
+            crate::download::stream_chunks(
+                self.catalog.clone(),
+                self.repository.clone(),
+                job,
+                manifest,
+                sender,
+            )
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
 
     async fn upload_backup(
         &self,
@@ -96,7 +140,8 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
             .get_job(&start.job_id)
             .await?
             .filter(|job| {
-                job.agent_name == agent.as_str()
+                job.kind == "backup"
+                    && job.agent_name == agent.as_str()
                     && job.backup_id == start.backup_id
                     && job.status == "running"
             })
@@ -337,7 +382,9 @@ impl Gateway {
             Some(proto::command_result::Outcome::Error(error)) => {
                 CommandOutcome::Error(error.clone())
             }
-            Some(proto::command_result::Outcome::JobDone(_)) => CommandOutcome::JobDone,
+            Some(proto::command_result::Outcome::JobDone(done)) => {
+                CommandOutcome::JobDone(done.restore.clone())
+            }
             Some(proto::command_result::Outcome::Cancelled(cancelled)) => {
                 CommandOutcome::Cancelled(cancelled.detail.clone())
             }

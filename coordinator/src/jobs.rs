@@ -51,13 +51,13 @@ pub struct BackupRequest {
     pub tags: BTreeMap<String, String>,
 }
 
-fn random_suffix() -> Result<String> {
+pub(crate) fn random_suffix() -> Result<String> {
     Ok(hex::encode(cairn_common::pki::random_bytes(4)?))
 }
 
 /// Checks a database name before it reaches pg_dump (as an argument, never
 /// a shell) and the catalog.
-fn check_database_name(name: &str) -> Result<()> {
+pub(crate) fn check_database_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > DATABASE_NAME_MAX_BYTES || name.contains('\0') {
         return Err(CoordinatorError::InvalidArgument(format!(
             "--database {name:?}: a PostgreSQL database name has 1 to {DATABASE_NAME_MAX_BYTES} bytes and no NUL"
@@ -77,52 +77,9 @@ impl Jobs {
             validate_label(key, value)
                 .map_err(|e| CoordinatorError::InvalidArgument(format!("--tag: {e}")))?;
         }
-        let agent = match self.catalog.get_agent(&request.agent).await? {
-            Some(agent) if agent.revoked_at.is_none() => agent,
-            Some(_) => {
-                return Err(self
-                    .refuse(
-                        actor,
-                        &request.agent,
-                        format!("agent \"{}\" is revoked", request.agent),
-                    )
-                    .await);
-            }
-            None => {
-                return Err(self
-                    .refuse(
-                        actor,
-                        &request.agent,
-                        format!(
-                            "no agent named \"{}\": see cairn agents list",
-                            request.agent
-                        ),
-                    )
-                    .await);
-            }
-        };
-        let instance = if request.instance.is_empty() {
-            agent
-                .instances
-                .first()
-                .cloned()
-                .unwrap_or_else(|| "main".into())
-        } else {
-            request.instance.clone()
-        };
-        if !agent.instances.contains(&instance) {
-            return Err(self
-                .refuse(
-                    actor,
-                    &agent.name,
-                    format!(
-                        "agent \"{}\" has no instance \"{instance}\" (it has: {})",
-                        agent.name,
-                        agent.instances.join(", ")
-                    ),
-                )
-                .await);
-        }
+        let (agent, instance) = self
+            .resolve_instance(actor, "backup.start", &request.agent, &request.instance)
+            .await?;
         let databases = match (&request.database, request.all_databases) {
             (Some(database), false) => vec![database.clone()],
             (None, true) => self.databases_of(&agent, &instance).await?,
@@ -145,11 +102,76 @@ impl Jobs {
         Ok(jobs)
     }
 
-    async fn refuse(&self, actor: &str, target: &str, message: String) -> CoordinatorError {
+    /// The agent (enrolled, not revoked) and its instance (the first one
+    /// when `instance` is empty) a job will run on; a refusal is audited
+    /// under `action`.
+    pub(crate) async fn resolve_instance(
+        &self,
+        actor: &str,
+        action: &'static str,
+        agent_name: &str,
+        instance: &str,
+    ) -> Result<(AgentRecord, String)> {
+        let agent = match self.catalog.get_agent(agent_name).await? {
+            Some(agent) if agent.revoked_at.is_none() => agent,
+            Some(_) => {
+                return Err(self
+                    .refuse(
+                        actor,
+                        action,
+                        agent_name,
+                        format!("agent \"{agent_name}\" is revoked"),
+                    )
+                    .await);
+            }
+            None => {
+                return Err(self
+                    .refuse(
+                        actor,
+                        action,
+                        agent_name,
+                        format!("no agent named \"{agent_name}\": see cairn agents list"),
+                    )
+                    .await);
+            }
+        };
+        let instance = if instance.is_empty() {
+            agent
+                .instances
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "main".into())
+        } else {
+            instance.to_string()
+        };
+        if !agent.instances.contains(&instance) {
+            return Err(self
+                .refuse(
+                    actor,
+                    action,
+                    &agent.name,
+                    format!(
+                        "agent \"{}\" has no instance \"{instance}\" (it has: {})",
+                        agent.name,
+                        agent.instances.join(", ")
+                    ),
+                )
+                .await);
+        }
+        Ok((agent, instance))
+    }
+
+    pub(crate) async fn refuse(
+        &self,
+        actor: &str,
+        action: &'static str,
+        target: &str,
+        message: String,
+    ) -> CoordinatorError {
         self.audit
             .record(AuditEvent::new(
                 actor,
-                "backup.start",
+                action,
                 target,
                 Outcome::Refused,
                 message.clone(),
@@ -198,6 +220,8 @@ impl Jobs {
             bytes_read: 0,
             bytes_uploaded: 0,
             chunks: 0,
+            target_database: String::new(),
+            report: String::new(),
         };
         self.catalog.insert_backup_job(&job, tags).await?;
         self.audit
@@ -245,7 +269,7 @@ impl Jobs {
         Ok(job)
     }
 
-    fn clone_handle(&self) -> Arc<Jobs> {
+    pub(crate) fn clone_handle(&self) -> Arc<Jobs> {
         Arc::new(Jobs {
             catalog: self.catalog.clone(),
             fleet: self.fleet.clone(),
@@ -256,7 +280,7 @@ impl Jobs {
         })
     }
 
-    async fn reload(&self, job_id: &str) -> Result<JobRecord> {
+    pub(crate) async fn reload(&self, job_id: &str) -> Result<JobRecord> {
         self.catalog
             .get_job(job_id)
             .await?
@@ -266,7 +290,7 @@ impl Jobs {
     /// Decides how a job ended from the agent's answer and the catalog.
     async fn conclude(&self, job: &JobRecord, outcome: Result<CommandOutcome>) {
         let (status, message) = match outcome {
-            Ok(CommandOutcome::JobDone) => match self.catalog.get_backup(&job.backup_id).await {
+            Ok(CommandOutcome::JobDone(_)) => match self.catalog.get_backup(&job.backup_id).await {
                 Ok(Some(backup)) if backup.status == "complete" => {
                     (JobStatus::Succeeded, String::new())
                 }
@@ -288,7 +312,7 @@ impl Jobs {
         self.end(job, status, &message).await;
     }
 
-    async fn end(&self, job: &JobRecord, status: JobStatus, message: &str) {
+    pub(crate) async fn end(&self, job: &JobRecord, status: JobStatus, message: &str) {
         if let Err(error) = self
             .catalog
             .finish_job(&job.id, status, message, now_ms())
@@ -305,7 +329,11 @@ impl Jobs {
         self.audit
             .record(AuditEvent::new(
                 "coordinator",
-                "backup.end",
+                match job.kind.as_str() {
+                    "restore" => "restore.end",
+                    "drill" => "drill.end",
+                    _ => "backup.end",
+                },
                 job.id.clone(),
                 outcome,
                 format!("{}: {message}", status.as_str()),

@@ -11,6 +11,7 @@ pub mod authority;
 pub mod catalog;
 pub mod clock;
 pub mod config;
+pub mod download;
 pub mod error;
 pub mod fleet;
 pub mod gateway;
@@ -22,7 +23,10 @@ pub mod manifest;
 pub mod rebuild;
 pub mod repository;
 pub mod repository_init;
+pub mod restores;
 pub mod server;
 pub mod upload;
+pub mod verify;
+pub mod wire;
 
 pub use error::{CoordinatorError, Result};

@@ -107,6 +107,7 @@ pub struct PgClusterBuilder {
     test_dir: Option<(PathBuf, PathBuf)>,
     settings: Vec<(String, String)>,
     upstream: Option<Upstream>,
+    tmpfs_size: Option<String>,
 }
 
 /// The primary a standby streams from.
@@ -135,6 +136,13 @@ impl PgClusterBuilder {
     /// strings: `.setting("log_statement", "'all'")`.
     pub fn setting(mut self, key: &str, value: &str) -> Self {
         self.settings.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Puts the whole cluster on a tmpfs of `size` (like `64m`), for tests
+    /// of a host short of disk space. Needs root; unmounted when dropped.
+    pub fn on_tmpfs(mut self, size: &str) -> Self {
+        self.tmpfs_size = Some(size.to_string());
         self
     }
 
@@ -174,6 +182,21 @@ impl PgClusterBuilder {
                 (base_dir, log_path, None)
             }
         };
+        if let Some(size) = &self.tmpfs_size {
+            std::fs::create_dir_all(&base_dir)
+                .unwrap_or_else(|e| panic!("create {}: {e}", base_dir.display()));
+            let output = process::run(
+                Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755")])
+                    .arg("cairn-test-pg")
+                    .arg(&base_dir),
+            );
+            assert!(
+                output.success(),
+                "mounting a {size} tmpfs on {} needs root: {output}",
+                base_dir.display()
+            );
+        }
         privileges::create_dir_for_postgres(&base_dir);
         std::fs::write(&log_path, b"")
             .unwrap_or_else(|e| panic!("create the log file {}: {e}", log_path.display()));
@@ -190,6 +213,7 @@ impl PgClusterBuilder {
         privileges::create_dir_for_postgres(&socket_dir);
 
         let mut cluster = PgCluster {
+            on_tmpfs: self.tmpfs_size.is_some(),
             name: self.name,
             data_dir: base_dir.join("data"),
             base_dir,
@@ -225,6 +249,8 @@ pub struct PgCluster {
     test_dir: Option<PathBuf>,
     running: bool,
     kept: bool,
+    /// `base_dir` is a tmpfs mount of the fixture's.
+    on_tmpfs: bool,
 }
 
 impl PgCluster {
@@ -236,6 +262,7 @@ impl PgCluster {
             test_dir: None,
             settings: Vec::new(),
             upstream: None,
+            tmpfs_size: None,
         }
     }
 
@@ -642,6 +669,13 @@ impl Drop for PgCluster {
             self.running = false;
         }
         let _ = std::fs::remove_dir_all(&self.socket_dir);
+        if self.on_tmpfs {
+            // Lazily, so a busy mount cannot fail a test that already failed.
+            let output = process::run(Command::new("umount").arg("-l").arg(&self.base_dir));
+            if !output.success() {
+                eprintln!("could not unmount {}: {output}", self.base_dir.display());
+            }
+        }
         if std::thread::panicking() {
             eprintln!(
                 "keeping PostgreSQL cluster {} in {} (log {})",

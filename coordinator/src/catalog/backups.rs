@@ -50,6 +50,10 @@ pub struct JobRecord {
     pub bytes_read: i64,
     pub bytes_uploaded: i64,
     pub chunks: i64,
+    /// Restores: the database restored into.
+    pub target_database: String,
+    /// Restores: the agent's report (JSON), once done.
+    pub report: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
@@ -404,6 +408,8 @@ mod tests {
             bytes_read: 0,
             bytes_uploaded: 0,
             chunks: 0,
+            target_database: String::new(),
+            report: String::new(),
         }
     }
 

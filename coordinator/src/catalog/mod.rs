@@ -16,6 +16,7 @@
 //! SQLite (WAL mode) is the default; migrations are embedded.
 
 mod backups;
+mod restores;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -30,6 +31,7 @@ use crate::audit::{AuditEvent, AuditRow, GENESIS_HASH, HashInput, row_hash};
 use crate::error::{CoordinatorError, Result};
 
 pub use backups::{BackupRecord, BackupStats, JobRecord, JobStatus};
+pub use restores::VerificationRecord;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 

@@ -14,6 +14,7 @@ use tonic::transport::Channel;
 
 use super::client::explain;
 use super::output::{self, bytes, print_json};
+use cairn_coordinator::restores::RestoreReport;
 
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -34,6 +35,12 @@ pub struct JobView {
     pub bytes_uploaded: u64,
     pub chunks: u64,
     pub created_by: String,
+    /// Restores and drills: the database restored into.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub target_database: String,
+    /// Restores and drills: what the agent reported once done.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreReport>,
 }
 
 fn status_name(status: i32) -> &'static str {
@@ -63,6 +70,46 @@ impl From<proto::Job> for JobView {
             bytes_uploaded: j.bytes_uploaded,
             chunks: j.chunks,
             created_by: j.created_by,
+            target_database: j.target_database,
+            restore: j.restore.map(Into::into),
+        }
+    }
+}
+
+/// The latest verification of a backup.
+#[derive(Debug, Serialize)]
+pub struct VerificationView {
+    pub at: Option<DateTime<Utc>>,
+    /// `chunks` or `restore drill on AGENT`.
+    pub method: String,
+    pub ok: bool,
+    pub detail: String,
+    pub millis: u64,
+}
+
+impl From<proto::Verification> for VerificationView {
+    fn from(v: proto::Verification) -> Self {
+        VerificationView {
+            at: time_from_unix_ms(v.at_unix_ms),
+            method: v.method,
+            ok: v.ok,
+            detail: v.detail,
+            millis: v.millis,
+        }
+    }
+}
+
+impl VerificationView {
+    /// "ok 3m ago (chunks)", for tables.
+    pub fn summary(verification: Option<&VerificationView>) -> String {
+        match verification {
+            None => "never".into(),
+            Some(v) => format!(
+                "{} {} ({})",
+                if v.ok { "ok" } else { "FAILED" },
+                output::ago(v.at),
+                v.method
+            ),
         }
     }
 }
@@ -88,6 +135,8 @@ pub struct BackupView {
     pub tags: BTreeMap<String, String>,
     pub job_id: String,
     pub status: &'static str,
+    /// The newest verification (`cairn backup verify`), if any.
+    pub last_verification: Option<VerificationView>,
 }
 
 impl From<proto::Backup> for BackupView {
@@ -115,6 +164,7 @@ impl From<proto::Backup> for BackupView {
             database_bytes: b.database_bytes,
             job_id: b.job_id,
             status: "complete",
+            last_verification: b.last_verification.map(Into::into),
         }
     }
 }
@@ -219,16 +269,29 @@ pub async fn watch(
             .into_inner()
             .into();
         let seconds = started.elapsed().as_secs_f64().max(0.001);
-        bar.set_message(format!(
-            "{} {}/{}: read {} from pg_dump, uploaded {} ({}/s), {} chunks",
-            job.id,
-            job.agent,
-            job.database,
-            bytes(job.bytes_read),
-            bytes(job.bytes_uploaded),
-            bytes((job.bytes_read as f64 / seconds) as u64),
-            job.chunks
-        ));
+        let rate = bytes((job.bytes_read as f64 / seconds) as u64);
+        bar.set_message(if job.kind == "backup" {
+            format!(
+                "{} {}/{}: read {} from pg_dump, uploaded {} ({rate}/s), {} chunks",
+                job.id,
+                job.agent,
+                job.database,
+                bytes(job.bytes_read),
+                bytes(job.bytes_uploaded),
+                job.chunks
+            )
+        } else {
+            format!(
+                "{} {} of {} into {}/{}: sent {} to pg_restore ({rate}/s), {} chunks",
+                job.id,
+                job.kind,
+                job.backup_id,
+                job.agent,
+                job.target_database,
+                bytes(job.bytes_read),
+                job.chunks
+            )
+        });
         bar.tick();
         if job.status != "running" {
             break job;
@@ -238,6 +301,7 @@ pub async fn watch(
     bar.finish_and_clear();
     if !json {
         match job.status {
+            "succeeded" if job.kind != "backup" => print_restore_summary(&job),
             "succeeded" => {
                 let backup = client
                     .get_backup(proto::GetBackupRequest {
@@ -263,6 +327,63 @@ pub async fn watch(
         }
     }
     Ok(job)
+}
+
+/// What a finished restore or drill did, for people.
+fn print_restore_summary(job: &JobView) {
+    let Some(report) = &job.restore else {
+        println!("{} {} succeeded", job.kind, job.id);
+        return;
+    };
+    if job.kind == "drill" {
+        println!(
+            "restore drill of backup {} on {}: {} tables restored and counted in {:.1} s, then dropped",
+            job.backup_id,
+            job.agent,
+            report.table_rows.len(),
+            report.restore_millis as f64 / 1000.0
+        );
+        return;
+    }
+    println!(
+        "restored backup {} into {}/{}/{}: {} fed to pg_restore in {:.1} s{}",
+        job.backup_id,
+        job.agent,
+        job.instance,
+        report.database,
+        bytes(report.bytes_restored),
+        report.restore_millis as f64 / 1000.0,
+        if report.spooled {
+            " (spooled to the agent's disk for a parallel restore)"
+        } else {
+            ""
+        }
+    );
+    if !report.roles_created.is_empty() {
+        println!(
+            "roles created from the backup's globals: {}",
+            report.roles_created.join(", ")
+        );
+    }
+    if !report.terminated_sessions.is_empty() {
+        println!(
+            "terminated sessions on the previous database: {}",
+            report.terminated_sessions.join(", ")
+        );
+    }
+    if !report.previous.is_empty() {
+        if report.previous_dropped {
+            println!("the previous database was dropped");
+        } else {
+            println!(
+                "the previous database is kept as {:?} (drop it when you no longer need it)",
+                report.previous
+            );
+        }
+    }
+    if !report.warnings.is_empty() {
+        eprintln!("pg_restore said: {}", report.warnings);
+    }
 }
 
 pub fn jobs_table(jobs: &[JobView]) -> comfy_table::Table {
@@ -295,6 +416,7 @@ pub fn backups_table(backups: &[BackupView]) -> comfy_table::Table {
         "NEW STORED",
         "DEDUP",
         "CHUNKS",
+        "VERIFIED",
         "TAGS",
     ]);
     for b in backups {
@@ -307,6 +429,7 @@ pub fn backups_table(backups: &[BackupView]) -> comfy_table::Table {
             bytes(b.new_stored_bytes),
             format!("{:.1}x", b.dedup_ratio),
             b.chunk_count.to_string(),
+            VerificationView::summary(b.last_verification.as_ref()),
             b.tags
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))

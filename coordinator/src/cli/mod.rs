@@ -4,6 +4,7 @@
 mod backups;
 mod client;
 mod output;
+mod restores;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -111,6 +112,49 @@ enum Command {
     /// The repository itself.
     #[command(subcommand)]
     Repository(RepositoryCommand),
+    /// Restore a backup onto an agent's instance (role: operator). It goes
+    /// into a staging database that is renamed to the target only once
+    /// pg_restore succeeded; a non-empty target is refused unless --replace.
+    Restore {
+        backup_id: String,
+        /// The agent to restore onto (any enrolled host, not only the source).
+        #[arg(long)]
+        agent: String,
+        /// The agent's instance (default: its first).
+        #[arg(long, default_value = "")]
+        instance: String,
+        /// Target database (default: the backup's database name).
+        #[arg(long)]
+        database: Option<String>,
+        /// Swap out an existing non-empty target: its sessions are
+        /// terminated and it is renamed aside (kept, and reported).
+        #[arg(long)]
+        replace: bool,
+        /// With --replace: drop the database set aside once the swap is done.
+        #[arg(long, requires = "replace")]
+        drop_previous: bool,
+        /// Everything owned by the connecting role (for hosts whose roles differ).
+        #[arg(long)]
+        no_owner: bool,
+        /// Do not create the roles the database needs from the backup's globals.
+        #[arg(long)]
+        no_roles: bool,
+        /// Parallel pg_restore jobs; above 1 the dump is spooled to the
+        /// agent's disk first (pg_restore -j needs a file).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        jobs: u32,
+        /// Only this table, SCHEMA.TABLE (repeatable), into the existing target.
+        #[arg(long = "table", value_name = "SCHEMA.TABLE")]
+        tables: Vec<String>,
+        /// Only this schema (repeatable), into the existing target.
+        #[arg(long = "schema", value_name = "SCHEMA")]
+        schemas: Vec<String>,
+        /// Follow the job with a progress display; exit 1 if it fails.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -169,6 +213,23 @@ enum BackupCommand {
         /// Follow the job with a progress display; exit 1 if it fails.
         #[arg(long)]
         wait: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Prove a backup restorable (role: operator). Without --restore-on:
+    /// the coordinator reads every chunk from the repository, authenticates,
+    /// decrypts and re-hashes it, and recounts the dump's rows. With
+    /// --restore-on AGENT: a restore drill into a scratch database there,
+    /// every table's rows checked against the backup's counts, then dropped.
+    /// The outcome shows in `cairn backups list`; exit 1 if it fails.
+    Verify {
+        backup_id: String,
+        /// Run a restore drill on this agent.
+        #[arg(long, value_name = "AGENT")]
+        restore_on: Option<String>,
+        /// The agent's instance for the drill (default: its first).
+        #[arg(long, default_value = "", requires = "restore_on")]
+        instance: String,
         #[command(flatten)]
         connection: Connection,
     },
@@ -583,6 +644,63 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                     database,
                     all_databases,
                     tags,
+                    wait,
+                },
+                connection.json(),
+            )
+            .await
+        }
+        Command::Backup(BackupCommand::Verify {
+            backup_id,
+            restore_on,
+            instance,
+            connection,
+        }) => {
+            let mut client = connection.admin().await?;
+            match restore_on {
+                Some(agent) => {
+                    restores::verify_by_drill(
+                        &mut client,
+                        backup_id,
+                        agent,
+                        instance,
+                        connection.json(),
+                    )
+                    .await
+                }
+                None => restores::verify_chunks(&mut client, backup_id, connection.json()).await,
+            }
+        }
+        Command::Restore {
+            backup_id,
+            agent,
+            instance,
+            database,
+            replace,
+            drop_previous,
+            no_owner,
+            no_roles,
+            jobs,
+            tables,
+            schemas,
+            wait,
+            connection,
+        } => {
+            let mut client = connection.admin().await?;
+            restores::run_restore(
+                &mut client,
+                restores::RunRestore {
+                    backup_id,
+                    agent,
+                    instance,
+                    database,
+                    replace,
+                    drop_previous,
+                    no_owner,
+                    no_roles,
+                    jobs,
+                    tables,
+                    schemas,
                     wait,
                 },
                 connection.json(),

@@ -1,0 +1,91 @@
+//! Catalog records as the Admin API sends them.
+
+use cairn_common::proto;
+
+use crate::catalog::{BackupRecord, JobRecord, VerificationRecord};
+use crate::restores::RestoreReport;
+use crate::verify::VerifyReport;
+
+pub fn job_to_wire(job: JobRecord) -> proto::Job {
+    let status = match job.status.as_str() {
+        "running" => proto::JobStatus::Running,
+        "succeeded" => proto::JobStatus::Succeeded,
+        "failed" => proto::JobStatus::Failed,
+        "cancelled" => proto::JobStatus::Cancelled,
+        _ => proto::JobStatus::Unspecified,
+    };
+    let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
+    proto::Job {
+        id: job.id,
+        kind: job.kind,
+        agent_name: job.agent_name,
+        instance: job.instance,
+        database: job.database,
+        status: status as i32,
+        error: job.error,
+        backup_id: job.backup_id,
+        started_at_unix_ms: job.started_at,
+        finished_at_unix_ms: job.finished_at.unwrap_or(0),
+        bytes_read: unsigned(job.bytes_read),
+        bytes_uploaded: unsigned(job.bytes_uploaded),
+        chunks: unsigned(job.chunks),
+        created_by: job.created_by,
+        target_database: job.target_database,
+        restore: serde_json::from_str::<RestoreReport>(&job.report)
+            .ok()
+            .map(Into::into),
+    }
+}
+
+pub fn backup_to_wire(
+    backup: BackupRecord,
+    verification: Option<VerificationRecord>,
+) -> proto::Backup {
+    let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
+    proto::Backup {
+        tags: backup.tags().into_iter().collect(),
+        id: backup.id,
+        agent_name: backup.agent_name,
+        instance: backup.instance,
+        database: backup.database,
+        server_version: backup.server_version,
+        pg_dump_version: backup.pg_dump_version,
+        started_at_unix_ms: backup.started_at,
+        finished_at_unix_ms: backup.finished_at.unwrap_or(0),
+        logical_bytes: unsigned(backup.logical_bytes),
+        new_stored_bytes: unsigned(backup.new_stored_bytes),
+        referenced_bytes: unsigned(backup.referenced_bytes),
+        chunk_count: unsigned(backup.chunk_count),
+        new_chunk_count: unsigned(backup.new_chunk_count),
+        database_bytes: unsigned(backup.database_bytes),
+        job_id: backup.job_id,
+        last_verification: verification.map(|v| proto::Verification {
+            at_unix_ms: v.at,
+            method: v.method,
+            ok: v.ok,
+            detail: v.detail,
+            millis: unsigned(v.millis),
+        }),
+    }
+}
+
+pub fn verify_report_to_wire(report: VerifyReport) -> proto::VerifyBackupResponse {
+    proto::VerifyBackupResponse {
+        backup_id: report.backup_id,
+        ok: report.ok,
+        chunks_checked: report.chunks_checked,
+        bytes_checked: report.bytes_checked,
+        bad_chunks: report
+            .bad_chunks
+            .into_iter()
+            .map(|bad| proto::BadChunk {
+                position: bad.position,
+                id: bad.id,
+                error: bad.error,
+            })
+            .collect(),
+        problems: report.problems,
+        millis: report.millis,
+        tables_checked: report.tables_checked,
+    }
+}

@@ -1,0 +1,633 @@
+//! Restores end to end: real PostgreSQL clusters (a source and a different
+//! target host), real binaries, the local repository. Each safety rule of
+//! the restore is a test here.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use cairn_integration_tests::{
+    Agent, AgentOptions, Coordinator, Output, PgCluster, TestDir, wait_until,
+};
+
+/// Source and target hosts, each with its agent (db1 backs up, db2 restores).
+struct Fleet {
+    source: PgCluster,
+    target: PgCluster,
+    coordinator: Coordinator,
+    _agents: Vec<Agent>,
+    _test_dir: TestDir,
+}
+
+fn fleet(name: &str) -> Fleet {
+    let test_dir = TestDir::new(name);
+    let source = PgCluster::start_in(&test_dir, "source");
+    let target = PgCluster::start_in(&test_dir, "target");
+    let coordinator = Coordinator::start(&test_dir);
+    let db1 = coordinator.enroll_agent("db1", &source, AgentOptions::default().allow("backup"));
+    let db2 = coordinator.enroll_agent(
+        "db2",
+        &target,
+        AgentOptions::default().allow("backup").allow("restore"),
+    );
+    Fleet {
+        source,
+        target,
+        coordinator,
+        _agents: vec![db1, db2],
+        _test_dir: test_dir,
+    }
+}
+
+impl Fleet {
+    fn backup(&self, agent: &str, database: &str) -> String {
+        let job = self
+            .coordinator
+            .cli(&[
+                "backup",
+                "run",
+                "--agent",
+                agent,
+                "--database",
+                database,
+                "--wait",
+                "--output",
+                "json",
+            ])
+            .assert_success()
+            .json();
+        job[0]["backup_id"].as_str().unwrap().to_string()
+    }
+
+    /// `cairn restore ID --agent db2 --wait --output json ARGS`.
+    fn restore(&self, backup: &str, args: &[&str]) -> Output {
+        let mut all = vec![
+            "restore", backup, "--agent", "db2", "--wait", "--output", "json",
+        ];
+        all.extend_from_slice(args);
+        self.coordinator.cli(&all)
+    }
+
+    fn target_databases(&self) -> Vec<String> {
+        self.target
+            .psql(
+                "postgres",
+                "SELECT datname FROM pg_database WHERE NOT datistemplate ORDER BY 1",
+            )
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// A table-by-table fingerprint of a database: every user table's row
+/// count and an md5 of its rows in a stable order.
+fn fingerprint(pg: &PgCluster, database: &str) -> String {
+    let tables = pg.psql(
+        database,
+        "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables
+         WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+    );
+    let mut lines = Vec::new();
+    for table in tables.lines() {
+        let digest = pg.psql(
+            database,
+            &format!(
+                "SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), ''))
+                 FROM {table} t"
+            ),
+        );
+        lines.push(format!("{table} {digest}"));
+    }
+    lines.join("\n")
+}
+
+/// A psql session connected to `database` until killed.
+fn connected_session(pg: &PgCluster, database: &str) -> Child {
+    pg.pg_command("psql")
+        .args(["-X", "-d", database, "-c", "SELECT pg_sleep(600)"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn sessions_on(pg: &PgCluster, database: &str) -> u64 {
+    pg.psql(
+        "postgres",
+        &format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}'",
+            database.replace('\'', "''")
+        ),
+    )
+    .parse()
+    .unwrap()
+}
+
+/// Awkward content: names with spaces, quotes and non-ASCII characters,
+/// large objects, contrib extensions, a view, a materialized view, a
+/// function, and grants to a role the target does not have.
+const AWKWARD: &str = r#"
+CREATE ROLE reporting NOLOGIN;
+CREATE EXTENSION hstore;
+CREATE EXTENSION pg_trgm;
+CREATE SCHEMA "Sales Dept";
+CREATE TABLE "Sales Dept"."Order ""Items"" ünï" (
+    id int PRIMARY KEY,
+    label text,
+    attrs hstore,
+    payload bytea
+);
+INSERT INTO "Sales Dept"."Order ""Items"" ünï"
+  SELECT i, 'item ' || i || E'\twith a tab\nand a newline', hstore('k', i::text), decode(md5(i::text), 'hex')
+  FROM generate_series(1, 5000) i;
+CREATE INDEX ON "Sales Dept"."Order ""Items"" ünï" USING gin (label gin_trgm_ops);
+CREATE TABLE public.customers AS
+  SELECT i AS id, md5(i::text) AS name FROM generate_series(1, 20000) i;
+CREATE VIEW public.big_customers AS SELECT * FROM public.customers WHERE id > 19000;
+CREATE MATERIALIZED VIEW public.customer_count AS SELECT count(*) AS n FROM public.customers;
+CREATE FUNCTION public.double_it(x int) RETURNS int LANGUAGE sql AS 'SELECT x * 2';
+GRANT USAGE ON SCHEMA "Sales Dept" TO reporting;
+GRANT SELECT ON "Sales Dept"."Order ""Items"" ünï", public.customers TO reporting;
+SELECT lo_from_bytea(0, 'a large object'::bytea);
+SELECT lo_from_bytea(0, decode(repeat('ab', 100000), 'hex'));
+"#;
+
+#[test]
+fn awkward_content_restores_onto_another_host_under_another_name() {
+    let fleet = fleet("restore_awkward");
+    fleet.source.create_database("shop floor");
+    fleet.source.psql("shop floor", AWKWARD);
+    let backup = fleet.backup("db1", "shop floor");
+
+    let output = fleet.restore(&backup, &["--database", "copy of \"shop\" ü"]);
+    assert!(output.success(), "{output}");
+    let job = output.json();
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["kind"], "restore");
+    let report = &job["restore"];
+    assert_eq!(report["database"], "copy of \"shop\" ü", "{job}");
+    assert!(
+        report["roles_created"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r == "reporting"),
+        "the role the grants name was created from the globals: {job}"
+    );
+
+    let copy = "copy of \"shop\" ü";
+    assert_eq!(
+        fingerprint(&fleet.target, copy),
+        fingerprint(&fleet.source, "shop floor")
+    );
+    let objects = "SELECT (SELECT count(*) FROM pg_largeobject_metadata),
+                          (SELECT string_agg(extname, ',' ORDER BY extname) FROM pg_extension),
+                          (SELECT count(*) FROM public.big_customers),
+                          (SELECT n FROM public.customer_count),
+                          public.double_it(21),
+                          has_table_privilege('reporting', 'public.customers', 'SELECT'),
+                          (SELECT count(*) FROM pg_indexes WHERE schemaname = 'Sales Dept')";
+    assert_eq!(
+        fleet.target.psql(copy, objects),
+        fleet.source.psql("shop floor", objects)
+    );
+    let large_object =
+        "SELECT string_agg(md5(lo_get(oid)), ',' ORDER BY oid) FROM pg_largeobject_metadata";
+    assert_eq!(
+        fleet.target.psql(copy, large_object),
+        fleet.source.psql("shop floor", large_object)
+    );
+    // No staging database is left behind.
+    let databases = fleet.target_databases();
+    assert!(
+        !databases.iter().any(|d| d.starts_with("cairn_")),
+        "{databases:?}"
+    );
+    let events = fleet
+        .coordinator
+        .cli_json(&["audit", "list", "--limit", "200"]);
+    let actions: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert!(
+        actions.contains(&"restore.start") && actions.contains(&"restore.end"),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn a_non_empty_target_is_refused_then_replaced_with_clients_connected() {
+    let fleet = fleet("restore_replace");
+    fleet.source.create_sample_database("shop", 4);
+    let backup = fleet.backup("db1", "shop");
+    fleet.target.create_database("shop");
+    fleet.target.psql(
+        "shop",
+        "CREATE TABLE keep_me (x int); INSERT INTO keep_me VALUES (42);",
+    );
+
+    let refused = fleet.restore(&backup, &[]);
+    assert_eq!(refused.status_code, Some(1), "{refused}");
+    assert!(
+        refused.stderr.contains("exists and is not empty") && refused.stderr.contains("--replace"),
+        "{refused}"
+    );
+    assert_eq!(fleet.target.psql("shop", "SELECT x FROM keep_me"), "42");
+
+    // With --replace while a client is connected: the session is
+    // terminated and reported, the old database kept under another name.
+    let mut session = connected_session(&fleet.target, "shop");
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        "the psql session to connect",
+        || sessions_on(&fleet.target, "shop") > 0,
+    );
+    let output = fleet.restore(&backup, &["--replace"]);
+    assert!(output.success(), "{output}");
+    let job = output.json();
+    let report = &job["restore"];
+    assert_eq!(
+        report["terminated_sessions"].as_array().unwrap().len(),
+        1,
+        "{job}"
+    );
+    let previous = report["previous"].as_str().unwrap().to_string();
+    assert!(previous.starts_with("shop_previous_"), "{job}");
+    assert_eq!(report["previous_dropped"], false);
+    assert!(session.wait().is_ok());
+    assert_eq!(fleet.target.psql(&previous, "SELECT x FROM keep_me"), "42");
+    assert_eq!(
+        fingerprint(&fleet.target, "shop"),
+        fingerprint(&fleet.source, "shop")
+    );
+
+    // --drop-previous drops what was set aside.
+    let output = fleet.restore(&backup, &["--replace", "--drop-previous"]);
+    assert!(output.success(), "{output}");
+    let job = output.json();
+    assert_eq!(job["restore"]["previous_dropped"], true, "{job}");
+    let dropped = job["restore"]["previous"].as_str().unwrap();
+    assert!(
+        !fleet.target_databases().iter().any(|d| d == dropped),
+        "{dropped} still exists"
+    );
+    assert!(
+        fleet.target_databases().contains(&previous),
+        "the first previous database is still kept"
+    );
+}
+
+#[test]
+fn a_tampered_chunk_stops_the_restore_and_renames_nothing() {
+    let fleet = fleet("restore_tampered");
+    fleet.source.create_sample_database("shop", 12);
+    let backup = fleet.backup("db1", "shop");
+    let chunks_dir = fleet.coordinator.home().join("repository/chunks");
+    let mut files: Vec<_> = std::fs::read_dir(&chunks_dir)
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    // Tamper with every chunk but keep their sizes: whichever comes first
+    // in the dump, the restore must stop at it.
+    let victim = files.last().unwrap().clone();
+    let id = victim.file_name().unwrap().to_str().unwrap().to_string();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let at = bytes.len() - 20;
+    bytes[at] ^= 1;
+    std::fs::write(&victim, &bytes).unwrap();
+
+    let output = fleet.restore(&backup, &[]);
+    assert_eq!(output.status_code, Some(1), "{output}");
+    let job = output.json();
+    assert_eq!(job["status"], "failed");
+    assert!(
+        job["error"].as_str().unwrap().contains(&id),
+        "the error names the chunk: {job}"
+    );
+    let databases = fleet.target_databases();
+    assert!(
+        !databases
+            .iter()
+            .any(|d| d == "shop" || d.starts_with("cairn_")),
+        "{databases:?}"
+    );
+}
+
+#[test]
+fn a_failed_restore_leaves_the_target_untouched() {
+    let fleet = fleet("restore_failed");
+    fleet.source.create_database("shop");
+    fleet.source.psql(
+        "shop",
+        "CREATE ROLE auditor NOLOGIN; CREATE TABLE t (x int); INSERT INTO t VALUES (1);
+         GRANT SELECT ON t TO auditor;",
+    );
+    let backup = fleet.backup("db1", "shop");
+    fleet.target.create_database("shop");
+    fleet.target.psql(
+        "shop",
+        "CREATE TABLE old (y int); INSERT INTO old VALUES (7);",
+    );
+
+    // --no-roles on a host without the role: pg_restore's GRANT fails, and
+    // its own message is the job's error; the target keeps its data.
+    let output = fleet.restore(&backup, &["--replace", "--no-roles"]);
+    assert_eq!(output.status_code, Some(1), "{output}");
+    let job = output.json();
+    assert!(
+        job["error"]
+            .as_str()
+            .unwrap()
+            .contains("role \"auditor\" does not exist"),
+        "{job}"
+    );
+    assert_eq!(fleet.target.psql("shop", "SELECT y FROM old"), "7");
+    let databases = fleet.target_databases();
+    assert!(
+        !databases
+            .iter()
+            .any(|d| d.starts_with("cairn_") || d.starts_with("shop_previous")),
+        "{databases:?}"
+    );
+    // --no-owner and the roles: a clean restore.
+    let output = fleet.restore(&backup, &["--database", "shop2", "--no-owner"]);
+    assert!(output.success(), "{output}");
+    assert_eq!(fleet.target.psql("shop2", "SELECT x FROM t"), "1");
+}
+
+#[test]
+fn refusals_are_clear_and_audited() {
+    let test_dir = TestDir::new("restore_refusals");
+    let primary = PgCluster::start_in(&test_dir, "primary");
+    primary.create_sample_database("shop", 2);
+    let standby = PgCluster::builder()
+        .name("standby")
+        .in_test_dir(&test_dir)
+        .standby_of(&primary)
+        .start();
+    let coordinator = Coordinator::start(&test_dir);
+    let _db1 = coordinator.enroll_agent("db1", &primary, AgentOptions::default().allow("backup"));
+    let _replica = coordinator.enroll_agent(
+        "replica",
+        &standby,
+        AgentOptions::default().allow("restore"),
+    );
+    let backup = coordinator
+        .cli(&[
+            "backup",
+            "run",
+            "--agent",
+            "db1",
+            "--database",
+            "shop",
+            "--wait",
+            "--output",
+            "json",
+        ])
+        .assert_success()
+        .json()[0]["backup_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // db1 does not permit restores.
+    let output = coordinator.cli(&[
+        "restore",
+        &backup,
+        "--agent",
+        "db1",
+        "--database",
+        "x",
+        "--wait",
+    ]);
+    assert_eq!(output.status_code, Some(1), "{output}");
+    assert!(
+        output.stderr.contains("does not permit restore"),
+        "{output}"
+    );
+    // A standby is refused.
+    let output = coordinator.cli(&[
+        "restore",
+        &backup,
+        "--agent",
+        "replica",
+        "--database",
+        "x",
+        "--wait",
+    ]);
+    assert_eq!(output.status_code, Some(1), "{output}");
+    assert!(output.stderr.contains("standby"), "{output}");
+    // Bad input names the flag.
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["restore", "bk-none", "--agent", "db1"],
+            "no complete backup bk-none",
+        ),
+        (&["restore", &backup, "--agent", "nobody"], "no agent named"),
+        (
+            &["restore", &backup, "--agent", "db1", "--table", "orders"],
+            "SCHEMA.TABLE",
+        ),
+        (
+            &[
+                "restore",
+                &backup,
+                "--agent",
+                "db1",
+                "--database",
+                &"x".repeat(64),
+            ],
+            "--database",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = coordinator.cli(args);
+        assert!(
+            !output.success() && output.stderr.contains(expected),
+            "{args:?}: {output}"
+        );
+    }
+    let events = coordinator.cli_json(&["audit", "list", "--limit", "200"]);
+    let refused = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "agent.refused-command")
+        .count();
+    assert!(refused >= 1, "{events}");
+    assert_eq!(
+        standby.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname = 'x'"
+        ),
+        "0"
+    );
+}
+
+#[test]
+fn a_drill_restores_counts_and_records_its_outcome() {
+    let fleet = fleet("restore_drill");
+    fleet.source.create_sample_database("shop", 4);
+    fleet
+        .source
+        .psql("shop", "CREATE TABLE empty (x int); CREATE SCHEMA \"odd ñame\"; CREATE TABLE \"odd ñame\".\"t t\" AS SELECT 1 AS x;");
+    let backup = fleet.backup("db1", "shop");
+
+    let output = fleet.coordinator.cli(&[
+        "backup",
+        "verify",
+        &backup,
+        "--restore-on",
+        "db2",
+        "--output",
+        "json",
+    ]);
+    assert!(output.success(), "{output}");
+    let job = output.json();
+    assert_eq!(job["kind"], "drill", "{job}");
+    let counted: Vec<(String, u64)> = job["restore"]["table_rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                format!(
+                    "{}.{}",
+                    t["schema"].as_str().unwrap(),
+                    t["table"].as_str().unwrap()
+                ),
+                t["rows"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        counted.contains(&("public.orders".to_string(), 16000)),
+        "{counted:?}"
+    );
+    assert!(
+        counted.contains(&("public.empty".to_string(), 0)),
+        "{counted:?}"
+    );
+    assert!(
+        counted.contains(&("odd ñame.t t".to_string(), 1)),
+        "{counted:?}"
+    );
+    let listed = fleet.coordinator.cli_json(&["backups", "list"]);
+    let verification = &listed[0]["last_verification"];
+    assert_eq!(verification["ok"], true, "{listed}");
+    assert_eq!(verification["method"], "restore drill on db2");
+    assert!(
+        verification["detail"]
+            .as_str()
+            .unwrap()
+            .contains("as at backup time"),
+        "{verification}"
+    );
+    let databases = fleet.target_databases();
+    assert!(
+        !databases.iter().any(|d| d.starts_with("cairn_")),
+        "the scratch database is dropped: {databases:?}"
+    );
+}
+
+#[test]
+fn single_tables_restore_into_an_existing_database() {
+    let fleet = fleet("restore_tables");
+    fleet.source.create_sample_database("shop", 2);
+    let backup = fleet.backup("db1", "shop");
+    fleet.target.create_database("shop");
+    fleet.target.psql(
+        "shop",
+        "CREATE TABLE customers (id int, name text); INSERT INTO customers VALUES (1, 'mine');",
+    );
+
+    // orders is missing on the target: restored alone, with its primary key.
+    let output = fleet.restore(&backup, &["--table", "public.orders"]);
+    assert!(output.success(), "{output}");
+    assert_eq!(
+        fleet.target.psql("shop", "SELECT count(*) FROM orders"),
+        "8000"
+    );
+    assert_eq!(
+        fleet.target.psql(
+            "shop",
+            "SELECT count(*) FROM pg_indexes WHERE tablename = 'orders'"
+        ),
+        "1"
+    );
+    // customers exists with rows: refused, unless --replace.
+    let refused = fleet.restore(&backup, &["--table", "public.customers"]);
+    assert_eq!(refused.status_code, Some(1), "{refused}");
+    assert!(
+        refused.stderr.contains("customers") && refused.stderr.contains("--replace"),
+        "{refused}"
+    );
+    assert_eq!(
+        fleet.target.psql("shop", "SELECT name FROM customers"),
+        "mine"
+    );
+    let output = fleet.restore(&backup, &["--table", "public.customers", "--replace"]);
+    assert!(output.success(), "{output}");
+    assert_eq!(
+        fleet.target.psql("shop", "SELECT count(*) FROM customers"),
+        "20000"
+    );
+    // A table the backup does not have is named.
+    let missing = fleet.restore(&backup, &["--table", "public.nope"]);
+    assert_eq!(missing.status_code, Some(1), "{missing}");
+    assert!(missing.stderr.contains("nope"), "{missing}");
+}
+
+#[test]
+fn a_target_short_of_disk_space_is_refused_before_anything_is_written() {
+    let test_dir = TestDir::new("restore_disk_space");
+    let source = PgCluster::start_in(&test_dir, "source");
+    source.create_sample_database("shop", 48);
+    // initdb takes about 40 MB; the backup's database is larger than what
+    // is left.
+    let small = PgCluster::builder()
+        .name("small")
+        .in_test_dir(&test_dir)
+        .on_tmpfs("96m")
+        .start();
+    let coordinator = Coordinator::start(&test_dir);
+    let _db1 = coordinator.enroll_agent("db1", &source, AgentOptions::default().allow("backup"));
+    let _small =
+        coordinator.enroll_agent("small", &small, AgentOptions::default().allow("restore"));
+    let backup = coordinator
+        .cli(&[
+            "backup",
+            "run",
+            "--agent",
+            "db1",
+            "--database",
+            "shop",
+            "--wait",
+            "--output",
+            "json",
+        ])
+        .assert_success()
+        .json()[0]["backup_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let output = coordinator.cli(&["restore", &backup, "--agent", "small", "--wait"]);
+    assert_eq!(output.status_code, Some(1), "{output}");
+    assert!(output.stderr.contains("free"), "{output}");
+    assert_eq!(
+        small.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname = 'shop' OR datname LIKE 'cairn%'"
+        ),
+        "0"
+    );
+}
