@@ -44,7 +44,9 @@ pub async fn run(
         .ok_or_else(|| format!("this agent has no instance {:?}", command.instance))?;
     let connection = instance.postgres.clone();
 
-    let mut client = AgentGatewayClient::new(channel);
+    let mut client = AgentGatewayClient::new(channel)
+        .max_decoding_message_size(cairn_common::chunk::MAX_CHUNK_MESSAGE_BYTES)
+        .max_encoding_message_size(cairn_common::chunk::MAX_CHUNK_MESSAGE_BYTES);
     let (outbound, outbound_receiver) = mpsc::channel(2);
     send(
         &outbound,

@@ -237,10 +237,7 @@ async fn session(
             message = inbound.message() => {
                 match message {
                     Ok(Some(proto::CoordinatorMessage { body: Some(coordinator_message::Body::Command(command)) })) => {
-                        let context = context.clone();
-                        send_in_background(&session_cancel, &outbound, async move {
-                            agent_message::Body::CommandResult(dispatch::execute(&context, command).await)
-                        });
+                        run_command_in_background(&session_cancel, &outbound, context.clone(), command);
                     }
                     Ok(Some(_)) => tracing::warn!("ignoring an unexpected message on the control stream"),
                     Ok(None) => return Ok(SessionEnd::Closed),
@@ -267,6 +264,47 @@ fn send_in_background(
         };
         let _ = outbound
             .send(proto::AgentMessage { body: Some(body) })
+            .await;
+    });
+}
+
+/// Runs a command off the session loop and sends its result. When the
+/// session ends first, a job (backup, restore) is not dropped mid-step: it
+/// is cancelled through its own token, so it stops pg_dump or pg_restore
+/// and drops its staging database itself; its result has nowhere to go
+/// (the coordinator fails the job when the session ends).
+fn run_command_in_background(
+    cancel: &CancellationToken,
+    outbound: &mpsc::Sender<proto::AgentMessage>,
+    context: dispatch::Context,
+    command: proto::Command,
+) {
+    let cancel = cancel.clone();
+    let outbound = outbound.clone();
+    let job_id = match &command.kind {
+        Some(proto::command::Kind::Backup(backup)) => Some(backup.job_id.clone()),
+        Some(proto::command::Kind::Restore(restore)) => Some(restore.job_id.clone()),
+        _ => None,
+    };
+    tokio::spawn(async move {
+        let jobs = context.jobs.clone();
+        let work = dispatch::execute(&context, command);
+        let mut work = std::pin::pin!(work);
+        let result = tokio::select! {
+            _ = cancel.cancelled() => {
+                if let Some(job_id) = job_id {
+                    tracing::warn!(job_id, "the control session ended: cancelling the job");
+                    jobs.cancel(&job_id);
+                    let _ = work.await;
+                }
+                return;
+            }
+            result = &mut work => result,
+        };
+        let _ = outbound
+            .send(proto::AgentMessage {
+                body: Some(agent_message::Body::CommandResult(result)),
+            })
             .await;
     });
 }

@@ -816,6 +816,10 @@ pub struct PgRestoreOptions {
     pub single_transaction: bool,
     /// `--clean --if-exists`: drop each object before creating it.
     pub clean: bool,
+    /// How long a statement waits for a lock (`lock_timeout`, through
+    /// `PGOPTIONS`): into a live database, a `DROP TABLE` queued behind a
+    /// long transaction would otherwise stall every query on that table.
+    pub lock_timeout: Option<std::time::Duration>,
 }
 
 /// `pg_restore --format=custom --exit-on-error --no-password` into
@@ -855,6 +859,12 @@ pub fn pg_restore_command(
         None => {
             command.stdin(Stdio::piped());
         }
+    }
+    if let Some(timeout) = options.lock_timeout {
+        command.env(
+            "PGOPTIONS",
+            format!("-c lock_timeout={}ms", timeout.as_millis()),
+        );
     }
     command.stdout(Stdio::null()).stderr(Stdio::piped());
     target.set_password(&mut command);
@@ -1355,9 +1365,17 @@ mod tests {
                 single_transaction: false,
                 clean: true,
                 no_owner: false,
+                lock_timeout: Some(std::time::Duration::from_secs(30)),
             },
         )
         .unwrap();
+        let pgoptions = from_file
+            .as_std()
+            .get_envs()
+            .find(|(key, _)| *key == "PGOPTIONS")
+            .and_then(|(_, value)| value)
+            .map(|value| value.to_string_lossy().into_owned());
+        assert_eq!(pgoptions.as_deref(), Some("-c lock_timeout=30000ms"));
         let args = args_of(&from_file);
         assert!(args[3].contains("dbname='it\\'s \"odd\"'"), "{args:?}");
         assert_eq!(

@@ -26,7 +26,9 @@
 //!    for the dump in `spool_dir` too, else the restore streams with one
 //!    job (and says so in its warnings).
 //! 3. A full restore does not replace a database that holds relations
-//!    unless `--replace`; an existing empty one is swapped out and dropped.
+//!    unless `--replace`; an existing empty one (nothing but what `CREATE
+//!    DATABASE` makes) is swapped out and kept aside, after checking it is
+//!    still empty; only `--drop-previous` drops what was set aside.
 //! 4. The roles the archive needs (owners, unless `--no-owner`, and the
 //!    roles its privileges name) that the target lacks are created from the
 //!    backup's globals, unless `--no-roles`.
@@ -152,6 +154,10 @@ impl State {
         self.warnings.push(warning);
     }
 }
+
+/// How long a partial restore's statements wait for a lock on the live
+/// target before the restore fails (and rolls back).
+const PARTIAL_RESTORE_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Runs one restore (or drill) to its end and reports what it did.
 pub async fn run(
@@ -286,7 +292,9 @@ async fn check_and_restore(
     let target = checks::check_target(request, instance).await?;
     let spool = checks::check_space(request, instance, state).await?;
 
-    let mut client = AgentGatewayClient::new(channel);
+    let mut client = AgentGatewayClient::new(channel)
+        .max_decoding_message_size(cairn_common::chunk::MAX_CHUNK_MESSAGE_BYTES)
+        .max_encoding_message_size(cairn_common::chunk::MAX_CHUNK_MESSAGE_BYTES);
     let messages = client
         .download_backup(proto::DownloadRequest {
             job_id: request.job_id.clone(),
@@ -332,6 +340,9 @@ async fn check_and_restore(
             // Everything selected is dropped first: the tables the checks
             // let through are empty, or --replace was given.
             options.clean = true;
+            // Into a live database: give up rather than queue every query
+            // on a table behind a DROP that waits for a long transaction.
+            options.lock_timeout = Some(PARTIAL_RESTORE_LOCK_TIMEOUT);
             list_file = Some(list);
             request.target.clone()
         }

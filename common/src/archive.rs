@@ -40,7 +40,7 @@ use std::collections::{BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 
 /// Largest table of contents read (it is buffered until whole).
-pub const MAX_TOC_BYTES: usize = 256 << 20;
+pub const MAX_TOC_BYTES: usize = 64 << 20;
 
 const MAGIC: &[u8] = b"PGDMP";
 const FORMAT_CUSTOM: u8 = 1;

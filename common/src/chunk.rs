@@ -21,6 +21,12 @@ pub const CHUNK_MIN_BYTES: usize = 512 * 1024;
 pub const CHUNK_AVG_BYTES: usize = 2 * 1024 * 1024;
 pub const CHUNK_MAX_BYTES: usize = 8 * 1024 * 1024;
 
+/// The largest gRPC message that carries one sealed chunk: a chunk of
+/// [`CHUNK_MAX_BYTES`] that does not compress, its seal, and room for the
+/// message around it. Both ends of `UploadBackup` and `DownloadBackup` set
+/// it (tonic's default of 4 MiB would refuse incompressible chunks).
+pub const MAX_CHUNK_MESSAGE_BYTES: usize = CHUNK_MAX_BYTES + 1024 * 1024;
+
 const FORMAT_VERSION: u8 = 1;
 
 /// How a chunk's payload was compressed before sealing.
@@ -187,6 +193,17 @@ mod tests {
 
     fn keys() -> RepositoryKeys {
         RepositoryKeys::generate().unwrap()
+    }
+
+    #[test]
+    fn the_largest_incompressible_chunk_fits_in_one_message() {
+        let keys = keys();
+        let random = crate::pki::random_bytes(CHUNK_MAX_BYTES).unwrap();
+        let sealed = seal_chunk(&keys, &random, 1).unwrap();
+        // Above tonic's 4 MiB default, inside our limit with room for the
+        // message's other fields.
+        assert!(sealed.bytes.len() > 4 * 1024 * 1024);
+        assert!(sealed.bytes.len() + 1024 < MAX_CHUNK_MESSAGE_BYTES);
     }
 
     #[test]

@@ -100,13 +100,29 @@ pub async fn stream_chunks(
         if position.is_some() {
             sent_bytes += chunk.plaintext_bytes;
             sent_chunks += 1;
-            // Progress for people watching: a catalog write every 8 chunks.
-            if (sent_chunks.is_multiple_of(8) || sent_chunks == total as u64)
-                && let Err(error) = catalog
+            // Every 8 chunks: progress for people watching, and whether the
+            // job still runs (a job cancelled while its agent was out of
+            // reach must not go on restoring).
+            if sent_chunks.is_multiple_of(8) || sent_chunks == total as u64 {
+                if let Err(error) = catalog
                     .update_job_progress(&job.id, sent_bytes, 0, sent_chunks)
                     .await
-            {
-                tracing::warn!(%error, "cannot record the restore's progress");
+                {
+                    tracing::warn!(%error, "cannot record the restore's progress");
+                }
+                match catalog.get_job(&job.id).await {
+                    Ok(Some(current)) if current.status != "running" => {
+                        let _ = sender
+                            .send(Err(Status::aborted(format!(
+                                "job {} is {}: the download stops",
+                                job.id, current.status
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "cannot read the job's status"),
+                }
             }
         }
     }

@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 use std::time::Instant;
 
+use cairn_common::chunk::MAX_CHUNK_MESSAGE_BYTES;
 use cairn_common::pki::CertificateAuthority;
 use cairn_common::proto::admin_server::AdminServer;
 use cairn_common::proto::agent_gateway_server::AgentGatewayServer;
@@ -196,8 +197,10 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
             admin,
             admin_interceptor(revoked.clone(), audit.clone()),
         ))
-        .add_service(AgentGatewayServer::with_interceptor(
-            gateway,
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            AgentGatewayServer::new(gateway)
+                .max_decoding_message_size(MAX_CHUNK_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_CHUNK_MESSAGE_BYTES),
             agent_interceptor(revoked, audit.clone()),
         ))
         .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await });

@@ -10,6 +10,7 @@ use std::time::Duration;
 use cairn_integration_tests::{
     Agent, AgentOptions, Coordinator, Output, PgCluster, TestDir, wait_until,
 };
+use serde_json::Value;
 
 /// Source and target hosts, each with its agent (db1 backs up, db2 restores).
 struct Fleet {
@@ -260,7 +261,13 @@ fn a_non_empty_target_is_refused_then_replaced_with_clients_connected() {
     let previous = report["previous"].as_str().unwrap().to_string();
     assert!(previous.starts_with("shop_previous_"), "{job}");
     assert_eq!(report["previous_dropped"], false);
-    assert!(session.wait().is_ok());
+    // The terminated client is gone, not waiting out its sleep.
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        "the terminated psql session to exit",
+        || session.try_wait().unwrap().is_some(),
+    );
     assert_eq!(fleet.target.psql(&previous, "SELECT x FROM keep_me"), "42");
     assert_eq!(
         fingerprint(&fleet.target, "shop"),
@@ -288,6 +295,11 @@ fn a_tampered_chunk_stops_the_restore_and_renames_nothing() {
     let fleet = fleet("restore_tampered");
     fleet.source.create_sample_database("shop", 12);
     let backup = fleet.backup("db1", "shop");
+    fleet.target.create_database("shop");
+    fleet.target.psql(
+        "shop",
+        "CREATE TABLE keep_me (x int); INSERT INTO keep_me VALUES (42);",
+    );
     let chunks_dir = fleet.coordinator.home().join("repository/chunks");
     let mut files: Vec<_> = std::fs::read_dir(&chunks_dir)
         .unwrap()
@@ -296,28 +308,48 @@ fn a_tampered_chunk_stops_the_restore_and_renames_nothing() {
         .map(|e| e.path())
         .collect();
     files.sort();
-    // Tamper with every chunk but keep their sizes: whichever comes first
-    // in the dump, the restore must stop at it.
-    let victim = files.last().unwrap().clone();
+    // A chunk in the middle of the dump, so pg_restore is already running
+    // on the staging database when it arrives: `backup verify` tells each
+    // chunk's position.
+    let mut victim = None;
+    for file in &files {
+        let original = std::fs::read(file).unwrap();
+        let mut bytes = original.clone();
+        let at = bytes.len() - 20;
+        bytes[at] ^= 1;
+        std::fs::write(file, &bytes).unwrap();
+        let report = fleet
+            .coordinator
+            .cli(&["backup", "verify", &backup, "--output", "json"])
+            .json();
+        let position = report["bad_chunks"][0]["position"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        if position != "globals" && position != "1" {
+            victim = Some((file.clone(), position));
+            break;
+        }
+        std::fs::write(file, &original).unwrap();
+    }
+    let (victim, position) = victim.expect("the backup has a chunk past the first");
     let id = victim.file_name().unwrap().to_str().unwrap().to_string();
-    let mut bytes = std::fs::read(&victim).unwrap();
-    let at = bytes.len() - 20;
-    bytes[at] ^= 1;
-    std::fs::write(&victim, &bytes).unwrap();
 
-    let output = fleet.restore(&backup, &[]);
+    let output = fleet.restore(&backup, &["--replace"]);
     assert_eq!(output.status_code, Some(1), "{output}");
     let job = output.json();
     assert_eq!(job["status"], "failed");
+    let error = job["error"].as_str().unwrap();
     assert!(
-        job["error"].as_str().unwrap().contains(&id),
-        "the error names the chunk: {job}"
+        error.contains(&id) && error.contains(&format!("chunk {position} of")),
+        "the error names the chunk ({position}, {id}): {job}"
     );
+    assert_eq!(fleet.target.psql("shop", "SELECT x FROM keep_me"), "42");
     let databases = fleet.target_databases();
     assert!(
         !databases
             .iter()
-            .any(|d| d == "shop" || d.starts_with("cairn_")),
+            .any(|d| d.starts_with("shop_previous") || d.starts_with("cairn_")),
         "{databases:?}"
     );
 }
@@ -329,7 +361,8 @@ fn a_failed_restore_leaves_the_target_untouched() {
     fleet.source.psql(
         "shop",
         "CREATE ROLE auditor NOLOGIN; CREATE TABLE t (x int); INSERT INTO t VALUES (1);
-         GRANT SELECT ON t TO auditor;",
+         GRANT SELECT ON t TO auditor;
+         CREATE ROLE app NOLOGIN; CREATE TABLE owned (y int); ALTER TABLE owned OWNER TO app;",
     );
     let backup = fleet.backup("db1", "shop");
     fleet.target.create_database("shop");
@@ -347,7 +380,7 @@ fn a_failed_restore_leaves_the_target_untouched() {
         job["error"]
             .as_str()
             .unwrap()
-            .contains("role \"auditor\" does not exist"),
+            .contains("pg_restore failed (exit status: 1): pg_restore: error: could not execute query: ERROR:  role"),
         "{job}"
     );
     assert_eq!(fleet.target.psql("shop", "SELECT y FROM old"), "7");
@@ -362,6 +395,22 @@ fn a_failed_restore_leaves_the_target_untouched() {
     let output = fleet.restore(&backup, &["--database", "shop2", "--no-owner"]);
     assert!(output.success(), "{output}");
     assert_eq!(fleet.target.psql("shop2", "SELECT x FROM t"), "1");
+    // Owned by the connecting role; the owner role was not needed, the
+    // grantee was created.
+    assert_eq!(
+        fleet.target.psql(
+            "shop2",
+            "SELECT tableowner FROM pg_tables WHERE tablename = 'owned'"
+        ),
+        "postgres"
+    );
+    assert_eq!(
+        fleet.target.psql(
+            "postgres",
+            "SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_roles WHERE rolname IN ('app', 'auditor')"
+        ),
+        "auditor"
+    );
 }
 
 #[test]
@@ -581,6 +630,18 @@ fn single_tables_restore_into_an_existing_database() {
         fleet.target.psql("shop", "SELECT count(*) FROM customers"),
         "20000"
     );
+    // A whole schema, new on the target.
+    fleet.source.psql(
+        "shop",
+        "CREATE SCHEMA \"Archive ü\"; CREATE TABLE \"Archive ü\".old AS SELECT 1 AS x;",
+    );
+    let backup = fleet.backup("db1", "shop");
+    let output = fleet.restore(&backup, &["--schema", "\"Archive ü\""]);
+    assert!(output.success(), "{output}");
+    assert_eq!(
+        fleet.target.psql("shop", "SELECT x FROM \"Archive ü\".old"),
+        "1"
+    );
     // A table the backup does not have is named.
     let missing = fleet.restore(&backup, &["--table", "public.nope"]);
     assert_eq!(missing.status_code, Some(1), "{missing}");
@@ -622,12 +683,92 @@ fn a_target_short_of_disk_space_is_refused_before_anything_is_written() {
         .to_string();
     let output = coordinator.cli(&["restore", &backup, "--agent", "small", "--wait"]);
     assert_eq!(output.status_code, Some(1), "{output}");
-    assert!(output.stderr.contains("free"), "{output}");
+    assert!(
+        output.stderr.contains("not enough free disk space"),
+        "{output}"
+    );
     assert_eq!(
         small.psql(
             "postgres",
             "SELECT count(*) FROM pg_database WHERE datname = 'shop' OR datname LIKE 'cairn%'"
         ),
         "0"
+    );
+}
+
+#[test]
+fn a_parallel_restore_spools_and_a_cancelled_one_leaves_nothing() {
+    let fleet = fleet("restore_cancel_jobs");
+    fleet.source.create_sample_database("shop", 16);
+    let backup = fleet.backup("db1", "shop");
+
+    // --jobs 2: pg_restore -j needs a file, so the dump is spooled.
+    let output = fleet.restore(&backup, &["--database", "parallel", "--jobs", "2"]);
+    assert!(output.success(), "{output}");
+    let job = output.json();
+    assert_eq!(job["restore"]["spooled"], true, "{job}");
+    assert_eq!(
+        fingerprint(&fleet.target, "parallel"),
+        fingerprint(&fleet.source, "shop")
+    );
+
+    // A restore cancelled midway: its pg_restore session on the target is
+    // paused (SIGSTOP) so the cancel surely lands while it runs.
+    let started = fleet
+        .coordinator
+        .cli(&[
+            "restore",
+            &backup,
+            "--agent",
+            "db2",
+            "--database",
+            "halfway",
+            "--output",
+            "json",
+        ])
+        .assert_success()
+        .json();
+    let job_id = started["id"].as_str().unwrap().to_string();
+    let backend = "SELECT pid FROM pg_stat_activity
+                   WHERE datname LIKE 'cairn_restore_%' AND backend_type = 'client backend'";
+    let mut pid = String::new();
+    wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        "pg_restore to connect to the staging database",
+        || {
+            pid = fleet.target.psql("postgres", backend);
+            !pid.is_empty()
+        },
+    );
+    let pid = pid.lines().next().unwrap().to_string();
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {name} {pid}");
+    };
+    signal("-STOP");
+    let cancelled = fleet.coordinator.cli(&["jobs", "cancel", &job_id]);
+    assert!(cancelled.success(), "{cancelled}");
+    signal("-CONT");
+    let mut job = Value::Null;
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        "the cancelled restore to end",
+        || {
+            job = fleet.coordinator.cli_json(&["jobs", "show", &job_id]);
+            job["status"] != "running"
+        },
+    );
+    assert_eq!(job["status"], "cancelled", "{job}");
+    let databases = fleet.target_databases();
+    assert!(
+        !databases
+            .iter()
+            .any(|d| d == "halfway" || d.starts_with("cairn_")),
+        "{databases:?}"
     );
 }

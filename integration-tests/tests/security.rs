@@ -1307,3 +1307,136 @@ fn a_revoked_operator_is_refused_from_its_next_call() {
         "{events:#?}"
     );
 }
+
+/// `DownloadBackup` on a fresh connection as `identity`: whether the
+/// coordinator started streaming the job's chunks, or why not.
+async fn download_as(
+    url: &str,
+    ca_pem: &[u8],
+    identity: &ClientIdentity,
+    job_id: &str,
+) -> Result<(), tonic::Status> {
+    let channel = channel(url, ca_pem, Some(identity))
+        .await
+        .expect("connect for DownloadBackup");
+    let mut client = AgentGatewayClient::new(channel);
+    let call = client.download_backup(proto::DownloadRequest {
+        job_id: job_id.to_string(),
+    });
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(result) => result.map(|_| ()),
+        Err(_) => panic!("DownloadBackup hung for {CALL_TIMEOUT:?}"),
+    }
+}
+
+/// A backup's chunks go only to the agent a running restore job of it was
+/// sent to: not to another agent, not for a backup job, not once the job
+/// ended, and never to an operator; and a restore job cannot be used to
+/// upload (and so overwrite) the backup it restores.
+#[tokio::test]
+async fn only_a_running_restore_jobs_own_agent_may_download_and_no_restore_may_upload() {
+    let test_dir = TestDir::new("download_authorisation");
+    let pg = PgCluster::start_in(&test_dir, "main");
+    pg.create_sample_database("shop", 1);
+    let coordinator = Coordinator::start(&test_dir);
+    let db1 = coordinator.enroll_agent("db1", &pg, AgentOptions::default().allow("backup"));
+    let db2 = coordinator.enroll_agent("db2", &pg, AgentOptions::default().allow("restore"));
+    let backup_job = coordinator
+        .cli(&[
+            "backup",
+            "run",
+            "--agent",
+            "db1",
+            "--database",
+            "shop",
+            "--wait",
+            "--output",
+            "json",
+        ])
+        .assert_success()
+        .json();
+    let backup_job = &backup_job[0];
+    let backup_id = backup_job["backup_id"].as_str().unwrap().to_string();
+    let restore_job = coordinator
+        .cli(&[
+            "restore",
+            &backup_id,
+            "--agent",
+            "db2",
+            "--database",
+            "copy",
+            "--wait",
+            "--output",
+            "json",
+        ])
+        .assert_success()
+        .json();
+    assert_eq!(restore_job["status"], "succeeded", "{restore_job}");
+    let restore_job_id = restore_job["id"].as_str().unwrap();
+    let url = coordinator.url();
+    let ca_pem = read(&db1.dir().join("identity/ca.pem"));
+    let db1_identity = read_identity(&db1.dir().join("identity"));
+    let db2_identity = read_identity(&db2.dir().join("identity"));
+
+    for (who, identity, job_id) in [
+        (
+            "db1, for its own backup job",
+            &db1_identity,
+            backup_job["id"].as_str().unwrap(),
+        ),
+        ("db1, for db2's restore job", &db1_identity, restore_job_id),
+        (
+            "db2, for its finished restore job",
+            &db2_identity,
+            restore_job_id,
+        ),
+    ] {
+        let refused = download_as(&url, &ca_pem, identity, job_id)
+            .await
+            .expect_err(who);
+        assert_eq!(
+            refused.code(),
+            tonic::Code::PermissionDenied,
+            "{who}: {}",
+            describe(&refused)
+        );
+    }
+    let admin = read_identity(&coordinator.admin_identity());
+    let refused = download_as(&url, &ca_pem, &admin, restore_job_id)
+        .await
+        .expect_err("an operator downloading");
+    assert!(
+        matches!(
+            refused.code(),
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+        ),
+        "{}",
+        describe(&refused)
+    );
+
+    // The restore job's agent cannot upload under it: the coordinator
+    // refuses the start, so the backup's manifest cannot be replaced.
+    let channel = channel(&url, &ca_pem, Some(&db2_identity)).await.unwrap();
+    let start = proto::BackupUpload {
+        body: Some(proto::backup_upload::Body::Start(proto::UploadStart {
+            job_id: restore_job_id.to_string(),
+            backup_id: backup_id.clone(),
+        })),
+    };
+    let mut client = AgentGatewayClient::new(channel);
+    let call = client.upload_backup(tonic::codegen::tokio_stream::iter(vec![start]));
+    let refused = tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .expect("UploadBackup answers")
+        .expect_err("an upload under a restore job");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::PermissionDenied,
+        "{}",
+        describe(&refused)
+    );
+    // The backup is still there, whole.
+    coordinator
+        .cli(&["backup", "verify", &backup_id])
+        .assert_success();
+}

@@ -81,11 +81,16 @@ pub struct DatabaseContents {
     pub tables: u64,
     /// Views, materialized views, sequences and foreign tables.
     pub other_relations: u64,
+    /// Functions, types, large objects, extensions (but plpgsql) and
+    /// schemas (but public): what a database with no relation may still
+    /// hold.
+    pub other_objects: u64,
 }
 
 impl DatabaseContents {
+    /// Nothing but what `CREATE DATABASE` puts there.
     pub fn is_empty(&self) -> bool {
-        self.tables == 0 && self.other_relations == 0
+        self.tables == 0 && self.other_relations == 0 && self.other_objects == 0
     }
 }
 
@@ -94,6 +99,12 @@ impl fmt::Display for DatabaseContents {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let plural = |n: u64| if n == 1 { "" } else { "s" };
         match (self.tables, self.other_relations) {
+            (0, 0) => write!(
+                f,
+                "{} object{} (functions, types, large objects, extensions or schemas)",
+                self.other_objects,
+                plural(self.other_objects)
+            ),
             (tables, 0) => write!(f, "{tables} table{}", plural(tables)),
             (0, others) => write!(
                 f,
@@ -237,6 +248,38 @@ impl Instance {
         )
         .await?;
         Ok(rows.iter().map(|row| row.get::<_, String>(0)).collect())
+    }
+
+    /// Takes SUPERUSER, REPLICATION and BYPASSRLS away from a role this
+    /// restore created: a role copied to another host gets the objects it
+    /// owns and the grants it had, not the power over the whole instance.
+    /// Returns the attributes it had.
+    pub async fn strip_instance_wide_attributes(
+        &self,
+        role: &str,
+    ) -> Result<Vec<&'static str>, PostgresError> {
+        let row = timed(
+            "pg_roles",
+            CHECK_TIMEOUT,
+            self.client.query_one(
+                "SELECT rolsuper, rolreplication, rolbypassrls FROM pg_roles WHERE rolname::text = $1",
+                &[&role],
+            ),
+        )
+        .await?;
+        let had: Vec<&'static str> = [(0, "SUPERUSER"), (1, "REPLICATION"), (2, "BYPASSRLS")]
+            .into_iter()
+            .filter(|(index, _)| row.get::<_, bool>(*index))
+            .map(|(_, name)| name)
+            .collect();
+        if !had.is_empty() {
+            let sql = format!(
+                "ALTER ROLE {} NOSUPERUSER NOREPLICATION NOBYPASSRLS",
+                quote_ident(role)
+            );
+            timed("ALTER ROLE", CHECK_TIMEOUT, self.client.batch_execute(&sql)).await?;
+        }
+        Ok(had)
     }
 
     /// Runs one statement of a backup's globals (`CREATE ROLE`, `ALTER
@@ -397,13 +440,22 @@ pub async fn database_contents(
         "database contents",
         CHECK_TIMEOUT,
         client.query_one(
-            "SELECT count(*) FILTER (WHERE c.relkind IN ('r', 'p')),
-                    count(*) FILTER (WHERE c.relkind IN ('v', 'm', 'S', 'f'))
-               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
-                AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-                AND n.nspname NOT LIKE 'pg\\_toast%'
-                AND n.nspname NOT LIKE 'pg\\_temp\\_%'",
+            "SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                        AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'),
+                    (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE c.relkind IN ('v', 'm', 'S', 'f') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                        AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'),
+                    (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema'))
+                  + (SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+                      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+                        AND n.nspname NOT LIKE 'pg\\_toast%' AND t.typrelid = 0 AND t.typelem = 0)
+                  + (SELECT count(*) FROM pg_largeobject_metadata)
+                  + (SELECT count(*) FROM pg_extension WHERE extname <> 'plpgsql')
+                  + (SELECT count(*) FROM pg_namespace
+                      WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'public')
+                        AND nspname NOT LIKE 'pg\\_toast%' AND nspname NOT LIKE 'pg\\_temp\\_%')",
             &[],
         ),
     )
@@ -411,6 +463,7 @@ pub async fn database_contents(
     Ok(DatabaseContents {
         tables: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
         other_relations: u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+        other_objects: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
     })
 }
 
@@ -617,10 +670,20 @@ mod tests {
             let contents = DatabaseContents {
                 tables,
                 other_relations: others,
+                other_objects: 0,
             };
             assert_eq!(contents.to_string(), text);
             assert!(!contents.is_empty());
         }
         assert!(DatabaseContents::default().is_empty());
+        let objects = DatabaseContents {
+            other_objects: 3,
+            ..DatabaseContents::default()
+        };
+        assert!(!objects.is_empty());
+        assert_eq!(
+            objects.to_string(),
+            "3 objects (functions, types, large objects, extensions or schemas)"
+        );
     }
 }

@@ -176,6 +176,16 @@ pub(super) async fn create_roles(
                 "role {role:?} was created, but one of the statements defining it failed: {error}"
             ));
         }
+        let stripped = instance.strip_instance_wide_attributes(role).await?;
+        if !stripped.is_empty() {
+            state.warn(format!(
+                "role {role:?} was created without {} it has in the backup: grant {} by hand if \
+                 it needs {} on this instance",
+                stripped.join(", "),
+                if stripped.len() == 1 { "it" } else { "them" },
+                if stripped.len() == 1 { "it" } else { "them" },
+            ));
+        }
         tracing::info!(role, "created a role the backup needs");
         state.report.roles_created.push(role.to_string());
     }

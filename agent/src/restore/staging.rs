@@ -26,8 +26,6 @@ pub(super) async fn create_staging(
     state: &mut State,
     head: Option<&ArchiveHead>,
 ) -> Result<(), RestoreError> {
-    // From now on the clean-up drops it, even if this is cancelled halfway.
-    state.staging = Some(request.staging.clone());
     let options = head
         .and_then(|head| head.entries.iter().find(|e| e.desc == "DATABASE"))
         .and_then(|entry| entry.defn.as_deref())
@@ -35,7 +33,11 @@ pub(super) async fn create_staging(
         .unwrap_or_default();
     if !options.is_empty() {
         match instance.create_database(&request.staging, &options).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                // Ours from now on: the clean-up drops it whatever happens.
+                state.staging = Some(request.staging.clone());
+                return Ok(());
+            }
             Err(error) => {
                 let wanted: Vec<String> = options.iter().map(|(k, v)| format!("{k} {v}")).collect();
                 state.warn(format!(
@@ -47,11 +49,12 @@ pub(super) async fn create_staging(
         }
     }
     instance.create_database(&request.staging, &[]).await?;
+    state.staging = Some(request.staging.clone());
     Ok(())
 }
 
 /// The staging database renamed into place, the target (if any) renamed
-/// aside in the same transaction, then dropped if asked (or empty).
+/// aside in the same transaction, then dropped only with --drop-previous.
 pub(super) async fn swap_into_place(
     request: &Request,
     instance: &Instance,
@@ -79,12 +82,25 @@ pub(super) async fn swap_into_place(
         }
     }
 
-    let Some(previous_contents) = restored.target else {
+    let Some(_previous_contents) = restored.target else {
         swap_once_free(request, instance, None, state).await?;
         state.staging = None;
         state.report.database = request.target.clone();
         return Ok(());
     };
+    // Without --replace the target was empty when the restore began; it
+    // must still be, or whatever was written to it meanwhile would be
+    // swapped out under nobody's order.
+    if !request.replace {
+        let now = target::database_contents(&request.connection, &request.target).await?;
+        if !now.is_empty() {
+            return Err(RestoreError::Refused(format!(
+                "database {:?} was empty when the restore began but now holds {now}; nothing was \
+                 renamed: restore again under another name with --database, or with --replace",
+                request.target
+            )));
+        }
+    }
     // Two restores within the same second must not collide: the first
     // free name of `_previous_<time>`, `_previous_<time>_2`, ...
     let now = Utc::now();
@@ -100,7 +116,9 @@ pub(super) async fn swap_into_place(
     state.report.database = request.target.clone();
     state.report.previous = previous.clone();
     tracing::info!(previous = %previous, "the restored database is in place");
-    if request.drop_previous || previous_contents.is_empty() {
+    // Dropped only when asked: even an empty-looking database keeps its
+    // settings, grants and owner, and is the operator's to drop.
+    if request.drop_previous {
         match instance.drop_database(&previous).await {
             Ok(()) => state.report.previous_dropped = true,
             Err(error) => state.warn(format!(
