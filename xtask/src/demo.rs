@@ -2,7 +2,9 @@
 //! first look. It builds the binaries, starts a throwaway PostgreSQL with
 //! sample data, a coordinator and one agent (with the same fixtures the
 //! integration tests use), and then runs the operator commands an operator
-//! would type, each under a heading with the exact command line.
+//! would type, each under a heading with the exact command line: the fleet
+//! and a probe, then a backup, a restore under another name, a check of
+//! every chunk and a restore drill.
 //!
 //! Without `--keep` it stops everything and removes its directory at the
 //! end, also on error and on Ctrl-C. With `--keep` it leaves everything
@@ -140,7 +142,8 @@ fn run_fleet(test_dir: &TestDir, interrupts: &Interrupts, keep: bool) -> anyhow:
         AgentOptions::default()
             .label("env", "demo")
             .label("app", "shop")
-            .allow("backup"),
+            .allow("backup")
+            .allow("restore"),
     );
     interrupts.check()?;
 
@@ -162,6 +165,48 @@ fn run_fleet(test_dir: &TestDir, interrupts: &Interrupts, keep: bool) -> anyhow:
         }
     }
 
+    // A backup, then what proves it: a restore under another name, a check
+    // of every chunk, and a restore drill.
+    interrupts.check()?;
+    let backed_up = demo_cli(
+        &coordinator,
+        &[
+            "backup",
+            "run",
+            "--agent",
+            AGENT_NAME,
+            "--database",
+            "shop",
+            "--wait",
+        ],
+    );
+    let listed = coordinator.cli_json(&["backups", "list"]);
+    match (backed_up, listed[0]["id"].as_str()) {
+        (Some(_), Some(backup_id)) => {
+            for args in [
+                vec!["backups", "list"],
+                vec![
+                    "restore",
+                    backup_id,
+                    "--agent",
+                    AGENT_NAME,
+                    "--database",
+                    "shop_restored",
+                    "--wait",
+                ],
+                vec!["backup", "verify", backup_id],
+                vec!["backup", "verify", backup_id, "--restore-on", AGENT_NAME],
+                vec!["backups", "list"],
+            ] {
+                interrupts.check()?;
+                if demo_cli(&coordinator, &args).is_none() {
+                    failed.push(format!("cairn {}", args.join(" ")));
+                }
+            }
+        }
+        _ => failed.push("cairn backup run".to_string()),
+    }
+
     if keep {
         print_kept(test_dir.path(), &coordinator, &agent, &postgres);
         agent.keep_running();
@@ -178,6 +223,27 @@ fn run_fleet(test_dir: &TestDir, interrupts: &Interrupts, keep: bool) -> anyhow:
         bail!("these commands failed: {}", failed.join(", "));
     }
     Ok(Kept::No)
+}
+
+/// Runs `cairn ARGS` as the demo's admin, showing the command and its
+/// output; its stdout when it succeeds.
+fn demo_cli(coordinator: &Coordinator, args: &[&str]) -> Option<String> {
+    println!("\n$ cairn {}", args.join(" "));
+    let output = Command::new(&binaries().cairn)
+        .args(args)
+        .envs(coordinator.cli_env())
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .ok()?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    print!("{stdout}");
+    if output.status.success() {
+        Some(stdout)
+    } else {
+        println!("({})", output.status);
+        None
+    }
 }
 
 fn step(what: &str) {
