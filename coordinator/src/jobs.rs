@@ -51,6 +51,23 @@ pub struct BackupRequest {
     pub tags: BTreeMap<String, String>,
 }
 
+/// How a job ended when the agent did not report it done: refused,
+/// cancelled, failed, or unreachable.
+pub(crate) fn ended_short(outcome: Result<CommandOutcome>) -> (JobStatus, String) {
+    match outcome {
+        Ok(CommandOutcome::Refused { reason, .. }) => (JobStatus::Failed, reason),
+        Ok(CommandOutcome::Cancelled(detail)) => {
+            (JobStatus::Cancelled, format!("cancelled: {detail}"))
+        }
+        Ok(CommandOutcome::Error(error)) => (JobStatus::Failed, error),
+        Ok(CommandOutcome::Probe(_)) => {
+            (JobStatus::Failed, "the agent answered with a probe".into())
+        }
+        Ok(CommandOutcome::JobDone(_)) => (JobStatus::Succeeded, String::new()),
+        Err(error) => (JobStatus::Failed, error.to_string()),
+    }
+}
+
 pub(crate) fn random_suffix() -> Result<String> {
     Ok(hex::encode(cairn_common::pki::random_bytes(4)?))
 }
@@ -299,15 +316,7 @@ impl Jobs {
                     "the agent finished but the backup's manifest was not stored".to_string(),
                 ),
             },
-            Ok(CommandOutcome::Refused { reason, .. }) => (JobStatus::Failed, reason),
-            Ok(CommandOutcome::Cancelled(detail)) => {
-                (JobStatus::Cancelled, format!("cancelled: {detail}"))
-            }
-            Ok(CommandOutcome::Error(error)) => (JobStatus::Failed, error),
-            Ok(CommandOutcome::Probe(_)) => {
-                (JobStatus::Failed, "the agent answered with a probe".into())
-            }
-            Err(error) => (JobStatus::Failed, error.to_string()),
+            other => ended_short(other),
         };
         self.end(job, status, &message).await;
     }

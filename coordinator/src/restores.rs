@@ -21,7 +21,7 @@ use crate::catalog::{BackupRecord, JobRecord, JobStatus, VerificationRecord};
 use crate::clock::now_ms;
 use crate::error::{CoordinatorError, Result};
 use crate::fleet::CommandOutcome;
-use crate::jobs::{Jobs, check_database_name, random_suffix};
+use crate::jobs::{Jobs, check_database_name, ended_short, random_suffix};
 use crate::manifest::Manifest;
 
 /// How long a restore may run before the coordinator gives up on it.
@@ -322,15 +322,7 @@ impl Jobs {
                     (JobStatus::Succeeded, String::new())
                 }
             }
-            Ok(CommandOutcome::Refused { reason, .. }) => (JobStatus::Failed, reason),
-            Ok(CommandOutcome::Cancelled(detail)) => {
-                (JobStatus::Cancelled, format!("cancelled: {detail}"))
-            }
-            Ok(CommandOutcome::Error(error)) => (JobStatus::Failed, error),
-            Ok(CommandOutcome::Probe(_)) => {
-                (JobStatus::Failed, "the agent answered with a probe".into())
-            }
-            Err(error) => (JobStatus::Failed, error.to_string()),
+            other => ended_short(other),
         };
         // A drill's verdict is its detail whether it passed or not.
         let error = if status == JobStatus::Succeeded {

@@ -238,6 +238,30 @@ impl Coordinator {
     }
 
     /// `cairn agents list --output json` as an array.
+    /// `cairn backup run --agent AGENT --database DATABASE --wait`, which
+    /// must succeed; returns the new backup's id.
+    pub fn backup(&self, agent: &str, database: &str) -> String {
+        let jobs = self
+            .cli(&[
+                "backup",
+                "run",
+                "--agent",
+                agent,
+                "--database",
+                database,
+                "--wait",
+                "--output",
+                "json",
+            ])
+            .assert_success()
+            .json();
+        assert_eq!(jobs[0]["status"], "succeeded", "{jobs}");
+        jobs[0]["backup_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no backup_id in {jobs}"))
+            .to_string()
+    }
+
     pub fn agents(&self) -> Vec<Value> {
         match self.cli_json(&["agents", "list"]) {
             Value::Array(agents) => agents,

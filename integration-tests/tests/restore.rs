@@ -43,22 +43,7 @@ fn fleet(name: &str) -> Fleet {
 
 impl Fleet {
     fn backup(&self, agent: &str, database: &str) -> String {
-        let job = self
-            .coordinator
-            .cli(&[
-                "backup",
-                "run",
-                "--agent",
-                agent,
-                "--database",
-                database,
-                "--wait",
-                "--output",
-                "json",
-            ])
-            .assert_success()
-            .json();
-        job[0]["backup_id"].as_str().unwrap().to_string()
+        self.coordinator.backup(agent, database)
     }
 
     /// `cairn restore ID --agent db2 --wait --output json ARGS`.
@@ -430,23 +415,7 @@ fn refusals_are_clear_and_audited() {
         &standby,
         AgentOptions::default().allow("restore"),
     );
-    let backup = coordinator
-        .cli(&[
-            "backup",
-            "run",
-            "--agent",
-            "db1",
-            "--database",
-            "shop",
-            "--wait",
-            "--output",
-            "json",
-        ])
-        .assert_success()
-        .json()[0]["backup_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let backup = coordinator.backup("db1", "shop");
 
     // db1 does not permit restores.
     let output = coordinator.cli(&[
@@ -664,23 +633,7 @@ fn a_target_short_of_disk_space_is_refused_before_anything_is_written() {
     let _db1 = coordinator.enroll_agent("db1", &source, AgentOptions::default().allow("backup"));
     let _small =
         coordinator.enroll_agent("small", &small, AgentOptions::default().allow("restore"));
-    let backup = coordinator
-        .cli(&[
-            "backup",
-            "run",
-            "--agent",
-            "db1",
-            "--database",
-            "shop",
-            "--wait",
-            "--output",
-            "json",
-        ])
-        .assert_success()
-        .json()[0]["backup_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let backup = coordinator.backup("db1", "shop");
     let output = coordinator.cli(&["restore", &backup, "--agent", "small", "--wait"]);
     assert_eq!(output.status_code, Some(1), "{output}");
     assert!(

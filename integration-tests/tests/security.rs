@@ -1341,22 +1341,8 @@ async fn only_a_running_restore_jobs_own_agent_may_download_and_no_restore_may_u
     let coordinator = Coordinator::start(&test_dir);
     let db1 = coordinator.enroll_agent("db1", &pg, AgentOptions::default().allow("backup"));
     let db2 = coordinator.enroll_agent("db2", &pg, AgentOptions::default().allow("restore"));
-    let backup_job = coordinator
-        .cli(&[
-            "backup",
-            "run",
-            "--agent",
-            "db1",
-            "--database",
-            "shop",
-            "--wait",
-            "--output",
-            "json",
-        ])
-        .assert_success()
-        .json();
-    let backup_job = &backup_job[0];
-    let backup_id = backup_job["backup_id"].as_str().unwrap().to_string();
+    let backup_id = coordinator.backup("db1", "shop");
+    let backup_job = coordinator.cli_json(&["backups", "show", &backup_id]);
     let restore_job = coordinator
         .cli(&[
             "restore",
@@ -1382,7 +1368,7 @@ async fn only_a_running_restore_jobs_own_agent_may_download_and_no_restore_may_u
         (
             "db1, for its own backup job",
             &db1_identity,
-            backup_job["id"].as_str().unwrap(),
+            backup_job["job_id"].as_str().unwrap(),
         ),
         ("db1, for db2's restore job", &db1_identity, restore_job_id),
         (

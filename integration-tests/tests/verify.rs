@@ -10,24 +10,6 @@ use std::path::PathBuf;
 use cairn_integration_tests::{AgentOptions, Coordinator, PgCluster, TestDir};
 use serde_json::Value;
 
-fn backup(coordinator: &Coordinator, database: &str) -> String {
-    let job = coordinator
-        .cli(&[
-            "backup",
-            "run",
-            "--agent",
-            "db1",
-            "--database",
-            database,
-            "--wait",
-            "--output",
-            "json",
-        ])
-        .assert_success()
-        .json();
-    job[0]["backup_id"].as_str().unwrap().to_string()
-}
-
 fn listed(coordinator: &Coordinator, id: &str) -> Value {
     coordinator
         .cli_json(&["backups", "list"])
@@ -58,7 +40,7 @@ fn verify_checks_every_chunk_and_names_a_bad_one() {
     pg.create_sample_database("shop", 16);
     let coordinator = Coordinator::start(&test_dir);
     let _agent = coordinator.enroll_agent("db1", &pg, AgentOptions::default().allow("backup"));
-    let id = backup(&coordinator, "shop");
+    let id = coordinator.backup("db1", "shop");
     assert_eq!(listed(&coordinator, &id)["last_verification"], Value::Null);
 
     let report = coordinator
