@@ -1,5 +1,5 @@
-//! `cargo xtask bench [--quick]`: how fast a Cairn backup is, against plain
-//! `pg_dump`, on this machine.
+//! `cargo xtask bench [--quick]`: how fast a Cairn backup and a Cairn
+//! restore are, against plain `pg_dump` and `pg_restore`, on this machine.
 //!
 //! It builds the release binaries (`cargo build --release --workspace
 //! --bins`, which includes this xtask, so the in-process S3 server is
@@ -31,11 +31,22 @@
 //!   and updating 1,000 random rows of another;
 //! - (f) one more after updating a random 1% of every table's rows.
 //!
-//! Per case it prints wall time, MB/s of `pg_database_size`, CPU seconds of
-//! the client processes (from `/proc/PID/stat`) and of the PostgreSQL server
-//! (the postmaster and its children), peak RSS of agent and coordinator
-//! (`VmHWM`, reset through `clear_refs` before each backup), stored or
-//! uploaded bytes, the ratios, and the issue's targets with PASS/MISS.
+//! Then the restores ([`restore`]), into new databases of the same cluster,
+//! of the database as (f) backed up, interleaved `CAIRN_BENCH_RUNS` times,
+//! each checked (every table's row count, the index count) and dropped:
+//!
+//! - (g) `pg_restore -d DB FILE`, FILE from `pg_dump -Fc -Z0`
+//! - (h) `openssl enc -d ... < FILE.enc | zstd -d | pg_restore -d DB`
+//! - (i) `cairn restore BACKUP --database DB --wait` of (f)'s backup
+//! - (j) `pg_restore -j 2 -d DB FILE`
+//! - (k) `cairn restore BACKUP --database DB --jobs 2 --wait`
+//!
+//! Per case it prints wall time, MB/s (of `pg_database_size` for backups, of
+//! FILE for restores), CPU seconds of the client processes (from
+//! `/proc/PID/stat`) and of the PostgreSQL server (the postmaster and its
+//! children), peak RSS of agent and coordinator (`VmHWM`, reset through
+//! `clear_refs` before each backup or restore), stored or uploaded bytes,
+//! the ratios, and the issue's targets with PASS/MISS.
 //! `--quick` uses tiny sizes (scale 2, 30 MB) to check the bench itself.
 //!
 //! Everything (clusters, coordinators, agents, the S3 server, files) lives
@@ -58,8 +69,18 @@ use serde_json::Value;
 
 use crate::cargo;
 use crate::interrupt::Interrupts;
+use restore::Restores;
+
+mod restore;
 
 const USAGE: &str = "usage: cargo xtask bench [--quick]
+
+Per dataset, backups: (s) pg_dump -Fc -Z0 > /dev/null, (a) pg_dump -Fc,
+(b) pg_dump -Z0 | zstd -1 | openssl enc, (c) cairn backup into a local and
+(d) into an S3 repository, (e) (f) later backups after small changes; then
+restores, each checked: (g) pg_restore -d from a file, (h) openssl enc -d |
+zstd -d | pg_restore -d, (i) cairn restore, (j) pg_restore -j 2 from a file,
+(k) cairn restore --jobs 2.
 
   --quick   tiny datasets (pgbench scale 2, 30 MB), to check the bench itself
 
@@ -76,6 +97,9 @@ const BUILT_ENV: &str = "CAIRN_BENCH_BUILT";
 
 /// The database every dataset lives in.
 const DATABASE: &str = "bench";
+
+/// Case (b)'s compression and encryption, after `pg_dump -Fc -Z0 |`.
+const COMPRESS_ENCRYPT: &str = "zstd -q -1 -T2 | openssl enc -aes-256-ctr -pbkdf2 -pass pass:bench";
 
 /// The S3 bucket of case (d).
 const BUCKET: &str = "cairn-bench";
@@ -346,6 +370,8 @@ struct DatasetReport {
     /// The first backup of the (e)/(f) repository: what (e) and (f) are
     /// compared with.
     baseline_bytes: Option<u64>,
+    /// (g) to (k).
+    restores: Option<Restores>,
     notes: Vec<String>,
     targets: Vec<Target>,
 }
@@ -431,7 +457,9 @@ fn print_machine(settings: &Settings) {
         let package = name;
         match path {
             Some(path) => println!("  {name}: {}", version(path, flag)),
-            None => println!("  {name}: missing (apt-get install {package}); case (b) is skipped"),
+            None => println!(
+                "  {name}: missing (apt-get install {package}); cases (b) and (h) are skipped"
+            ),
         }
     }
     println!(
@@ -492,6 +520,7 @@ fn bench_dataset(
         database_bytes,
         outcomes: BTreeMap::new(),
         baseline_bytes: None,
+        restores: None,
         notes: Vec::new(),
         targets: Vec::new(),
     };
@@ -584,7 +613,7 @@ fn bench_dataset(
     interrupts.check()?;
     let change = update_one_percent(&postgres, dataset)?;
     report.notes.push(format!("(f) changes: {change}"));
-    let (scattered, _) = fleet.measured_backup(&postgres, settings)?;
+    let (scattered, last_backup) = fleet.measured_backup(&postgres, settings)?;
     println!(
         "    (f) {:<38} {:>8.2} s  {:>10.1} MB uploaded",
         Case::Scattered.label(),
@@ -592,6 +621,18 @@ fn bench_dataset(
         scattered.bytes.unwrap_or(0) as f64 / MB
     );
     samples.entry(Case::Scattered).or_default().push(scattered);
+
+    // (g) to (k): restores of the database as it is now, (f)'s backup.
+    interrupts.check()?;
+    report.restores = Some(restore::bench_restores(
+        test_dir,
+        interrupts,
+        settings,
+        &postgres,
+        &fleet,
+        &last_backup,
+        pipeline_skipped.as_deref(),
+    )?);
     fleet.remove()?;
     drop(postgres);
 
@@ -846,11 +887,41 @@ fn pg_dump_case(
         Case::Stream => "pg_dump -Fc -Z0 > /dev/null".to_string(),
         Case::Gzip => format!("pg_dump -Fc -f '{}'", file.display()),
         Case::Pipeline => format!(
-            "pg_dump -Fc -Z0 | zstd -q -1 -T2 | openssl enc -aes-256-ctr -pbkdf2 -pass pass:bench > '{}'",
+            "pg_dump -Fc -Z0 | {COMPRESS_ENCRYPT} > '{}'",
             file.display()
         ),
         _ => bail!("case ({}) is not a pg_dump case", case.letter()),
     };
+    let database_bytes = database_size(postgres)?;
+    let measured = measured_script(test_dir, postgres, settings, &script)?;
+    let bytes = if case == Case::Stream {
+        None
+    } else {
+        let size = std::fs::metadata(&file)
+            .with_context(|| format!("stat {}", file.display()))?
+            .len();
+        std::fs::remove_file(&file).with_context(|| format!("remove {}", file.display()))?;
+        Some(size)
+    };
+    let client = measured.client_cpu;
+    Ok(Sample {
+        wall: measured.wall,
+        database_bytes,
+        client_cpu: client,
+        server_cpu: measured.server_cpu,
+        agent_rss: None,
+        coordinator_rss: None,
+        bytes,
+        logical_bytes: None,
+        detail: format!("the shell pipeline {client:.1}"),
+        job_seconds: None,
+    })
+}
+
+/// `bash -c 'set -euo pipefail; SCRIPT'` in the bench directory, with the
+/// PostgreSQL programs first in a short `PATH` and libpq aimed at the
+/// cluster (`PGDATABASE` is the bench database).
+fn shell_command(test_dir: &TestDir, postgres: &PgCluster, script: &str) -> Command {
     let mut command = Command::new("bash");
     command
         .arg("-c")
@@ -867,8 +938,34 @@ fn pg_dump_case(
         .env("PGDATABASE", DATABASE)
         .current_dir(test_dir.path());
     process::apply_process_group(&mut command);
+    command
+}
 
-    let database_bytes = database_size(postgres)?;
+/// Runs [`shell_command`]`(script)` unmeasured; fails if it does.
+fn run_script(test_dir: &TestDir, postgres: &PgCluster, script: &str) -> anyhow::Result<()> {
+    let output = process::run(&mut shell_command(test_dir, postgres, script));
+    ensure!(output.success(), "`{script}` failed: {output}");
+    Ok(())
+}
+
+/// Wall time and CPU seconds of a measured command.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    wall: f64,
+    /// The shell and everything in its pipeline.
+    client_cpu: f64,
+    /// The PostgreSQL server.
+    server_cpu: f64,
+}
+
+/// Runs [`shell_command`]`(script)`, measured; fails if it does.
+fn measured_script(
+    test_dir: &TestDir,
+    postgres: &PgCluster,
+    settings: &Settings,
+    script: &str,
+) -> anyhow::Result<Measured> {
+    let mut command = shell_command(test_dir, postgres, script);
     let postmaster = postmaster_pid(postgres)?;
     let server_before = server_ticks(postmaster);
     let children_before = proc_times("self")?.children;
@@ -878,34 +975,18 @@ fn pg_dump_case(
     let children_after = proc_times("self")?.children;
     let server_after = server_ticks(postmaster);
     ensure!(output.success(), "`{script}` failed: {output}");
-    let bytes = if case == Case::Stream {
-        None
-    } else {
-        let size = std::fs::metadata(&file)
-            .with_context(|| format!("stat {}", file.display()))?
-            .len();
-        std::fs::remove_file(&file).with_context(|| format!("remove {}", file.display()))?;
-        Some(size)
-    };
-    let client = (children_after - children_before) as f64 / settings.clock_ticks;
-    Ok(Sample {
+    let ticks = settings.clock_ticks;
+    Ok(Measured {
         wall,
-        database_bytes,
-        client_cpu: client,
-        server_cpu: (server_after.saturating_sub(server_before)) as f64 / settings.clock_ticks,
-        agent_rss: None,
-        coordinator_rss: None,
-        bytes,
-        logical_bytes: None,
-        detail: format!("the shell pipeline {client:.1}"),
-        job_seconds: None,
+        client_cpu: children_after.saturating_sub(children_before) as f64 / ticks,
+        server_cpu: server_after.saturating_sub(server_before) as f64 / ticks,
     })
 }
 
 // ---------------------------------------------------------------------------
 // (c) to (f): a coordinator, an agent, `cairn backup run --wait`
 
-/// A coordinator and one agent allowed to back up.
+/// A coordinator and one agent allowed to back up and to restore.
 struct Fleet {
     name: String,
     coordinator: Coordinator,
@@ -913,7 +994,8 @@ struct Fleet {
 }
 
 impl Fleet {
-    /// A fresh coordinator home with a local repository, and its agent.
+    /// A fresh coordinator home with a local repository, and its agent
+    /// (allowed to back up and to restore).
     fn local(test_dir: &TestDir, postgres: &PgCluster, name: &str) -> anyhow::Result<Fleet> {
         let coordinator = Coordinator::start_with(test_dir, coordinator_options(name, Vec::new()));
         Ok(Fleet::with_agent(coordinator, postgres, name))
@@ -948,7 +1030,8 @@ impl Fleet {
             probe_interval: None,
             ..AgentOptions::default()
         }
-        .allow("backup");
+        .allow("backup")
+        .allow("restore");
         let agent = coordinator.enroll_agent(name, postgres, options);
         Fleet {
             name: name.to_string(),
@@ -964,40 +1047,22 @@ impl Fleet {
         settings: &Settings,
     ) -> anyhow::Result<(Sample, Value)> {
         let database_bytes = database_size(postgres)?;
-        let agent_pid = self.agent.process().pid().to_string();
-        let coordinator_pid = self.coordinator.process().pid().to_string();
-        // The peak RSS from here on (needs root; without it the peak covers
-        // the whole life of the process).
-        for pid in [&agent_pid, &coordinator_pid] {
-            let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
-        }
-        let postmaster = postmaster_pid(postgres)?;
-        let args = [
-            "backup",
-            "run",
-            "--agent",
-            &self.name,
-            "--database",
-            DATABASE,
-            "--wait",
-            "--output",
-            "json",
-        ];
-        let mut command = self.coordinator.cli_command(&args);
-
-        let server_before = server_ticks(postmaster);
-        let agent_before = proc_times(&agent_pid)?;
-        let coordinator_before = proc_times(&coordinator_pid)?;
-        let self_before = proc_times("self")?;
-        let started = Instant::now();
-        let output = process::run(&mut command);
-        let wall = started.elapsed().as_secs_f64();
-        let self_after = proc_times("self")?;
-        let coordinator_after = proc_times(&coordinator_pid)?;
-        let agent_after = proc_times(&agent_pid)?;
-        let server_after = server_ticks(postmaster);
-        let agent_rss = peak_rss(&agent_pid);
-        let coordinator_rss = peak_rss(&coordinator_pid);
+        let run = self.measured_cli(
+            postgres,
+            settings,
+            &[
+                "backup",
+                "run",
+                "--agent",
+                &self.name,
+                "--database",
+                DATABASE,
+                "--wait",
+                "--output",
+                "json",
+            ],
+        )?;
+        let output = &run.output;
         ensure!(output.success(), "the backup failed: {output}");
 
         let jobs: Value = serde_json::from_str(&output.stdout)
@@ -1016,37 +1081,65 @@ impl Fleet {
         let backup: Value = serde_json::from_str(&show.stdout)
             .with_context(|| format!("`cairn backups show --output json` printed {show}"))?;
 
-        let job_seconds = job_seconds(&jobs[0]);
-        let ticks = settings.clock_ticks;
-        let seconds = |before: u64, after: u64| after.saturating_sub(before) as f64 / ticks;
-        let agent = seconds(agent_before.own, agent_after.own);
-        let pg_dump = seconds(agent_before.children, agent_after.children);
-        let coordinator = seconds(coordinator_before.own, coordinator_after.own);
-        let cli = seconds(self_before.children, self_after.children);
-        // This process only waits, except for the S3 server's threads.
-        let s3_server = seconds(self_before.own, self_after.own);
-        let mut detail = format!(
-            "agent {agent:.1} + pg_dump {pg_dump:.1} + coordinator {coordinator:.1} + cli {cli:.1}"
-        );
-        if s3_server >= 0.05 {
-            let _ = write!(
-                detail,
-                "; in-process S3 server {s3_server:.1} (not counted)"
-            );
-        }
         let sample = Sample {
-            wall,
+            wall: run.wall,
             database_bytes,
-            client_cpu: agent + pg_dump + coordinator + cli,
-            server_cpu: seconds(server_before, server_after),
-            agent_rss,
-            coordinator_rss,
+            client_cpu: run.client_cpu(),
+            server_cpu: run.server,
+            agent_rss: run.agent_rss,
+            coordinator_rss: run.coordinator_rss,
             bytes: backup["new_stored_bytes"].as_u64(),
             logical_bytes: backup["logical_bytes"].as_u64(),
-            detail,
-            job_seconds,
+            detail: run.detail("pg_dump"),
+            job_seconds: job_seconds(&jobs[0]),
         };
         Ok((sample, backup))
+    }
+
+    /// `cairn ARGS` as admin, measured: wall time, CPU seconds of agent
+    /// (and the children it waited for), coordinator, CLI and server, and
+    /// the peak RSS of agent and coordinator during the command. The
+    /// command's failure is the caller's to report.
+    fn measured_cli(
+        &self,
+        postgres: &PgCluster,
+        settings: &Settings,
+        args: &[&str],
+    ) -> anyhow::Result<CliRun> {
+        let agent_pid = self.agent.process().pid().to_string();
+        let coordinator_pid = self.coordinator.process().pid().to_string();
+        reset_peak_rss(&agent_pid);
+        reset_peak_rss(&coordinator_pid);
+        let postmaster = postmaster_pid(postgres)?;
+        let mut command = self.coordinator.cli_command(args);
+
+        let server_before = server_ticks(postmaster);
+        let agent_before = proc_times(&agent_pid)?;
+        let coordinator_before = proc_times(&coordinator_pid)?;
+        let self_before = proc_times("self")?;
+        let started = Instant::now();
+        let output = process::run(&mut command);
+        let wall = started.elapsed().as_secs_f64();
+        let self_after = proc_times("self")?;
+        let coordinator_after = proc_times(&coordinator_pid)?;
+        let agent_after = proc_times(&agent_pid)?;
+        let server_after = server_ticks(postmaster);
+
+        let ticks = settings.clock_ticks;
+        let seconds = |before: u64, after: u64| after.saturating_sub(before) as f64 / ticks;
+        Ok(CliRun {
+            wall,
+            agent: seconds(agent_before.own, agent_after.own),
+            agent_children: seconds(agent_before.children, agent_after.children),
+            coordinator: seconds(coordinator_before.own, coordinator_after.own),
+            cli: seconds(self_before.children, self_after.children),
+            // This process only waits, except for the S3 server's threads.
+            in_process: seconds(self_before.own, self_after.own),
+            server: seconds(server_before, server_after),
+            agent_rss: peak_rss(&agent_pid),
+            coordinator_rss: peak_rss(&coordinator_pid),
+            output,
+        })
     }
 
     /// Stops the agent and the coordinator and removes their directories
@@ -1058,6 +1151,44 @@ impl Fleet {
             std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
         }
         Ok(())
+    }
+}
+
+/// One measured `cairn` command ([`Fleet::measured_cli`]); CPU in seconds.
+struct CliRun {
+    output: cairn_integration_tests::Output,
+    wall: f64,
+    agent: f64,
+    /// What the agent ran and waited for: pg_dump, pg_restore.
+    agent_children: f64,
+    coordinator: f64,
+    cli: f64,
+    /// This process: the in-process S3 server's threads (not counted).
+    in_process: f64,
+    server: f64,
+    agent_rss: Option<u64>,
+    coordinator_rss: Option<u64>,
+}
+
+impl CliRun {
+    fn client_cpu(&self) -> f64 {
+        self.agent + self.agent_children + self.coordinator + self.cli
+    }
+
+    /// How the client CPU divides; `child` names what the agent ran.
+    fn detail(&self, child: &str) -> String {
+        let mut detail = format!(
+            "agent {:.1} + {child} {:.1} + coordinator {:.1} + cli {:.1}",
+            self.agent, self.agent_children, self.coordinator, self.cli
+        );
+        if self.in_process >= 0.05 {
+            let _ = write!(
+                detail,
+                "; in-process S3 server {:.1} (not counted)",
+                self.in_process
+            );
+        }
+        detail
     }
 }
 
@@ -1120,14 +1251,37 @@ fn proc_times(pid: &str) -> anyhow::Result<ProcTimes> {
 
 /// CPU ticks of the PostgreSQL server: the postmaster, its children alive
 /// now, and those it has reaped.
+///
+/// A child reaped while `/proc` is scanned would be missed (its backend
+/// often exits just as a client command ends), so the scan is repeated
+/// until the postmaster's reaped children's time is the same before and
+/// after it.
 fn server_ticks(postmaster: u32) -> u64 {
     let postmaster_text = postmaster.to_string();
-    let mut total = proc_times(&postmaster_text)
-        .map(|times| times.own + times.children)
-        .unwrap_or(0);
+    let mut total = 0;
+    for _ in 0..20 {
+        let Ok(before) = proc_times(&postmaster_text) else {
+            return total;
+        };
+        let live = live_children_ticks(postmaster);
+        let Ok(after) = proc_times(&postmaster_text) else {
+            return total;
+        };
+        total = after.own + before.children + live;
+        if after.children == before.children {
+            break;
+        }
+    }
+    total
+}
+
+/// utime + stime of the children of `parent` that `/proc` lists now
+/// (running, or ended and not yet reaped).
+fn live_children_ticks(parent: u32) -> u64 {
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return total;
+        return 0;
     };
+    let mut total = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(pid) = name
@@ -1136,13 +1290,11 @@ fn server_ticks(postmaster: u32) -> u64 {
         else {
             continue;
         };
-        // A process may end while we read; it is then counted in the
-        // postmaster's children's times.
+        // Gone already: reaped, so in the parent's children's times.
         let Ok(fields) = stat_fields(pid) else {
             continue;
         };
-        let parent = fields.get(1).copied().unwrap_or(0);
-        if parent == u64::from(postmaster) {
+        if fields.get(1).copied().unwrap_or(0) == u64::from(parent) {
             total += fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
         }
     }
@@ -1161,6 +1313,12 @@ fn peak_rss(pid: &str) -> Option<u64> {
     let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Restarts the peak RSS (`VmHWM`) of a process from its current RSS
+/// (needs root; without it the peak covers the whole life of the process).
+fn reset_peak_rss(pid: &str) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
 }
 
 // ---------------------------------------------------------------------------
@@ -1202,6 +1360,14 @@ fn max_rss(report: &DatasetReport, pick: fn(&Sample) -> Option<u64>) -> Option<u
         .max()
 }
 
+/// `a / b` when both were measured.
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
 fn ratio_target(what: &str, ratio: Option<f64>, limit: f64, at_most: bool) -> Target {
     Target {
         what: what.to_string(),
@@ -1212,10 +1378,6 @@ fn ratio_target(what: &str, ratio: Option<f64>, limit: f64, at_most: bool) -> Ta
 
 fn targets(report: &DatasetReport) -> Vec<Target> {
     let wall = |case| median_wall(report, case);
-    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-        _ => None,
-    };
     let local = wall(Case::Local);
     let mut targets = vec![
         ratio_target(
@@ -1285,7 +1447,43 @@ fn targets(report: &DatasetReport) -> Vec<Target> {
             passed: peak.map(|p| p <= limit),
         });
     }
+    if let Some(restores) = &report.restores {
+        targets.extend(restores.targets());
+    }
     targets
+}
+
+/// The header of a table of cases, up to the RSS column.
+fn columns_header(title: &str) -> String {
+    format!(
+        "{title:<42} {:>18} {:>6} {:>7} {:>9} {:>9} {:>13}",
+        "wall s (min-max)", "job s", "MB/s", "client s", "server s", "RSS MiB a/c"
+    )
+}
+
+/// A measured case's columns under [`columns_header`], after the title;
+/// MB/s is `rate_bytes` over the median wall time.
+fn columns(samples: &[Sample], median: &Sample, rate_bytes: u64) -> String {
+    let min = samples.iter().map(|s| s.wall).fold(f64::MAX, f64::min);
+    let max = samples.iter().map(|s| s.wall).fold(0.0, f64::max);
+    let walls = if samples.len() > 1 {
+        format!("{:.2} ({min:.2}-{max:.2})", median.wall)
+    } else {
+        format!("{:.2}", median.wall)
+    };
+    let rss = match (median.agent_rss, median.coordinator_rss) {
+        (Some(a), Some(c)) => format!("{:.0}/{:.0}", a as f64 / MIB, c as f64 / MIB),
+        _ => "-".to_string(),
+    };
+    let job = median
+        .job_seconds
+        .map_or_else(|| "-".to_string(), |j| format!("{j:.2}"));
+    format!(
+        "{walls:>18} {job:>6} {:>7.1} {:>9.1} {:>9.1} {rss:>13}",
+        rate_bytes as f64 / MB / median.wall.max(1e-9),
+        median.client_cpu,
+        median.server_cpu,
+    )
 }
 
 fn print_report(report: &DatasetReport) {
@@ -1310,14 +1508,8 @@ fn print_report(report: &DatasetReport) {
         );
     }
     println!(
-        "\n  {:<42} {:>18} {:>6} {:>7} {:>9} {:>9} {:>13} {:>11}",
-        "case (median run)",
-        "wall s (min-max)",
-        "job s",
-        "MB/s",
-        "client s",
-        "server s",
-        "RSS MiB a/c",
+        "\n  {} {:>11}",
+        columns_header("case (median run)"),
         "bytes MB"
     );
     for (case, outcome) in &report.outcomes {
@@ -1328,28 +1520,12 @@ fn print_report(report: &DatasetReport) {
                 let Some(median) = outcome.median() else {
                     continue;
                 };
-                let min = samples.iter().map(|s| s.wall).fold(f64::MAX, f64::min);
-                let max = samples.iter().map(|s| s.wall).fold(0.0, f64::max);
-                let walls = if samples.len() > 1 {
-                    format!("{:.2} ({min:.2}-{max:.2})", median.wall)
-                } else {
-                    format!("{:.2}", median.wall)
-                };
-                let rss = match (median.agent_rss, median.coordinator_rss) {
-                    (Some(a), Some(c)) => format!("{:.0}/{:.0}", a as f64 / MIB, c as f64 / MIB),
-                    _ => "-".to_string(),
-                };
                 let bytes = median
                     .bytes
                     .map_or_else(|| "-".to_string(), |b| format!("{:.1}", b as f64 / MB));
-                let job = median
-                    .job_seconds
-                    .map_or_else(|| "-".to_string(), |j| format!("{j:.2}"));
                 println!(
-                    "  {title:<42} {walls:>18} {job:>6} {:>7.1} {:>9.1} {:>9.1} {rss:>13} {bytes:>11}",
-                    median.database_bytes as f64 / MB / median.wall.max(1e-9),
-                    median.client_cpu,
-                    median.server_cpu,
+                    "  {title:<42} {} {bytes:>11}",
+                    columns(samples, median, median.database_bytes)
                 );
             }
         }
@@ -1408,6 +1584,9 @@ fn print_report(report: &DatasetReport) {
         ));
     }
     println!("  ratios of wall time: {}", ratios.join(", "));
+    if let Some(restores) = &report.restores {
+        restores.print();
+    }
     println!(
         "\n  {:<48} {:>14}  result",
         "target (from the issue)", "measured"
@@ -1437,6 +1616,18 @@ mod tests {
         let even = Outcome::Measured(vec![sample(4.0), sample(1.0)]);
         assert_eq!(even.median().map(|s| s.wall), Some(1.0));
         assert!(Outcome::Skipped("x".into()).median().is_none());
+    }
+
+    #[test]
+    fn server_ticks_count_the_process_and_its_children() {
+        let own = proc_times("self").expect("read /proc/self/stat");
+        let parent = std::process::id();
+        let mut child = Command::new("sleep").arg("5").spawn().expect("start sleep");
+        let total = server_ticks(parent);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(total >= own.own + own.children, "{total} < {own:?}");
+        assert_eq!(server_ticks(u32::MAX), 0, "no such process");
     }
 
     #[test]

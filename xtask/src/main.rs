@@ -6,7 +6,8 @@
 //! - `demo [--keep]`: a throwaway fleet of one coordinator, one agent and one
 //!   PostgreSQL cluster, and the operator commands that look at it.
 //! - `bench [--quick]`: builds the release binaries and measures backups
-//!   against plain pg_dump (MB/s, CPU, memory, stored bytes, the targets).
+//!   against plain pg_dump and restores against plain pg_restore (MB/s,
+//!   CPU, memory, stored bytes, the targets).
 
 mod bench;
 mod cargo;
@@ -23,8 +24,9 @@ commands:
   test [ARGS...]   build the binaries, then `cargo nextest run --workspace ARGS...`
   demo [--keep]    start PostgreSQL, a coordinator and an agent, and show the CLI;
                    --keep leaves them running and prints how to stop them
-  bench [--quick]  build the release binaries, then time pg_dump and cairn backups
-                   of two throwaway databases and check the performance targets;
+  bench [--quick]  build the release binaries, then time pg_dump and cairn backups,
+                   and pg_restore and cairn restores, of two throwaway databases
+                   and check the performance targets;
                    --quick uses tiny datasets (see `cargo xtask bench --help`)
 ";
 
