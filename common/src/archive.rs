@@ -106,6 +106,11 @@ pub struct TocEntry {
     /// `DATABASE` and `POLICY` entries (the others' can be large, and
     /// nothing here needs them).
     pub defn: Option<String>,
+    /// Where in the archive this entry's data offset is written (its flag
+    /// byte), so that a spooled copy can be given the offsets a pipe
+    /// could not take; see [`ArchiveScanner::data_offsets`].
+    #[serde(default)]
+    pub offset_field_at: u64,
 }
 
 /// The header and table of contents of an archive, in archive order.
@@ -120,6 +125,9 @@ pub struct ArchiveHead {
     pub owners: BTreeSet<String>,
     /// The owner of the `DATABASE` entry: the database's own owner.
     pub database_owner: Option<String>,
+    /// Bytes of a data offset (`offSize`).
+    #[serde(default)]
+    pub offset_size: usize,
 }
 
 impl ArchiveHead {
@@ -169,6 +177,12 @@ pub struct ArchiveScanner {
     tables_by_id: HashMap<i64, usize>,
     /// The last bytes of each table's data, to spot the end marker.
     tails: Vec<Vec<u8>>,
+    /// Bytes fed so far.
+    fed: u64,
+    /// Where the block being read began, until its dump id is read.
+    block_at: u64,
+    /// (dump id, position of its data block's type byte), in archive order.
+    block_starts: Vec<(i64, u64)>,
 }
 
 impl Default for ArchiveScanner {
@@ -188,11 +202,36 @@ impl ArchiveScanner {
             summary: ArchiveSummary::default(),
             tables_by_id: HashMap::new(),
             tails: Vec::new(),
+            fed: 0,
+            block_at: 0,
+            block_starts: Vec::new(),
         }
+    }
+
+    /// Once the whole archive went by: for every data block, where its
+    /// entry's offset field is and where the block begins, with the size
+    /// of an offset. `pg_dump` writing into a pipe cannot go back to fill
+    /// these in; a parallel `pg_restore` of a spooled copy needs them to
+    /// seek to a table's data instead of reading through the file.
+    pub fn data_offsets(&self) -> Option<(usize, Vec<(u64, u64)>)> {
+        let head = self.head.as_ref()?;
+        let fields: HashMap<i64, u64> = head
+            .entries
+            .iter()
+            .map(|entry| (entry.dump_id, entry.offset_field_at))
+            .collect();
+        let offsets = self
+            .block_starts
+            .iter()
+            .filter_map(|(dump_id, at)| fields.get(dump_id).map(|field| (*field, *at)))
+            .collect();
+        Some((head.offset_size, offsets))
     }
 
     /// The next bytes of the archive.
     pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), ArchiveError> {
+        let start = self.fed;
+        self.fed += bytes.len() as u64;
         if self.head.is_none() {
             self.pending.extend_from_slice(bytes);
             match parse_head(&self.pending)? {
@@ -218,7 +257,7 @@ impl ArchiveScanner {
                     let rest = self.pending.split_off(used);
                     self.pending = Vec::new();
                     self.head = Some(head);
-                    return self.feed_data(&rest);
+                    return self.feed_data(&rest, Some(used as u64));
                 }
             }
         }
@@ -230,16 +269,25 @@ impl ArchiveScanner {
             bytes = &bytes[take..];
             if self.pending.len() == want {
                 let pending = std::mem::take(&mut self.pending);
-                self.feed_data(&pending)?;
+                // An int: never a block's first byte, so no position needed.
+                self.feed_data(&pending, None)?;
             }
         }
-        self.feed_data(bytes)
+        let at = self.fed - bytes.len() as u64;
+        debug_assert!(at >= start);
+        self.feed_data(bytes, Some(at))
     }
 
-    fn feed_data(&mut self, mut bytes: &[u8]) -> Result<(), ArchiveError> {
+    /// Parses `bytes`, which begin at archive position `at` (`None` for a
+    /// completed int, which cannot begin a block).
+    fn feed_data(&mut self, mut bytes: &[u8], at: Option<u64>) -> Result<(), ArchiveError> {
+        let length = bytes.len();
         while !bytes.is_empty() {
             match self.data {
                 Data::BlockType => {
+                    if let Some(at) = at {
+                        self.block_at = at + (length - bytes.len()) as u64;
+                    }
                     let kind = bytes[0];
                     bytes = &bytes[1..];
                     if kind != BLOCK_DATA && kind != BLOCK_LARGE_OBJECTS {
@@ -254,6 +302,7 @@ impl ArchiveScanner {
                         return Ok(());
                     };
                     bytes = &bytes[used..];
+                    self.block_starts.push((id, self.block_at));
                     self.data = if kind == BLOCK_LARGE_OBJECTS {
                         Data::ObjectOid
                     } else {
@@ -557,6 +606,7 @@ fn parse_head(bytes: &[u8]) -> Result<Option<(ParsedHead, usize)>, ArchiveError>
             })?;
             dependencies.push(dependency);
         }
+        let offset_field_at = cursor.at as u64;
         need!(cursor.byte()); // offset flag
         need!(cursor.take(offset_size));
         let defn = if DEFN_KEPT_FOR.contains(&desc.as_str()) {
@@ -572,6 +622,7 @@ fn parse_head(bytes: &[u8]) -> Result<Option<(ParsedHead, usize)>, ArchiveError>
             owner,
             dependencies,
             defn,
+            offset_field_at,
         });
     }
     let owners = entries
@@ -592,6 +643,7 @@ fn parse_head(bytes: &[u8]) -> Result<Option<(ParsedHead, usize)>, ArchiveError>
                 entries,
                 owners,
                 database_owner,
+                offset_size,
             },
         },
         cursor.at,
@@ -752,6 +804,33 @@ mod tests {
                 ],
                 "piece size {piece}"
             );
+        }
+    }
+
+    #[test]
+    fn data_offsets_point_at_the_blocks_and_the_offset_fields() {
+        let bytes = archive(&[
+            ("public", "orders", b"1\n2\n\\.\n\n\n"),
+            ("public", "tags", b"x\n"),
+        ]);
+        for piece in [1, 3, 7, bytes.len()] {
+            let mut scanner = ArchiveScanner::new();
+            for part in bytes.chunks(piece) {
+                scanner.feed(part).unwrap();
+            }
+            let (offset_size, offsets) = scanner.data_offsets().unwrap();
+            assert_eq!(offset_size, 8);
+            // The two tables (the test's large objects have no entry).
+            assert_eq!(offsets.len(), 2, "piece size {piece}");
+            for (field, block) in offsets {
+                // A pipe could not fill the offset in: "not set".
+                assert_eq!(bytes[field as usize], 1, "piece size {piece}");
+                let kind = bytes[block as usize];
+                assert!(
+                    kind == BLOCK_DATA || kind == BLOCK_LARGE_OBJECTS,
+                    "piece size {piece}: block at {block} starts with {kind}"
+                );
+            }
         }
     }
 

@@ -188,6 +188,23 @@ pub(super) async fn spooled(
             source,
         })?;
     }
+    // pg_dump wrote into a pipe, so its table of contents has no data
+    // offsets; the spooled copy gets them, as pg_dump writes them into a
+    // file, so that each parallel worker seeks to its table's data.
+    if let Ok(scanner) = &archive.scanner
+        && let Some((offset_size, offsets)) = scanner.data_offsets()
+    {
+        let path = spool.path().to_path_buf();
+        let written =
+            tokio::task::spawn_blocking(move || write_data_offsets(&path, offset_size, &offsets))
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))
+                .and_then(|result| result);
+        if let Err(error) = written {
+            // Correct without them, only slower.
+            tracing::warn!(%error, "cannot write the data offsets into the spooled archive");
+        }
+    }
     let mut options = run.options.clone();
     options.archive = Some(spool.path().to_path_buf());
     let mut child = spawn(run.tools, run.connection, run.database, &options)?;
@@ -210,6 +227,25 @@ pub(super) async fn spooled(
         stderr,
         summary: finish(archive.scanner),
     })
+}
+
+/// `K_OFFSET_POS_SET` of `pg_backup_archiver.h`: the offset that follows
+/// is where the entry's data block begins.
+const OFFSET_POS_SET: u8 = 2;
+
+/// Fills in each entry's data offset (flag byte, then `offset_size` bytes,
+/// least significant first) in an archive file.
+fn write_data_offsets(path: &Path, offset_size: usize, offsets: &[(u64, u64)]) -> io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
+    for (field, block) in offsets {
+        let mut bytes = vec![OFFSET_POS_SET];
+        let value = block.to_le_bytes();
+        bytes.extend((0..offset_size).map(|i| value.get(i).copied().unwrap_or(0)));
+        file.seek(SeekFrom::Start(*field))?;
+        file.write_all(&bytes)?;
+    }
+    file.flush()
 }
 
 fn spawn(

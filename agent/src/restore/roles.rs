@@ -303,6 +303,7 @@ CREATE TABLESPACE fast OWNER postgres LOCATION '/fast';
             owner: owner.into(),
             dependencies: Vec::new(),
             defn: defn.map(str::to_string),
+            offset_field_at: 0,
         }
     }
 

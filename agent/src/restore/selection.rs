@@ -274,6 +274,7 @@ mod tests {
             owner: "app".into(),
             dependencies: deps.to_vec(),
             defn: None,
+            offset_field_at: 0,
         }
     }
 
