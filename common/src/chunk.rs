@@ -174,12 +174,21 @@ pub fn open_chunk(
         .map_err(|source| ChunkError::Seal { id: *id, source })?;
     let plaintext = match compression {
         Compression::None => payload,
-        Compression::Zstd => zstd::bulk::decompress(&payload, CHUNK_MAX_BYTES).map_err(|e| {
-            ChunkError::Decompress {
+        Compression::Zstd => {
+            // The frame records its size: allocate that, not the largest a
+            // chunk may be (8 MiB for every 2 MiB chunk adds up when a few
+            // are in flight). A size above the limit fails below.
+            let capacity = match zstd::zstd_safe::get_frame_content_size(&payload) {
+                Ok(Some(size)) => usize::try_from(size)
+                    .unwrap_or(CHUNK_MAX_BYTES)
+                    .min(CHUNK_MAX_BYTES),
+                _ => CHUNK_MAX_BYTES,
+            };
+            zstd::bulk::decompress(&payload, capacity).map_err(|e| ChunkError::Decompress {
                 id: *id,
                 reason: e.to_string(),
-            }
-        })?,
+            })?
+        }
     };
     if ChunkId::of(keys, &plaintext) != *id {
         return Err(ChunkError::HashMismatch { id: *id });
@@ -193,6 +202,20 @@ mod tests {
 
     fn keys() -> RepositoryKeys {
         RepositoryKeys::generate().unwrap()
+    }
+
+    #[test]
+    fn an_opened_chunk_holds_only_its_own_size() {
+        let keys = keys();
+        let plaintext = b"row,row,row your boat ".repeat(50_000);
+        let sealed = seal_chunk(&keys, &plaintext, 1).unwrap();
+        let opened = open_chunk(&keys, &sealed.id, &sealed.bytes).unwrap();
+        assert_eq!(opened, plaintext);
+        assert!(
+            opened.capacity() < 2 * plaintext.len(),
+            "{}",
+            opened.capacity()
+        );
     }
 
     #[test]
