@@ -395,7 +395,11 @@ pub fn jobs_table(jobs: &[JobView]) -> comfy_table::Table {
             j.id.clone(),
             j.kind.clone(),
             j.agent.clone(),
-            j.database.clone(),
+            if j.target_database.is_empty() {
+                j.database.clone()
+            } else {
+                format!("{} -> {}", j.database, j.target_database)
+            },
             j.status.to_string(),
             output::ago(j.started_at),
             bytes(j.bytes_read),
