@@ -180,6 +180,17 @@ pub async fn run(
         .await
         .map_err(|error| JobEnd::Failed(error.to_string()))?;
     let mut state = State::default();
+    // Said, not dropped: another agent of this instance may be restoring
+    // into one of them right now.
+    match instance.leftover_staging_databases(&request.staging).await {
+        Ok(leftovers) if !leftovers.is_empty() => state.warn(format!(
+            "staging databases of earlier restores that did not finish are still here: {}; \
+             drop them once no restore runs on this instance",
+            leftovers.join(", ")
+        )),
+        Ok(_) => {}
+        Err(error) => tracing::debug!(%error, "cannot look for leftover staging databases"),
+    }
     let outcome = execute(&request, &instance, &mut state, channel, &guard.token).await;
     let left_behind = staging::clean_up(&request, &instance, &mut state).await;
     let and_left_behind = left_behind

@@ -396,6 +396,24 @@ fn a_failed_restore_leaves_the_target_untouched() {
         ),
         "auditor"
     );
+    // A staging database an interrupted restore left behind is named in
+    // the next restore's report (not dropped: it may be another agent's).
+    fleet.target.create_database("cairn_restore_0badc0de");
+    let output = fleet.restore(&backup, &["--database", "shop3"]);
+    assert!(output.success(), "{output}");
+    let job = output.json();
+    assert!(
+        job["restore"]["warnings"]
+            .as_str()
+            .unwrap()
+            .contains("cairn_restore_0badc0de"),
+        "{job}"
+    );
+    assert!(
+        fleet
+            .target_databases()
+            .contains(&"cairn_restore_0badc0de".to_string())
+    );
 }
 
 #[test]

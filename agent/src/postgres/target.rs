@@ -232,6 +232,26 @@ impl Instance {
         Ok(row.get(0))
     }
 
+    /// Staging and scratch databases of restores that did not clean up
+    /// after themselves (an agent killed mid-job), other than `except`.
+    pub async fn leftover_staging_databases(
+        &self,
+        except: &str,
+    ) -> Result<Vec<String>, PostgresError> {
+        let rows = timed(
+            "pg_database",
+            CHECK_TIMEOUT,
+            self.client.query(
+                "SELECT datname::text FROM pg_database
+                  WHERE datname ~ '^cairn_(restore|drill)_[0-9a-f]{8}$' AND datname <> $1
+                  ORDER BY 1",
+                &[&except],
+            ),
+        )
+        .await?;
+        Ok(rows.iter().map(|row| row.get::<_, String>(0)).collect())
+    }
+
     /// Which of `names` are roles here.
     pub async fn existing_roles(
         &self,
