@@ -290,7 +290,12 @@ fn run_command_in_background(
         let jobs = context.jobs.clone();
         let work = dispatch::execute(&context, command);
         let mut work = std::pin::pin!(work);
+        // The work first: a job registers its cancellation token on its
+        // first poll, and a session that ended before that must still
+        // reach it.
         let result = tokio::select! {
+            biased;
+            result = &mut work => result,
             _ = cancel.cancelled() => {
                 if let Some(job_id) = job_id {
                     tracing::warn!(job_id, "the control session ended: cancelling the job");
@@ -299,7 +304,6 @@ fn run_command_in_background(
                 }
                 return;
             }
-            result = &mut work => result,
         };
         let _ = outbound
             .send(proto::AgentMessage {

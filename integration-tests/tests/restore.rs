@@ -115,7 +115,8 @@ fn sessions_on(pg: &PgCluster, database: &str) -> u64 {
 /// large objects, contrib extensions, a view, a materialized view, a
 /// function, and grants to a role the target does not have.
 const AWKWARD: &str = r#"
-CREATE ROLE reporting NOLOGIN;
+CREATE ROLE reporting NOLOGIN BYPASSRLS CREATEROLE;
+GRANT pg_read_server_files TO reporting;
 CREATE EXTENSION hstore;
 CREATE EXTENSION pg_trgm;
 CREATE SCHEMA "Sales Dept";
@@ -163,6 +164,21 @@ fn awkward_content_restores_onto_another_host_under_another_name() {
         "the role the grants name was created from the globals: {job}"
     );
 
+    // Copied without the power over the whole instance it had there, and
+    // the report says so.
+    assert_eq!(
+        fleet.target.psql(
+            "postgres",
+            "SELECT rolbypassrls, rolcreaterole, pg_has_role('reporting', 'pg_read_server_files', 'MEMBER')
+               FROM pg_roles WHERE rolname = 'reporting'"
+        ),
+        "f|f|f"
+    );
+    let warnings = report["warnings"].as_str().unwrap();
+    assert!(
+        warnings.contains("BYPASSRLS") && warnings.contains("pg_read_server_files"),
+        "{warnings}"
+    );
     let copy = "copy of \"shop\" ü";
     assert_eq!(
         fingerprint(&fleet.target, copy),

@@ -232,6 +232,31 @@ impl Instance {
         Ok(row.get(0))
     }
 
+    /// Whether a membership in `role` would hand out power over the whole
+    /// instance: a superuser, or one of PostgreSQL's predefined `pg_*`
+    /// roles (server files, programs, signals...).
+    pub async fn is_instance_wide_role(&self, role: &str) -> Result<bool, PostgresError> {
+        if role.starts_with("pg_") {
+            return Ok(true);
+        }
+        let row = timed(
+            "pg_roles",
+            CHECK_TIMEOUT,
+            self.client.query_opt(
+                "SELECT rolsuper FROM pg_roles WHERE rolname::text = $1",
+                &[&role],
+            ),
+        )
+        .await?;
+        Ok(row.is_some_and(|row| row.get::<_, bool>(0)))
+    }
+
+    /// Drops a role this restore created (when it could not be made safe).
+    pub async fn drop_role(&self, role: &str) -> Result<(), PostgresError> {
+        let sql = format!("DROP ROLE IF EXISTS {}", quote_ident(role));
+        timed("DROP ROLE", CHECK_TIMEOUT, self.client.batch_execute(&sql)).await
+    }
+
     /// Staging and scratch databases of restores that did not clean up
     /// after themselves (an agent killed mid-job), other than `except`.
     pub async fn leftover_staging_databases(
@@ -270,10 +295,10 @@ impl Instance {
         Ok(rows.iter().map(|row| row.get::<_, String>(0)).collect())
     }
 
-    /// Takes SUPERUSER, REPLICATION and BYPASSRLS away from a role this
-    /// restore created: a role copied to another host gets the objects it
-    /// owns and the grants it had, not the power over the whole instance.
-    /// Returns the attributes it had.
+    /// Takes SUPERUSER, REPLICATION, BYPASSRLS and CREATEROLE away from a
+    /// role this restore created: a role copied to another host gets the
+    /// objects it owns and the grants it had, not power over the whole
+    /// instance. Returns the attributes it had.
     pub async fn strip_instance_wide_attributes(
         &self,
         role: &str,
@@ -282,19 +307,25 @@ impl Instance {
             "pg_roles",
             CHECK_TIMEOUT,
             self.client.query_one(
-                "SELECT rolsuper, rolreplication, rolbypassrls FROM pg_roles WHERE rolname::text = $1",
+                "SELECT rolsuper, rolreplication, rolbypassrls, rolcreaterole
+                   FROM pg_roles WHERE rolname::text = $1",
                 &[&role],
             ),
         )
         .await?;
-        let had: Vec<&'static str> = [(0, "SUPERUSER"), (1, "REPLICATION"), (2, "BYPASSRLS")]
-            .into_iter()
-            .filter(|(index, _)| row.get::<_, bool>(*index))
-            .map(|(_, name)| name)
-            .collect();
+        let had: Vec<&'static str> = [
+            (0, "SUPERUSER"),
+            (1, "REPLICATION"),
+            (2, "BYPASSRLS"),
+            (3, "CREATEROLE"),
+        ]
+        .into_iter()
+        .filter(|(index, _)| row.get::<_, bool>(*index))
+        .map(|(_, name)| name)
+        .collect();
         if !had.is_empty() {
             let sql = format!(
-                "ALTER ROLE {} NOSUPERUSER NOREPLICATION NOBYPASSRLS",
+                "ALTER ROLE {} NOSUPERUSER NOREPLICATION NOBYPASSRLS NOCREATEROLE",
                 quote_ident(role)
             );
             timed("ALTER ROLE", CHECK_TIMEOUT, self.client.batch_execute(&sql)).await?;

@@ -176,7 +176,19 @@ pub(super) async fn create_roles(
                 "role {role:?} was created, but one of the statements defining it failed: {error}"
             ));
         }
-        let stripped = instance.strip_instance_wide_attributes(role).await?;
+        let stripped = match instance.strip_instance_wide_attributes(role).await {
+            Ok(stripped) => stripped,
+            Err(error) => {
+                // Never leave a copied superuser behind.
+                let _ = instance.drop_role(role).await;
+                return Err(RestoreError::Refused(format!(
+                    "role {role:?} was created but could not be limited to this database's \
+                     needs ({error}), so it was dropped again; create it on instance {} by \
+                     hand, or pass --no-roles",
+                    request.instance
+                )));
+            }
+        };
         if !stripped.is_empty() {
             state.warn(format!(
                 "role {role:?} was created without {} it has in the backup: grant {} by hand if \
@@ -190,6 +202,16 @@ pub(super) async fn create_roles(
         state.report.roles_created.push(role.to_string());
     }
     for membership in memberships {
+        // A membership in a superuser or a predefined pg_* role would give
+        // back the power the attributes above took away.
+        if instance.is_instance_wide_role(&membership.group).await? {
+            state.warn(format!(
+                "role {:?} was not made a member of {:?}, which has power over the whole \
+                 instance: grant it by hand if it needs it here",
+                membership.member, membership.group
+            ));
+            continue;
+        }
         if let Err(error) = instance.run_globals_statement(&membership.statement).await {
             state.warn(format!(
                 "role {:?} was not made a member of {:?}: {error}",

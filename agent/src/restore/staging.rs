@@ -26,6 +26,17 @@ pub(super) async fn create_staging(
     state: &mut State,
     head: Option<&ArchiveHead>,
 ) -> Result<(), RestoreError> {
+    // Marked as ours before CREATE DATABASE (a cancel may land while the
+    // server finishes it), once the name is known to be free, so the
+    // clean-up never drops a database this job did not make.
+    if instance.database_exists(&request.staging).await? {
+        return Err(RestoreError::Refused(format!(
+            "a database named {:?} already exists on instance {}: another restore's staging \
+             database; drop it if no restore runs there, and try again",
+            request.staging, request.instance
+        )));
+    }
+    state.staging = Some(request.staging.clone());
     let options = head
         .and_then(|head| head.entries.iter().find(|e| e.desc == "DATABASE"))
         .and_then(|entry| entry.defn.as_deref())
@@ -33,11 +44,7 @@ pub(super) async fn create_staging(
         .unwrap_or_default();
     if !options.is_empty() {
         match instance.create_database(&request.staging, &options).await {
-            Ok(()) => {
-                // Ours from now on: the clean-up drops it whatever happens.
-                state.staging = Some(request.staging.clone());
-                return Ok(());
-            }
+            Ok(()) => return Ok(()),
             Err(error) => {
                 let wanted: Vec<String> = options.iter().map(|(k, v)| format!("{k} {v}")).collect();
                 state.warn(format!(
@@ -49,7 +56,6 @@ pub(super) async fn create_staging(
         }
     }
     instance.create_database(&request.staging, &[]).await?;
-    state.staging = Some(request.staging.clone());
     Ok(())
 }
 
@@ -88,19 +94,6 @@ pub(super) async fn swap_into_place(
         state.report.database = request.target.clone();
         return Ok(());
     };
-    // Without --replace the target was empty when the restore began; it
-    // must still be, or whatever was written to it meanwhile would be
-    // swapped out under nobody's order.
-    if !request.replace {
-        let now = target::database_contents(&request.connection, &request.target).await?;
-        if !now.is_empty() {
-            return Err(RestoreError::Refused(format!(
-                "database {:?} was empty when the restore began but now holds {now}; nothing was \
-                 renamed: restore again under another name with --database, or with --replace",
-                request.target
-            )));
-        }
-    }
     // Two restores within the same second must not collide: the first
     // free name of `_previous_<time>`, `_previous_<time>_2`, ...
     let now = Utc::now();
@@ -163,6 +156,21 @@ async fn swap_once_free(
                         request.target,
                         SESSIONS_WAIT.as_secs(),
                         list_names(&names)
+                    )));
+                }
+            }
+            // Without --replace the target was empty when the restore
+            // began; with its sessions gone, it must still be, or whatever
+            // was written to it meanwhile would be swapped out under
+            // nobody's order.
+            if !request.replace {
+                let now = target::database_contents(&request.connection, &request.target).await?;
+                if !now.is_empty() {
+                    return Err(RestoreError::Refused(format!(
+                        "database {:?} was empty when the restore began but now holds {now}; \
+                         nothing was renamed: restore again under another name with --database, \
+                         or with --replace",
+                        request.target
                     )));
                 }
             }
