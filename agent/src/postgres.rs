@@ -816,10 +816,10 @@ pub struct PgRestoreOptions {
     pub single_transaction: bool,
     /// `--clean --if-exists`: drop each object before creating it.
     pub clean: bool,
-    /// How long a statement waits for a lock (`lock_timeout`, through
-    /// `PGOPTIONS`): into a live database, a `DROP TABLE` queued behind a
-    /// long transaction would otherwise stall every query on that table.
-    pub lock_timeout: Option<std::time::Duration>,
+    /// `application_name` of its sessions, so the agent can find them in
+    /// `pg_stat_activity` (the lock watcher of a partial restore); the
+    /// instance's own otherwise.
+    pub application_name: Option<String>,
 }
 
 /// `pg_restore --format=custom --exit-on-error --no-password` into
@@ -831,7 +831,11 @@ pub fn pg_restore_command(
     database: &str,
     options: &PgRestoreOptions,
 ) -> Result<TokioCommand, PostgresError> {
-    let target = conn.tool_connection(Some(database))?;
+    let mut target = conn.tool_connection(Some(database))?;
+    if let Some(application_name) = &options.application_name {
+        // A later keyword wins in a conninfo.
+        push_conninfo(&mut target.conninfo, "application_name", application_name);
+    }
     let mut command = tools.command("pg_restore");
     command
         .args(["--format=custom", "--exit-on-error", "--no-password"])
@@ -859,12 +863,6 @@ pub fn pg_restore_command(
         None => {
             command.stdin(Stdio::piped());
         }
-    }
-    if let Some(timeout) = options.lock_timeout {
-        command.env(
-            "PGOPTIONS",
-            format!("-c lock_timeout={}ms", timeout.as_millis()),
-        );
     }
     command.stdout(Stdio::null()).stderr(Stdio::piped());
     target.set_password(&mut command);
@@ -1365,18 +1363,15 @@ mod tests {
                 single_transaction: false,
                 clean: true,
                 no_owner: false,
-                lock_timeout: Some(std::time::Duration::from_secs(30)),
+                application_name: Some("cairn-restore-0a1b2c3d".into()),
             },
         )
         .unwrap();
-        let pgoptions = from_file
-            .as_std()
-            .get_envs()
-            .find(|(key, _)| *key == "PGOPTIONS")
-            .and_then(|(_, value)| value)
-            .map(|value| value.to_string_lossy().into_owned());
-        assert_eq!(pgoptions.as_deref(), Some("-c lock_timeout=30000ms"));
         let args = args_of(&from_file);
+        assert!(
+            args[3].ends_with("application_name=cairn-restore-0a1b2c3d"),
+            "{args:?}"
+        );
         assert!(args[3].contains("dbname='it\\'s \"odd\"'"), "{args:?}");
         assert_eq!(
             args[4..],

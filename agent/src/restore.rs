@@ -158,6 +158,8 @@ impl State {
 /// How long a partial restore's statements wait for a lock on the live
 /// target before the restore fails (and rolls back).
 const PARTIAL_RESTORE_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often a partial restore looks for its statements waiting on locks.
+const LOCK_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Runs one restore (or drill) to its end and reports what it did.
 pub async fn run(
@@ -351,9 +353,8 @@ async fn check_and_restore(
             // Everything selected is dropped first: the tables the checks
             // let through are empty, or --replace was given.
             options.clean = true;
-            // Into a live database: give up rather than queue every query
-            // on a table behind a DROP that waits for a long transaction.
-            options.lock_timeout = Some(PARTIAL_RESTORE_LOCK_TIMEOUT);
+            // Named, so the lock watcher below finds its session.
+            options.application_name = Some(request.staging.clone());
             list_file = Some(list);
             request.target.clone()
         }
@@ -391,6 +392,28 @@ async fn check_and_restore(
         let file_name = format!("{}.dump", request.file_stem);
         state.report.spooled = true;
         feed::spooled(run, archive, &request.spool_dir, &file_name).await?
+    } else if request.mode == Mode::Partial {
+        // Into a live database, pg_restore sets lock_timeout = 0: a DROP
+        // queued behind a long transaction would stall every query on that
+        // table. A statement that waits longer than the limit is cancelled;
+        // pg_restore stops and its single transaction rolls back.
+        let timed_out = std::sync::atomic::AtomicBool::new(false);
+        let watching = watch_locks(instance, &request.staging, &timed_out);
+        tokio::select! {
+            restored = feed::streamed(run, archive) => match restored {
+                Err(_) if timed_out.load(std::sync::atomic::Ordering::Acquire) => {
+                    return Err(RestoreError::Refused(format!(
+                        "a statement of the restore waited more than {}s for a lock in database \
+                         {:?} (a transaction there holds it); it was cancelled and nothing was \
+                         committed: try again once that transaction ends",
+                        PARTIAL_RESTORE_LOCK_TIMEOUT.as_secs(),
+                        request.target
+                    )));
+                }
+                other => other?,
+            },
+            () = watching => unreachable_watch()?,
+        }
     } else {
         feed::streamed(run, archive).await?
     };
@@ -406,6 +429,44 @@ async fn check_and_restore(
         summary: restored.summary,
         target,
     })
+}
+
+/// Cancels the statement of a session named `application_name` once it has
+/// waited longer than [`PARTIAL_RESTORE_LOCK_TIMEOUT`] for a lock, and
+/// notes it in `timed_out`. Runs until dropped.
+async fn watch_locks(
+    instance: &Instance,
+    application_name: &str,
+    timed_out: &std::sync::atomic::AtomicBool,
+) {
+    loop {
+        tokio::time::sleep(LOCK_WATCH_INTERVAL).await;
+        match instance
+            .lock_waiters(application_name, PARTIAL_RESTORE_LOCK_TIMEOUT)
+            .await
+        {
+            Ok(pids) => {
+                for pid in pids {
+                    tracing::warn!(
+                        pid,
+                        "a restore statement waited too long for a lock: cancelling it"
+                    );
+                    timed_out.store(true, std::sync::atomic::Ordering::Release);
+                    if let Err(error) = instance.cancel_backend(pid).await {
+                        tracing::warn!(%error, pid, "cannot cancel the waiting statement");
+                    }
+                }
+            }
+            Err(error) => tracing::debug!(%error, "cannot look for waiting restore statements"),
+        }
+    }
+}
+
+/// [`watch_locks`] never returns.
+fn unreachable_watch() -> Result<feed::Restored, RestoreError> {
+    Err(RestoreError::Refused(
+        "the lock watcher stopped before pg_restore".into(),
+    ))
 }
 
 /// Like `1.5 GiB`.

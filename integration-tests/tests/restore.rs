@@ -759,3 +759,52 @@ fn a_parallel_restore_spools_and_a_cancelled_one_leaves_nothing() {
         "{databases:?}"
     );
 }
+
+#[test]
+fn a_partial_restore_gives_up_on_a_held_lock_and_commits_nothing() {
+    let fleet = fleet("restore_lock_wait");
+    fleet.source.create_sample_database("shop", 1);
+    let backup = fleet.backup("db1", "shop");
+    fleet.target.create_database("shop");
+    fleet.target.psql(
+        "shop",
+        "CREATE TABLE customers (id int, name text); INSERT INTO customers VALUES (1, 'mine');",
+    );
+    // A long transaction holds a lock on the table the restore must drop.
+    let mut holder = fleet
+        .target
+        .pg_command("psql")
+        .args([
+            "-X",
+            "-d",
+            "shop",
+            "-c",
+            "BEGIN; LOCK TABLE customers IN ACCESS SHARE MODE; SELECT pg_sleep(600);",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        "the lock holder to connect",
+        || sessions_on(&fleet.target, "shop") > 0,
+    );
+    let started = std::time::Instant::now();
+    let output = fleet.restore(&backup, &["--table", "public.customers", "--replace"]);
+    let waited = started.elapsed();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(output.status_code, Some(1), "{output}");
+    assert!(
+        output.stderr.contains("waited more than 30s for a lock"),
+        "{output}"
+    );
+    assert!(waited < Duration::from_secs(90), "it waited {waited:?}");
+    // Rolled back: the table is as it was.
+    assert_eq!(
+        fleet.target.psql("shop", "SELECT name FROM customers"),
+        "mine"
+    );
+}

@@ -412,6 +412,40 @@ impl Instance {
         Ok(row.get(0))
     }
 
+    /// Sessions named `application_name` that have waited for a lock for
+    /// longer than `limit`.
+    pub async fn lock_waiters(
+        &self,
+        application_name: &str,
+        limit: Duration,
+    ) -> Result<Vec<i32>, PostgresError> {
+        let seconds = limit.as_secs_f64();
+        let rows = timed(
+            "pg_stat_activity",
+            CHECK_TIMEOUT,
+            self.client.query(
+                "SELECT pid FROM pg_stat_activity
+                  WHERE application_name = $1 AND wait_event_type = 'Lock'
+                    AND now() - query_start > make_interval(secs => $2)",
+                &[&application_name, &seconds],
+            ),
+        )
+        .await?;
+        Ok(rows.iter().map(|row| row.get::<_, i32>(0)).collect())
+    }
+
+    /// `pg_cancel_backend`: the session's current statement fails.
+    pub async fn cancel_backend(&self, pid: i32) -> Result<bool, PostgresError> {
+        let row = timed(
+            "pg_cancel_backend",
+            CHECK_TIMEOUT,
+            self.client
+                .query_one("SELECT coalesce(pg_cancel_backend($1), false)", &[&pid]),
+        )
+        .await?;
+        Ok(row.get(0))
+    }
+
     pub async fn set_database_owner(
         &self,
         database: &str,
