@@ -1369,7 +1369,7 @@ mod tests {
         .unwrap();
         let args = args_of(&from_file);
         assert!(
-            args[3].ends_with("application_name=cairn-restore-0a1b2c3d"),
+            args[3].ends_with("application_name='cairn-restore-0a1b2c3d'"),
             "{args:?}"
         );
         assert!(args[3].contains("dbname='it\\'s \"odd\"'"), "{args:?}");
