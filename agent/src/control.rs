@@ -20,6 +20,7 @@ use cairn_common::tls;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
@@ -47,6 +48,40 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<()>
     let config = Arc::new(config);
     let tls_config = config.identity().client_config()?;
     let url = config.coordinator_url()?;
+    let jobs = Arc::new(RunningJobs::default());
+    // Job tasks, so that a shutdown waits for them to clean up (kill
+    // pg_dump or pg_restore, drop a staging database) before the process
+    // exits.
+    let tasks = TaskTracker::new();
+    let outcome = sessions(&config, &url, tls_config, &shutdown, &jobs, &tasks).await;
+    tasks.close();
+    if !tasks.is_empty() {
+        tracing::info!(jobs = tasks.len(), "waiting for running jobs to stop");
+        if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "running jobs did not stop within {}; exiting anyway",
+                humantime::format_duration(SHUTDOWN_GRACE)
+            );
+        }
+    }
+    outcome
+}
+
+/// How long a shutdown waits for running jobs to clean up.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+
+/// Sessions, one after another, until shutdown.
+async fn sessions(
+    config: &Arc<AgentConfig>,
+    url: &tls::CoordinatorUrl,
+    tls_config: Arc<rustls::ClientConfig>,
+    shutdown: &CancellationToken,
+    jobs: &Arc<RunningJobs>,
+    tasks: &TaskTracker,
+) -> Result<()> {
     // backon's jitter adds up to 100% on top of the delay, so the delay
     // itself is capped at half of the configured longest wait.
     let backoff_builder = ExponentialBuilder::default()
@@ -55,16 +90,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<()>
         .with_jitter()
         .without_max_times();
     let mut backoff = backoff_builder.build();
-    let jobs = Arc::new(RunningJobs::default());
     loop {
         let mut registered_at = None;
         let result = session(
-            &config,
-            &url,
+            config,
+            url,
             tls_config.clone(),
-            &shutdown,
+            shutdown,
             &mut registered_at,
-            &jobs,
+            jobs,
+            tasks,
         )
         .await;
         // Only a session that stayed up resets the backoff: two hosts that
@@ -170,6 +205,7 @@ async fn session(
     shutdown: &CancellationToken,
     registered_at: &mut Option<Instant>,
     jobs: &Arc<RunningJobs>,
+    tasks: &TaskTracker,
 ) -> Result<SessionEnd> {
     let unreachable = |reason: String| AgentError::CoordinatorUnreachable {
         url: url.to_string(),
@@ -237,7 +273,7 @@ async fn session(
             message = inbound.message() => {
                 match message {
                     Ok(Some(proto::CoordinatorMessage { body: Some(coordinator_message::Body::Command(command)) })) => {
-                        run_command_in_background(&session_cancel, &outbound, context.clone(), command);
+                        run_command_in_background(tasks, &session_cancel, &outbound, context.clone(), command);
                     }
                     Ok(Some(_)) => tracing::warn!("ignoring an unexpected message on the control stream"),
                     Ok(None) => return Ok(SessionEnd::Closed),
@@ -274,6 +310,7 @@ fn send_in_background(
 /// and drops its staging database itself; its result has nowhere to go
 /// (the coordinator fails the job when the session ends).
 fn run_command_in_background(
+    tasks: &TaskTracker,
     cancel: &CancellationToken,
     outbound: &mpsc::Sender<proto::AgentMessage>,
     context: dispatch::Context,
@@ -286,7 +323,7 @@ fn run_command_in_background(
         Some(proto::command::Kind::Restore(restore)) => Some(restore.job_id.clone()),
         _ => None,
     };
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let jobs = context.jobs.clone();
         let work = dispatch::execute(&context, command);
         let mut work = std::pin::pin!(work);

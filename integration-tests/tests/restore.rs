@@ -17,7 +17,7 @@ struct Fleet {
     source: PgCluster,
     target: PgCluster,
     coordinator: Coordinator,
-    _agents: Vec<Agent>,
+    agents: Vec<Agent>,
     _test_dir: TestDir,
 }
 
@@ -36,7 +36,7 @@ fn fleet(name: &str) -> Fleet {
         source,
         target,
         coordinator,
-        _agents: vec![db1, db2],
+        agents: vec![db1, db2],
         _test_dir: test_dir,
     }
 }
@@ -684,7 +684,7 @@ fn a_target_short_of_disk_space_is_refused_before_anything_is_written() {
 }
 
 #[test]
-fn a_parallel_restore_spools_and_a_cancelled_one_leaves_nothing() {
+fn a_parallel_restore_spools_and_a_cancelled_or_interrupted_one_leaves_nothing() {
     let fleet = fleet("restore_cancel_jobs");
     fleet.source.create_sample_database("shop", 16);
     let backup = fleet.backup("db1", "shop");
@@ -757,6 +757,56 @@ fn a_parallel_restore_spools_and_a_cancelled_one_leaves_nothing() {
             .iter()
             .any(|d| d == "halfway" || d.starts_with("cairn_")),
         "{databases:?}"
+    );
+
+    // The agent stopped (SIGTERM) mid-restore: it cleans up before it
+    // exits.
+    let started = fleet
+        .coordinator
+        .cli(&[
+            "restore",
+            &backup,
+            "--agent",
+            "db2",
+            "--database",
+            "stopped",
+            "--output",
+            "json",
+        ])
+        .assert_success()
+        .json();
+    assert_eq!(started["status"], "running", "{started}");
+    let mut pid = String::new();
+    wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        "pg_restore to connect to the staging database",
+        || {
+            pid = fleet.target.psql("postgres", backend);
+            !pid.is_empty()
+        },
+    );
+    let pid = pid.lines().next().unwrap().to_string();
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {name} {pid}");
+    };
+    signal("-STOP");
+    let agent = fleet.agents[1].process();
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    signal("-CONT");
+    let status = agent.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "the agent exits cleanly: {status}");
+    let databases = fleet.target_databases();
+    assert!(
+        !databases
+            .iter()
+            .any(|d| d == "stopped" || d.starts_with("cairn_")),
+        "the stopped agent left {databases:?}"
     );
 }
 
