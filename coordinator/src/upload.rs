@@ -8,8 +8,10 @@
 //! [`STORE_IN_FLIGHT`] chunks at once, so one chunk's fsync overlaps the
 //! next one's check and the agent's next offer. When that many are in
 //! flight the loop stops reading, and HTTP/2 flow control holds the agent.
-//! A chunk enters the catalog (where offers find it) only once its object
-//! is durable; the manifest is written only once every chunk is.
+//! A chunk enters the catalog (where offers find it) as soon as its object
+//! is durable, by the task that stored it, so a coordinator killed
+//! mid-upload loses no record of what is stored; the manifest is written
+//! only once every chunk is.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -33,10 +35,6 @@ pub const OFFER_MAX_CHUNKS: usize = 8;
 /// Most chunks of one upload being checked and stored at once.
 pub const STORE_IN_FLIGHT: usize = 4;
 
-/// A chunk whose object is durable: (id hex, sealed bytes, plaintext bytes),
-/// ready for the catalog.
-type DurableChunk = (String, u64, u64);
-
 pub type ReplySender = mpsc::Sender<Result<proto::BackupUploadReply, Status>>;
 
 /// One upload in progress.
@@ -52,9 +50,7 @@ pub struct Upload {
     /// Sealed sizes of the chunks this upload stored or is storing.
     stored_here: HashMap<ChunkId, u64>,
     /// Chunks being checked and stored.
-    in_flight: JoinSet<Result<DurableChunk, Status>>,
-    /// Durable chunks not yet in the catalog.
-    durable: Vec<DurableChunk>,
+    in_flight: JoinSet<Result<(), Status>>,
     globals: Option<ManifestChunk>,
     stats: BackupStats,
 }
@@ -83,7 +79,6 @@ impl Upload {
             expected: VecDeque::new(),
             stored_here: HashMap::new(),
             in_flight: JoinSet::new(),
-            durable: Vec::new(),
             globals: None,
             stats: BackupStats::default(),
         }
@@ -99,8 +94,8 @@ impl Upload {
     ) -> Result<(), Status> {
         let result = self.receive(inbound, replies).await;
         if result.is_err() {
-            // Whatever was already on its way to storage is finished and
-            // recorded; a failure there adds nothing to the first error.
+            // Whatever was already on its way to storage is finished (and
+            // so recorded); a failure there adds nothing to the first error.
             let _ = self.settle().await;
         }
         result
@@ -225,16 +220,18 @@ impl Upload {
         self.stats.referenced_bytes += entry.sealed_bytes;
         self.stats.chunk_count += 1;
         self.chunks.push(entry);
-        // The catalog is written once per batch, not per chunk: each write
-        // is an fsync. Progress is for people watching.
+        // Progress once per batch, not per chunk (each write is an
+        // fsync); its chunk count is of chunks stored or already there, not
+        // of those still on their way.
         if self.expected.is_empty() {
-            self.record_durable(false).await?;
+            self.reap(false).await?;
+            let settled = self.stats.chunk_count - self.in_flight.len() as u64;
             self.catalog
                 .update_job_progress(
                     &self.job.id,
                     self.stats.logical_bytes,
                     self.stats.new_stored_bytes,
-                    self.stats.chunk_count,
+                    settled,
                 )
                 .await?;
         }
@@ -253,6 +250,7 @@ impl Upload {
             self.reap_one().await?;
         }
         let repository = self.repository.clone();
+        let catalog = self.catalog.clone();
         let sealed = Bytes::from(sealed);
         let sealed_bytes = sealed.len() as u64;
         self.in_flight.spawn(async move {
@@ -274,7 +272,10 @@ impl Upload {
                 .put(&ObjectKey::chunk(&id), sealed)
                 .await
                 .map_err(storage)?;
-            Ok((id.to_hex(), sealed_bytes, plaintext_bytes))
+            catalog
+                .insert_chunk(&id.to_hex(), sealed_bytes, plaintext_bytes, now_ms())
+                .await?;
+            Ok(())
         });
         self.stats.new_stored_bytes += sealed_bytes;
         self.stats.new_chunk_count += 1;
@@ -286,18 +287,17 @@ impl Upload {
         })
     }
 
-    /// Waits for the next chunk in flight to be durable (or fail).
+    /// Waits for the next chunk in flight to be stored (or fail).
     async fn reap_one(&mut self) -> Result<(), Status> {
         if let Some(joined) = self.in_flight.join_next().await {
-            let durable = joined.map_err(|e| Status::internal(format!("chunk store: {e}")))??;
-            self.durable.push(durable);
+            joined.map_err(|e| Status::internal(format!("chunk store: {e}")))??;
         }
         Ok(())
     }
 
-    /// Moves finished chunks into the catalog; with `wait`, all of them
-    /// (every chunk in flight is awaited).
-    async fn record_durable(&mut self, wait: bool) -> Result<(), Status> {
+    /// Collects the chunks that were stored; with `wait`, all of them.
+    /// The first failure is the upload's.
+    async fn reap(&mut self, wait: bool) -> Result<(), Status> {
         let mut first_error = None;
         loop {
             let joined = if wait {
@@ -306,27 +306,22 @@ impl Upload {
                 self.in_flight.try_join_next()
             };
             let Some(joined) = joined else { break };
-            match joined {
-                Ok(Ok(durable)) => self.durable.push(durable),
-                Ok(Err(status)) => {
-                    first_error.get_or_insert(status);
-                }
-                Err(error) => {
-                    first_error.get_or_insert(Status::internal(format!("chunk store: {error}")));
-                }
+            let result = joined
+                .map_err(|error| Status::internal(format!("chunk store: {error}")))
+                .and_then(|stored| stored);
+            if let Err(status) = result {
+                first_error.get_or_insert(status);
             }
         }
-        let durable = std::mem::take(&mut self.durable);
-        self.catalog.insert_chunks(&durable, now_ms()).await?;
         match first_error {
             Some(status) => Err(status),
             None => Ok(()),
         }
     }
 
-    /// Waits for every chunk in flight and records the durable ones.
+    /// Waits for every chunk in flight.
     async fn settle(&mut self) -> Result<(), Status> {
-        self.record_durable(true).await
+        self.reap(true).await
     }
 
     async fn finish(&mut self, finish: proto::UploadFinish) -> Result<(), Status> {

@@ -55,6 +55,44 @@ impl Fleet {
         self.coordinator.cli(&all)
     }
 
+    /// Starts a restore into `database` on db2 and pauses (SIGSTOP) its
+    /// pg_restore session on the target once it is there, so whatever the
+    /// test does next surely lands mid-restore. Returns the job id.
+    fn start_paused_restore(&self, backup: &str, database: &str) -> (String, PausedBackend) {
+        let started = self
+            .coordinator
+            .cli(&[
+                "restore",
+                backup,
+                "--agent",
+                "db2",
+                "--database",
+                database,
+                "--output",
+                "json",
+            ])
+            .assert_success()
+            .json();
+        assert_eq!(started["status"], "running", "{started}");
+        let mut pid = String::new();
+        wait_until(
+            Duration::from_secs(30),
+            Duration::from_millis(20),
+            "pg_restore to connect to the staging database",
+            || {
+                pid = self.target.psql(
+                    "postgres",
+                    "SELECT pid FROM pg_stat_activity
+                      WHERE datname LIKE 'cairn_restore_%' AND backend_type = 'client backend'",
+                );
+                !pid.is_empty()
+            },
+        );
+        let backend = PausedBackend(pid.lines().next().unwrap().to_string());
+        backend.signal("-STOP");
+        (started["id"].as_str().unwrap().to_string(), backend)
+    }
+
     fn target_databases(&self) -> Vec<String> {
         self.target
             .psql(
@@ -64,6 +102,23 @@ impl Fleet {
             .lines()
             .map(str::to_string)
             .collect()
+    }
+}
+
+/// A PostgreSQL backend paused with SIGSTOP.
+struct PausedBackend(String);
+
+impl PausedBackend {
+    fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([name, &self.0])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {name} {}", self.0);
+    }
+
+    fn resume(&self) {
+        self.signal("-CONT");
     }
 }
 
@@ -701,45 +756,10 @@ fn a_parallel_restore_spools_and_a_cancelled_or_interrupted_one_leaves_nothing()
 
     // A restore cancelled midway: its pg_restore session on the target is
     // paused (SIGSTOP) so the cancel surely lands while it runs.
-    let started = fleet
-        .coordinator
-        .cli(&[
-            "restore",
-            &backup,
-            "--agent",
-            "db2",
-            "--database",
-            "halfway",
-            "--output",
-            "json",
-        ])
-        .assert_success()
-        .json();
-    let job_id = started["id"].as_str().unwrap().to_string();
-    let backend = "SELECT pid FROM pg_stat_activity
-                   WHERE datname LIKE 'cairn_restore_%' AND backend_type = 'client backend'";
-    let mut pid = String::new();
-    wait_until(
-        Duration::from_secs(30),
-        Duration::from_millis(20),
-        "pg_restore to connect to the staging database",
-        || {
-            pid = fleet.target.psql("postgres", backend);
-            !pid.is_empty()
-        },
-    );
-    let pid = pid.lines().next().unwrap().to_string();
-    let signal = |name: &str| {
-        let status = std::process::Command::new("kill")
-            .args([name, &pid])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {name} {pid}");
-    };
-    signal("-STOP");
+    let (job_id, restore_backend) = fleet.start_paused_restore(&backup, "halfway");
     let cancelled = fleet.coordinator.cli(&["jobs", "cancel", &job_id]);
     assert!(cancelled.success(), "{cancelled}");
-    signal("-CONT");
+    restore_backend.resume();
     let mut job = Value::Null;
     wait_until(
         Duration::from_secs(60),
@@ -761,44 +781,11 @@ fn a_parallel_restore_spools_and_a_cancelled_or_interrupted_one_leaves_nothing()
 
     // The agent stopped (SIGTERM) mid-restore: it cleans up before it
     // exits.
-    let started = fleet
-        .coordinator
-        .cli(&[
-            "restore",
-            &backup,
-            "--agent",
-            "db2",
-            "--database",
-            "stopped",
-            "--output",
-            "json",
-        ])
-        .assert_success()
-        .json();
-    assert_eq!(started["status"], "running", "{started}");
-    let mut pid = String::new();
-    wait_until(
-        Duration::from_secs(30),
-        Duration::from_millis(20),
-        "pg_restore to connect to the staging database",
-        || {
-            pid = fleet.target.psql("postgres", backend);
-            !pid.is_empty()
-        },
-    );
-    let pid = pid.lines().next().unwrap().to_string();
-    let signal = |name: &str| {
-        let status = std::process::Command::new("kill")
-            .args([name, &pid])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {name} {pid}");
-    };
-    signal("-STOP");
+    let (_, restore_backend) = fleet.start_paused_restore(&backup, "stopped");
     let agent = fleet.agents[1].process();
     agent.signal(nix::sys::signal::Signal::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
-    signal("-CONT");
+    restore_backend.resume();
     let status = agent.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "the agent exits cleanly: {status}");
     let databases = fleet.target_databases();

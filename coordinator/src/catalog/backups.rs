@@ -336,29 +336,6 @@ impl Catalog {
             .collect())
     }
 
-    /// Records chunks now durable in the repository, in one transaction:
-    /// (id, sealed bytes, plaintext bytes).
-    pub async fn insert_chunks(&self, chunks: &[(String, u64, u64)], now: i64) -> Result<()> {
-        if chunks.is_empty() {
-            return Ok(());
-        }
-        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for (id, sealed_bytes, plaintext_bytes) in chunks {
-            sqlx::query(
-                "INSERT INTO chunks (id, sealed_bytes, plaintext_bytes, stored_at) VALUES (?, ?, ?, ?)
-                 ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(id)
-            .bind(i64_of(*sealed_bytes))
-            .bind(i64_of(*plaintext_bytes))
-            .bind(now)
-            .execute(&mut *transaction)
-            .await?;
-        }
-        transaction.commit().await?;
-        Ok(())
-    }
-
     pub async fn insert_chunk(
         &self,
         id: &str,
@@ -483,10 +460,7 @@ mod tests {
         let (_dir, catalog) = catalog().await;
         catalog.insert_chunk("aa", 10, 20, 1).await.unwrap();
         catalog.insert_chunk("aa", 10, 20, 2).await.unwrap();
-        catalog
-            .insert_chunks(&[("aa".into(), 10, 20), ("bb".into(), 30, 40)], 3)
-            .await
-            .unwrap();
+        catalog.insert_chunk("bb", 30, 40, 3).await.unwrap();
         let stored = catalog
             .stored_chunks(&["aa".into(), "bb".into(), "cc".into()])
             .await
