@@ -97,13 +97,13 @@ enum Command {
     /// Operator identities.
     #[command(subcommand)]
     Operators(OperatorsCommand),
-    /// Run a backup.
+    /// Run a backup, or verify one (every chunk, or a restore drill).
     #[command(subcommand)]
     Backup(BackupCommand),
     /// Complete backups.
     #[command(subcommand)]
     Backups(BackupsCommand),
-    /// Jobs: backups in progress and finished.
+    /// Jobs: backups, restores and drills, running and finished.
     #[command(subcommand)]
     Jobs(JobsCommand),
     /// The master key.
