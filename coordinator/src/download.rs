@@ -52,18 +52,7 @@ pub async fn stream_chunks(
     manifest: Manifest,
     sender: ChunkSender,
 ) {
-    let chunks = manifest
-        .globals
-        .iter()
-        .map(|chunk| (None, chunk.clone()))
-        .chain(
-            manifest
-                .chunks
-                .iter()
-                .enumerate()
-                .map(|(index, chunk)| (Some(index), chunk.clone())),
-        )
-        .collect::<Vec<_>>();
+    let chunks = manifest.chunks_in_order();
     let total = manifest.chunks.len();
     let reads = futures::stream::iter(chunks)
         .map(|(position, chunk)| {

@@ -56,6 +56,21 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Every chunk in the order a restore reads them: the globals chunk
+    /// first (position `None`), then the dump's (its 0-based index).
+    pub fn chunks_in_order(&self) -> Vec<(Option<usize>, ManifestChunk)> {
+        self.globals
+            .iter()
+            .map(|chunk| (None, chunk.clone()))
+            .chain(
+                self.chunks
+                    .iter()
+                    .enumerate()
+                    .map(|(index, chunk)| (Some(index), chunk.clone())),
+            )
+            .collect()
+    }
+
     pub fn new_format() -> String {
         MANIFEST_FORMAT.to_string()
     }

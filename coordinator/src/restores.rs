@@ -167,18 +167,7 @@ impl Jobs {
         let job = self
             .new_restore_job(actor, "restore", &agent.name, &instance, &backup, &target)
             .await?;
-        let keys = self.repository.keys();
         let command = command::Kind::Restore(proto::RestoreCommand {
-            instance: instance.clone(),
-            database: target.clone(),
-            job_id: job.id.clone(),
-            backup_id: backup.id.clone(),
-            data_key: keys.data.expose_bytes().to_vec(),
-            chunk_id_key: keys.chunk_id.expose_bytes().to_vec(),
-            source_database: backup.database.clone(),
-            dump_bytes: manifest.dump_bytes,
-            database_bytes: manifest.database_bytes,
-            chunk_count: manifest.chunks.len() as u64,
             replace: request.replace,
             drop_previous: request.drop_previous,
             no_owner: request.no_owner,
@@ -186,7 +175,7 @@ impl Jobs {
             jobs: request.jobs,
             tables: request.tables.clone(),
             schemas: request.schemas.clone(),
-            drill: false,
+            ..self.restore_command(&job, &manifest)
         });
         self.run_restore(job, command).await
     }
@@ -207,22 +196,30 @@ impl Jobs {
         let job = self
             .new_restore_job(actor, "drill", &agent.name, &instance, &backup, &scratch)
             .await?;
-        let keys = self.repository.keys();
         let command = command::Kind::Restore(proto::RestoreCommand {
-            instance: instance.clone(),
-            database: scratch,
+            drill: true,
+            ..self.restore_command(&job, &manifest)
+        });
+        self.run_restore(job, command).await
+    }
+
+    /// The command for a restore job, with the repository keys and what
+    /// the manifest measured; the options are the caller's to add.
+    fn restore_command(&self, job: &JobRecord, manifest: &Manifest) -> proto::RestoreCommand {
+        let keys = self.repository.keys();
+        proto::RestoreCommand {
+            instance: job.instance.clone(),
+            database: job.target_database.clone(),
             job_id: job.id.clone(),
-            backup_id: backup.id.clone(),
+            backup_id: job.backup_id.clone(),
             data_key: keys.data.expose_bytes().to_vec(),
             chunk_id_key: keys.chunk_id.expose_bytes().to_vec(),
-            source_database: backup.database.clone(),
+            source_database: job.database.clone(),
             dump_bytes: manifest.dump_bytes,
             database_bytes: manifest.database_bytes,
             chunk_count: manifest.chunks.len() as u64,
-            drill: true,
             ..proto::RestoreCommand::default()
-        });
-        self.run_restore(job, command).await
+        }
     }
 
     async fn new_restore_job(

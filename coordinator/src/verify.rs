@@ -122,18 +122,13 @@ async fn check_manifest(repository: &Repository, manifest: &Manifest, report: &m
             .problems
             .push("the manifest has no globals chunk (roles cannot be recreated)".into());
     }
-    let positions: Vec<(String, ManifestChunk)> = manifest
-        .globals
-        .iter()
-        .map(|chunk| ("globals".to_string(), chunk.clone()))
-        .chain(
-            manifest
-                .chunks
-                .iter()
-                .enumerate()
-                .map(|(index, chunk)| ((index + 1).to_string(), chunk.clone())),
-        )
-        .collect();
+    let positions = manifest
+        .chunks_in_order()
+        .into_iter()
+        .map(|(index, chunk)| {
+            let position = index.map_or_else(|| "globals".to_string(), |i| (i + 1).to_string());
+            (position, chunk)
+        });
     let checks = futures::stream::iter(positions)
         .map(|(position, chunk)| {
             let repository = repository.clone();

@@ -102,6 +102,32 @@ fn i64_of(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
+/// The job's row, as every kind of job starts.
+pub(super) async fn insert_job_row(
+    executor: impl sqlx::SqliteExecutor<'_>,
+    job: &JobRecord,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO jobs (id, kind, agent_name, instance, database, status, error, backup_id,
+                           created_by, started_at, target_database)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&job.id)
+    .bind(&job.kind)
+    .bind(&job.agent_name)
+    .bind(&job.instance)
+    .bind(&job.database)
+    .bind(&job.status)
+    .bind(&job.error)
+    .bind(&job.backup_id)
+    .bind(&job.created_by)
+    .bind(job.started_at)
+    .bind(&job.target_database)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
 impl Catalog {
     /// Records a new running backup job and its (unlisted) backup row.
     pub async fn insert_backup_job(
@@ -110,22 +136,7 @@ impl Catalog {
         tags: &BTreeMap<String, String>,
     ) -> Result<()> {
         let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
-            "INSERT INTO jobs (id, kind, agent_name, instance, database, status, error, backup_id, created_by, started_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&job.id)
-        .bind(&job.kind)
-        .bind(&job.agent_name)
-        .bind(&job.instance)
-        .bind(&job.database)
-        .bind(&job.status)
-        .bind(&job.error)
-        .bind(&job.backup_id)
-        .bind(&job.created_by)
-        .bind(job.started_at)
-        .execute(&mut *transaction)
-        .await?;
+        insert_job_row(&mut *transaction, job).await?;
         if !job.backup_id.is_empty() {
             sqlx::query(
                 "INSERT INTO backups (id, job_id, agent_name, instance, database, status, started_at, tags)

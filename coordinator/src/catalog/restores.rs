@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use sqlx::FromRow;
 
+use super::backups::insert_job_row;
 use super::{Catalog, JobRecord};
 use crate::error::Result;
 
@@ -28,25 +29,7 @@ impl Catalog {
     /// Records a new running job that has no backup row of its own (a
     /// restore or a drill).
     pub async fn insert_restore_job(&self, job: &JobRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO jobs (id, kind, agent_name, instance, database, status, error, backup_id,
-                               created_by, started_at, target_database)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&job.id)
-        .bind(&job.kind)
-        .bind(&job.agent_name)
-        .bind(&job.instance)
-        .bind(&job.database)
-        .bind(&job.status)
-        .bind(&job.error)
-        .bind(&job.backup_id)
-        .bind(&job.created_by)
-        .bind(job.started_at)
-        .bind(&job.target_database)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        insert_job_row(&self.pool, job).await
     }
 
     /// Keeps the agent's report (JSON) on a job.
