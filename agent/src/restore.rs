@@ -31,7 +31,12 @@
 //!    still empty; only `--drop-previous` drops what was set aside.
 //! 4. The roles the archive needs (owners, unless `--no-owner`, and the
 //!    roles its privileges name) that the target lacks are created from the
-//!    backup's globals, unless `--no-roles`.
+//!    backup's globals, unless `--no-roles`; never with SUPERUSER,
+//!    REPLICATION, BYPASSRLS or CREATEROLE, nor as members of a superuser
+//!    or a `pg_*` role.
+//! 4b. A partial restore's statement that waits 30 s for a lock on the
+//!    live target is cancelled (pg_restore sets `lock_timeout = 0`), and
+//!    its single transaction rolls back.
 //! 5. Whatever fails, or a cancel: `pg_restore` is killed, the staging (or
 //!    scratch) database is dropped, the spool file removed, and the target
 //!    left as it was.
