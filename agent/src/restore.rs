@@ -34,9 +34,6 @@
 //!    backup's globals, unless `--no-roles`; never with SUPERUSER,
 //!    REPLICATION, BYPASSRLS or CREATEROLE, nor as members of a superuser
 //!    or a `pg_*` role.
-//! 4b. A partial restore's statement that waits 30 s for a lock on the
-//!    live target is cancelled (pg_restore sets `lock_timeout = 0`), and
-//!    its single transaction rolls back.
 //! 5. Whatever fails, or a cancel: `pg_restore` is killed, the staging (or
 //!    scratch) database is dropped, the spool file removed, and the target
 //!    left as it was.
@@ -44,7 +41,10 @@
 //!    the report) just before the swap; without it (an empty target), the
 //!    swap waits up to 30 s for them to leave.
 //! 7. A partial restore refuses to overwrite a table that holds rows
-//!    unless `--replace`, and names a table or schema the backup lacks.
+//!    unless `--replace`, and names a table or schema the backup lacks. A
+//!    statement of it that waits 30 s for a lock on the live target is
+//!    cancelled (pg_restore sets `lock_timeout = 0` itself), and its single
+//!    transaction rolls back.
 //!
 //! Once `pg_restore` has succeeded the swap is not cancellable: a cancel
 //! then would leave the target renamed aside with nothing in its place.
