@@ -11,6 +11,7 @@ use tonic::{Request, Status};
 
 use crate::audit::{AuditEvent, Outcome};
 use crate::audit_log::AuditLog;
+use crate::refusals::RefusalAudit;
 
 /// The authenticated caller, stored in each request's extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,50 +36,79 @@ pub fn peer_of<T>(request: &Request<T>) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// Why a certificate was refused: a fixed phrase (the key refusals are
+/// counted under) and what to tell the caller.
+struct Refusal {
+    kind: &'static str,
+    message: String,
+}
+
 /// Reads and checks the peer certificate, if any.
-fn identify<T>(request: &Request<T>, revoked: &RevokedSerials) -> Result<Option<Identity>, String> {
+fn identify<T>(
+    request: &Request<T>,
+    revoked: &RevokedSerials,
+) -> Result<Option<Identity>, Refusal> {
     let Some(certificates) = request.peer_certs() else {
         return Ok(None);
     };
     let Some(leaf) = certificates.first() else {
         return Ok(None);
     };
-    let identity = Identity::from_certificate_der(leaf).map_err(|e| e.to_string())?;
+    let identity = Identity::from_certificate_der(leaf).map_err(|e| Refusal {
+        kind: "unreadable certificate",
+        message: e.to_string(),
+    })?;
     if revoked.contains(&identity.serial) {
-        return Err(format!(
-            "certificate {} of {} is revoked",
-            identity.serial, identity.principal
-        ));
+        return Err(Refusal {
+            kind: "revoked certificate",
+            message: format!(
+                "certificate {} of {} is revoked",
+                identity.serial, identity.principal
+            ),
+        });
     }
     if identity.not_after_unix < crate::clock::now_ms() / 1000 {
-        return Err(format!("certificate of {} has expired", identity.principal));
+        return Err(Refusal {
+            kind: "expired certificate",
+            message: format!("certificate of {} has expired", identity.principal),
+        });
     }
     Ok(Some(identity))
 }
 
-/// The interceptor for the Admin service: operators only.
+/// The interceptor for the Admin service: operators only. Refusals are
+/// counted per peer address (`RefusalAudit`), never one row per call.
 pub fn admin_interceptor(
     revoked: RevokedSerials,
-    audit: AuditLog,
+    refusals: RefusalAudit,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut request: Request<()>| {
         let peer = peer_of(&request);
-        let refuse = |status: Status, actor: String| {
-            audit.record_detached(AuditEvent::new(
-                actor,
-                "admin.call",
-                "admin",
-                Outcome::Refused,
-                status.message().to_string(),
-            ));
+        let refuse = |status: Status, kind: &'static str, actor: String| {
+            refusals.refuse(
+                &peer,
+                kind,
+                AuditEvent::new(
+                    actor,
+                    "admin.call",
+                    "admin",
+                    Outcome::Refused,
+                    status.message().to_string(),
+                ),
+            );
             Err(status)
         };
         match identify(&request, &revoked) {
-            Err(reason) => refuse(Status::unauthenticated(reason), format!("peer@{peer}")),
+            Err(refusal) => refuse(
+                Status::unauthenticated(refusal.message),
+                refusal.kind,
+                format!("peer@{peer}"),
+            ),
             Ok(None) => refuse(
                 Status::unauthenticated(
                     "a client certificate is required: pass --identity DIR (or set CAIRN_IDENTITY)",
                 ),
+                "no client certificate",
                 format!("anonymous@{peer}"),
             ),
             Ok(Some(identity)) => match identity.principal {
@@ -88,6 +118,7 @@ pub fn admin_interceptor(
                 }
                 Principal::Agent(name) => refuse(
                     Status::permission_denied("agent identities cannot call the Admin API"),
+                    "agent identity on the Admin API",
                     format!("agent:{name}"),
                 ),
             },
@@ -99,31 +130,46 @@ pub fn admin_interceptor(
 /// (which only `Enroll` accepts).
 pub fn agent_interceptor(
     revoked: RevokedSerials,
-    audit: AuditLog,
+    refusals: RefusalAudit,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut request: Request<()>| {
         let peer = peer_of(&request);
-        let caller = match identify(&request, &revoked) {
-            Err(reason) => {
-                audit.record_detached(AuditEvent::new(
-                    format!("peer@{peer}"),
+        let refuse = |status: Status, kind: &'static str, actor: String| {
+            refusals.refuse(
+                &peer,
+                kind,
+                AuditEvent::new(
+                    actor,
                     "agent.call",
                     "agent-gateway",
                     Outcome::Refused,
-                    reason.clone(),
-                ));
-                return Err(Status::unauthenticated(reason));
+                    status.message().to_string(),
+                ),
+            );
+            Err(status)
+        };
+        let caller = match identify(&request, &revoked) {
+            Err(refusal) => {
+                return refuse(
+                    Status::unauthenticated(refusal.message),
+                    refusal.kind,
+                    format!("peer@{peer}"),
+                );
             }
-            Ok(None) => Caller::Anonymous { peer },
+            Ok(None) => Caller::Anonymous { peer: peer.clone() },
             Ok(Some(identity)) => match identity.principal {
                 Principal::Agent(name) => Caller::Agent {
                     name,
                     serial: identity.serial,
                 },
-                Principal::Operator { .. } => {
-                    return Err(Status::permission_denied(
-                        "operator identities cannot call the AgentGateway API",
-                    ));
+                principal @ Principal::Operator { .. } => {
+                    return refuse(
+                        Status::permission_denied(
+                            "operator identities cannot call the AgentGateway API",
+                        ),
+                        "operator identity on the AgentGateway API",
+                        principal.to_string(),
+                    );
                 }
             },
         };

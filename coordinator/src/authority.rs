@@ -18,12 +18,14 @@ use crate::clock::now_ms;
 use crate::config::{FleetConfig, MIN_TOKEN_TTL};
 use crate::error::{CoordinatorError, Result};
 use crate::fleet::Fleet;
+use crate::refusals::RefusalAudit;
 
 #[derive(Debug)]
 pub struct Authority {
     ca: CertificateAuthority,
     catalog: Arc<Catalog>,
     audit: AuditLog,
+    refusals: RefusalAudit,
     revoked: RevokedSerials,
     fleet: Arc<Fleet>,
     config: FleetConfig,
@@ -41,6 +43,7 @@ impl Authority {
         ca: CertificateAuthority,
         catalog: Arc<Catalog>,
         audit: AuditLog,
+        refusals: RefusalAudit,
         revoked: RevokedSerials,
         fleet: Arc<Fleet>,
         config: FleetConfig,
@@ -49,6 +52,7 @@ impl Authority {
             ca,
             catalog,
             audit,
+            refusals,
             revoked,
             fleet,
             config,
@@ -123,7 +127,10 @@ impl Authority {
         })
     }
 
-    /// Checks the token, signs the CSR, records the agent.
+    /// Checks the token, signs the CSR, records the agent. The token is
+    /// checked before anything else is said about the request, so a caller
+    /// without a valid token learns nothing (not even whether a name is
+    /// enrolled). Refusals are counted per peer address (`RefusalAudit`).
     pub async fn enroll(
         &self,
         peer: &str,
@@ -132,22 +139,28 @@ impl Authority {
         csr_pem: &str,
     ) -> Result<IssuedCertificate> {
         let actor = format!("anonymous@{peer}");
-        let refuse = |reason: String, target: String| async move {
-            self.audit
-                .record(AuditEvent::new(
+        let refuse = |kind: &'static str, reason: String, target: String| {
+            self.refusals.refuse(
+                peer,
+                kind,
+                AuditEvent::new(
                     actor.clone(),
                     "agent.enroll",
                     target,
                     Outcome::Refused,
                     reason.clone(),
-                ))
-                .await;
+                ),
+            );
             reason
         };
         let token = match EnrollmentToken::parse(token_text) {
             Ok(token) => token,
             Err(error) => {
-                let reason = refuse(error.to_string(), "(unparsable token)".to_string()).await;
+                let reason = refuse(
+                    "invalid token",
+                    error.to_string(),
+                    "(unparsable token)".to_string(),
+                );
                 return Err(CoordinatorError::Unauthenticated(reason));
             }
         };
@@ -157,22 +170,71 @@ impl Authority {
             match AgentName::new(agent_name) {
                 Ok(name) => name,
                 Err(error) => {
-                    let reason = refuse(error.to_string(), "(invalid name)".to_string()).await;
+                    let reason = refuse(
+                        "invalid agent name",
+                        error.to_string(),
+                        "(invalid name)".to_string(),
+                    );
                     return Err(CoordinatorError::InvalidArgument(reason));
                 }
             }
         };
-        // Everything that can be refused without spending the token is
-        // checked first: an enrolled name, and the CSR (signing is pure
-        // computation; the certificate is discarded unless all succeeds).
+        let now = now_ms();
+        let token_refusal = |refusal: TokenRefusal| -> (&'static str, String) {
+            match refusal {
+                TokenRefusal::Unknown => (
+                    "invalid token",
+                    "the token is not valid: create a new one with cairn token create".to_string(),
+                ),
+                TokenRefusal::WrongAgent { bound_to } => (
+                    "token for another agent",
+                    format!("the token was made for agent \"{bound_to}\", not \"{requested}\""),
+                ),
+                TokenRefusal::Expired { expired_at } => (
+                    "expired token",
+                    format!(
+                        "the token expired {} ago: create a new one with cairn token create --agent {requested}",
+                        humantime::format_duration(Duration::from_secs(
+                            ((now - expired_at) / 1000).max(0) as u64
+                        ))
+                    ),
+                ),
+                TokenRefusal::AlreadyUsed { .. } => (
+                    "used token",
+                    "the token was already used or revoked: tokens are single-use, create a new one"
+                        .to_string(),
+                ),
+            }
+        };
+        let secret_sha256 = token.secret_sha256();
+        if let Err(refusal) = self
+            .catalog
+            .check_token(&token.id, requested.as_str(), &secret_sha256, now)
+            .await?
+        {
+            let (kind, reason) = token_refusal(refusal);
+            let target = if kind == "invalid token" {
+                "(invalid token)".to_string()
+            } else {
+                requested.to_string()
+            };
+            let reason = refuse(kind, reason, target);
+            return Err(CoordinatorError::Unauthenticated(reason));
+        }
+        // The token is good. Everything else that can be refused without
+        // spending it is checked next: an enrolled name, and the CSR
+        // (signing is pure computation; the certificate is discarded
+        // unless all succeeds).
         if let Some(existing) = self.catalog.get_agent(requested.as_str()).await?
             && existing.revoked_at.is_none()
         {
             let reason = refuse(
-                format!("agent \"{requested}\" is already enrolled: revoke it first (cairn agents revoke {requested})"),
+                "already enrolled",
+                format!(
+                    "agent \"{requested}\" is already enrolled: revoke it first (cairn agents revoke {requested})"
+                ),
                 requested.to_string(),
-            )
-            .await;
+            );
             return Err(CoordinatorError::Conflict(reason));
         }
         let principal = Principal::Agent(requested.clone());
@@ -183,35 +245,18 @@ impl Authority {
         ) {
             Ok(issued) => issued,
             Err(error) => {
-                let reason = refuse(error.to_string(), requested.to_string()).await;
+                let reason = refuse("invalid CSR", error.to_string(), requested.to_string());
                 return Err(CoordinatorError::InvalidArgument(reason));
             }
         };
-        let now = now_ms();
-        let consumed = self
+        // Spent atomically: of two callers racing with one token, one wins.
+        if let Err(refusal) = self
             .catalog
-            .consume_token(&token.id, requested.as_str(), &token.secret_sha256(), now)
-            .await?;
-        if let Err(refusal) = consumed {
-            let reason = match refusal {
-                TokenRefusal::Unknown => {
-                    "the token is not valid: create a new one with cairn token create".to_string()
-                }
-                TokenRefusal::WrongAgent { bound_to } => {
-                    format!("the token was made for agent \"{bound_to}\", not \"{requested}\"")
-                }
-                TokenRefusal::Expired { expired_at } => format!(
-                    "the token expired {} ago: create a new one with cairn token create --agent {requested}",
-                    humantime::format_duration(Duration::from_secs(
-                        ((now - expired_at) / 1000).max(0) as u64
-                    ))
-                ),
-                TokenRefusal::AlreadyUsed { .. } => {
-                    "the token was already used or revoked: tokens are single-use, create a new one"
-                        .to_string()
-                }
-            };
-            let reason = refuse(reason, requested.to_string()).await;
+            .consume_token(&token.id, requested.as_str(), &secret_sha256, now)
+            .await?
+        {
+            let (kind, reason) = token_refusal(refusal);
+            let reason = refuse(kind, reason, requested.to_string());
             return Err(CoordinatorError::Unauthenticated(reason));
         }
         let record = CertificateRecord {
@@ -227,7 +272,11 @@ impl Authority {
             .enroll_agent(requested.as_str(), &record, now)
             .await
         {
-            refuse(error.to_string(), requested.to_string()).await;
+            refuse(
+                "enrollment failed",
+                error.to_string(),
+                requested.to_string(),
+            );
             return Err(error);
         }
         self.audit

@@ -59,6 +59,18 @@ pub struct ServerConfig {
     /// How long SIGTERM waits for in-flight work before exiting.
     #[serde(with = "humantime_serde", default = "default_shutdown_grace")]
     pub shutdown_grace: Duration,
+    /// TLS handshakes in progress at once; further connections wait.
+    #[serde(default = "default_max_tls_handshakes")]
+    pub max_tls_handshakes: usize,
+    /// Connections without a client certificate (enrollment) open at once;
+    /// one more is closed after its handshake.
+    #[serde(default = "default_max_anonymous_connections")]
+    pub max_anonymous_connections: usize,
+    /// Refusals (handshakes, calls, enrollments) are audited once per peer
+    /// address and reason in each such window, the rest counted into one
+    /// summary row when it closes.
+    #[serde(with = "humantime_serde", default = "default_refusal_audit_window")]
+    pub refusal_audit_window: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -418,6 +430,18 @@ fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
 }
 
+fn default_max_tls_handshakes() -> usize {
+    cairn_common::tls::IncomingLimits::default().max_handshakes
+}
+
+fn default_max_anonymous_connections() -> usize {
+    cairn_common::tls::IncomingLimits::default().max_anonymous_connections
+}
+
+fn default_refusal_audit_window() -> Duration {
+    Duration::from_secs(60)
+}
+
 impl Default for FleetConfig {
     fn default() -> Self {
         FleetConfig {
@@ -504,6 +528,25 @@ impl CoordinatorConfig {
         {
             return Err(fail(
                 "server.shutdown_grace",
+                "must be between 1s and 1h".into(),
+            ));
+        }
+        for (key, value) in [
+            ("server.max_tls_handshakes", self.server.max_tls_handshakes),
+            (
+                "server.max_anonymous_connections",
+                self.server.max_anonymous_connections,
+            ),
+        ] {
+            if !(1..=100_000).contains(&value) {
+                return Err(fail(key, "must be between 1 and 100000".into()));
+            }
+        }
+        if self.server.refusal_audit_window < Duration::from_secs(1)
+            || self.server.refusal_audit_window > Duration::from_secs(3600)
+        {
+            return Err(fail(
+                "server.refusal_audit_window",
                 "must be between 1s and 1h".into(),
             ));
         }

@@ -177,6 +177,13 @@ grpc_listen = "{grpc}"
 # Plain HTTP: /healthz, /readyz, /metrics.
 http_listen = "{http}"
 shutdown_grace = "30s"
+# What clients without a certificate can make the coordinator do: TLS
+# handshakes at once, connections without a client certificate (enrollment)
+# at once, and the window in which refusals from one address are audited
+# once and then counted into one summary row.
+max_tls_handshakes = 64
+max_anonymous_connections = 32
+refusal_audit_window = "60s"
 
 [tls]
 ca_certificate = "ca/ca.pem"

@@ -3,19 +3,16 @@
 //! down in order on SIGTERM: stop accepting, end agent sessions, wait for
 //! in-flight calls up to `server.shutdown_grace`, close the catalog.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::Duration;
-use std::time::Instant;
 
 use cairn_common::chunk::MAX_CHUNK_MESSAGE_BYTES;
 use cairn_common::pki::CertificateAuthority;
 use cairn_common::proto::admin_server::AdminServer;
 use cairn_common::proto::agent_gateway_server::AgentGatewayServer;
-use cairn_common::tls::{self, RevokedSerials, ServerTlsMaterial};
+use cairn_common::tls::{self, IncomingLimits, RevokedSerials, ServerTlsMaterial};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,39 +29,32 @@ use crate::fleet::Fleet;
 use crate::gateway::Gateway;
 use crate::http::{HttpState, router};
 use crate::jobs::Jobs;
+use crate::refusals::RefusalAudit;
+use crate::unauthenticated;
 
 const SERVER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const SERVER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// At most one audit row per peer address per this interval for refused
-/// handshakes, so a scanner cannot flood the audit log.
-const HANDSHAKE_AUDIT_INTERVAL: Duration = Duration::from_secs(60);
-/// Peers remembered for that rate limit before old ones are forgotten.
-const HANDSHAKE_AUDIT_PEERS_MAX: usize = 4096;
-
-/// Audits refused TLS handshakes (another CA, expired, revoked, garbage),
-/// rate-limited per peer address.
-fn handshake_refusal_auditor(audit: AuditLog) -> tls::HandshakeRefusedCallback {
-    let last_audited: Mutex<HashMap<IpAddr, Instant>> = Mutex::new(HashMap::new());
+/// Audits refused TLS handshakes (another CA, expired, revoked, garbage)
+/// and connections closed by a limit, counted per peer address.
+fn handshake_refusal_auditor(refusals: RefusalAudit) -> tls::HandshakeRefusedCallback {
     Arc::new(move |peer: SocketAddr, reason: &str| {
-        let mut last = last_audited.lock().unwrap_or_else(|e| e.into_inner());
-        if last
-            .get(&peer.ip())
-            .is_some_and(|at| at.elapsed() < HANDSHAKE_AUDIT_INTERVAL)
-        {
-            return;
-        }
-        if last.len() >= HANDSHAKE_AUDIT_PEERS_MAX {
-            last.retain(|_, at| at.elapsed() < HANDSHAKE_AUDIT_INTERVAL);
-        }
-        last.insert(peer.ip(), Instant::now());
-        audit.record_detached(AuditEvent::new(
-            format!("peer@{peer}"),
-            "tls.handshake",
-            "coordinator",
-            Outcome::Refused,
-            format!("TLS handshake refused: {reason}"),
-        ));
+        let kind = if reason.starts_with("too many") {
+            "connection over a limit"
+        } else {
+            "TLS handshake refused"
+        };
+        refusals.refuse(
+            &peer.to_string(),
+            kind,
+            AuditEvent::new(
+                format!("peer@{peer}"),
+                "tls.handshake",
+                "coordinator",
+                Outcome::Refused,
+                format!("TLS handshake refused: {reason}"),
+            ),
+        );
     })
 }
 
@@ -103,6 +93,12 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     // tracked so shutdown can wait for it before closing the catalog.
     let tasks = TaskTracker::new();
     let audit = AuditLog::new(catalog.clone(), tasks.clone());
+    let refusals = RefusalAudit::start(
+        audit.clone(),
+        config.server.refusal_audit_window,
+        &tasks,
+        shutdown.clone(),
+    );
     let revoked = RevokedSerials::new(catalog.revoked_serials().await?);
 
     let ca_pem = read(&config.tls.ca_certificate, "the CA certificate")?;
@@ -126,6 +122,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         ca,
         catalog.clone(),
         audit.clone(),
+        refusals.clone(),
         revoked.clone(),
         fleet.clone(),
         config.fleet.clone(),
@@ -187,21 +184,29 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         grpc_listener,
         tls_config,
         shutdown.clone(),
-        Some(handshake_refusal_auditor(audit.clone())),
+        IncomingLimits {
+            max_handshakes: config.server.max_tls_handshakes,
+            max_anonymous_connections: config.server.max_anonymous_connections,
+            ..IncomingLimits::default()
+        },
+        Some(handshake_refusal_auditor(refusals.clone())),
     );
     let grpc_shutdown = shutdown.clone();
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(SERVER_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(SERVER_KEEPALIVE_TIMEOUT))
+        .layer(tower::util::MapRequestLayer::new(
+            unauthenticated::limit_body,
+        ))
         .add_service(AdminServer::with_interceptor(
             admin,
-            admin_interceptor(revoked.clone(), audit.clone()),
+            admin_interceptor(revoked.clone(), refusals.clone()),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             AgentGatewayServer::new(gateway)
                 .max_decoding_message_size(MAX_CHUNK_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_CHUNK_MESSAGE_BYTES),
-            agent_interceptor(revoked, audit.clone()),
+            agent_interceptor(revoked, refusals),
         ))
         .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await });
     let mut grpc = tokio::spawn(grpc);

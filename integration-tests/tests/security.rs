@@ -407,8 +407,9 @@ async fn admin_api_refuses_missing_foreign_and_expired_client_certificates() {
         "an anonymous caller is not told a certificate is required: {anonymous}"
     );
 
-    // The handshake refusals (foreign CA, expired) are audited, at most once
-    // a minute per peer address; the anonymous calls at the RPC.
+    // The handshake refusals (foreign CA, expired) are audited once a minute
+    // per peer address, the rest counted; the anonymous calls at the RPC,
+    // the same way (tests/floods.rs counts them).
     // Refusals are appended in the background: wait (bounded) for them.
     let events = tokio::task::spawn_blocking(move || {
         cairn_integration_tests::wait_for(
@@ -420,7 +421,7 @@ async fn admin_api_refuses_missing_foreign_and_expired_client_certificates() {
                 // Both kinds: the rows are appended in the background, in
                 // no particular order.
                 let seen = |action: &str| events.iter().filter(|e| e["action"] == action).count();
-                (seen("tls.handshake") >= 1 && seen("admin.call") >= 2).then_some(events)
+                (seen("tls.handshake") >= 1 && seen("admin.call") >= 1).then_some(events)
             },
         )
     })
@@ -433,7 +434,7 @@ async fn admin_api_refuses_missing_foreign_and_expired_client_certificates() {
             .count()
     };
     assert_eq!(refused("tls.handshake"), 1, "{events:#?}");
-    assert!(refused("admin.call") >= 2, "{events:#?}");
+    assert_eq!(refused("admin.call"), 1, "{events:#?}");
 }
 
 /// Runs `cairn agents list --identity DIR`: with `expected` None it must
@@ -785,13 +786,14 @@ async fn enrollment_tokens_are_single_use_expire_and_enroll_only_their_agent() {
     let coordinator = Coordinator::start(&test_dir);
 
     // Single use: the first enrollment works; a second use is refused while
-    // the agent is enrolled, and still refused once it has been revoked.
+    // the agent is enrolled (as a used token: the token is checked before
+    // anything is said about the name), and still once it has been revoked.
     let token = coordinator.create_token("db1", "10m");
     let (first, first_dir) = enroll(&coordinator, &pg, &token, "db1", &[]);
     assert!(first.success(), "the first use of a token enrolls: {first}");
     assert!(first_dir.join("agent.toml").is_file());
     let (again, again_dir) = enroll(&coordinator, &pg, &token, "db1-again", &[]);
-    check_enroll_refused(&coordinator, &again, &again_dir, "already enrolled");
+    check_enroll_refused(&coordinator, &again, &again_dir, "already used");
     coordinator
         .cli(&["agents", "revoke", "db1"])
         .assert_success();

@@ -153,7 +153,10 @@ impl Catalog {
     /// Marks a token used if it is valid for `agent_name` at `now`. The check
     /// and the update happen in one statement, so a token cannot be used
     /// twice even by racing enrollments.
-    pub async fn consume_token(
+    /// Checks an enrollment token without spending it, so that nothing
+    /// else about the request (is the name enrolled? is the CSR good?) is
+    /// answered to a caller without a valid token.
+    pub async fn check_token(
         &self,
         id: &str,
         agent_name: &str,
@@ -185,6 +188,21 @@ impl Catalog {
             return Ok(Err(TokenRefusal::Expired {
                 expired_at: expires_at,
             }));
+        }
+        Ok(Ok(()))
+    }
+
+    /// Checks and spends an enrollment token; of two concurrent callers
+    /// only one spends it.
+    pub async fn consume_token(
+        &self,
+        id: &str,
+        agent_name: &str,
+        secret_sha256: &str,
+        now: i64,
+    ) -> Result<std::result::Result<(), TokenRefusal>> {
+        if let Err(refusal) = self.check_token(id, agent_name, secret_sha256, now).await? {
+            return Ok(Err(refusal));
         }
         let updated = sqlx::query(
             "UPDATE enrollment_tokens SET used_at = ? WHERE id = ? AND used_at IS NULL AND expires_at > ?",

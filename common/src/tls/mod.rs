@@ -25,22 +25,20 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
     ServerConfig, SignatureScheme,
 };
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
+use tokio::net::{TcpSocket, TcpStream};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::Error;
 use crate::identity::certificate_serial;
 use crate::pki::ca_fingerprint;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+mod incoming;
+
+pub use incoming::{HandshakeRefusedCallback, IncomingLimits, ServerStream, tls_incoming};
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Completed handshakes waiting for tonic to pick them up.
-const ACCEPT_QUEUE_LEN: usize = 64;
 
 /// The one crypto provider in the process (ring).
 pub fn provider() -> Arc<CryptoProvider> {
@@ -346,59 +344,6 @@ impl ServerCertVerifier for PinnedCaVerifier {
             .signature_verification_algorithms
             .supported_schemes()
     }
-}
-
-/// Called with the peer and the reason of each refused or failed handshake.
-pub type HandshakeRefusedCallback = Arc<dyn Fn(SocketAddr, &str) + Send + Sync>;
-
-/// Accepts TCP connections, runs each TLS handshake in its own task (so a
-/// slow client cannot stall the others), and yields the completed streams for
-/// `tonic::transport::Server::serve_with_incoming`. A refused handshake is
-/// logged, reported to `on_refused` and dropped. The stream ends when
-/// `shutdown` fires.
-pub fn tls_incoming(
-    listener: TcpListener,
-    config: Arc<ServerConfig>,
-    shutdown: CancellationToken,
-    on_refused: Option<HandshakeRefusedCallback>,
-) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>> {
-    let (sender, receiver) = mpsc::channel(ACCEPT_QUEUE_LEN);
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => accepted,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let sender = sender.clone();
-            let on_refused = on_refused.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = sender.send(Ok(stream)).await;
-                    }
-                    Ok(Err(error)) => {
-                        tracing::info!(%peer, %error, "TLS handshake refused");
-                        if let Some(callback) = &on_refused {
-                            callback(peer, &error.to_string());
-                        }
-                    }
-                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(receiver)
 }
 
 /// Where a client dials: `https://HOST:PORT`.
