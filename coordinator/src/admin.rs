@@ -463,6 +463,55 @@ impl Admin for AdminService {
         Ok(Response::new(crate::wire::verify_report_to_wire(report)))
     }
 
+    async fn check_repository(
+        &self,
+        request: Request<proto::CheckRepositoryRequest>,
+    ) -> Result<Response<proto::CheckRepositoryResponse>, Status> {
+        let identity =
+            require_role(&request, Role::Operator, &self.audit, "repository.check").await?;
+        let read_data = request.into_inner().read_data;
+        let started = std::time::Instant::now();
+        // Its own task: a caller that goes away does not cut the check (and
+        // its catalog updates) halfway.
+        let check = tokio::spawn(crate::repository_check::check_repository(
+            self.catalog.clone(),
+            self.repository.clone(),
+            read_data,
+        ));
+        let report = match check.await {
+            Ok(result) => result?,
+            Err(error) => {
+                return Err(Status::internal(format!("the check stopped: {error}")));
+            }
+        };
+        self.audit
+            .record(AuditEvent::new(
+                identity.principal.to_string(),
+                "repository.check",
+                report.repository.clone(),
+                if report.ok() {
+                    Outcome::Success
+                } else {
+                    Outcome::Failed
+                },
+                format!(
+                    "{}{} stored chunks: {} missing, {} corrupt, {} unreferenced; {} damaged backups, {} repaired",
+                    if read_data { "read every chunk; " } else { "" },
+                    report.stored_chunks,
+                    report.missing.count,
+                    report.corrupt.count,
+                    report.unreferenced.count,
+                    report.damaged_backups.len(),
+                    report.repaired_backups.len()
+                ),
+            ))
+            .await;
+        let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Ok(Response::new(crate::wire::check_report_to_wire(
+            report, millis,
+        )))
+    }
+
     async fn rotate_master_key(
         &self,
         request: Request<proto::RotateMasterKeyRequest>,

@@ -23,6 +23,7 @@ pub mod manifest;
 pub mod rebuild;
 pub mod refusals;
 pub mod repository;
+pub mod repository_check;
 pub mod repository_init;
 pub mod restores;
 pub mod server;

@@ -71,6 +71,20 @@ impl Manifest {
             .collect()
     }
 
+    /// The ids (hex) of every chunk the backup needs, globals included,
+    /// each once, sorted: what the catalog's reference index holds.
+    pub fn referenced_chunk_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .globals
+            .iter()
+            .chain(self.chunks.iter())
+            .map(|chunk| chunk.id.to_hex())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
     pub fn new_format() -> String {
         MANIFEST_FORMAT.to_string()
     }

@@ -1,9 +1,13 @@
 //! `cairn repository rebuild-catalog`: the repository is self-describing,
 //! so with only the store and the master key an empty catalog gets back
 //! every backup whose manifest opens. A manifest that does not authenticate
-//! is reported and skipped, never trusted.
+//! is reported and skipped, never trusted. Then the same pass as
+//! `cairn repository check` runs: a chunk a manifest names that the
+//! repository lacks stays out of the dedup index (the next backup uploads
+//! it again) and the backups that need it are marked damaged.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -21,6 +25,10 @@ pub struct RebuildReport {
     pub chunks: u64,
     /// Manifests that could not be read or authenticated.
     pub problems: Vec<String>,
+    /// Chunks manifests name that the repository lacks.
+    pub missing_chunks: u64,
+    /// Backups that need a missing chunk, and why.
+    pub damaged_backups: BTreeMap<String, String>,
 }
 
 pub async fn rebuild_catalog(config: &CoordinatorConfig) -> Result<RebuildReport> {
@@ -79,28 +87,39 @@ pub async fn rebuild_catalog(config: &CoordinatorConfig) -> Result<RebuildReport
             }
         }
         catalog.insert_rebuilt_backup(manifest, &stats).await?;
+        catalog
+            .index_backup_chunks(&manifest.backup_id, &manifest.referenced_chunk_ids())
+            .await?;
     }
+    let catalog = Arc::new(catalog);
+    let check =
+        crate::repository_check::check_repository(catalog.clone(), Arc::new(repository), false)
+            .await?;
     let report = RebuildReport {
-        repository: repository.store.describe(),
+        repository: check.repository,
         backups: manifests.len() as u64,
-        chunks: seen.len() as u64,
+        chunks: (seen.len() as u64).saturating_sub(check.unindexed_chunks),
         problems,
+        missing_chunks: check.missing.count,
+        damaged_backups: check.damaged_backups,
     };
     catalog
         .append_audit(&AuditEvent::new(
             "cairn repository rebuild-catalog",
             "catalog.rebuild",
             report.repository.clone(),
-            if report.problems.is_empty() {
+            if report.problems.is_empty() && report.damaged_backups.is_empty() {
                 Outcome::Success
             } else {
                 Outcome::Failed
             },
             format!(
-                "{} backups, {} chunks, {} unreadable manifests",
+                "{} backups, {} chunks, {} unreadable manifests, {} missing chunks, {} damaged backups",
                 report.backups,
                 report.chunks,
-                report.problems.len()
+                report.problems.len(),
+                report.missing_chunks,
+                report.damaged_backups.len()
             ),
         ))
         .await?;

@@ -126,6 +126,14 @@ impl Jobs {
                 )));
             }
         };
+        if backup.damaged_at.is_some() {
+            return Err(CoordinatorError::Conflict(format!(
+                "backup {backup_id} is damaged ({}): it cannot be restored. \
+                 A later backup of the database uploads the lost chunks again, \
+                 and `cairn repository check --read-data` then clears the damage",
+                backup.damage
+            )));
+        }
         let manifest = Manifest::load(&self.repository, backup_id)
             .await
             .map_err(|e| {

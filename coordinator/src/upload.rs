@@ -375,7 +375,12 @@ impl Upload {
         self.stats.pg_dump_version = finish.pg_dump_version;
         self.stats.database_bytes = finish.database_bytes;
         self.catalog
-            .complete_backup(&self.job.backup_id, &self.stats, now)
+            .complete_backup(
+                &self.job.backup_id,
+                &self.stats,
+                &manifest.referenced_chunk_ids(),
+                now,
+            )
             .await?;
         Ok(())
     }

@@ -59,6 +59,11 @@ pub fn backup_to_wire(
         new_chunk_count: unsigned(backup.new_chunk_count),
         database_bytes: unsigned(backup.database_bytes),
         job_id: backup.job_id,
+        damage: match backup.damaged_at {
+            Some(_) if backup.damage.is_empty() => "damaged".to_string(),
+            Some(_) => backup.damage,
+            None => String::new(),
+        },
         last_verification: verification.map(|v| proto::Verification {
             at_unix_ms: v.at,
             method: v.method,
@@ -87,5 +92,40 @@ pub fn verify_report_to_wire(report: VerifyReport) -> proto::VerifyBackupRespons
         problems: report.problems,
         millis: report.millis,
         tables_checked: report.tables_checked,
+    }
+}
+
+pub fn check_report_to_wire(
+    report: crate::repository_check::CheckReport,
+    millis: u64,
+) -> proto::CheckRepositoryResponse {
+    let problems = |list: Vec<(String, String)>| {
+        list.into_iter()
+            .map(|(id, reason)| proto::ChunkProblem { id, reason })
+            .collect()
+    };
+    proto::CheckRepositoryResponse {
+        ok: report.ok(),
+        repository: report.repository,
+        read_data: report.read_data,
+        stored_chunks: report.stored_chunks,
+        indexed_chunks: report.indexed_chunks,
+        referenced_chunks: report.referenced_chunks,
+        manifests_indexed: report.manifests_indexed,
+        missing_count: report.missing.count,
+        missing: problems(report.missing.first),
+        corrupt_count: report.corrupt.count,
+        corrupt: problems(report.corrupt.first),
+        unreferenced_count: report.unreferenced.count,
+        unreferenced: problems(report.unreferenced.first),
+        unindexed_chunks: report.unindexed_chunks,
+        damaged_backups: report
+            .damaged_backups
+            .into_iter()
+            .map(|(backup_id, reason)| proto::DamagedBackup { backup_id, reason })
+            .collect(),
+        repaired_backups: report.repaired_backups,
+        bytes_read: report.bytes_read,
+        millis,
     }
 }

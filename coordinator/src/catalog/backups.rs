@@ -77,6 +77,11 @@ pub struct BackupRecord {
     /// JSON object of tags.
     pub tags: String,
     pub error: String,
+    /// When `cairn repository check` found a chunk it needs missing or
+    /// corrupt; a damaged backup is never offered as restorable.
+    pub damaged_at: Option<i64>,
+    /// What the check found.
+    pub damage: String,
 }
 
 impl BackupRecord {
@@ -221,17 +226,20 @@ impl Catalog {
         Ok(())
     }
 
-    /// Marks a backup complete: call only once its manifest is durable.
+    /// Marks a backup complete, with the chunks it references: call only
+    /// once its manifest is durable.
     pub async fn complete_backup(
         &self,
         backup_id: &str,
         stats: &BackupStats,
+        chunk_ids: &[String],
         now: i64,
     ) -> Result<()> {
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "UPDATE backups SET status = 'complete', server_version = ?, pg_dump_version = ?, finished_at = ?,
                 logical_bytes = ?, new_stored_bytes = ?, referenced_bytes = ?, chunk_count = ?,
-                new_chunk_count = ?, database_bytes = ?
+                new_chunk_count = ?, database_bytes = ?, chunks_indexed = 1
              WHERE id = ? AND status = 'running'",
         )
         .bind(&stats.server_version)
@@ -244,8 +252,10 @@ impl Catalog {
         .bind(i64_of(stats.new_chunk_count))
         .bind(i64_of(stats.database_bytes))
         .bind(backup_id)
-        .execute(&self.pool)
+        .execute(&mut *transaction)
         .await?;
+        super::chunks::insert_references(&mut transaction, backup_id, chunk_ids).await?;
+        transaction.commit().await?;
         Ok(())
     }
 
@@ -416,7 +426,7 @@ mod tests {
         assert!(catalog.list_backups(None, None).await.unwrap().is_empty());
 
         catalog
-            .complete_backup("b1", &BackupStats::default(), 5)
+            .complete_backup("b1", &BackupStats::default(), &["c1".to_string()], 5)
             .await
             .unwrap();
         catalog

@@ -12,10 +12,13 @@
 //!   events (see [`crate::audit`]).
 //! - `jobs`, `backups`, `chunks` (see [`backups`]): what was asked, what is
 //!   complete, and which chunks the repository holds.
+//! - `backup_chunks` (see [`chunks`]): which chunks each complete backup
+//!   references, for `cairn repository check` and garbage collection.
 //!
 //! SQLite (WAL mode) is the default; migrations are embedded.
 
 mod backups;
+mod chunks;
 mod restores;
 
 use std::collections::BTreeMap;

@@ -137,6 +137,9 @@ pub struct BackupView {
     pub status: &'static str,
     /// The newest verification (`cairn backup verify`), if any.
     pub last_verification: Option<VerificationView>,
+    /// What `cairn repository check` found missing or corrupt; a damaged
+    /// backup cannot be restored (`status` is then "damaged").
+    pub damage: Option<String>,
 }
 
 impl From<proto::Backup> for BackupView {
@@ -163,7 +166,12 @@ impl From<proto::Backup> for BackupView {
             new_chunk_count: b.new_chunk_count,
             database_bytes: b.database_bytes,
             job_id: b.job_id,
-            status: "complete",
+            status: if b.damage.is_empty() {
+                "complete"
+            } else {
+                "damaged"
+            },
+            damage: (!b.damage.is_empty()).then_some(b.damage),
             last_verification: b.last_verification.map(Into::into),
         }
     }
@@ -433,7 +441,10 @@ pub fn backups_table(backups: &[BackupView]) -> comfy_table::Table {
             bytes(b.new_stored_bytes),
             format!("{:.1}x", b.dedup_ratio),
             b.chunk_count.to_string(),
-            VerificationView::summary(b.last_verification.as_ref()),
+            match &b.damage {
+                Some(_) => "DAMAGED".to_string(),
+                None => VerificationView::summary(b.last_verification.as_ref()),
+            },
             b.tags
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))

@@ -4,6 +4,7 @@
 mod backups;
 mod client;
 mod output;
+mod repository;
 mod restores;
 
 use std::net::SocketAddr;
@@ -179,6 +180,19 @@ enum RepositoryCommand {
         config: PathBuf,
         #[arg(long, value_enum, default_value = "table")]
         output: OutputFormat,
+    },
+    /// Compare the catalog with the repository (role: operator): name
+    /// missing, unreferenced and (with --read-data) corrupt chunks; missing
+    /// and corrupt ones leave the dedup index, so the next backup uploads
+    /// them again, and the backups that need them are marked damaged.
+    /// Exit 1 if any chunk is missing or corrupt.
+    Check {
+        /// Also read and authenticate every stored chunk (reads the whole
+        /// repository); clears the damage of backups that are whole again.
+        #[arg(long)]
+        read_data: bool,
+        #[command(flatten)]
+        connection: Connection,
     },
     /// Rebuild the backup list of an empty catalog from the repository and
     /// the master key alone. Runs offline: stop `cairn serve` first.
@@ -844,6 +858,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Repository(RepositoryCommand::Check {
+            read_data,
+            connection,
+        }) => {
+            let mut client = connection.admin().await?;
+            repository::check(&mut client, read_data, connection.json()).await
+        }
         Command::Repository(RepositoryCommand::RebuildCatalog { config, output }) => {
             let config = CoordinatorConfig::load(&config)?;
             let report = cairn_coordinator::rebuild::rebuild_catalog(&config).await?;
@@ -857,8 +878,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 for problem in &report.problems {
                     eprintln!("error: {problem}");
                 }
+                if report.missing_chunks > 0 {
+                    eprintln!(
+                        "error: {} chunk(s) named by manifests are not in the repository",
+                        report.missing_chunks
+                    );
+                }
+                for (backup_id, reason) in &report.damaged_backups {
+                    eprintln!("error: backup {backup_id} is damaged: {reason}");
+                }
             }
-            Ok(if report.problems.is_empty() { 0 } else { 1 })
+            Ok(
+                if report.problems.is_empty() && report.damaged_backups.is_empty() {
+                    0
+                } else {
+                    1
+                },
+            )
         }
         Command::Operators(OperatorsCommand::Revoke { name, connection }) => {
             revoke_operator(name, connection).await

@@ -95,6 +95,61 @@ impl LocalStore {
             .map_err(|e| Self::io(key, e))
     }
 
+    /// Sends every object under `prefix` to `sender`, walking one directory
+    /// at a time in sorted order (for names of one shape, such as
+    /// `chunks/ab/<hex>`, that is the order of the keys), so memory holds
+    /// one directory's names at most; stops early if the receiver is gone.
+    pub async fn list_into(
+        &self,
+        prefix: &str,
+        sender: &tokio::sync::mpsc::Sender<Result<ObjectKey>>,
+    ) -> Result<()> {
+        enum Item {
+            Dir(PathBuf),
+            Object(ObjectKey),
+        }
+        let io = |error| RepositoryError::Io {
+            key: prefix.to_string(),
+            source: error,
+        };
+        let mut pending = vec![Item::Dir(self.root.join(prefix.trim_end_matches('/')))];
+        while let Some(item) = pending.pop() {
+            let dir = match item {
+                Item::Object(key) => {
+                    if sender.send(Ok(key)).await.is_err() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Item::Dir(dir) => dir,
+            };
+            let mut entries = match tokio::fs::read_dir(&dir).await {
+                Ok(entries) => entries,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(io(error)),
+            };
+            let mut items = Vec::new();
+            while let Some(entry) = entries.next_entry().await.map_err(io)? {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(TEMPORARY_PREFIX) || name.starts_with('.') {
+                    continue;
+                }
+                let path = entry.path();
+                if entry.file_type().await.map_err(io)?.is_dir() {
+                    items.push((name, Item::Dir(path)));
+                } else if let Ok(relative) = path.strip_prefix(&self.root)
+                    && let Ok(key) = ObjectKey::new(relative.to_string_lossy().into_owned())
+                {
+                    items.push((name, Item::Object(key)));
+                }
+            }
+            // Reversed onto the stack, so the smallest name comes out first.
+            items.sort_by(|a, b| b.0.cmp(&a.0));
+            pending.extend(items.into_iter().map(|(_, item)| item));
+        }
+        Ok(())
+    }
+
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectKey>> {
         let mut keys = Vec::new();
         let mut pending = vec![self.root.join(prefix.trim_end_matches('/'))];

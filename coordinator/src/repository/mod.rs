@@ -131,6 +131,29 @@ impl Store {
         }
     }
 
+    /// Every object under `prefix`, in increasing order, streamed with
+    /// backpressure: a repository of millions of chunks is listed in
+    /// constant memory. (Keys of one shape, such as `chunks/ab/<hex>`: the
+    /// local store walks directories in sorted order.)
+    pub fn list_streamed(&self, prefix: &str) -> Listing {
+        let (sender, receiver) = tokio::sync::mpsc::channel(LISTING_BUFFER);
+        let store = self.clone();
+        let prefix = prefix.to_string();
+        tokio::spawn(async move {
+            let listed = match &store {
+                Store::Local(store) => store.list_into(&prefix, &sender).await,
+                Store::S3(store) => store.list_into(&prefix, &sender).await,
+            };
+            if let Err(error) = listed {
+                let _ = sender.send(Err(error)).await;
+            }
+        });
+        Listing {
+            receiver,
+            last: None,
+        }
+    }
+
     pub async fn delete(&self, key: &ObjectKey) -> Result<()> {
         match self {
             Store::Local(store) => store.delete(key).await,
@@ -144,6 +167,37 @@ impl Store {
             Store::Local(store) => store.describe(),
             Store::S3(store) => store.describe(),
         }
+    }
+}
+
+/// Object names listed ahead of their consumer.
+const LISTING_BUFFER: usize = 1000;
+
+/// A listing in progress ([`Store::list_streamed`]).
+#[derive(Debug)]
+pub struct Listing {
+    receiver: tokio::sync::mpsc::Receiver<Result<ObjectKey>>,
+    last: Option<ObjectKey>,
+}
+
+impl Listing {
+    /// The next object name, `None` at the end. Names come in strictly
+    /// increasing order, or the listing fails: callers merge it with other
+    /// sorted lists.
+    pub async fn next(&mut self) -> Result<Option<ObjectKey>> {
+        let Some(listed) = self.receiver.recv().await else {
+            return Ok(None);
+        };
+        let key = listed?;
+        if let Some(last) = &self.last
+            && key <= *last
+        {
+            return Err(RepositoryError::Invalid(format!(
+                "the storage listed {key} after {last}: not in increasing order"
+            )));
+        }
+        self.last = Some(key.clone());
+        Ok(Some(key))
     }
 }
 

@@ -572,52 +572,85 @@ impl S3Store {
     /// by someone else into the bucket) are skipped, as the local store
     /// skips stray files.
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectKey>> {
-        let full_prefix = format!("{}{prefix}", self.prefix);
-        let label = format!("{prefix}*");
         let mut keys = Vec::new();
         let mut continuation: Option<String> = None;
         loop {
-            let page = self
-                .request(&label, "ListObjectsV2", async {
-                    self.client
-                        .list_objects_v2()
-                        .bucket(&self.bucket)
-                        .prefix(&full_prefix)
-                        .max_keys(self.list_page_size)
-                        .set_continuation_token(continuation.clone())
-                        .send()
-                        .await
-                        .map_err(|e| {
-                            self.storage_error(&label, self.sdk_message("ListObjectsV2", &e))
-                        })
-                })
-                .await?;
-            for object in page.contents() {
-                if let Some(name) = object.key()
-                    && let Some(relative) = name.strip_prefix(&self.prefix)
-                    && let Ok(key) = ObjectKey::new(relative)
-                {
-                    keys.push(key);
-                }
-            }
-            if !page.is_truncated().unwrap_or(false) {
-                break;
-            }
-            match page.next_continuation_token() {
-                Some(token) if continuation.as_deref() != Some(token) => {
-                    continuation = Some(token.to_string());
-                }
-                _ => {
-                    return Err(self.storage_error(
-                        &label,
-                        "ListObjectsV2: a truncated page without a new continuation token".into(),
-                    ));
-                }
+            let (page, next) = self.list_page(prefix, continuation.take()).await?;
+            keys.extend(page);
+            match next {
+                Some(token) => continuation = Some(token),
+                None => break,
             }
         }
         keys.sort();
         keys.dedup();
         Ok(keys)
+    }
+
+    /// Sends every object under `prefix` to `sender` page by page, in the
+    /// order S3 lists them (by key); stops early if the receiver is gone.
+    pub async fn list_into(
+        &self,
+        prefix: &str,
+        sender: &tokio::sync::mpsc::Sender<Result<ObjectKey>>,
+    ) -> Result<()> {
+        let mut continuation: Option<String> = None;
+        loop {
+            let (page, next) = self.list_page(prefix, continuation.take()).await?;
+            for key in page {
+                if sender.send(Ok(key)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            match next {
+                Some(token) => continuation = Some(token),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// One page of `ListObjectsV2`: the valid object names on it and the
+    /// continuation token of the next page, if any.
+    async fn list_page(
+        &self,
+        prefix: &str,
+        continuation: Option<String>,
+    ) -> Result<(Vec<ObjectKey>, Option<String>)> {
+        let full_prefix = format!("{}{prefix}", self.prefix);
+        let label = format!("{prefix}*");
+        let page = self
+            .request(&label, "ListObjectsV2", async {
+                self.client
+                    .list_objects_v2()
+                    .bucket(&self.bucket)
+                    .prefix(&full_prefix)
+                    .max_keys(self.list_page_size)
+                    .set_continuation_token(continuation.clone())
+                    .send()
+                    .await
+                    .map_err(|e| self.storage_error(&label, self.sdk_message("ListObjectsV2", &e)))
+            })
+            .await?;
+        let keys = page
+            .contents()
+            .iter()
+            .filter_map(|object| {
+                let relative = object.key()?.strip_prefix(&self.prefix)?;
+                ObjectKey::new(relative).ok()
+            })
+            .collect();
+        if !page.is_truncated().unwrap_or(false) {
+            return Ok((keys, None));
+        }
+        match page.next_continuation_token() {
+            Some(token) if continuation.as_deref() != Some(token) => {
+                Ok((keys, Some(token.to_string())))
+            }
+            _ => Err(self.storage_error(
+                &label,
+                "ListObjectsV2: a truncated page without a new continuation token".into(),
+            )),
+        }
     }
 
     /// Deletes `key`; deleting a missing object succeeds, as in S3.

@@ -1,0 +1,170 @@
+//! `cairn repository check`: the coordinator compares its catalog with the
+//! repository; this prints what it found.
+
+use cairn_common::proto::{self, admin_client::AdminClient};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use super::client::explain;
+use super::output::{bytes, print_json};
+
+#[derive(Debug, Serialize)]
+struct ProblemView {
+    id: String,
+    reason: String,
+}
+
+#[derive(Debug, Serialize)]
+struct DamagedView {
+    backup_id: String,
+    reason: String,
+}
+
+/// The check's report as `--output json` prints it.
+#[derive(Debug, Serialize)]
+struct CheckView {
+    repository: String,
+    ok: bool,
+    read_data: bool,
+    stored_chunks: u64,
+    indexed_chunks: u64,
+    referenced_chunks: u64,
+    manifests_indexed: u64,
+    missing_count: u64,
+    missing: Vec<ProblemView>,
+    corrupt_count: u64,
+    corrupt: Vec<ProblemView>,
+    unreferenced_count: u64,
+    unreferenced: Vec<ProblemView>,
+    unindexed_chunks: u64,
+    damaged_backups: Vec<DamagedView>,
+    repaired_backups: Vec<String>,
+    bytes_read: u64,
+    millis: u64,
+}
+
+fn problems(list: Vec<proto::ChunkProblem>) -> Vec<ProblemView> {
+    list.into_iter()
+        .map(|p| ProblemView {
+            id: p.id,
+            reason: p.reason,
+        })
+        .collect()
+}
+
+/// Prints one kind of problem: the count, then the names the report holds.
+fn print_problems(kind: &str, count: u64, list: &[ProblemView]) {
+    if count == 0 {
+        return;
+    }
+    println!("{kind}: {count} chunk(s)");
+    for problem in list {
+        println!("  {kind} chunk {}: {}", problem.id, problem.reason);
+    }
+    if count > list.len() as u64 {
+        println!("  ... and {} more", count - list.len() as u64);
+    }
+}
+
+/// Runs the check; exit 1 if a chunk is missing or corrupt or a backup is
+/// damaged.
+pub async fn check(
+    client: &mut AdminClient<Channel>,
+    read_data: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.set_message(if read_data {
+            "checking the repository, reading every chunk"
+        } else {
+            "checking the repository"
+        });
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        bar
+    };
+    let report = client
+        .check_repository(proto::CheckRepositoryRequest { read_data })
+        .await
+        .map_err(explain);
+    bar.finish_and_clear();
+    let report = report?.into_inner();
+    let view = CheckView {
+        repository: report.repository,
+        ok: report.ok,
+        read_data: report.read_data,
+        stored_chunks: report.stored_chunks,
+        indexed_chunks: report.indexed_chunks,
+        referenced_chunks: report.referenced_chunks,
+        manifests_indexed: report.manifests_indexed,
+        missing_count: report.missing_count,
+        missing: problems(report.missing),
+        corrupt_count: report.corrupt_count,
+        corrupt: problems(report.corrupt),
+        unreferenced_count: report.unreferenced_count,
+        unreferenced: problems(report.unreferenced),
+        unindexed_chunks: report.unindexed_chunks,
+        damaged_backups: report
+            .damaged_backups
+            .into_iter()
+            .map(|d| DamagedView {
+                backup_id: d.backup_id,
+                reason: d.reason,
+            })
+            .collect(),
+        repaired_backups: report.repaired_backups,
+        bytes_read: report.bytes_read,
+        millis: report.millis,
+    };
+    if json {
+        print_json(&view)?;
+    } else {
+        println!(
+            "{}: {} chunk(s) stored, {} indexed, {} referenced by backups{}; checked in {:.1} s",
+            view.repository,
+            view.stored_chunks,
+            view.indexed_chunks,
+            view.referenced_chunks,
+            if view.read_data {
+                format!(", {} read and authenticated", bytes(view.bytes_read))
+            } else {
+                String::new()
+            },
+            view.millis as f64 / 1000.0
+        );
+        print_problems("missing", view.missing_count, &view.missing);
+        print_problems("corrupt", view.corrupt_count, &view.corrupt);
+        print_problems("unreferenced", view.unreferenced_count, &view.unreferenced);
+        if view.unindexed_chunks > 0 {
+            println!(
+                "{} chunk(s) left the dedup index: the next backup that has them uploads them again",
+                view.unindexed_chunks
+            );
+        }
+        for damaged in &view.damaged_backups {
+            println!(
+                "DAMAGED backup {}: {} (it cannot be restored)",
+                damaged.backup_id, damaged.reason
+            );
+        }
+        for repaired in &view.repaired_backups {
+            println!("repaired backup {repaired}: every chunk it needs is back");
+        }
+        println!(
+            "{}",
+            if view.ok {
+                "ok: every backup's chunks are in the repository"
+            } else {
+                "NOT OK"
+            }
+        );
+    }
+    Ok(if view.ok { 0 } else { 1 })
+}
