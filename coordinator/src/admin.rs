@@ -8,11 +8,11 @@ use cairn_common::identity::Role;
 use cairn_common::proto::{self, admin_server::Admin};
 use tonic::{Request, Response, Status};
 
-use crate::audit::{AuditEvent, Outcome, verify};
+use crate::audit::{AuditEvent, ChainVerifier, Outcome};
 use crate::audit_log::AuditLog;
 use crate::auth::require_role;
 use crate::authority::Authority;
-use crate::catalog::{AgentRecord, Catalog};
+use crate::catalog::{AgentRecord, Catalog, PageKey};
 use crate::fleet::{CommandOutcome, Fleet};
 use crate::jobs::{BackupRequest, Jobs};
 use crate::restores::RestoreRequest;
@@ -21,6 +21,46 @@ use crate::wire::{backup_to_wire, job_to_wire};
 const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(120);
 const DEFAULT_AUDIT_LIMIT: u32 = 100;
+const DEFAULT_PAGE_LIMIT: u32 = 100;
+const DEFAULT_JOBS_LIMIT: u32 = 50;
+/// The most rows one page of a listing holds, whatever the caller asks:
+/// a page always fits a message.
+const PAGE_LIMIT_MAX: u32 = 1000;
+/// Audit rows read at a time by `audit verify`.
+const AUDIT_VERIFY_PAGE: u32 = 2000;
+
+/// A page size: `requested`, or `default` for 0, at most [`PAGE_LIMIT_MAX`].
+fn page_limit(requested: u32, default: u32) -> u32 {
+    match requested {
+        0 => default,
+        n => n.min(PAGE_LIMIT_MAX),
+    }
+}
+
+fn bad_page_token(token: &str) -> Status {
+    Status::invalid_argument(format!(
+        "invalid page_token {token:?}: pass the next_page_token of the page before, or none"
+    ))
+}
+
+/// The position a `page_token` names; `None` for the first page.
+fn page_key(token: &str) -> Result<Option<PageKey>, Status> {
+    match token {
+        "" => Ok(None),
+        token => PageKey::parse(token)
+            .map(Some)
+            .ok_or_else(|| bad_page_token(token)),
+    }
+}
+
+/// The token of the page after `rows`: empty when `rows` is not full (the
+/// last page).
+fn next_page_token<T>(rows: &[T], limit: u32, key: impl Fn(&T) -> PageKey) -> String {
+    match rows.last() {
+        Some(last) if rows.len() == limit as usize => key(last).token(),
+        _ => String::new(),
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct AdminService {
@@ -199,11 +239,17 @@ impl Admin for AdminService {
         request: Request<proto::ListAuditEventsRequest>,
     ) -> Result<Response<proto::ListAuditEventsResponse>, Status> {
         require_role(&request, Role::Viewer, &self.audit, "audit.list").await?;
-        let limit = match request.into_inner().limit {
-            0 => DEFAULT_AUDIT_LIMIT,
-            n => n.min(10_000),
+        let body = request.into_inner();
+        let limit = page_limit(body.limit, DEFAULT_AUDIT_LIMIT);
+        let before = match body.page_token.as_str() {
+            "" => None,
+            token => Some(token.parse::<i64>().map_err(|_| bad_page_token(token))?),
         };
-        let rows = self.catalog.recent_audit(limit).await?;
+        let rows = self.catalog.audit_page(before, limit).await?;
+        let next_page_token = match rows.last() {
+            Some(last) if rows.len() == limit as usize => last.id.to_string(),
+            _ => String::new(),
+        };
         Ok(Response::new(proto::ListAuditEventsResponse {
             events: rows
                 .into_iter()
@@ -218,6 +264,7 @@ impl Admin for AdminService {
                     hash: row.hash,
                 })
                 .collect(),
+            next_page_token,
         }))
     }
 
@@ -226,8 +273,20 @@ impl Admin for AdminService {
         request: Request<proto::VerifyAuditLogRequest>,
     ) -> Result<Response<proto::VerifyAuditLogResponse>, Status> {
         require_role(&request, Role::Viewer, &self.audit, "audit.verify").await?;
-        let rows = self.catalog.all_audit().await?;
-        let report = verify(&rows);
+        // A page at a time: constant memory however long the log is.
+        let mut chain = ChainVerifier::default();
+        let report = loop {
+            let rows = self
+                .catalog
+                .audit_after(chain.last_id(), AUDIT_VERIFY_PAGE)
+                .await?;
+            if let Some(bad) = chain.feed(&rows) {
+                break bad;
+            }
+            if rows.len() < AUDIT_VERIFY_PAGE as usize {
+                break chain.finish();
+            }
+        };
         Ok(Response::new(proto::VerifyAuditLogResponse {
             ok: report.ok,
             rows_checked: report.rows_checked,
@@ -303,13 +362,22 @@ impl Admin for AdminService {
     ) -> Result<Response<proto::ListBackupsResponse>, Status> {
         require_role(&request, Role::Viewer, &self.audit, "backups.list").await?;
         let body = request.into_inner();
+        let limit = page_limit(body.limit, DEFAULT_PAGE_LIMIT);
+        let after = page_key(&body.page_token)?;
         let backups = self
             .catalog
             .list_backups(
                 (!body.agent_name.is_empty()).then_some(body.agent_name.as_str()),
                 (!body.database.is_empty()).then_some(body.database.as_str()),
+                after.as_ref(),
+                limit,
             )
             .await?;
+        let next_page_token = next_page_token(&backups, limit, |b| PageKey {
+            started_at: b.started_at,
+            id: b.id.clone(),
+        });
+        // At most one page of ids: a bounded IN list.
         let ids: Vec<String> = backups.iter().map(|b| b.id.clone()).collect();
         let mut verified = self.catalog.latest_verifications(&ids).await?;
         Ok(Response::new(proto::ListBackupsResponse {
@@ -320,6 +388,7 @@ impl Admin for AdminService {
                     backup_to_wire(backup, verification)
                 })
                 .collect(),
+            next_page_token,
         }))
     }
 
@@ -350,13 +419,17 @@ impl Admin for AdminService {
         request: Request<proto::ListJobsRequest>,
     ) -> Result<Response<proto::ListJobsResponse>, Status> {
         require_role(&request, Role::Viewer, &self.audit, "jobs.list").await?;
-        let limit = match request.into_inner().limit {
-            0 => 50,
-            n => n.min(1000),
-        };
-        let jobs = self.catalog.list_jobs(limit).await?;
+        let body = request.into_inner();
+        let limit = page_limit(body.limit, DEFAULT_JOBS_LIMIT);
+        let after = page_key(&body.page_token)?;
+        let jobs = self.catalog.list_jobs(after.as_ref(), limit).await?;
+        let next_page_token = next_page_token(&jobs, limit, |j| PageKey {
+            started_at: j.started_at,
+            id: j.id.clone(),
+        });
         Ok(Response::new(proto::ListJobsResponse {
             jobs: jobs.into_iter().map(job_to_wire).collect(),
+            next_page_token,
         }))
     }
 

@@ -135,45 +135,86 @@ pub struct VerifyReport {
 
 /// Checks rows in id order.
 pub fn verify(rows: &[AuditRow]) -> VerifyReport {
-    let mut expected_prev = GENESIS_HASH.to_string();
-    let mut previous_id = 0;
-    for (index, row) in rows.iter().enumerate() {
-        let bad = |problem: String| VerifyReport {
-            ok: false,
-            rows_checked: index as u64 + 1,
-            first_bad_row: Some(row.id),
-            problem: Some(problem),
-        };
-        if row.prev_hash != expected_prev {
-            return bad(format!(
-                "row {} does not link to the row before it (id {previous_id}): a row was deleted or edited",
-                row.id
-            ));
-        }
-        let recomputed = row_hash(&HashInput {
-            prev_hash: &row.prev_hash,
-            id: row.id,
-            at: row.at,
-            actor: &row.actor,
-            action: &row.action,
-            target: &row.target,
-            outcome: &row.outcome,
-            detail: &row.detail,
-        });
-        if recomputed != row.hash {
-            return bad(format!(
-                "row {} was edited: its hash does not match its fields",
-                row.id
-            ));
-        }
-        expected_prev = row.hash.clone();
-        previous_id = row.id;
+    let mut chain = ChainVerifier::default();
+    match chain.feed(rows) {
+        Some(bad) => bad,
+        None => chain.finish(),
     }
-    VerifyReport {
-        ok: true,
-        rows_checked: rows.len() as u64,
-        first_bad_row: None,
-        problem: None,
+}
+
+/// Checks the chain a page of rows at a time, so that `audit verify` holds
+/// one page in memory however long the log is.
+#[derive(Debug)]
+pub struct ChainVerifier {
+    expected_prev: String,
+    previous_id: i64,
+    rows_checked: u64,
+}
+
+impl Default for ChainVerifier {
+    fn default() -> Self {
+        ChainVerifier {
+            expected_prev: GENESIS_HASH.to_string(),
+            previous_id: 0,
+            rows_checked: 0,
+        }
+    }
+}
+
+impl ChainVerifier {
+    /// The id of the last row checked (0 before the first): where the next
+    /// page starts.
+    pub fn last_id(&self) -> i64 {
+        self.previous_id
+    }
+
+    /// Checks the next rows (in id order, after those fed before); the
+    /// report of the first bad row, if any.
+    pub fn feed(&mut self, rows: &[AuditRow]) -> Option<VerifyReport> {
+        for row in rows {
+            self.rows_checked += 1;
+            let bad = |problem: String| VerifyReport {
+                ok: false,
+                rows_checked: self.rows_checked,
+                first_bad_row: Some(row.id),
+                problem: Some(problem),
+            };
+            if row.prev_hash != self.expected_prev {
+                return Some(bad(format!(
+                    "row {} does not link to the row before it (id {}): a row was deleted or edited",
+                    row.id, self.previous_id
+                )));
+            }
+            let recomputed = row_hash(&HashInput {
+                prev_hash: &row.prev_hash,
+                id: row.id,
+                at: row.at,
+                actor: &row.actor,
+                action: &row.action,
+                target: &row.target,
+                outcome: &row.outcome,
+                detail: &row.detail,
+            });
+            if recomputed != row.hash {
+                return Some(bad(format!(
+                    "row {} was edited: its hash does not match its fields",
+                    row.id
+                )));
+            }
+            self.expected_prev.clone_from(&row.hash);
+            self.previous_id = row.id;
+        }
+        None
+    }
+
+    /// The report once every row was fed without a bad one.
+    pub fn finish(self) -> VerifyReport {
+        VerifyReport {
+            ok: true,
+            rows_checked: self.rows_checked,
+            first_bad_row: None,
+            problem: None,
+        }
     }
 }
 

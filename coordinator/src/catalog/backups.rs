@@ -90,6 +90,31 @@ impl BackupRecord {
     }
 }
 
+/// Where a page of jobs or backups (newest first) ended: the next page
+/// starts after it. Keyset paging: stable while rows are added, no OFFSET.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageKey {
+    pub started_at: i64,
+    pub id: String,
+}
+
+impl PageKey {
+    /// The opaque token the Admin API hands out: `STARTED_AT:ID`.
+    pub fn token(&self) -> String {
+        format!("{}:{}", self.started_at, self.id)
+    }
+
+    /// Reads a token [`PageKey::token`] made.
+    pub fn parse(token: &str) -> Option<PageKey> {
+        let (started_at, id) = token.split_once(':')?;
+        (!id.is_empty() && id.len() <= 200).then_some(())?;
+        Some(PageKey {
+            started_at: started_at.parse().ok()?,
+            id: id.to_string(),
+        })
+    }
+}
+
 /// What a finished upload measured.
 #[derive(Debug, Clone, Default)]
 pub struct BackupStats {
@@ -305,13 +330,17 @@ impl Catalog {
             .await?)
     }
 
-    pub async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRecord>> {
-        Ok(
-            sqlx::query_as("SELECT * FROM jobs ORDER BY started_at DESC, id DESC LIMIT ?")
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?,
+    /// Up to `limit` jobs, newest first, after the page `after` ended on.
+    pub async fn list_jobs(&self, after: Option<&PageKey>, limit: u32) -> Result<Vec<JobRecord>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM jobs WHERE (?1 IS NULL OR (started_at, id) < (?1, ?2))
+             ORDER BY started_at DESC, id DESC LIMIT ?3",
         )
+        .bind(after.map(|key| key.started_at))
+        .bind(after.map(|key| key.id.as_str()))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     pub async fn get_backup(&self, id: &str) -> Result<Option<BackupRecord>> {
@@ -321,19 +350,26 @@ impl Catalog {
             .await?)
     }
 
-    /// Complete backups, newest first, optionally of one agent and database.
+    /// Up to `limit` complete backups, newest first, optionally of one
+    /// agent and database, after the page `after` ended on.
     pub async fn list_backups(
         &self,
         agent_name: Option<&str>,
         database: Option<&str>,
+        after: Option<&PageKey>,
+        limit: u32,
     ) -> Result<Vec<BackupRecord>> {
         Ok(sqlx::query_as(
             "SELECT * FROM backups WHERE status = 'complete'
                AND (?1 IS NULL OR agent_name = ?1) AND (?2 IS NULL OR database = ?2)
-             ORDER BY started_at DESC, id DESC",
+               AND (?3 IS NULL OR (started_at, id) < (?3, ?4))
+             ORDER BY started_at DESC, id DESC LIMIT ?5",
         )
         .bind(agent_name)
         .bind(database)
+        .bind(after.map(|key| key.started_at))
+        .bind(after.map(|key| key.id.as_str()))
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -423,7 +459,13 @@ mod tests {
             .insert_backup_job(&job("j2", "b2"), &tags)
             .await
             .unwrap();
-        assert!(catalog.list_backups(None, None).await.unwrap().is_empty());
+        assert!(
+            catalog
+                .list_backups(None, None, None, 100)
+                .await
+                .unwrap()
+                .is_empty()
+        );
 
         catalog
             .complete_backup("b1", &BackupStats::default(), &["c1".to_string()], 5)
@@ -438,7 +480,7 @@ mod tests {
             .await
             .unwrap();
         let listed = catalog
-            .list_backups(Some("db1"), Some("shop"))
+            .list_backups(Some("db1"), Some("shop"), None, 100)
             .await
             .unwrap();
         assert_eq!(listed.len(), 1);
@@ -450,7 +492,7 @@ mod tests {
         );
         assert!(
             catalog
-                .list_backups(Some("db2"), None)
+                .list_backups(Some("db2"), None, None, 100)
                 .await
                 .unwrap()
                 .is_empty()

@@ -33,7 +33,7 @@ use tokio::sync::Mutex;
 use crate::audit::{AuditEvent, AuditRow, GENESIS_HASH, HashInput, row_hash};
 use crate::error::{CoordinatorError, Result};
 
-pub use backups::{BackupRecord, BackupStats, JobRecord, JobStatus};
+pub use backups::{BackupRecord, BackupStats, JobRecord, JobStatus, PageKey};
 pub use restores::VerificationRecord;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -519,25 +519,36 @@ impl Catalog {
         })
     }
 
-    /// The newest `limit` rows, newest first.
-    pub async fn recent_audit(&self, limit: u32) -> Result<Vec<AuditRow>> {
+    /// Up to `limit` rows older than `before_id` (all: `None`), newest
+    /// first: one page of `audit list`.
+    pub async fn audit_page(&self, before_id: Option<i64>, limit: u32) -> Result<Vec<AuditRow>> {
         Ok(sqlx::query_as(
             "SELECT id, at, actor, action, target, outcome, detail, prev_hash, hash
-             FROM audit_log ORDER BY id DESC LIMIT ?",
+             FROM audit_log WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2",
         )
+        .bind(before_id)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?)
     }
 
-    /// Every row, oldest first, for verification.
-    pub async fn all_audit(&self) -> Result<Vec<AuditRow>> {
+    /// Up to `limit` rows after `after_id`, oldest first: one page of the
+    /// chain for verification.
+    pub async fn audit_after(&self, after_id: i64, limit: u32) -> Result<Vec<AuditRow>> {
         Ok(sqlx::query_as(
             "SELECT id, at, actor, action, target, outcome, detail, prev_hash, hash
-                 FROM audit_log ORDER BY id",
+                 FROM audit_log WHERE id > ? ORDER BY id LIMIT ?",
         )
+        .bind(after_id)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    /// Every row, oldest first (tests).
+    #[cfg(test)]
+    pub async fn all_audit(&self) -> Result<Vec<AuditRow>> {
+        self.audit_after(0, u32::MAX).await
     }
 }
 

@@ -4,6 +4,7 @@
 mod backups;
 mod client;
 mod output;
+mod pages;
 mod repository;
 mod restores;
 
@@ -251,12 +252,15 @@ enum BackupCommand {
 
 #[derive(Debug, Subcommand)]
 enum BackupsCommand {
-    /// Complete backups, newest first.
+    /// Complete backups, newest first (all of them, fetched page by page).
     List {
         #[arg(long)]
         agent: Option<String>,
         #[arg(long)]
         database: Option<String>,
+        /// At most this many (the newest).
+        #[arg(long)]
+        limit: Option<u32>,
         #[command(flatten)]
         connection: Connection,
     },
@@ -272,6 +276,7 @@ enum BackupsCommand {
 enum JobsCommand {
     /// The newest jobs.
     List {
+        /// How many jobs (0: all of them).
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[command(flatten)]
@@ -337,7 +342,7 @@ enum AgentsCommand {
 enum AuditCommand {
     /// The newest audit events.
     List {
-        /// How many events.
+        /// How many events (0: all of them).
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[command(flatten)]
@@ -600,14 +605,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             })
         }
         Command::Audit(AuditCommand::List { limit, connection }) => {
-            let response = connection
-                .admin()
-                .await?
-                .list_audit_events(proto::ListAuditEventsRequest { limit })
-                .await
-                .map_err(explain)?
-                .into_inner();
-            let events: Vec<AuditView> = response.events.into_iter().map(Into::into).collect();
+            let client = connection.admin().await?;
+            let events: Vec<AuditView> =
+                pages::collect((limit > 0).then_some(limit), |page_token, limit| {
+                    let mut client = client.clone();
+                    async move {
+                        let page = client
+                            .list_audit_events(proto::ListAuditEventsRequest { limit, page_token })
+                            .await
+                            .map_err(explain)?
+                            .into_inner();
+                        Ok((
+                            page.events.into_iter().map(Into::into).collect(),
+                            page.next_page_token,
+                        ))
+                    }
+                })
+                .await?;
             if connection.json() {
                 print_json(&events)?;
             } else {
@@ -724,20 +738,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Backups(BackupsCommand::List {
             agent,
             database,
+            limit,
             connection,
         }) => {
-            let response = connection
-                .admin()
-                .await?
-                .list_backups(proto::ListBackupsRequest {
-                    agent_name: agent.unwrap_or_default(),
-                    database: database.unwrap_or_default(),
-                })
-                .await
-                .map_err(explain)?
-                .into_inner();
-            let views: Vec<backups::BackupView> =
-                response.backups.into_iter().map(Into::into).collect();
+            let client = connection.admin().await?;
+            let agent_name = agent.unwrap_or_default();
+            let database = database.unwrap_or_default();
+            let views: Vec<backups::BackupView> = pages::collect(limit, |page_token, limit| {
+                let mut client = client.clone();
+                let request = proto::ListBackupsRequest {
+                    agent_name: agent_name.clone(),
+                    database: database.clone(),
+                    limit,
+                    page_token,
+                };
+                async move {
+                    let page = client
+                        .list_backups(request)
+                        .await
+                        .map_err(explain)?
+                        .into_inner();
+                    Ok((
+                        page.backups.into_iter().map(Into::into).collect(),
+                        page.next_page_token,
+                    ))
+                }
+            })
+            .await?;
             if connection.json() {
                 print_json(&views)?;
             } else if views.is_empty() {
@@ -766,14 +793,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Jobs(JobsCommand::List { limit, connection }) => {
-            let response = connection
-                .admin()
-                .await?
-                .list_jobs(proto::ListJobsRequest { limit })
-                .await
-                .map_err(explain)?
-                .into_inner();
-            let views: Vec<backups::JobView> = response.jobs.into_iter().map(Into::into).collect();
+            let client = connection.admin().await?;
+            let views: Vec<backups::JobView> =
+                pages::collect((limit > 0).then_some(limit), |page_token, limit| {
+                    let mut client = client.clone();
+                    async move {
+                        let page = client
+                            .list_jobs(proto::ListJobsRequest { limit, page_token })
+                            .await
+                            .map_err(explain)?
+                            .into_inner();
+                        Ok((
+                            page.jobs.into_iter().map(Into::into).collect(),
+                            page.next_page_token,
+                        ))
+                    }
+                })
+                .await?;
             if connection.json() {
                 print_json(&views)?;
             } else {
