@@ -15,11 +15,11 @@ pub enum AgentError {
     CoordinatorUnreachable { url: String, reason: String },
     #[error("the coordinator broke the protocol: {0}")]
     Protocol(String),
-    #[error("{context}: {source}")]
+    /// The cause is in the message only (see `cairn_common::error`).
+    #[error("{context}: {cause}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{0}")]
     Invalid(String),
@@ -29,7 +29,7 @@ impl AgentError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         AgentError::Io {
             context: context.into(),
-            source,
+            cause: source,
         }
     }
 }

@@ -34,7 +34,7 @@ impl LocalStore {
     fn io(key: &ObjectKey, source: std::io::Error) -> RepositoryError {
         RepositoryError::Io {
             key: key.to_string(),
-            source,
+            cause: source,
         }
     }
 
@@ -105,7 +105,7 @@ impl LocalStore {
                 Err(error) => {
                     return Err(RepositoryError::Io {
                         key: prefix.to_string(),
-                        source: error,
+                        cause: error,
                     });
                 }
             };
@@ -114,7 +114,7 @@ impl LocalStore {
                 .await
                 .map_err(|e| RepositoryError::Io {
                     key: prefix.to_string(),
-                    source: e,
+                    cause: e,
                 })?
             {
                 let path = entry.path();
@@ -124,7 +124,7 @@ impl LocalStore {
                 }
                 let file_type = entry.file_type().await.map_err(|e| RepositoryError::Io {
                     key: prefix.to_string(),
-                    source: e,
+                    cause: e,
                 })?;
                 if file_type.is_dir() {
                     pending.push(path);
