@@ -128,7 +128,7 @@ async fn sessions(
             }
             Err(error @ AgentError::Revoked { .. }) => {
                 revoked = true;
-                tracing::error!(%error, "this agent is revoked and must be re-enrolled; retrying rarely");
+                tracing::error!(%error, "control session failed: this agent is revoked and must be re-enrolled; retrying rarely");
             }
             Err(error) => tracing::warn!(%error, "control session failed; reconnecting"),
         }
