@@ -648,6 +648,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             wait,
             connection,
         }) => {
+            // A bad tag is refused before anything is dialled.
+            backups::parse_tags(&tags)?;
             let mut client = connection.admin().await?;
             backups::run_backup(
                 &mut client,
