@@ -393,6 +393,14 @@ pub async fn issue_operator_offline(
         csr_pem,
         config.fleet.operator_certificate_lifetime,
     )?;
+    // Opening would create a missing catalog: an identity recorded in a
+    // new, empty one would be audited nowhere anyone looks.
+    if !config.catalog.sqlite_path.is_file() {
+        return Err(CoordinatorError::InvalidArgument(format!(
+            "catalog.sqlite_path {} does not exist: --config must be the coordinator's own coordinator.toml",
+            config.catalog.sqlite_path.display()
+        )));
+    }
     let catalog = Catalog::open_sqlite(&config.catalog.sqlite_path).await?;
     let recorded = async {
         record_operator_certificate(&catalog, &principal, &certificate).await?;
