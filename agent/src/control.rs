@@ -4,7 +4,10 @@
 //! bidirectional stream, registers, then heartbeats, reports periodic
 //! probes and executes commands. When the coordinator goes away it
 //! reconnects with capped exponential backoff and jitter, forever, until
-//! SIGTERM.
+//! SIGTERM. When the coordinator refuses its certificate as revoked, it
+//! says so loudly and backs off much longer (up to
+//! [`REVOKED_MAX_BACKOFF`]): only a new enrollment helps, and a fleet of
+//! revoked agents should not hammer the coordinator.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +40,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const SESSION_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// A session that lasted this long resets the reconnection backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
+/// The longest wait between attempts once the coordinator has said this
+/// agent is revoked (instead of `reconnect_max_backoff`).
+pub const REVOKED_MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
 enum SessionEnd {
     Shutdown,
@@ -82,14 +88,17 @@ async fn sessions(
     jobs: &Arc<RunningJobs>,
     tasks: &TaskTracker,
 ) -> Result<()> {
-    // backon's jitter adds up to 100% on top of the delay, so the delay
-    // itself is capped at half of the configured longest wait.
-    let backoff_builder = ExponentialBuilder::default()
-        .with_min_delay(FIRST_BACKOFF)
-        .with_max_delay(config.reconnect_max_backoff / 2)
-        .with_jitter()
-        .without_max_times();
+    let backoff_builder = backoff_up_to(config.reconnect_max_backoff);
+    let revoked_backoff_builder = backoff_up_to(REVOKED_MAX_BACKOFF);
     let mut backoff = backoff_builder.build();
+    // Its own sequence: the first refusals still come quickly (a
+    // revocation can be a mistake that an admin undoes by re-enrolling),
+    // then the waits grow far beyond the normal ones.
+    let mut revoked_backoff = revoked_backoff_builder.build();
+    // Once refused as revoked, the agent stays in the slow lane until it
+    // registers again: a refused certificate shows up only sometimes as the
+    // revocation alert, otherwise as a closed connection.
+    let mut revoked = false;
     loop {
         let mut registered_at = None;
         let result = session(
@@ -107,21 +116,93 @@ async fn sessions(
         // us, must not make the agent reconnect in a tight loop.
         if registered_at.is_some_and(|at: Instant| at.elapsed() >= STABLE_SESSION) {
             backoff = backoff_builder.build();
+            revoked_backoff = revoked_backoff_builder.build();
+        }
+        if registered_at.is_some() {
+            revoked = false;
         }
         match result {
             Ok(SessionEnd::Shutdown) => return Ok(()),
             Ok(SessionEnd::Closed) => {
                 tracing::warn!("the coordinator closed the control stream; reconnecting");
             }
+            Err(error @ AgentError::Revoked { .. }) => {
+                revoked = true;
+                tracing::error!(%error, "control session failed: this agent is revoked and must be re-enrolled; retrying rarely");
+            }
             Err(error) => tracing::warn!(%error, "control session failed; reconnecting"),
         }
-        let delay = backoff.next().unwrap_or(config.reconnect_max_backoff);
+        let delay = if revoked {
+            revoked_backoff.next().unwrap_or(REVOKED_MAX_BACKOFF)
+        } else {
+            backoff.next().unwrap_or(config.reconnect_max_backoff)
+        };
         tracing::info!(delay = %humantime::format_duration(delay), "waiting before reconnecting");
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// Capped exponential backoff with jitter whose waits stay within `longest`:
+/// backon's jitter adds up to 100% on top of the delay, so the delay itself
+/// is capped at half of it.
+fn backoff_up_to(longest: Duration) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(FIRST_BACKOFF)
+        .with_max_delay(longest / 2)
+        .with_jitter()
+        .without_max_times()
+}
+
+/// The error for a failed call on the way to (or during) a session: a
+/// revocation when the coordinator said so, else unreachable.
+fn refused(url: &tls::CoordinatorUrl, status: &tonic::Status) -> AgentError {
+    let reason = describe(status);
+    if is_revocation(status) {
+        AgentError::Revoked {
+            url: url.to_string(),
+            reason,
+        }
+    } else {
+        AgentError::CoordinatorUnreachable {
+            url: url.to_string(),
+            reason,
+        }
+    }
+}
+
+/// Whether the coordinator refused us as revoked: its TLS alert
+/// `certificate_revoked` at the handshake (new connections), or its
+/// per-call refusal on a connection that was already open.
+fn is_revocation(status: &tonic::Status) -> bool {
+    if status.code() == tonic::Code::Unauthenticated && status.message().contains("is revoked") {
+        return true;
+    }
+    let revoked_alert = |error: &(dyn std::error::Error + 'static)| {
+        let rustls_error = error.downcast_ref::<rustls::Error>().or_else(|| {
+            error
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        matches!(
+            rustls_error,
+            Some(rustls::Error::AlertReceived(
+                rustls::AlertDescription::CertificateRevoked
+            ))
+        )
+    };
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(status);
+    while let Some(error) = cause {
+        if revoked_alert(error) {
+            return true;
+        }
+        cause = error.source();
+    }
+    // Some layers (h2) pass the alert on as text only.
+    tls::describe_transport_error(status).contains("fatal alert: CertificateRevoked")
 }
 
 fn register_message(config: &AgentConfig) -> proto::AgentMessage {
@@ -177,12 +258,12 @@ async fn open_session(
     let mut inbound = client
         .control(ReceiverStream::new(outbound_receiver))
         .await
-        .map_err(|status| unreachable(describe(&status)))?
+        .map_err(|status| refused(url, &status))?
         .into_inner();
     let first = inbound
         .message()
         .await
-        .map_err(|status| unreachable(describe(&status)))?;
+        .map_err(|status| refused(url, &status))?;
     match first.and_then(|m| m.body) {
         Some(coordinator_message::Body::Registered(registered)) => Ok((
             channel,
@@ -277,7 +358,7 @@ async fn session(
                     }
                     Ok(Some(_)) => tracing::warn!("ignoring an unexpected message on the control stream"),
                     Ok(None) => return Ok(SessionEnd::Closed),
-                    Err(status) => return Err(unreachable(describe(&status))),
+                    Err(status) => return Err(refused(url, &status)),
                 }
             }
         }
@@ -364,5 +445,47 @@ fn describe(status: &tonic::Status) -> String {
             "{detail}; if this persists, the coordinator may be refusing this agent's certificate (revoked or expired): check `cairn agents list` and `cairn audit list` on the coordinator"
         ),
         _ => detail,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Once revoked, the waits grow well past the normal longest wait but
+    /// never beyond [`REVOKED_MAX_BACKOFF`]; the normal ones stay capped.
+    #[test]
+    fn a_revoked_agent_backs_off_up_to_an_hour() {
+        let normal_longest = crate::config::DEFAULT_RECONNECT_MAX_BACKOFF;
+        let normal: Vec<Duration> = backoff_up_to(normal_longest).build().take(40).collect();
+        let revoked: Vec<Duration> = backoff_up_to(REVOKED_MAX_BACKOFF)
+            .build()
+            .take(40)
+            .collect();
+        assert!(normal.iter().all(|d| *d <= normal_longest), "{normal:?}");
+        assert!(
+            revoked.iter().all(|d| *d <= REVOKED_MAX_BACKOFF),
+            "{revoked:?}"
+        );
+        assert!(
+            revoked[35..].iter().all(|d| *d >= REVOKED_MAX_BACKOFF / 2),
+            "the revoked waits reach half an hour and more: {revoked:?}"
+        );
+        assert!(
+            revoked[0] < Duration::from_secs(1),
+            "the first retry is quick"
+        );
+    }
+
+    #[test]
+    fn the_coordinators_per_call_refusal_reads_as_a_revocation() {
+        let refusal = tonic::Status::unauthenticated("certificate 0a of agent \"db1\" is revoked");
+        assert!(is_revocation(&refusal));
+        let alert =
+            tonic::Status::unknown("transport error: received fatal alert: CertificateRevoked");
+        assert!(is_revocation(&alert));
+        assert!(!is_revocation(&tonic::Status::unavailable(
+            "connection refused"
+        )));
     }
 }

@@ -105,12 +105,9 @@ pub struct DumpOutcome {
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {
     /// The program could not be started (missing, not executable...).
-    #[error("cannot run {}: {source}; {INSTALL_HINT}", program.display())]
-    Spawn {
-        program: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    /// Causes are in the message only (see `cairn_common::error`).
+    #[error("cannot run {}: {cause}; {INSTALL_HINT}", program.display())]
+    Spawn { program: PathBuf, cause: io::Error },
     /// The program ran and failed; `stderr` is its own message (trimmed, the
     /// last [`STDERR_TAIL_BYTES`] at most).
     #[error("{program} failed ({status}): {}", or_no_message(stderr))]
@@ -131,14 +128,13 @@ pub enum DumpError {
     InvalidDatabase(&'static str),
     #[error(transparent)]
     Connection(#[from] PostgresError),
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Io {
         context: &'static str,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     #[error("cannot seal a chunk: {0}")]
-    Seal(#[source] cairn_common::Error),
+    Seal(cairn_common::Error),
 }
 
 fn or_no_message(stderr: &str) -> &str {
@@ -185,14 +181,14 @@ async fn run_dump(
     let mut command = postgres::pg_dump_command(&tools, &request.connection, &request.database)?;
     let mut child = command.spawn().map_err(|source| DumpError::Spawn {
         program: tools.program("pg_dump"),
-        source,
+        cause: source,
     })?;
     tracing::info!(pid = child.id(), version = %pg_dump_version, "pg_dump started");
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         stop(&mut child).await;
         return Err(DumpError::Io {
             context: "pg_dump's output",
-            source: io::Error::other("stdout or stderr is not piped"),
+            cause: io::Error::other("stdout or stderr is not piped"),
         });
     };
     // Read on its own task, so that a chatty pg_dump can never block on a
@@ -204,7 +200,7 @@ async fn run_dump(
             let totals = pump(stdout, request, chunks, progress).await?;
             let status = child.wait().await.map_err(|source| DumpError::Io {
                 context: "waiting for pg_dump",
-                source,
+                cause: source,
             })?;
             Ok::<_, DumpError>((totals, status))
         };
@@ -270,7 +266,7 @@ pub async fn dump_globals(
             postgres::pg_dumpall_globals_command(&tools, connection, include_role_passwords)?;
         let output = command.output().await.map_err(|source| DumpError::Spawn {
             program: tools.program("pg_dumpall"),
-            source,
+            cause: source,
         })?;
         if !output.status.success() {
             let stderr = tail_text(&output.stderr, STDERR_TAIL_BYTES);
@@ -307,7 +303,7 @@ async fn tool_version(tools: &PgTools, program: &'static str) -> Result<String, 
         .await
         .map_err(|source| DumpError::Spawn {
             program: tools.program(program),
-            source,
+            cause: source,
         })?;
     if !output.status.success() {
         return Err(DumpError::PgDump {
@@ -419,7 +415,7 @@ fn chunker_error(error: fastcdc::v2020::Error) -> DumpError {
     };
     DumpError::Io {
         context: "reading pg_dump's output",
-        source,
+        cause: source,
     }
 }
 

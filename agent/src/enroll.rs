@@ -225,16 +225,6 @@ async fn enroll_into(
 }
 
 fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
-    let mut parsed = BTreeMap::new();
-    for label in labels {
-        let (key, value) = label.split_once('=').ok_or_else(|| {
-            AgentError::Invalid(format!(
-                "--label {label:?}: use key=value, for example --label env=prod"
-            ))
-        })?;
-        cairn_common::names::validate_label(key, value)
-            .map_err(|e| AgentError::Invalid(format!("--label: {e}")))?;
-        parsed.insert(key.to_string(), value.to_string());
-    }
-    Ok(parsed)
+    cairn_common::names::parse_key_values("--label", "env=prod", labels)
+        .map_err(AgentError::Invalid)
 }

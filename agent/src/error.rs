@@ -13,13 +13,19 @@ pub enum AgentError {
     EnrollmentRefused(String),
     #[error("cannot reach the coordinator at {url}: {reason}")]
     CoordinatorUnreachable { url: String, reason: String },
+    /// The coordinator refused this agent's certificate as revoked. Only a
+    /// new enrollment helps; retrying does not.
+    #[error(
+        "the coordinator at {url} refused this agent's certificate as revoked ({reason}): this host must be re-enrolled (on the coordinator: cairn token create --agent NAME; here: cairn-agent enroll into a new --dir)"
+    )]
+    Revoked { url: String, reason: String },
     #[error("the coordinator broke the protocol: {0}")]
     Protocol(String),
-    #[error("{context}: {source}")]
+    /// The cause is in the message only (see `cairn_common::error`).
+    #[error("{context}: {cause}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{0}")]
     Invalid(String),
@@ -29,7 +35,7 @@ impl AgentError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         AgentError::Io {
             context: context.into(),
-            source,
+            cause: source,
         }
     }
 }

@@ -34,7 +34,9 @@ enum Command {
         /// which keeps it out of the process list).
         #[arg(long, env = "CAIRN_ENROLL_TOKEN", hide_env_values = true)]
         token: String,
-        /// The directory to create for the agent's config and identity.
+        /// The directory for the agent's config and identity: a new one is
+        /// created, an existing one must be empty (it may be made beforehand,
+        /// owned by this user, in a parent only root can write).
         #[arg(long)]
         dir: PathBuf,
         /// libpq URL or key=value connection string of the local instance
@@ -47,7 +49,9 @@ enum Command {
         /// The name of this instance within the agent.
         #[arg(long, default_value = "main")]
         instance_name: String,
-        /// A label key=value (repeatable).
+        /// A label key=value describing this host (repeatable, each key
+        /// once), such as env=prod: labels describe an agent and are what
+        /// selectors match; `cairn backup run --tag` describes one backup.
         #[arg(long = "label")]
         labels: Vec<String>,
         /// An operation this host permits: backup, restore, replica, promote
@@ -86,9 +90,11 @@ fn main() -> std::process::ExitCode {
     };
     let filter =
         EnvFilter::try_from_env("CAIRN_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    // Colours only on a terminal: a log file or journal gets plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

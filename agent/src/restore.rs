@@ -111,20 +111,13 @@ pub enum RestoreError {
     /// `pg_restore` ran and failed; its own message.
     #[error("pg_restore failed ({status}): {message}")]
     PgRestore { status: ExitStatus, message: String },
-    #[error("cannot run {}: {source}; {INSTALL_HINT}", program.display())]
-    Spawn {
-        program: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    /// Causes are in the message only (see `cairn_common::error`).
+    #[error("cannot run {}: {cause}; {INSTALL_HINT}", program.display())]
+    Spawn { program: PathBuf, cause: io::Error },
     #[error(transparent)]
     Postgres(#[from] PostgresError),
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error("{context}: {cause}")]
+    Io { context: String, cause: io::Error },
     /// A cancel command stopped it.
     #[error("the restore was cancelled")]
     Cancelled,

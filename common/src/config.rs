@@ -19,6 +19,23 @@ pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, Error> {
     parse_toml(&text, path)
 }
 
+/// A duration as an operator wrote it, in its largest whole unit: `100d`,
+/// `36h`, `90m`, `45s` (`1500ms` below a second). humantime's own
+/// formatting counts in 30.44-day months, so 365 days would be echoed as
+/// "11months 30days 3h 50m 24s"; this reads back as the same duration.
+pub fn display_duration(duration: std::time::Duration) -> String {
+    const UNITS: [(u64, &str); 4] = [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")];
+    if duration.subsec_nanos() != 0 || duration.is_zero() {
+        return format!("{}ms", duration.as_millis());
+    }
+    let seconds = duration.as_secs();
+    let (size, unit) = UNITS
+        .into_iter()
+        .find(|(size, _)| seconds.is_multiple_of(*size))
+        .unwrap_or((1, "s"));
+    format!("{}{unit}", seconds / size)
+}
+
 /// Parses TOML text; `path` only names the source in errors.
 pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, Error> {
     let deserializer = toml::de::Deserializer::parse(text).map_err(|e| Error::Config {
@@ -85,23 +102,32 @@ pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), 
     Ok(())
 }
 
-/// A directory built under a hidden sibling name and renamed into place by
+/// A directory built under a hidden staging name and moved into place by
 /// [`StagedDirectory::commit`], so that a failure part-way leaves nothing
 /// that looks like a finished directory. Dropped without a commit, the
 /// staging directory is removed.
+///
+/// A new target is staged as a hidden sibling and renamed whole. An
+/// existing empty target (say `/var/lib/postgresql/cairn-agent`, made by
+/// root for `postgres` in a parent only root may write) is staged inside
+/// itself, and the commit moves the entries in: directories first, files
+/// last, so the config file that makes it look finished appears last.
 #[derive(Debug)]
 pub struct StagedDirectory {
     staging: PathBuf,
     target: PathBuf,
+    /// The target existed (empty): commit moves entries into it.
+    in_place: bool,
     committed: bool,
 }
 
 impl StagedDirectory {
-    /// Refuses a `target` that exists and is not empty; `flag` names the
-    /// option that chose it, for the error.
+    /// Refuses a `target` that exists and is not an empty directory; `flag`
+    /// names the option that chose it, for the error.
     pub fn new(target: &Path, flag: &str) -> Result<StagedDirectory, Error> {
         use std::os::unix::fs::DirBuilderExt;
-        if target.exists() {
+        let in_place = target.exists();
+        if in_place {
             let empty = std::fs::read_dir(target)
                 .map(|mut entries| entries.next().is_none())
                 .unwrap_or(false);
@@ -109,24 +135,28 @@ impl StagedDirectory {
                 return Err(Error::invalid(
                     flag,
                     format!(
-                        "{} already exists and is not empty: nothing is ever overwritten; choose another {flag}",
+                        "{} already exists and is not an empty directory: nothing is ever overwritten; choose another {flag}",
                         target.display()
                     ),
                 ));
             }
         }
-        let parent = match target.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
         let name = target
             .file_name()
             .ok_or_else(|| Error::invalid(flag, "has no final path component"))?
             .to_string_lossy()
             .into_owned();
-        std::fs::create_dir_all(&parent)
-            .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
-        let staging = parent.join(format!(".{name}.staging-{}", std::process::id()));
+        let staging = if in_place {
+            target.join(format!(".staging-{}", std::process::id()))
+        } else {
+            let parent = match target.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            std::fs::create_dir_all(&parent)
+                .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
+            parent.join(format!(".{name}.staging-{}", std::process::id()))
+        };
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -135,6 +165,7 @@ impl StagedDirectory {
         Ok(StagedDirectory {
             staging,
             target: target.to_path_buf(),
+            in_place,
             committed: false,
         })
     }
@@ -144,26 +175,57 @@ impl StagedDirectory {
         &self.staging
     }
 
-    /// Renames the staging directory to the target.
+    /// Moves the staged contents to the target.
     pub fn commit(mut self) -> Result<PathBuf, Error> {
-        if self.target.exists() {
-            std::fs::remove_dir(&self.target).map_err(|e| {
-                Error::io(format!("cannot replace empty {}", self.target.display()), e)
+        if self.in_place {
+            self.move_entries_in()?;
+        } else {
+            std::fs::rename(&self.staging, &self.target).map_err(|e| {
+                Error::io(
+                    format!("cannot move the new directory to {}", self.target.display()),
+                    e,
+                )
             })?;
         }
-        std::fs::rename(&self.staging, &self.target).map_err(|e| {
-            Error::io(
-                format!("cannot move the new directory to {}", self.target.display()),
-                e,
-            )
-        })?;
         self.committed = true;
-        if let Some(parent) = self.target.parent()
-            && let Ok(directory) = std::fs::File::open(parent)
+        let synced = if self.in_place {
+            Some(self.target.as_path())
+        } else {
+            self.target.parent()
+        };
+        if let Some(directory) = synced
+            && let Ok(directory) = std::fs::File::open(directory)
         {
             let _ = directory.sync_all();
         }
         Ok(self.target.clone())
+    }
+
+    /// Renames each staged entry into the existing target (directories
+    /// first), then removes the empty staging directory.
+    fn move_entries_in(&self) -> Result<(), Error> {
+        let read_error = |e| Error::io(format!("cannot read {}", self.staging.display()), e);
+        let mut entries = Vec::new();
+        for entry in std::fs::read_dir(&self.staging).map_err(read_error)? {
+            let entry = entry.map_err(read_error)?;
+            let is_dir = entry.file_type().map_err(read_error)?.is_dir();
+            entries.push((!is_dir, entry.file_name()));
+        }
+        entries.sort();
+        for (_, name) in entries {
+            std::fs::rename(self.staging.join(&name), self.target.join(&name)).map_err(|e| {
+                Error::io(
+                    format!(
+                        "cannot move {} into {}",
+                        name.to_string_lossy(),
+                        self.target.display()
+                    ),
+                    e,
+                )
+            })?;
+        }
+        std::fs::remove_dir(&self.staging)
+            .map_err(|e| Error::io(format!("cannot remove {}", self.staging.display()), e))
     }
 }
 
@@ -178,6 +240,22 @@ impl Drop for StagedDirectory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_shown_in_whole_units_and_read_back() {
+        use std::time::Duration;
+        for (duration, shown) in [
+            (Duration::from_secs(365 * 86_400), "365d"),
+            (Duration::from_secs(100 * 86_400), "100d"),
+            (Duration::from_secs(36 * 3_600), "36h"),
+            (Duration::from_secs(90 * 60), "90m"),
+            (Duration::from_secs(61), "61s"),
+            (Duration::from_millis(1_500), "1500ms"),
+        ] {
+            assert_eq!(display_duration(duration), shown);
+            assert_eq!(humantime::parse_duration(shown).unwrap(), duration);
+        }
+    }
 
     #[derive(Debug, serde::Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -234,9 +312,44 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            error.contains("--dir") && error.contains("not empty"),
+            error.contains("--dir") && error.contains("not an empty directory"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn an_existing_empty_directory_is_filled_from_inside() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("agent");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o750)).unwrap();
+        {
+            let staged = StagedDirectory::new(&target, "--dir").unwrap();
+            assert!(
+                staged.path().starts_with(&target),
+                "staged inside the target"
+            );
+            std::fs::write(staged.path().join("a"), b"1").unwrap();
+        }
+        assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0, "left empty");
+        let staged = StagedDirectory::new(&target, "--dir").unwrap();
+        std::fs::create_dir(staged.path().join("identity")).unwrap();
+        std::fs::write(staged.path().join("identity/key.pem"), b"k").unwrap();
+        std::fs::write(staged.path().join("agent.toml"), b"t").unwrap();
+        staged.commit().unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&target)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["agent.toml", "identity"], "no staging left behind");
+        assert_eq!(
+            std::fs::read(target.join("identity/key.pem")).unwrap(),
+            b"k"
+        );
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o750, "the existing directory itself is kept");
     }
 
     #[test]

@@ -1,4 +1,11 @@
 //! The one error type at `cairn-common`'s boundary.
+//!
+//! The rule for every error type in Cairn: a variant that wraps a cause
+//! puts the cause's text into its own message and does not also expose it
+//! as `source()`. The binaries print errors with anyhow's `{:#}`, which
+//! appends every `source()`; a cause that is both would be printed twice.
+//! Self-contained messages also keep `to_string()` (gRPC statuses, logs)
+//! complete.
 
 use std::path::PathBuf;
 
@@ -17,11 +24,12 @@ pub enum Error {
     Tls(String),
     #[error("certificate: {0}")]
     Certificate(String),
-    #[error("{context}: {source}")]
+    /// The cause's text is part of the message and not exposed as
+    /// `source()`, so a printed chain (`{:#}`) names it once.
+    #[error("{context}: {cause}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("cannot connect to the coordinator at {url}: {reason}")]
     Connect { url: String, reason: String },
@@ -38,7 +46,7 @@ impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             context: context.into(),
-            source,
+            cause: source,
         }
     }
 

@@ -111,9 +111,45 @@ pub fn validate_label(key: &str, value: &str) -> std::result::Result<(), String>
     Ok(())
 }
 
+/// Reads repeated `--FLAG key=value` arguments (`cairn backup run --tag`,
+/// `cairn-agent enroll --label`) into a map. A key given twice is refused,
+/// naming it, rather than the last value silently winning; `example` is a
+/// valid argument to show in the error.
+pub fn parse_key_values(
+    flag: &str,
+    example: &str,
+    items: &[String],
+) -> std::result::Result<std::collections::BTreeMap<String, String>, String> {
+    let mut parsed = std::collections::BTreeMap::new();
+    for item in items {
+        let (key, value) = item.split_once('=').ok_or_else(|| {
+            format!("{flag} {item:?}: use key=value, for example {flag} {example}")
+        })?;
+        validate_label(key, value).map_err(|e| format!("{flag}: {e}"))?;
+        if let Some(first) = parsed.insert(key.to_string(), value.to_string()) {
+            return Err(format!(
+                "{flag} {key} is given twice ({key}={first} and {key}={value}): give each key once"
+            ));
+        }
+    }
+    Ok(parsed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_values_refuse_a_repeated_key_by_name() {
+        let items = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let parsed = parse_key_values("--tag", "ticket=OPS-12", &items(&["a=1", "b=x=y"])).unwrap();
+        assert_eq!(parsed.get("b").map(String::as_str), Some("x=y"));
+        let twice =
+            parse_key_values("--tag", "ticket=OPS-12", &items(&["k=a", "k=b"])).unwrap_err();
+        assert!(twice.contains("--tag k is given twice"), "{twice}");
+        let bare = parse_key_values("--label", "env=prod", &items(&["env"])).unwrap_err();
+        assert!(bare.contains("for example --label env=prod"), "{bare}");
+    }
 
     fn check(input: &str, valid: bool) {
         assert_eq!(AgentName::new(input).is_ok(), valid, "{input:?}");

@@ -1,10 +1,12 @@
 //! The fleet CA at work: enrollment tokens, agent enrollment (CSR in,
 //! certificate out), operator certificates, and revocation. Each action is
-//! audited before its result is returned.
+//! audited before its result is returned. Also the offline issue of an
+//! operator identity (the break-glass path), with the CA on disk.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_common::config::display_duration;
 use cairn_common::identity::{Principal, Role};
 use cairn_common::names::{AgentName, OperatorName};
 use cairn_common::pki::{CertificateAuthority, IssuedCertificate, ca_fingerprint};
@@ -15,7 +17,7 @@ use crate::audit::{AuditEvent, Outcome};
 use crate::audit_log::AuditLog;
 use crate::catalog::{Catalog, CertificateRecord, TokenRecord, TokenRefusal};
 use crate::clock::now_ms;
-use crate::config::{FleetConfig, MIN_TOKEN_TTL};
+use crate::config::{CoordinatorConfig, FleetConfig, MIN_TOKEN_TTL};
 use crate::error::{CoordinatorError, Result};
 use crate::fleet::Fleet;
 use crate::refusals::RefusalAudit;
@@ -73,9 +75,9 @@ impl Authority {
         if ttl < MIN_TOKEN_TTL || ttl > self.config.max_token_ttl {
             return Err(CoordinatorError::InvalidArgument(format!(
                 "invalid --ttl {}: must be between {} and {} (fleet.max_token_ttl)",
-                humantime::format_duration(ttl),
-                humantime::format_duration(MIN_TOKEN_TTL),
-                humantime::format_duration(self.config.max_token_ttl)
+                display_duration(ttl),
+                display_duration(MIN_TOKEN_TTL),
+                display_duration(self.config.max_token_ttl)
             )));
         }
         if let Some(existing) = self.catalog.get_agent(agent.as_str()).await?
@@ -114,11 +116,7 @@ impl Authority {
                 "token.create",
                 agent.as_str(),
                 Outcome::Success,
-                format!(
-                    "token id {}, ttl {}",
-                    token.id,
-                    humantime::format_duration(ttl)
-                ),
+                format!("token id {}, ttl {}", token.id, display_duration(ttl)),
             ))
             .await?;
         Ok(CreatedToken {
@@ -363,10 +361,25 @@ impl Authority {
     /// call on.
     pub async fn revoke_operator(&self, actor: &str, name: &str) -> Result<Vec<String>> {
         let name = OperatorName::new(name)?;
-        let serials = self
-            .catalog
-            .revoke_operator(name.as_str(), now_ms())
-            .await?;
+        let serials = match self.catalog.revoke_operator(name.as_str(), now_ms()).await {
+            Ok(serials) => serials,
+            Err(error) => {
+                self.audit
+                    .record(AuditEvent::new(
+                        actor,
+                        "operator.revoke",
+                        format!("operator:{name}"),
+                        if matches!(error, CoordinatorError::Conflict(_)) {
+                            Outcome::Refused
+                        } else {
+                            Outcome::Failed
+                        },
+                        error.to_string(),
+                    ))
+                    .await;
+                return Err(error);
+            }
+        };
         if serials.is_empty() {
             return Err(CoordinatorError::NotFound(format!(
                 "operator \"{name}\" has no unrevoked certificate"
@@ -386,6 +399,81 @@ impl Authority {
             .await?;
         Ok(serials)
     }
+}
+
+/// An operator identity signed without a running coordinator.
+#[derive(Debug)]
+pub struct OfflineIssued {
+    pub certificate: IssuedCertificate,
+    pub ca_pem: String,
+}
+
+/// `cairn operators issue --offline --config coordinator.toml`: the
+/// break-glass path for when no admin identity is left (lost, expired).
+/// Whoever can read the CA key on the coordinator host may do this anyway;
+/// doing it here makes it audited. It signs with the fleet CA on disk
+/// (`tls.ca_key`), then records the certificate and an `operator.issue`
+/// audit row directly in the catalog, and only then returns the
+/// certificate: no audit row, no identity. SQLite lets this run next to
+/// `cairn serve` (a catalog busy with a write is waited for), and the
+/// server needs no restart, since it checks certificates against the CA and
+/// the revoked serials only.
+pub async fn issue_operator_offline(
+    config: &CoordinatorConfig,
+    name: &str,
+    role: Role,
+    csr_pem: &str,
+) -> Result<OfflineIssued> {
+    let name = OperatorName::new(name)?;
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read_to_string(path)
+            .map_err(|e| CoordinatorError::io(format!("cannot read {what} {}", path.display()), e))
+    };
+    let ca = CertificateAuthority::load(
+        &read(
+            &config.tls.ca_certificate,
+            "the CA certificate (tls.ca_certificate)",
+        )?,
+        &read(&config.tls.ca_key, "the CA key (tls.ca_key)")?,
+    )?;
+    let principal = Principal::Operator { name, role };
+    let certificate = ca.issue_client_from_csr(
+        &principal,
+        csr_pem,
+        config.fleet.operator_certificate_lifetime,
+    )?;
+    // Opening would create a missing catalog: an identity recorded in a
+    // new, empty one would be audited nowhere anyone looks.
+    if !config.catalog.sqlite_path.is_file() {
+        return Err(CoordinatorError::InvalidArgument(format!(
+            "catalog.sqlite_path {} does not exist: --config must be the coordinator's own coordinator.toml",
+            config.catalog.sqlite_path.display()
+        )));
+    }
+    let catalog = Catalog::open_sqlite(&config.catalog.sqlite_path).await?;
+    let recorded = async {
+        record_operator_certificate(&catalog, &principal, &certificate).await?;
+        catalog
+            .append_audit(&AuditEvent::new(
+                "offline (cairn operators issue --offline)",
+                "operator.issue",
+                principal.to_string(),
+                Outcome::Success,
+                format!(
+                    "certificate serial {}, signed with the CA key {} on the coordinator host",
+                    certificate.serial,
+                    config.tls.ca_key.display()
+                ),
+            ))
+            .await
+    }
+    .await;
+    catalog.close().await;
+    recorded?;
+    Ok(OfflineIssued {
+        certificate,
+        ca_pem: ca.ca_pem().to_string(),
+    })
 }
 
 /// Remembers an operator certificate so that it can be revoked by serial.

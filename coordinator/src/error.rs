@@ -20,25 +20,38 @@ pub enum CoordinatorError {
     /// A bug or an impossible state; details go to the log.
     #[error("{0}")]
     Internal(String),
+    // No `#[from]`: it would expose the cause as `source()` as well as in
+    // the message (see `cairn_common::error`); the `From`s are below.
     #[error("catalog: {0}")]
-    Catalog(#[from] sqlx::Error),
+    Catalog(sqlx::Error),
     #[error("catalog migration: {0}")]
-    Migration(#[from] sqlx::migrate::MigrateError),
+    Migration(sqlx::migrate::MigrateError),
     #[error(transparent)]
     Common(#[from] cairn_common::Error),
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
+}
+
+impl From<sqlx::Error> for CoordinatorError {
+    fn from(error: sqlx::Error) -> Self {
+        CoordinatorError::Catalog(error)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for CoordinatorError {
+    fn from(error: sqlx::migrate::MigrateError) -> Self {
+        CoordinatorError::Migration(error)
+    }
 }
 
 impl CoordinatorError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         CoordinatorError::Io {
             context: context.into(),
-            source,
+            cause: source,
         }
     }
 }

@@ -166,7 +166,7 @@ fn server_names(options: &InitOptions) -> Vec<String> {
 }
 
 fn config_text(options: &InitOptions, fleet: &FleetConfig) -> String {
-    let duration = |d| humantime::format_duration(d).to_string();
+    let duration = cairn_common::config::display_duration;
     format!(
         r#"# Cairn coordinator configuration, written by `cairn init`.
 # Relative paths are resolved against this file's directory.

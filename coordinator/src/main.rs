@@ -10,9 +10,11 @@ fn main() -> std::process::ExitCode {
     let default_level = if cli::is_server(&cli) { "info" } else { "warn" };
     let filter =
         EnvFilter::try_from_env("CAIRN_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    // Colours only on a terminal: a log file or journal gets plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

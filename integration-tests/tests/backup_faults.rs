@@ -371,9 +371,23 @@ fn a_cancelled_backup_leaves_nothing_listed_and_stops_pg_dump() {
 
     let cancelled = fleet.coordinator.cli(&["jobs", "cancel", id]);
     assert!(cancelled.success(), "{cancelled}");
+    // The answer says what happens: the cancel is underway, not done.
+    assert!(
+        cancelled
+            .stdout
+            .contains(&format!("Cancel requested for job {id}"))
+            && cancelled.stdout.contains("will end as cancelled"),
+        "{cancelled}"
+    );
     let (job, took) = fleet.wait_for_end(id, JOB_END_TIMEOUT);
     report("cancel", "the job ended", took);
     assert_eq!(job["status"], "cancelled", "{job}");
+    let shown = fleet.coordinator.cli(&["jobs", "show", id]);
+    assert!(
+        shown.stdout.contains("(not completed)")
+            && !shown.stdout.contains(job["backup_id"].as_str().unwrap()),
+        "a cancelled job names a backup that never completed: {shown}"
+    );
     assert!(
         job["error"]
             .as_str()

@@ -127,7 +127,7 @@ pub(super) async fn streamed(
         stop(&mut child).await;
         return Err(RestoreError::Io {
             context: "pg_restore's input".into(),
-            source: io::Error::other("stdin or stderr is not piped"),
+            cause: io::Error::other("stdin or stderr is not piped"),
         });
     };
     let stderr_tail = tokio::spawn(read_tail(stderr, STDERR_TAIL_BYTES).in_current_span());
@@ -145,7 +145,7 @@ pub(super) async fn streamed(
     };
     let status = child.wait().await.map_err(|source| RestoreError::Io {
         context: "waiting for pg_restore".into(),
-        source,
+        cause: source,
     })?;
     let stderr = stderr_tail.await.unwrap_or_default();
     check_exit(status, &stderr)?;
@@ -177,7 +177,7 @@ pub(super) async fn spooled(
         .await
         .map_err(|source| RestoreError::Io {
             context: format!("cannot create the spool file in {}", spool_dir.display()),
-            source,
+            cause: source,
         })?;
     tracing::info!(path = %spool.path().display(), "spooling the dump for a parallel restore");
     let mut sink = Sink::File(file);
@@ -185,7 +185,7 @@ pub(super) async fn spooled(
     if let Sink::File(mut file) = sink {
         file.flush().await.map_err(|source| RestoreError::Io {
             context: format!("writing {}", spool.path().display()),
-            source,
+            cause: source,
         })?;
     }
     // pg_dump wrote into a pipe, so its table of contents has no data
@@ -212,13 +212,13 @@ pub(super) async fn spooled(
         stop(&mut child).await;
         return Err(RestoreError::Io {
             context: "pg_restore's output".into(),
-            source: io::Error::other("stderr is not piped"),
+            cause: io::Error::other("stderr is not piped"),
         });
     };
     let stderr = read_tail(stderr, STDERR_TAIL_BYTES).await;
     let status = child.wait().await.map_err(|source| RestoreError::Io {
         context: "waiting for pg_restore".into(),
-        source,
+        cause: source,
     })?;
     drop(spool);
     check_exit(status, &stderr)?;
@@ -257,7 +257,7 @@ fn spawn(
     let mut command = postgres::pg_restore_command(tools, connection, database, options)?;
     let child = command.spawn().map_err(|source| RestoreError::Spawn {
         program: tools.program("pg_restore"),
-        source,
+        cause: source,
     })?;
     tracing::info!(
         pid = child.id(),
@@ -422,7 +422,7 @@ async fn write(sink: &mut Sink, bytes: &[u8], written: &mut u64) -> Result<bool,
                         Sink::Pipe(_) => "writing to pg_restore".into(),
                         Sink::File(_) => "writing the spool file".into(),
                     },
-                    source,
+                    cause: source,
                 });
             }
         }
@@ -441,7 +441,7 @@ pub(super) async fn write_list_file(
             "cannot write pg_restore's list of entries in {} (spool_dir)",
             request.spool_dir.display()
         ),
-        source,
+        cause: source,
     };
     let (file, mut writer) = TempFile::create(&request.spool_dir, &name)
         .await

@@ -371,9 +371,24 @@ impl Catalog {
     }
 
     /// Revokes every unrevoked certificate of an operator; returns their
-    /// serials (empty if there were none).
+    /// serials (empty if there were none). Refuses (Conflict) to revoke the
+    /// last admin: the last operator name holding an admin certificate that
+    /// is neither revoked nor expired, since nobody could then manage
+    /// identities without the CA key (see the README's break-glass).
     pub async fn revoke_operator(&self, name: &str, now: i64) -> Result<Vec<String>> {
         let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let admins: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT name FROM certificates
+             WHERE kind = 'operator' AND role = 'admin' AND revoked_at IS NULL AND not_after > ?",
+        )
+        .bind(now)
+        .fetch_all(&mut *transaction)
+        .await?;
+        if !admins.is_empty() && admins.iter().all(|admin| admin == name) {
+            return Err(CoordinatorError::Conflict(format!(
+                "operator \"{name}\" is the last admin: revoking it would leave nobody able to issue or revoke identities. Issue another admin first (cairn operators issue --role admin), then revoke {name}"
+            )));
+        }
         let serials = revoke_certificates(&mut transaction, "operator", name, now).await?;
         transaction.commit().await?;
         Ok(serials)

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use cairn_common::model::time_from_unix_ms;
-use cairn_common::names::validate_label;
+use cairn_common::names::parse_key_values;
 use cairn_common::proto::{self, admin_client::AdminClient};
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -129,8 +129,13 @@ pub struct BackupView {
     pub referenced_bytes: u64,
     pub chunk_count: u64,
     pub new_chunk_count: u64,
-    /// Logical bytes over new stored bytes.
-    pub dedup_ratio: f64,
+    /// Logical bytes over referenced (stored, compressed) bytes: what
+    /// compression saved. None for an empty dump.
+    pub compression_ratio: Option<f64>,
+    /// Referenced bytes over new stored bytes: what reusing chunks other
+    /// backups had already stored saved (1.0 for a first backup). None when
+    /// nothing new was stored at all.
+    pub dedup_ratio: Option<f64>,
     pub database_bytes: u64,
     pub tags: BTreeMap<String, String>,
     pub job_id: String,
@@ -145,11 +150,8 @@ pub struct BackupView {
 impl From<proto::Backup> for BackupView {
     fn from(b: proto::Backup) -> Self {
         BackupView {
-            dedup_ratio: if b.new_stored_bytes == 0 {
-                0.0
-            } else {
-                b.logical_bytes as f64 / b.new_stored_bytes as f64
-            },
+            compression_ratio: ratio(b.logical_bytes, b.referenced_bytes),
+            dedup_ratio: ratio(b.referenced_bytes, b.new_stored_bytes),
             started_at: time_from_unix_ms(b.started_at_unix_ms),
             finished_at: time_from_unix_ms(b.finished_at_unix_ms),
             tags: b.tags.into_iter().collect(),
@@ -177,16 +179,17 @@ impl From<proto::Backup> for BackupView {
     }
 }
 
+fn ratio(numerator: u64, denominator: u64) -> Option<f64> {
+    (numerator > 0 && denominator > 0).then(|| numerator as f64 / denominator as f64)
+}
+
+/// "4.2x", or `none` when there is no ratio.
+fn show_ratio(ratio: Option<f64>, none: &str) -> String {
+    ratio.map_or_else(|| none.to_string(), |r| format!("{r:.1}x"))
+}
+
 pub fn parse_tags(tags: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
-    let mut parsed = BTreeMap::new();
-    for tag in tags {
-        let (key, value) = tag.split_once('=').ok_or_else(|| {
-            anyhow!("--tag {tag:?}: use key=value, for example --tag ticket=OPS-12")
-        })?;
-        validate_label(key, value).map_err(|e| anyhow!("--tag: {e}"))?;
-        parsed.insert(key.to_string(), value.to_string());
-    }
-    Ok(parsed)
+    parse_key_values("--tag", "ticket=OPS-12", tags).map_err(|e| anyhow!(e))
 }
 
 pub struct RunBackup {
@@ -226,7 +229,9 @@ pub async fn run_backup(
             for job in &jobs {
                 println!("{}", job.id);
             }
-            eprintln!("Follow with: cairn jobs watch JOB_ID");
+            for job in &jobs {
+                eprintln!("Follow with: cairn jobs watch {}", job.id);
+            }
         }
         return Ok(if jobs.iter().any(|j| j.status == "failed") {
             1
@@ -320,15 +325,17 @@ pub async fn watch(
                     .into_inner();
                 let view = BackupView::from(backup);
                 println!(
-                    "backup {} of {}/{}: {} dumped, {} new stored ({} chunks, {} new), dedup ratio {:.1}",
+                    "backup {} of {}/{}: {} dumped, {} stored after compression ({}), {} of it new ({} chunks, {} new; dedup {})",
                     view.id,
                     view.agent,
                     view.database,
                     bytes(view.logical_bytes),
+                    bytes(view.referenced_bytes),
+                    show_ratio(view.compression_ratio, "-"),
                     bytes(view.new_stored_bytes),
                     view.chunk_count,
                     view.new_chunk_count,
-                    view.dedup_ratio
+                    show_ratio(view.dedup_ratio, "all reused")
                 );
             }
             status => eprintln!("error: job {} {status}: {}", job.id, job.error),
@@ -384,13 +391,31 @@ fn print_restore_summary(job: &JobView) {
             println!("the previous database was dropped");
         } else {
             println!(
-                "the previous database is kept as {:?} (drop it when you no longer need it)",
-                report.previous
+                "the previous database is kept as {} (drop it when you no longer need it)",
+                sql_identifier(&report.previous)
             );
         }
     }
     if !report.warnings.is_empty() {
         eprintln!("pg_restore said: {}", report.warnings);
+    }
+}
+
+/// A database name as SQL spells it (`"we'ird ""db"""`), ready to paste
+/// into `DROP DATABASE`.
+fn sql_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The BACKUP column of a job: a backup job's id names a listed backup only
+/// once the job succeeded (a failed or cancelled one never completes, and
+/// `backups show` would not find it).
+fn job_backup(job: &JobView) -> String {
+    match job.status {
+        _ if job.kind != "backup" => job.backup_id.clone(),
+        "succeeded" => job.backup_id.clone(),
+        "running" => "(in progress)".into(),
+        _ => "(not completed)".into(),
     }
 }
 
@@ -411,7 +436,7 @@ pub fn jobs_table(jobs: &[JobView]) -> comfy_table::Table {
             j.status.to_string(),
             output::ago(j.started_at),
             bytes(j.bytes_read),
-            j.backup_id.clone(),
+            job_backup(j),
             j.error.clone(),
         ]);
     }
@@ -425,6 +450,7 @@ pub fn backups_table(backups: &[BackupView]) -> comfy_table::Table {
         "DATABASE",
         "FINISHED",
         "DUMP SIZE",
+        "COMPRESSION",
         "NEW STORED",
         "DEDUP",
         "CHUNKS",
@@ -438,8 +464,9 @@ pub fn backups_table(backups: &[BackupView]) -> comfy_table::Table {
             b.database.clone(),
             output::ago(b.finished_at),
             bytes(b.logical_bytes),
+            show_ratio(b.compression_ratio, "-"),
             bytes(b.new_stored_bytes),
-            format!("{:.1}x", b.dedup_ratio),
+            show_ratio(b.dedup_ratio, "all reused"),
             b.chunk_count.to_string(),
             match &b.damage {
                 Some(_) => "DAMAGED".to_string(),
@@ -453,4 +480,75 @@ pub fn backups_table(backups: &[BackupView]) -> comfy_table::Table {
         ]);
     }
     table
+}
+
+/// `cairn backups show`: one backup, for people.
+pub fn backup_detail(backup: &BackupView) -> String {
+    let tags = backup
+        .tags
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>();
+    let lines = [
+        ("backup", backup.id.clone()),
+        (
+            "status",
+            match &backup.damage {
+                Some(damage) => format!("DAMAGED: {damage} (it cannot be restored)"),
+                None => backup.status.to_string(),
+            },
+        ),
+        ("agent", backup.agent.clone()),
+        ("instance", backup.instance.clone()),
+        ("database", backup.database.clone()),
+        (
+            "versions",
+            format!(
+                "server {}, pg_dump {}",
+                backup.server_version, backup.pg_dump_version
+            ),
+        ),
+        ("started", output::time(backup.started_at)),
+        ("finished", output::time(backup.finished_at)),
+        ("database size", bytes(backup.database_bytes)),
+        ("dump size", bytes(backup.logical_bytes)),
+        (
+            "stored",
+            format!(
+                "{} (compression {})",
+                bytes(backup.referenced_bytes),
+                show_ratio(backup.compression_ratio, "-")
+            ),
+        ),
+        (
+            "new stored",
+            format!(
+                "{} (dedup {})",
+                bytes(backup.new_stored_bytes),
+                show_ratio(backup.dedup_ratio, "all reused")
+            ),
+        ),
+        (
+            "chunks",
+            format!("{} ({} new)", backup.chunk_count, backup.new_chunk_count),
+        ),
+        (
+            "tags",
+            if tags.is_empty() {
+                "-".into()
+            } else {
+                tags.join(",")
+            },
+        ),
+        ("job", backup.job_id.clone()),
+        (
+            "verified",
+            VerificationView::summary(backup.last_verification.as_ref()),
+        ),
+    ];
+    lines
+        .iter()
+        .map(|(k, v)| format!("{k:>13}: {v}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -222,7 +222,9 @@ enum BackupCommand {
         /// The agent's instance (default: its first).
         #[arg(long, default_value = "")]
         instance: String,
-        /// A label key=value shown by list and show (repeatable).
+        /// A tag key=value describing this backup, shown by list and show
+        /// (repeatable, each key once), such as ticket=OPS-12. Tags describe
+        /// a backup; `cairn-agent enroll --label` describes an agent.
         #[arg(long = "tag")]
         tags: Vec<String>,
         /// Follow the job with a progress display; exit 1 if it fails.
@@ -358,7 +360,9 @@ enum AuditCommand {
 #[derive(Debug, Subcommand)]
 enum OperatorsCommand {
     /// Issue an operator identity with a role into a new directory (role: admin).
-    /// The private key is generated here and never sent.
+    /// The private key is generated here and never sent. With --offline, on
+    /// the coordinator host: signed with the fleet CA on disk, no admin
+    /// identity needed (the break-glass path when none is left); audited.
     Issue {
         /// Operator name: [a-z0-9][a-z0-9-]{0,62}.
         #[arg(long)]
@@ -369,10 +373,19 @@ enum OperatorsCommand {
         /// Directory to create for ca.pem, cert.pem and key.pem.
         #[arg(long)]
         out: PathBuf,
+        /// Sign with the CA key named by --config instead of asking the
+        /// coordinator (run as the user that can read it); works whether or
+        /// not `cairn serve` runs.
+        #[arg(long, requires = "config")]
+        offline: bool,
+        /// With --offline: the coordinator's coordinator.toml.
+        #[arg(long, requires = "offline")]
+        config: Option<PathBuf>,
         #[command(flatten)]
         connection: Connection,
     },
-    /// Revoke every certificate of an operator; refused from its next call on (role: admin).
+    /// Revoke every certificate of an operator; refused from its next call on
+    /// (role: admin). The last admin cannot be revoked.
     Revoke {
         /// Operator name.
         name: String,
@@ -663,6 +676,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             wait,
             connection,
         }) => {
+            // A bad tag is refused before anything is dialled.
+            backups::parse_tags(&tags)?;
             let mut client = connection.admin().await?;
             backups::run_backup(
                 &mut client,
@@ -788,7 +803,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             if connection.json() {
                 print_json(&view)?;
             } else {
-                println!("{}", serde_json::to_string_pretty(&view)?);
+                println!("{}", backups::backup_detail(&view));
             }
             Ok(0)
         }
@@ -852,11 +867,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .into();
             if connection.json() {
                 print_json(&job)?;
-            } else {
+            } else if job.status == "running" {
+                // The agent stops the work itself (kills pg_dump or
+                // pg_restore, drops a staging database); the job ends once
+                // it has.
                 println!(
-                    "Asked the agent to cancel job {}; it is {} now.",
-                    job.id, job.status
+                    "Cancel requested for job {id}: the agent is stopping it, and it will end as cancelled. Follow with: cairn jobs watch {id}",
+                    id = job.id
                 );
+            } else {
+                println!("Job {} is {}.", job.id, job.status);
             }
             Ok(0)
         }
@@ -939,6 +959,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             name,
             role,
             out,
+            offline,
+            config,
             connection,
         }) => {
             let name = OperatorName::new(name)?;
@@ -949,23 +971,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
             let request = generate_key_and_csr(name.as_str())?;
-            let response = connection
-                .admin()
-                .await?
-                .issue_operator_certificate(proto::IssueOperatorCertificateRequest {
-                    name: name.to_string(),
-                    role: proto::OperatorRole::from(role) as i32,
-                    csr_pem: request.csr_pem.clone(),
-                })
-                .await
-                .map_err(explain)?
-                .into_inner();
-            write_identity(
-                &out,
-                &response.ca_pem,
-                &response.certificate_pem,
-                &request.key_pem,
-            )?;
+            let (ca_pem, certificate_pem) = match config.filter(|_| offline) {
+                Some(config) => {
+                    let config = CoordinatorConfig::load(&config)?;
+                    let issued = cairn_coordinator::authority::issue_operator_offline(
+                        &config,
+                        name.as_str(),
+                        role,
+                        &request.csr_pem,
+                    )
+                    .await?;
+                    (issued.ca_pem, issued.certificate.pem)
+                }
+                None => {
+                    let response = connection
+                        .admin()
+                        .await?
+                        .issue_operator_certificate(proto::IssueOperatorCertificateRequest {
+                            name: name.to_string(),
+                            role: proto::OperatorRole::from(role) as i32,
+                            csr_pem: request.csr_pem.clone(),
+                        })
+                        .await
+                        .map_err(explain)?
+                        .into_inner();
+                    (response.ca_pem, response.certificate_pem)
+                }
+            };
+            write_identity(&out, &ca_pem, &certificate_pem, &request.key_pem)?;
             if connection.json() {
                 print_json(&serde_json::json!({ "name": name, "role": role, "identity": out }))?;
             } else {

@@ -28,7 +28,7 @@ pub fn table(header: &[&str]) -> Table {
     table
 }
 
-fn time(value: Option<DateTime<Utc>>) -> String {
+pub fn time(value: Option<DateTime<Utc>>) -> String {
     value
         .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
         .unwrap_or_else(|| "-".into())

@@ -34,7 +34,7 @@ impl LocalStore {
     fn io(key: &ObjectKey, source: std::io::Error) -> RepositoryError {
         RepositoryError::Io {
             key: key.to_string(),
-            source,
+            cause: source,
         }
     }
 
@@ -110,7 +110,7 @@ impl LocalStore {
         }
         let io = |error| RepositoryError::Io {
             key: prefix.to_string(),
-            source: error,
+            cause: error,
         };
         let mut pending = vec![Item::Dir(self.root.join(prefix.trim_end_matches('/')))];
         while let Some(item) = pending.pop() {
@@ -160,7 +160,7 @@ impl LocalStore {
                 Err(error) => {
                     return Err(RepositoryError::Io {
                         key: prefix.to_string(),
-                        source: error,
+                        cause: error,
                     });
                 }
             };
@@ -169,7 +169,7 @@ impl LocalStore {
                 .await
                 .map_err(|e| RepositoryError::Io {
                     key: prefix.to_string(),
-                    source: e,
+                    cause: e,
                 })?
             {
                 let path = entry.path();
@@ -179,7 +179,7 @@ impl LocalStore {
                 }
                 let file_type = entry.file_type().await.map_err(|e| RepositoryError::Io {
                     key: prefix.to_string(),
-                    source: e,
+                    cause: e,
                 })?;
                 if file_type.is_dir() {
                     pending.push(path);

@@ -32,12 +32,9 @@ const KEYS_KEY: &str = "keys/repository.json";
 pub enum RepositoryError {
     #[error("repository object {0} does not exist")]
     NotFound(String),
-    #[error("repository object {key}: {source}")]
-    Io {
-        key: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The cause is in the message only (see `cairn_common::error`).
+    #[error("repository object {key}: {cause}")]
+    Io { key: String, cause: std::io::Error },
     /// The storage service refused or failed a request; `message` is what
     /// it said (an S3 error code and message, or the transport failure).
     #[error("repository object {key}: {message}")]
