@@ -5,8 +5,6 @@
 
 use std::sync::Arc;
 
-use tokio_util::task::TaskTracker;
-
 use crate::audit::AuditEvent;
 use crate::catalog::Catalog;
 use crate::error::Result;
@@ -14,13 +12,11 @@ use crate::error::Result;
 #[derive(Debug, Clone)]
 pub struct AuditLog {
     catalog: Arc<Catalog>,
-    tasks: TaskTracker,
 }
 
 impl AuditLog {
-    /// `tasks` tracks detached appends so that shutdown can wait for them.
-    pub fn new(catalog: Arc<Catalog>, tasks: TaskTracker) -> Self {
-        AuditLog { catalog, tasks }
+    pub fn new(catalog: Arc<Catalog>) -> Self {
+        AuditLog { catalog }
     }
 
     /// Appends, failing if the row cannot be written.
@@ -41,14 +37,6 @@ impl AuditLog {
     pub async fn record(&self, event: AuditEvent) {
         if let Err(error) = self.record_strict(event).await {
             tracing::error!(%error, "cannot append to the audit log");
-        }
-    }
-
-    /// Appends from synchronous code (interceptors, TLS callbacks).
-    pub fn record_detached(&self, event: AuditEvent) {
-        let audit = self.clone();
-        if tokio::runtime::Handle::try_current().is_ok() {
-            self.tasks.spawn(async move { audit.record(event).await });
         }
     }
 }

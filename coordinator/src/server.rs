@@ -89,10 +89,10 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         );
     }
     tracing::info!(repository = repository.id(), store = %repository.store.describe(), "repository open");
-    // Background work (control-stream loops, detached audit appends) is
+    // Background work (control-stream loops, the refusal auditor) is
     // tracked so shutdown can wait for it before closing the catalog.
     let tasks = TaskTracker::new();
-    let audit = AuditLog::new(catalog.clone(), tasks.clone());
+    let audit = AuditLog::new(catalog.clone());
     let refusals = RefusalAudit::start(
         audit.clone(),
         config.server.refusal_audit_window,
