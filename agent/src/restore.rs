@@ -144,7 +144,8 @@ impl RestoreError {
 #[derive(Debug, Default)]
 struct State {
     report: proto::RestoreReport,
-    /// The agent's own warnings (skipped checks, roles...).
+    /// The agent's own warnings (skipped checks, roles...), reported apart
+    /// from pg_restore's words.
     warnings: Vec<String>,
     /// What `pg_restore` printed although it succeeded.
     pg_restore_messages: String,
@@ -211,10 +212,8 @@ pub async fn run(
                 u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             let mut warnings = state.warnings;
             warnings.extend(left_behind);
-            if !state.pg_restore_messages.is_empty() {
-                warnings.push(state.pg_restore_messages);
-            }
             report.warnings = warnings.join("\n");
+            report.pg_restore_messages = state.pg_restore_messages;
             tracing::info!(
                 database = %report.database,
                 bytes = report.bytes_restored,

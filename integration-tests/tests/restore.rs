@@ -480,10 +480,30 @@ fn a_failed_restore_leaves_the_target_untouched() {
             .contains("cairn_restore_0badc0de"),
         "{job}"
     );
+    assert_eq!(job["restore"]["pg_restore_messages"], "", "{job}");
     assert!(
         fleet
             .target_databases()
             .contains(&"cairn_restore_0badc0de".to_string())
+    );
+    // Printed for people as cairn's own warning, not as pg_restore's.
+    let output = fleet.coordinator.cli(&[
+        "restore",
+        &backup,
+        "--agent",
+        "db2",
+        "--database",
+        "shop4",
+        "--wait",
+    ]);
+    assert!(output.success(), "{output}");
+    assert!(
+        output
+            .stderr
+            .contains("warning: staging databases of earlier restores")
+            && output.stderr.contains("cairn_restore_0badc0de")
+            && !output.stderr.contains("pg_restore said"),
+        "{output}"
     );
 }
 
