@@ -20,7 +20,11 @@
 //! The safety rules, each refused with a message that names the database
 //! and the fix:
 //!
-//! 1. Never onto a standby (`pg_is_in_recovery()`).
+//! 1. Never onto a standby (`pg_is_in_recovery()`), nor onto a template
+//!    database (`template0`, `template1`, any with `datistemplate`: every
+//!    `CREATE DATABASE` would copy the backup), nor (a full restore) onto
+//!    the database the agent connects through (it cannot be renamed
+//!    aside while in use).
 //! 2. Free space in the data directory for 1.2 times the larger of the
 //!    database's size at backup and its dump; with `--jobs` above 1, room
 //!    for the dump in `spool_dir` too, else the restore streams with one

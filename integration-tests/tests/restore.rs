@@ -865,3 +865,66 @@ fn a_partial_restore_gives_up_on_a_held_lock_and_commits_nothing() {
         "mine"
     );
 }
+
+#[test]
+fn template_databases_and_the_connection_database_are_refused() {
+    let fleet = fleet("restore_templates");
+    fleet.source.create_sample_database("shop", 1);
+    let backup = fleet.backup("db1", "shop");
+    fleet
+        .target
+        .psql("postgres", "CREATE DATABASE tmpl IS_TEMPLATE true");
+    let cases: [(&[&str], &str); 6] = [
+        (&["--database", "template1"], "is a template database"),
+        (
+            &["--database", "template1", "--replace"],
+            "is a template database",
+        ),
+        (
+            &["--database", "template1", "--table", "public.orders"],
+            "is a template database",
+        ),
+        (
+            &["--database", "template0", "--replace"],
+            "is a template database",
+        ),
+        (&["--database", "tmpl", "--replace"], "IS_TEMPLATE false"),
+        // The agent's connection string names database postgres.
+        (
+            &["--database", "postgres", "--replace"],
+            "is the one this agent connects through",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = fleet.restore(&backup, args);
+        assert_eq!(output.status_code, Some(1), "{args:?}: {output}");
+        assert!(output.stderr.contains(expected), "{args:?}: {output}");
+    }
+    // Nothing was written anywhere.
+    assert_eq!(
+        fleet.target.psql(
+            "postgres",
+            "SELECT string_agg(datname || ':' || datistemplate, ',' ORDER BY datname)
+               FROM pg_database"
+        ),
+        "postgres:false,template0:true,template1:true,tmpl:true"
+    );
+    assert_eq!(
+        fleet.target.psql(
+            "template1",
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ),
+        "0"
+    );
+    // A drill's scratch database is not affected.
+    let output = fleet.coordinator.cli(&[
+        "backup",
+        "verify",
+        &backup,
+        "--restore-on",
+        "db2",
+        "--output",
+        "json",
+    ]);
+    assert!(output.success(), "{output}");
+}

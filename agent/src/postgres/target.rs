@@ -232,6 +232,21 @@ impl Instance {
         Ok(row.get(0))
     }
 
+    /// Whether `name` is a template database (`datistemplate`); false when
+    /// it does not exist.
+    pub async fn is_template(&self, name: &str) -> Result<bool, PostgresError> {
+        let row = timed(
+            "pg_database",
+            CHECK_TIMEOUT,
+            self.client.query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname::text = $1 AND datistemplate)",
+                &[&name],
+            ),
+        )
+        .await?;
+        Ok(row.get(0))
+    }
+
     /// Whether a membership in `role` would hand out power over the whole
     /// instance: a superuser, or one of PostgreSQL's predefined `pg_*`
     /// roles (server files, programs, signals...).
@@ -512,6 +527,16 @@ impl Instance {
             }))
         }
     }
+}
+
+/// The database the agent connects through: the connection string's own,
+/// else the maintenance database [`Instance::connect`] uses.
+pub fn connection_database(conn: &ConnectionString) -> Result<String, PostgresError> {
+    Ok(conn
+        .config()?
+        .get_dbname()
+        .unwrap_or(DEFAULT_MAINTENANCE_DATABASE)
+        .to_string())
 }
 
 /// What `database` holds outside `pg_catalog`, `information_schema` and the

@@ -20,6 +20,9 @@ pub(super) async fn check_target(
     request: &Request,
     instance: &Instance,
 ) -> Result<Option<DatabaseContents>, RestoreError> {
+    if request.mode != Mode::Drill {
+        refuse_special_database(request, instance).await?;
+    }
     match request.mode {
         Mode::Drill => Ok(None),
         Mode::Partial => {
@@ -49,6 +52,45 @@ pub(super) async fn check_target(
             Ok(Some(contents))
         }
     }
+}
+
+/// Refuses a template database as a target (a full or partial restore),
+/// and the database the agent connects through (a full restore).
+async fn refuse_special_database(
+    request: &Request,
+    instance: &Instance,
+) -> Result<(), RestoreError> {
+    let target = &request.target;
+    let is_template = instance.is_template(target).await?;
+    if is_template || target == "template0" || target == "template1" {
+        let undo = if target == "template0" || target == "template1" {
+            String::new()
+        } else {
+            format!(
+                " (or, if it should no longer be a template, run ALTER DATABASE {} \
+                 IS_TEMPLATE false first)",
+                target::quote_ident(target)
+            )
+        };
+        return Err(RestoreError::Refused(format!(
+            "database {target:?} is a template database: CREATE DATABASE copies it, so the \
+             backup restored onto it would be in every database created afterwards; restore \
+             under another name with --database{undo}"
+        )));
+    }
+    if request.mode == Mode::Full {
+        let connected_through = target::connection_database(&request.connection)?;
+        if *target == connected_through {
+            return Err(RestoreError::Refused(format!(
+                "database {target:?} is the one this agent connects through (the connection \
+                 string of instance {}), and a database cannot be renamed aside while in use; \
+                 restore under another name with --database, or give the instance a \
+                 connection string with another database (dbname=)",
+                request.instance
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a restore the data directory has no room for; returns whether
