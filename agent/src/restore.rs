@@ -45,7 +45,10 @@
 //!    the report) just before the swap; without it (an empty target), the
 //!    swap waits up to 30 s for them to leave.
 //! 7. A partial restore refuses to overwrite a table that holds rows
-//!    unless `--replace`, and names a table or schema the backup lacks. A
+//!    unless `--replace`, and names a table or schema the backup lacks. It
+//!    keeps the foreign keys from and to its tables (those of other tables
+//!    are dropped and added again in its transaction), and refuses a
+//!    target whose tables have keys to them that the backup lacks. A
 //!    statement of it that waits 30 s for a lock on the live target is
 //!    cancelled (pg_restore sets `lock_timeout = 0` itself), and its single
 //!    transaction rolls back.

@@ -105,6 +105,16 @@ impl Fleet {
     }
 }
 
+/// The constraints of every table in `public`, with their definitions.
+fn constraints(pg: &PgCluster, database: &str) -> String {
+    pg.psql(
+        database,
+        "SELECT conrelid::regclass || ' ' || conname || ' ' || pg_get_constraintdef(oid)
+           FROM pg_constraint WHERE connamespace = 'public'::regnamespace
+          ORDER BY conrelid::regclass::text, conname",
+    )
+}
+
 /// A PostgreSQL backend paused with SIGSTOP.
 struct PausedBackend(String);
 
@@ -927,4 +937,73 @@ fn template_databases_and_the_connection_database_are_refused() {
         "json",
     ]);
     assert!(output.success(), "{output}");
+}
+
+#[test]
+fn a_partial_restore_keeps_the_foreign_keys_from_and_to_its_tables() {
+    let fleet = fleet("restore_foreign_keys");
+    fleet.source.create_database("shop");
+    fleet.source.psql(
+        "shop",
+        "CREATE TABLE customers (id int PRIMARY KEY, name text);
+         CREATE TABLE orders (id int PRIMARY KEY, c int NOT NULL REFERENCES customers (id));
+         CREATE TABLE items (o int REFERENCES orders (id) ON DELETE CASCADE, n int);
+         INSERT INTO customers SELECT i, 'c' || i FROM generate_series(1, 100) i;
+         INSERT INTO orders SELECT i, 1 + i % 100 FROM generate_series(1, 500) i;
+         INSERT INTO items SELECT 1 + i % 500, i FROM generate_series(1, 1000) i;",
+    );
+    let backup = fleet.backup("db1", "shop");
+    let output = fleet.restore(&backup, &["--database", "shop"]);
+    assert!(output.success(), "{output}");
+    let before = constraints(&fleet.target, "shop");
+    assert!(
+        before.contains("orders_c_fkey") && before.contains("items_o_fkey"),
+        "{before}"
+    );
+
+    // orders: its own key to customers, and items' key to it.
+    let output = fleet.restore(&backup, &["--table", "public.orders", "--replace"]);
+    assert!(output.success(), "{output}");
+    assert_eq!(constraints(&fleet.target, "shop"), before);
+    // customers: orders' key to it is dropped and added again.
+    let output = fleet.restore(&backup, &["--table", "public.customers", "--replace"]);
+    assert!(output.success(), "{output}");
+    assert_eq!(constraints(&fleet.target, "shop"), before);
+    assert_eq!(
+        fingerprint(&fleet.target, "shop"),
+        fingerprint(&fleet.source, "shop")
+    );
+
+    // A row of orders that the restored customers would not satisfy: the
+    // key cannot be added again, and nothing is committed.
+    fleet.target.psql(
+        "shop",
+        "INSERT INTO customers VALUES (999, 'new'); INSERT INTO orders VALUES (999, 999);",
+    );
+    let output = fleet.restore(&backup, &["--table", "public.customers", "--replace"]);
+    assert_eq!(output.status_code, Some(1), "{output}");
+    assert!(output.stderr.contains("orders_c_fkey"), "{output}");
+    assert_eq!(constraints(&fleet.target, "shop"), before);
+    assert_eq!(
+        fleet
+            .target
+            .psql("shop", "SELECT name FROM customers WHERE id = 999"),
+        "new"
+    );
+
+    // A key the backup does not have: refused up front, naming it.
+    fleet.target.psql(
+        "shop",
+        "CREATE TABLE refunds (o int REFERENCES orders (id));",
+    );
+    let output = fleet.restore(&backup, &["--table", "public.orders", "--replace"]);
+    assert_eq!(output.status_code, Some(1), "{output}");
+    assert!(
+        output.stderr.contains("refunds_o_fkey on public.refunds"),
+        "{output}"
+    );
+    assert_eq!(
+        fleet.target.psql("shop", "SELECT count(*) FROM orders"),
+        "501"
+    );
 }

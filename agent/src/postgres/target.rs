@@ -597,6 +597,46 @@ pub async fn existing_schemas(
     Ok(rows.iter().map(|row| row.get::<_, String>(0)).collect())
 }
 
+/// The foreign keys in `database` of tables not among `tables` (schema,
+/// table) that point at one of them: (schema, table, constraint). A
+/// partition's copy of its parent's key is not counted (pg_dump dumps the
+/// parent's only).
+pub async fn foreign_keys_into(
+    conn: &ConnectionString,
+    database: &str,
+    tables: &[(String, String)],
+) -> Result<Vec<(String, String, String)>, PostgresError> {
+    if tables.is_empty() {
+        return Ok(Vec::new());
+    }
+    let client = open(conn, database).await?;
+    let schemas: Vec<&str> = tables.iter().map(|(s, _)| s.as_str()).collect();
+    let names: Vec<&str> = tables.iter().map(|(_, t)| t.as_str()).collect();
+    let rows = timed(
+        "pg_constraint",
+        CHECK_TIMEOUT,
+        client.query(
+            "WITH chosen (nspname, relname) AS (SELECT * FROM unnest($1::text[], $2::text[]))
+             SELECT n.nspname::text, c.relname::text, con.conname::text
+               FROM pg_constraint con
+               JOIN pg_class c ON c.oid = con.conrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_class r ON r.oid = con.confrelid
+               JOIN pg_namespace rn ON rn.oid = r.relnamespace
+              WHERE con.contype = 'f' AND con.conparentid = 0
+                AND (rn.nspname::text, r.relname::text) IN (SELECT nspname, relname FROM chosen)
+                AND (n.nspname::text, c.relname::text) NOT IN (SELECT nspname, relname FROM chosen)
+              ORDER BY 1, 2, 3",
+            &[&schemas, &names],
+        ),
+    )
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect())
+}
+
 /// Whether each of `tables` (schema, table) exists in `database` and holds
 /// a row.
 pub async fn table_states(

@@ -54,6 +54,52 @@ pub(super) async fn check_target(
     }
 }
 
+/// The foreign keys of other tables that point at the restored ones: a
+/// key the target has must be in the backup (it is dropped before the
+/// table and added again after it), else the restore is refused; a key of
+/// the backup the target lacks is left out (restoring a table does not add
+/// keys to others).
+async fn check_incoming_foreign_keys(
+    request: &Request,
+    selection: selection::Selection,
+) -> Result<selection::Selection, RestoreError> {
+    let on_target =
+        target::foreign_keys_into(&request.connection, &request.target, &selection.tables).await?;
+    let in_backup: BTreeSet<(&str, &str, &str)> = selection
+        .incoming
+        .iter()
+        .map(|fk| (fk.schema.as_str(), fk.table.as_str(), fk.name.as_str()))
+        .collect();
+    let unknown: Vec<String> = on_target
+        .iter()
+        .filter(|(s, t, n)| !in_backup.contains(&(s.as_str(), t.as_str(), n.as_str())))
+        .map(|(s, t, n)| format!("{} on {}", selection::display_name(n), display_table(s, t)))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(RestoreError::Refused(format!(
+            "database {:?} has foreign keys that point at the tables to restore and that the \
+             backup does not have: {}; the tables cannot be dropped and restored under them: \
+             drop those keys first (ALTER TABLE ... DROP CONSTRAINT), restore, then add them \
+             again",
+            request.target,
+            list_names(&unknown)
+        )));
+    }
+    let target_keys: BTreeSet<(&str, &str, &str)> = on_target
+        .iter()
+        .map(|(s, t, n)| (s.as_str(), t.as_str(), n.as_str()))
+        .collect();
+    let absent: std::collections::HashSet<i64> = selection
+        .incoming
+        .iter()
+        .filter(|fk| {
+            !target_keys.contains(&(fk.schema.as_str(), fk.table.as_str(), fk.name.as_str()))
+        })
+        .map(|fk| fk.dump_id)
+        .collect();
+    Ok(selection.without(&absent))
+}
+
 /// Refuses a template database as a target (a full or partial restore),
 /// and the database the agent connects through (a full restore).
 async fn refuse_special_database(
@@ -199,6 +245,7 @@ pub(super) async fn select_entries(
     };
     let selection = selection::select(head, &request.tables, &request.schemas, &on_target)
         .map_err(RestoreError::Refused)?;
+    let selection = check_incoming_foreign_keys(request, selection).await?;
     let states =
         target::table_states(&request.connection, &request.target, &selection.tables).await?;
     let holding_rows: Vec<String> = selection
