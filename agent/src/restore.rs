@@ -28,7 +28,8 @@
 //! 2. Free space in the data directory for 1.2 times the larger of the
 //!    database's size at backup and its dump; with `--jobs` above 1, room
 //!    for the dump in `spool_dir` too, else the restore streams with one
-//!    job (and says so in its warnings).
+//!    job (and says so in its warnings). A `spool_dir` other users could
+//!    enter or replace is refused ([`crate::spool`]).
 //! 3. A full restore does not replace a database that holds relations
 //!    unless `--replace`; an existing empty one (nothing but what `CREATE
 //!    DATABASE` makes) is swapped out and kept aside, after checking it is

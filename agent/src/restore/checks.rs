@@ -3,7 +3,7 @@
 //! database and the fix.
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 
 use cairn_common::archive::ArchiveHead;
 use tokio::time::Instant;
@@ -13,6 +13,7 @@ use super::selection::{self, display_table};
 use super::{RestoreError, STAT_TIMEOUT, State, human_bytes, list_names};
 use crate::postgres::disk_space;
 use crate::postgres::target::{self, DatabaseContents, Instance};
+use crate::spool;
 
 /// Refuses a target that the restore may not touch; returns what a full
 /// restore's target holds (`None`: it does not exist).
@@ -188,20 +189,15 @@ pub(super) async fn check_space(
     }
     // A parallel restore reads a file: the whole dump in the spool
     // directory, on top of the database if they share a filesystem.
+    // Refused rather than streamed instead: a spool directory another
+    // user can enter is a hole the operator must hear about.
     let spool_dir = request.spool_dir.clone();
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    builder.mode(0o700);
-    let spool_disk = match builder.create(&spool_dir) {
-        Ok(()) => {
-            disk_space(
-                spool_dir.to_string_lossy().into_owned(),
-                Instant::now() + STAT_TIMEOUT,
-            )
-            .await
-        }
-        Err(error) => Err(format!("cannot create {}: {error}", spool_dir.display())),
-    };
+    spool::ensure_private(&spool_dir).map_err(RestoreError::Refused)?;
+    let spool_disk = disk_space(
+        spool_dir.to_string_lossy().into_owned(),
+        Instant::now() + STAT_TIMEOUT,
+    )
+    .await;
     let shared = match (&data_directory, std::fs::metadata(&spool_dir)) {
         (Some(data), Ok(spool)) => std::fs::metadata(data).is_ok_and(|d| d.dev() == spool.dev()),
         _ => false,
