@@ -926,8 +926,8 @@ fn a_spool_dir_other_users_can_enter_is_refused_and_no_archive_is_swapped_in() {
     let mut fleet = fleet("restore_spool_private");
     fleet.source.create_sample_database("shop", 4);
     let backup = fleet.backup("db1", "shop");
-    // Another user's archive, and a spool directory that user made first,
-    // mode 0777, as in /var/tmp.
+    // Another user's archive, and a spool directory that user can write
+    // to, as /var/tmp/cairn-agent was when that user made it first.
     fleet.source.create_database("evil");
     fleet.source.psql(
         "evil",
@@ -972,39 +972,27 @@ fn a_spool_dir_other_users_can_enter_is_refused_and_no_archive_is_swapped_in() {
             .unwrap()
     };
 
-    // The agent refuses to start with it.
-    fleet.set_spool_dir(&shared);
-    let status = fleet.agents[1].process().wait_exit(Duration::from_secs(30));
-    assert!(!status.success());
-    let log = fleet.agents[1].process().log();
-    assert!(
-        log.contains("spool_dir")
-            && log.contains("is owned by uid 65534")
-            && log.contains("chmod 0700"),
-        "{log}"
-    );
-    fleet.agents[1].kill();
-
-    // Made private, the agent starts; made open again while it runs, a
-    // parallel restore is refused before anything is written.
-    nix::unistd::chown(
-        &shared,
-        Some(nix::unistd::Uid::from_raw(
-            std::fs::metadata(fleet.agents[1].config_path())
-                .unwrap()
-                .uid(),
-        )),
-        None,
-    )
-    .unwrap();
+    // The agent's own and private when the agent starts; opened to every
+    // user while it runs: a parallel restore is refused before anything
+    // is written.
+    let agent_uid = std::fs::metadata(fleet.agents[1].config_path())
+        .unwrap()
+        .uid();
+    nix::unistd::chown(&shared, Some(nix::unistd::Uid::from_raw(agent_uid)), None).unwrap();
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o700)).unwrap();
-    fleet.agents[1].start();
+    fleet.set_spool_dir(&shared);
     fleet.coordinator.wait_until_online(&fleet.agents[1]);
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
     let output = fleet.restore(&backup, &["--database", "victim", "--jobs", "2"]);
     let _ = swapper.kill();
     let _ = swapper.wait();
-    assert_eq!(output.status_code, Some(1), "{output}");
+    let planted = fleet.target.try_psql("victim", "SELECT x FROM planted");
+    assert_eq!(
+        output.status_code,
+        Some(1),
+        "{output}\nthe other user's table in victim: {}",
+        planted.stdout.trim()
+    );
     assert!(
         output.stderr.contains("spool_dir") && output.stderr.contains("has mode 0777"),
         "{output}"
@@ -1018,6 +1006,19 @@ fn a_spool_dir_other_users_can_enter_is_refused_and_no_archive_is_swapped_in() {
         fleet.target_databases()
     );
     assert_eq!(spool_files(&shared), Vec::<String>::new());
+
+    // Made by that user: the agent refuses to start with it.
+    give_to_nobody(&shared);
+    fleet.agents[1].restart();
+    let status = fleet.agents[1].process().wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    let log = fleet.agents[1].process().log();
+    assert!(
+        log.contains("spool_dir")
+            && log.contains("is owned by uid 65534")
+            && log.contains("chmod 0700"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -1135,6 +1136,10 @@ fn a_partial_restore_keeps_the_foreign_keys_from_and_to_its_tables() {
         "{before}"
     );
 
+    // items: its own key to orders (nothing points at items).
+    let output = fleet.restore(&backup, &["--table", "public.items", "--replace"]);
+    assert!(output.success(), "{output}");
+    assert_eq!(constraints(&fleet.target, "shop"), before);
     // orders: its own key to customers, and items' key to it.
     let output = fleet.restore(&backup, &["--table", "public.orders", "--replace"]);
     assert!(output.success(), "{output}");
