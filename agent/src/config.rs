@@ -23,9 +23,11 @@ pub const PROBE_INTERVAL_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(3600);
 pub const DEFAULT_RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Where a parallel restore spools its dump unless `spool_dir` says
-/// otherwise: on disk (unlike `/tmp` on many hosts), and writable under
-/// the systemd unit's sandbox (`PrivateTmp=yes` gives the agent its own).
-pub const DEFAULT_SPOOL_DIR: &str = "/var/tmp/cairn-agent";
+/// otherwise: this directory in the agent's own directory (where
+/// `agent.toml` is), which is the agent's alone and writable under the
+/// systemd unit's sandbox. Never a shared place such as `/var/tmp`, where
+/// another user could make the directory first (see [`crate::spool`]).
+pub const DEFAULT_SPOOL_DIR_NAME: &str = "spool";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,10 +48,16 @@ pub struct AgentConfig {
     #[serde(with = "humantime_serde", default = "default_reconnect_max_backoff")]
     pub reconnect_max_backoff: Duration,
     /// Where a parallel restore (`--jobs` above 1) writes the dump for
-    /// `pg_restore` to read (0600, removed at the end); relative to this
-    /// file. Default: [`DEFAULT_SPOOL_DIR`]. Created when first needed.
+    /// `pg_restore` to read, and a partial restore its list (0600, removed
+    /// at the end); relative to this file. Default: `spool` next to this
+    /// file ([`DEFAULT_SPOOL_DIR_NAME`]). Must be private to the agent
+    /// (created 0700 when missing; see [`crate::spool`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spool_dir: Option<PathBuf>,
+    /// The directory this file was loaded from (the agent's own
+    /// directory); empty when not loaded from a file.
+    #[serde(skip)]
+    pub config_dir: PathBuf,
     #[serde(default)]
     pub permissions: Permissions,
     #[serde(default)]
@@ -93,6 +101,7 @@ impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig> {
         let mut config: AgentConfig = load_toml(path)?;
         config.identity_dir = resolve(path, &config.identity_dir);
+        config.config_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         if let Some(spool_dir) = &config.spool_dir {
             config.spool_dir = Some(resolve(path, spool_dir));
         }
@@ -117,7 +126,7 @@ impl AgentConfig {
     pub fn spool_dir(&self) -> PathBuf {
         self.spool_dir
             .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_DIR))
+            .unwrap_or_else(|| self.config_dir.join(DEFAULT_SPOOL_DIR_NAME))
     }
 
     pub fn permits(&self, operation: Operation) -> bool {
@@ -229,7 +238,7 @@ identity_dir = "identity"
         let path = dir.path().join("agent.toml");
         std::fs::write(&path, format!("{BASE}{INSTANCE}")).unwrap();
         let config = AgentConfig::load(&path).unwrap();
-        assert_eq!(config.spool_dir(), Path::new(DEFAULT_SPOOL_DIR));
+        assert_eq!(config.spool_dir(), dir.path().join(DEFAULT_SPOOL_DIR_NAME));
         assert!(!toml::to_string(&config).unwrap().contains("spool_dir"));
         std::fs::write(&path, format!("{BASE}spool_dir = \"spool\"\n{INSTANCE}")).unwrap();
         let config = AgentConfig::load(&path).unwrap();

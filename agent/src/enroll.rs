@@ -93,6 +93,7 @@ pub async fn enroll(options: &EnrollOptions) -> Result<Enrolled> {
         probe_interval: options.probe_interval,
         reconnect_max_backoff: DEFAULT_RECONNECT_MAX_BACKOFF,
         spool_dir: None,
+        config_dir: PathBuf::new(),
         permissions: Permissions {
             allow: options.allow.iter().copied().collect(),
         },

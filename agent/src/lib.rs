@@ -13,5 +13,6 @@ pub mod error;
 pub mod jobs;
 pub mod postgres;
 pub mod restore;
+pub mod spool;
 
 pub use error::{AgentError, Result};

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use cairn_agent::config::AgentConfig;
 use cairn_agent::enroll::{EnrollOptions, enroll};
+use cairn_agent::spool::SpoolLock;
 use cairn_common::model::Operation;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -154,6 +155,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run { config } => {
             let config = AgentConfig::load(&config)?;
+            // Held until the agent stops: no other agent uses this spool
+            // directory meanwhile, so what is left in it now is ours.
+            let _spool = SpoolLock::acquire(&config.spool_dir())
+                .map_err(|message| anyhow::anyhow!("{message}"))
+                .context("key `spool_dir` of agent.toml")?;
             let shutdown = CancellationToken::new();
             let stop = shutdown.clone();
             tokio::spawn(async move {

@@ -20,11 +20,16 @@
 //! The safety rules, each refused with a message that names the database
 //! and the fix:
 //!
-//! 1. Never onto a standby (`pg_is_in_recovery()`).
+//! 1. Never onto a standby (`pg_is_in_recovery()`), nor onto a template
+//!    database (`template0`, `template1`, any with `datistemplate`: every
+//!    `CREATE DATABASE` would copy the backup), nor (a full restore) onto
+//!    the database the agent connects through (it cannot be renamed
+//!    aside while in use).
 //! 2. Free space in the data directory for 1.2 times the larger of the
 //!    database's size at backup and its dump; with `--jobs` above 1, room
 //!    for the dump in `spool_dir` too, else the restore streams with one
-//!    job (and says so in its warnings).
+//!    job (and says so in its warnings). A `spool_dir` other users could
+//!    enter or replace is refused ([`crate::spool`]).
 //! 3. A full restore does not replace a database that holds relations
 //!    unless `--replace`; an existing empty one (nothing but what `CREATE
 //!    DATABASE` makes) is swapped out and kept aside, after checking it is
@@ -41,7 +46,10 @@
 //!    the report) just before the swap; without it (an empty target), the
 //!    swap waits up to 30 s for them to leave.
 //! 7. A partial restore refuses to overwrite a table that holds rows
-//!    unless `--replace`, and names a table or schema the backup lacks. A
+//!    unless `--replace`, and names a table or schema the backup lacks. It
+//!    keeps the foreign keys from and to its tables (those of other tables
+//!    are dropped and added again in its transaction), and refuses a
+//!    target whose tables have keys to them that the backup lacks. A
 //!    statement of it that waits 30 s for a lock on the live target is
 //!    cancelled (pg_restore sets `lock_timeout = 0` itself), and its single
 //!    transaction rolls back.
@@ -137,7 +145,8 @@ impl RestoreError {
 #[derive(Debug, Default)]
 struct State {
     report: proto::RestoreReport,
-    /// The agent's own warnings (skipped checks, roles...).
+    /// The agent's own warnings (skipped checks, roles...), reported apart
+    /// from pg_restore's words.
     warnings: Vec<String>,
     /// What `pg_restore` printed although it succeeded.
     pg_restore_messages: String,
@@ -204,10 +213,8 @@ pub async fn run(
                 u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             let mut warnings = state.warnings;
             warnings.extend(left_behind);
-            if !state.pg_restore_messages.is_empty() {
-                warnings.push(state.pg_restore_messages);
-            }
             report.warnings = warnings.join("\n");
+            report.pg_restore_messages = state.pg_restore_messages;
             tracing::info!(
                 database = %report.database,
                 bytes = report.bytes_restored,

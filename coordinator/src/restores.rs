@@ -57,8 +57,13 @@ pub struct RestoreReport {
     pub table_rows: Vec<TableRows>,
     pub bytes_restored: u64,
     pub spooled: bool,
+    /// The agent's own warnings, one a line.
     pub warnings: String,
     pub restore_millis: u64,
+    /// What pg_restore printed although it succeeded (absent from reports
+    /// kept before it was its own field).
+    #[serde(default)]
+    pub pg_restore_messages: String,
 }
 
 impl From<proto::RestoreReport> for RestoreReport {
@@ -82,6 +87,7 @@ impl From<proto::RestoreReport> for RestoreReport {
             spooled: report.spooled,
             warnings: report.warnings,
             restore_millis: report.restore_millis,
+            pg_restore_messages: report.pg_restore_messages,
         }
     }
 }
@@ -107,6 +113,7 @@ impl From<RestoreReport> for proto::RestoreReport {
             spooled: report.spooled,
             warnings: report.warnings,
             restore_millis: report.restore_millis,
+            pg_restore_messages: report.pg_restore_messages,
         }
     }
 }

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
@@ -59,20 +61,28 @@ impl Fleet {
     /// pg_restore session on the target once it is there, so whatever the
     /// test does next surely lands mid-restore. Returns the job id.
     fn start_paused_restore(&self, backup: &str, database: &str) -> (String, PausedBackend) {
-        let started = self
-            .coordinator
-            .cli(&[
-                "restore",
-                backup,
-                "--agent",
-                "db2",
-                "--database",
-                database,
-                "--output",
-                "json",
-            ])
-            .assert_success()
-            .json();
+        self.start_paused_restore_with(backup, database, &[])
+    }
+
+    /// [`Fleet::start_paused_restore`] with more arguments.
+    fn start_paused_restore_with(
+        &self,
+        backup: &str,
+        database: &str,
+        args: &[&str],
+    ) -> (String, PausedBackend) {
+        let mut all = vec![
+            "restore",
+            backup,
+            "--agent",
+            "db2",
+            "--database",
+            database,
+            "--output",
+            "json",
+        ];
+        all.extend_from_slice(args);
+        let started = self.coordinator.cli(&all).assert_success().json();
         assert_eq!(started["status"], "running", "{started}");
         let mut pid = String::new();
         wait_until(
@@ -93,6 +103,17 @@ impl Fleet {
         (started["id"].as_str().unwrap().to_string(), backend)
     }
 
+    /// Restarts db2 with `spool_dir = DIR` in its agent.toml (a top-level
+    /// key, so it goes first); does not wait for it to come online.
+    fn set_spool_dir(&mut self, dir: &Path) {
+        let agent = &mut self.agents[1];
+        agent.stop();
+        let config = std::fs::read_to_string(agent.config_path()).unwrap();
+        let line = format!("spool_dir = {:?}\n", dir.display().to_string());
+        std::fs::write(agent.config_path(), format!("{line}{config}")).unwrap();
+        agent.start();
+    }
+
     fn target_databases(&self) -> Vec<String> {
         self.target
             .psql(
@@ -103,6 +124,28 @@ impl Fleet {
             .map(str::to_string)
             .collect()
     }
+}
+
+/// The restore files (`cairn-restore-*`) in a spool directory.
+fn spool_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("cairn-restore-"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The constraints of every table in `public`, with their definitions.
+fn constraints(pg: &PgCluster, database: &str) -> String {
+    pg.psql(
+        database,
+        "SELECT conrelid::regclass || ' ' || conname || ' ' || pg_get_constraintdef(oid)
+           FROM pg_constraint WHERE connamespace = 'public'::regnamespace
+          ORDER BY conrelid::regclass::text, conname",
+    )
 }
 
 /// A PostgreSQL backend paused with SIGSTOP.
@@ -480,10 +523,30 @@ fn a_failed_restore_leaves_the_target_untouched() {
             .contains("cairn_restore_0badc0de"),
         "{job}"
     );
+    assert_eq!(job["restore"]["pg_restore_messages"], "", "{job}");
     assert!(
         fleet
             .target_databases()
             .contains(&"cairn_restore_0badc0de".to_string())
+    );
+    // Printed for people as cairn's own warning, not as pg_restore's.
+    let output = fleet.coordinator.cli(&[
+        "restore",
+        &backup,
+        "--agent",
+        "db2",
+        "--database",
+        "shop4",
+        "--wait",
+    ]);
+    assert!(output.success(), "{output}");
+    assert!(
+        output
+            .stderr
+            .contains("warning: staging databases of earlier restores")
+            && output.stderr.contains("cairn_restore_0badc0de")
+            && !output.stderr.contains("pg_restore said"),
+        "{output}"
     );
 }
 
@@ -753,6 +816,18 @@ fn a_parallel_restore_spools_and_a_cancelled_or_interrupted_one_leaves_nothing()
         fingerprint(&fleet.target, "parallel"),
         fingerprint(&fleet.source, "shop")
     );
+    // In the agent's own directory, private, and empty again.
+    let spool = fleet.agents[1].dir().join("spool");
+    let metadata = std::fs::symlink_metadata(&spool).unwrap();
+    assert!(metadata.is_dir());
+    assert_eq!(metadata.permissions().mode() & 0o777, 0o700);
+    assert_eq!(
+        metadata.uid(),
+        std::fs::metadata(fleet.agents[1].config_path())
+            .unwrap()
+            .uid()
+    );
+    assert_eq!(spool_files(&spool), Vec::<String>::new());
 
     // A restore cancelled midway: its pg_restore session on the target is
     // paused (SIGSTOP) so the cancel surely lands while it runs.
@@ -843,5 +918,271 @@ fn a_partial_restore_gives_up_on_a_held_lock_and_commits_nothing() {
     assert_eq!(
         fleet.target.psql("shop", "SELECT name FROM customers"),
         "mine"
+    );
+}
+
+#[test]
+fn a_spool_dir_other_users_can_enter_is_refused_and_no_archive_is_swapped_in() {
+    let mut fleet = fleet("restore_spool_private");
+    fleet.source.create_sample_database("shop", 4);
+    let backup = fleet.backup("db1", "shop");
+    // Another user's archive, and a spool directory that user can write
+    // to, as /var/tmp/cairn-agent was when that user made it first.
+    fleet.source.create_database("evil");
+    fleet.source.psql(
+        "evil",
+        "CREATE TABLE planted (x int); INSERT INTO planted VALUES (666);",
+    );
+    let attacker = fleet._test_dir.postgres_subdir("attacker");
+    let evil_dump = attacker.join("evil.dump");
+    let dumped = cairn_integration_tests::run(fleet.source.pg_command("pg_dump").args([
+        "-Fc",
+        "-Z0",
+        "-d",
+        "evil",
+        "-f",
+        evil_dump.to_str().unwrap(),
+    ]));
+    assert!(dumped.success(), "{dumped}");
+    std::fs::set_permissions(&evil_dump, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let shared = fleet._test_dir.path().join("shared-spool");
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let give_to_nobody = |path: &Path| {
+        nix::unistd::chown(path, Some(nobody.uid), Some(nobody.gid)).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    };
+    std::fs::create_dir(&shared).unwrap();
+    give_to_nobody(&shared);
+    // That user replaces every dump that appears there with its own.
+    let mut swapper = {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while :; do for f in '{dir}'/*.dump; do [ -f \"$f\" ] && cp '{evil}' \"$f.x\" \
+                 && mv -f \"$f.x\" \"$f\"; done; sleep 0.005; done",
+                dir = shared.display(),
+                evil = evil_dump.display()
+            ))
+            .uid(nobody.uid.as_raw())
+            .gid(nobody.gid.as_raw())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+
+    // The agent's own and private when the agent starts; opened to every
+    // user while it runs: a parallel restore is refused before anything
+    // is written.
+    let agent_uid = std::fs::metadata(fleet.agents[1].config_path())
+        .unwrap()
+        .uid();
+    nix::unistd::chown(&shared, Some(nix::unistd::Uid::from_raw(agent_uid)), None).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o700)).unwrap();
+    fleet.set_spool_dir(&shared);
+    fleet.coordinator.wait_until_online(&fleet.agents[1]);
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let output = fleet.restore(&backup, &["--database", "victim", "--jobs", "2"]);
+    let _ = swapper.kill();
+    let _ = swapper.wait();
+    let planted = fleet.target.try_psql("victim", "SELECT x FROM planted");
+    assert_eq!(
+        output.status_code,
+        Some(1),
+        "{output}\nthe other user's table in victim: {}",
+        planted.stdout.trim()
+    );
+    assert!(
+        output.stderr.contains("spool_dir") && output.stderr.contains("has mode 0777"),
+        "{output}"
+    );
+    assert!(
+        !fleet
+            .target_databases()
+            .iter()
+            .any(|d| d == "victim" || d.starts_with("cairn_")),
+        "{:?}",
+        fleet.target_databases()
+    );
+    assert_eq!(spool_files(&shared), Vec::<String>::new());
+
+    // Made by that user: the agent refuses to start with it.
+    give_to_nobody(&shared);
+    fleet.agents[1].restart();
+    let status = fleet.agents[1].process().wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    let log = fleet.agents[1].process().log();
+    assert!(
+        log.contains("spool_dir")
+            && log.contains("is owned by uid 65534")
+            && log.contains("chmod 0700"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_spool_file_a_killed_agent_left_is_removed_at_its_next_start() {
+    let mut fleet = fleet("restore_spool_leftover");
+    fleet.source.create_sample_database("shop", 16);
+    let backup = fleet.backup("db1", "shop");
+    let spool = fleet.agents[1].dir().join("spool");
+    fleet.set_spool_dir(&spool);
+    fleet.coordinator.wait_until_online(&fleet.agents[1]);
+
+    // Killed (SIGKILL) while pg_restore -j reads the spooled dump.
+    let (_, restore_backend) = fleet.start_paused_restore_with(&backup, "killed", &["--jobs", "2"]);
+    let left = spool_files(&spool);
+    assert!(
+        left.iter().any(|name| name.ends_with(".dump")),
+        "the dump is spooled while pg_restore runs: {left:?}"
+    );
+    fleet.agents[1].kill();
+    restore_backend.resume();
+    assert_eq!(spool_files(&spool), left, "nothing removes it now");
+
+    fleet.agents[1].start();
+    fleet.coordinator.wait_until_online(&fleet.agents[1]);
+    assert_eq!(spool_files(&spool), Vec::<String>::new());
+    let log = fleet.agents[1].process().log();
+    assert!(
+        log.contains("removed a stale spool file") && log.contains(&left[0]),
+        "{log}"
+    );
+}
+
+#[test]
+fn template_databases_and_the_connection_database_are_refused() {
+    let fleet = fleet("restore_templates");
+    fleet.source.create_sample_database("shop", 1);
+    let backup = fleet.backup("db1", "shop");
+    fleet
+        .target
+        .psql("postgres", "CREATE DATABASE tmpl IS_TEMPLATE true");
+    let cases: [(&[&str], &str); 6] = [
+        (&["--database", "template1"], "is a template database"),
+        (
+            &["--database", "template1", "--replace"],
+            "is a template database",
+        ),
+        (
+            &["--database", "template1", "--table", "public.orders"],
+            "is a template database",
+        ),
+        (
+            &["--database", "template0", "--replace"],
+            "is a template database",
+        ),
+        (&["--database", "tmpl", "--replace"], "IS_TEMPLATE false"),
+        // The agent's connection string names database postgres.
+        (
+            &["--database", "postgres", "--replace"],
+            "is the one this agent connects through",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = fleet.restore(&backup, args);
+        assert_eq!(output.status_code, Some(1), "{args:?}: {output}");
+        assert!(output.stderr.contains(expected), "{args:?}: {output}");
+    }
+    // Nothing was written anywhere.
+    assert_eq!(
+        fleet.target.psql(
+            "postgres",
+            "SELECT string_agg(datname || ':' || datistemplate, ',' ORDER BY datname)
+               FROM pg_database"
+        ),
+        "postgres:false,template0:true,template1:true,tmpl:true"
+    );
+    assert_eq!(
+        fleet.target.psql(
+            "template1",
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ),
+        "0"
+    );
+    // A drill's scratch database is not affected.
+    let output = fleet.coordinator.cli(&[
+        "backup",
+        "verify",
+        &backup,
+        "--restore-on",
+        "db2",
+        "--output",
+        "json",
+    ]);
+    assert!(output.success(), "{output}");
+}
+
+#[test]
+fn a_partial_restore_keeps_the_foreign_keys_from_and_to_its_tables() {
+    let fleet = fleet("restore_foreign_keys");
+    fleet.source.create_database("shop");
+    fleet.source.psql(
+        "shop",
+        "CREATE TABLE customers (id int PRIMARY KEY, name text);
+         CREATE TABLE orders (id int PRIMARY KEY, c int NOT NULL REFERENCES customers (id));
+         CREATE TABLE items (o int REFERENCES orders (id) ON DELETE CASCADE, n int);
+         INSERT INTO customers SELECT i, 'c' || i FROM generate_series(1, 100) i;
+         INSERT INTO orders SELECT i, 1 + i % 100 FROM generate_series(1, 500) i;
+         INSERT INTO items SELECT 1 + i % 500, i FROM generate_series(1, 1000) i;",
+    );
+    let backup = fleet.backup("db1", "shop");
+    let output = fleet.restore(&backup, &["--database", "shop"]);
+    assert!(output.success(), "{output}");
+    let before = constraints(&fleet.target, "shop");
+    assert!(
+        before.contains("orders_c_fkey") && before.contains("items_o_fkey"),
+        "{before}"
+    );
+
+    // items: its own key to orders (nothing points at items).
+    let output = fleet.restore(&backup, &["--table", "public.items", "--replace"]);
+    assert!(output.success(), "{output}");
+    assert_eq!(constraints(&fleet.target, "shop"), before);
+    // orders: its own key to customers, and items' key to it.
+    let output = fleet.restore(&backup, &["--table", "public.orders", "--replace"]);
+    assert!(output.success(), "{output}");
+    assert_eq!(constraints(&fleet.target, "shop"), before);
+    // customers: orders' key to it is dropped and added again.
+    let output = fleet.restore(&backup, &["--table", "public.customers", "--replace"]);
+    assert!(output.success(), "{output}");
+    assert_eq!(constraints(&fleet.target, "shop"), before);
+    assert_eq!(
+        fingerprint(&fleet.target, "shop"),
+        fingerprint(&fleet.source, "shop")
+    );
+
+    // A row of orders that the restored customers would not satisfy: the
+    // key cannot be added again, and nothing is committed.
+    fleet.target.psql(
+        "shop",
+        "INSERT INTO customers VALUES (999, 'new'); INSERT INTO orders VALUES (999, 999);",
+    );
+    let output = fleet.restore(&backup, &["--table", "public.customers", "--replace"]);
+    assert_eq!(output.status_code, Some(1), "{output}");
+    assert!(output.stderr.contains("orders_c_fkey"), "{output}");
+    assert_eq!(constraints(&fleet.target, "shop"), before);
+    assert_eq!(
+        fleet
+            .target
+            .psql("shop", "SELECT name FROM customers WHERE id = 999"),
+        "new"
+    );
+
+    // A key the backup does not have: refused up front, naming it.
+    fleet.target.psql(
+        "shop",
+        "CREATE TABLE refunds (o int REFERENCES orders (id));",
+    );
+    let output = fleet.restore(&backup, &["--table", "public.orders", "--replace"]);
+    assert_eq!(output.status_code, Some(1), "{output}");
+    assert!(
+        output.stderr.contains("refunds_o_fkey on public.refunds"),
+        "{output}"
+    );
+    assert_eq!(
+        fleet.target.psql("shop", "SELECT count(*) FROM orders"),
+        "501"
     );
 }

@@ -232,6 +232,21 @@ impl Instance {
         Ok(row.get(0))
     }
 
+    /// Whether `name` is a template database (`datistemplate`); false when
+    /// it does not exist.
+    pub async fn is_template(&self, name: &str) -> Result<bool, PostgresError> {
+        let row = timed(
+            "pg_database",
+            CHECK_TIMEOUT,
+            self.client.query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname::text = $1 AND datistemplate)",
+                &[&name],
+            ),
+        )
+        .await?;
+        Ok(row.get(0))
+    }
+
     /// Whether a membership in `role` would hand out power over the whole
     /// instance: a superuser, or one of PostgreSQL's predefined `pg_*`
     /// roles (server files, programs, signals...).
@@ -514,6 +529,16 @@ impl Instance {
     }
 }
 
+/// The database the agent connects through: the connection string's own,
+/// else the maintenance database [`Instance::connect`] uses.
+pub fn connection_database(conn: &ConnectionString) -> Result<String, PostgresError> {
+    Ok(conn
+        .config()?
+        .get_dbname()
+        .unwrap_or(DEFAULT_MAINTENANCE_DATABASE)
+        .to_string())
+}
+
 /// What `database` holds outside `pg_catalog`, `information_schema` and the
 /// toast and temporary schemas.
 pub async fn database_contents(
@@ -570,6 +595,46 @@ pub async fn existing_schemas(
     )
     .await?;
     Ok(rows.iter().map(|row| row.get::<_, String>(0)).collect())
+}
+
+/// The foreign keys in `database` of tables not among `tables` (schema,
+/// table) that point at one of them: (schema, table, constraint). A
+/// partition's copy of its parent's key is not counted (pg_dump dumps the
+/// parent's only).
+pub async fn foreign_keys_into(
+    conn: &ConnectionString,
+    database: &str,
+    tables: &[(String, String)],
+) -> Result<Vec<(String, String, String)>, PostgresError> {
+    if tables.is_empty() {
+        return Ok(Vec::new());
+    }
+    let client = open(conn, database).await?;
+    let schemas: Vec<&str> = tables.iter().map(|(s, _)| s.as_str()).collect();
+    let names: Vec<&str> = tables.iter().map(|(_, t)| t.as_str()).collect();
+    let rows = timed(
+        "pg_constraint",
+        CHECK_TIMEOUT,
+        client.query(
+            "WITH chosen (nspname, relname) AS (SELECT * FROM unnest($1::text[], $2::text[]))
+             SELECT n.nspname::text, c.relname::text, con.conname::text
+               FROM pg_constraint con
+               JOIN pg_class c ON c.oid = con.conrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_class r ON r.oid = con.confrelid
+               JOIN pg_namespace rn ON rn.oid = r.relnamespace
+              WHERE con.contype = 'f' AND con.conparentid = 0
+                AND (rn.nspname::text, r.relname::text) IN (SELECT nspname, relname FROM chosen)
+                AND (n.nspname::text, c.relname::text) NOT IN (SELECT nspname, relname FROM chosen)
+              ORDER BY 1, 2, 3",
+            &[&schemas, &names],
+        ),
+    )
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect())
 }
 
 /// Whether each of `tables` (schema, table) exists in `database` and holds

@@ -3,7 +3,7 @@
 //! database and the fix.
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 
 use cairn_common::archive::ArchiveHead;
 use tokio::time::Instant;
@@ -13,6 +13,7 @@ use super::selection::{self, display_table};
 use super::{RestoreError, STAT_TIMEOUT, State, human_bytes, list_names};
 use crate::postgres::disk_space;
 use crate::postgres::target::{self, DatabaseContents, Instance};
+use crate::spool;
 
 /// Refuses a target that the restore may not touch; returns what a full
 /// restore's target holds (`None`: it does not exist).
@@ -20,6 +21,9 @@ pub(super) async fn check_target(
     request: &Request,
     instance: &Instance,
 ) -> Result<Option<DatabaseContents>, RestoreError> {
+    if request.mode != Mode::Drill {
+        refuse_special_database(request, instance).await?;
+    }
     match request.mode {
         Mode::Drill => Ok(None),
         Mode::Partial => {
@@ -49,6 +53,91 @@ pub(super) async fn check_target(
             Ok(Some(contents))
         }
     }
+}
+
+/// The foreign keys of other tables that point at the restored ones: a
+/// key the target has must be in the backup (it is dropped before the
+/// table and added again after it), else the restore is refused; a key of
+/// the backup the target lacks is left out (restoring a table does not add
+/// keys to others).
+async fn check_incoming_foreign_keys(
+    request: &Request,
+    selection: selection::Selection,
+) -> Result<selection::Selection, RestoreError> {
+    let on_target =
+        target::foreign_keys_into(&request.connection, &request.target, &selection.tables).await?;
+    let in_backup: BTreeSet<(&str, &str, &str)> = selection
+        .incoming
+        .iter()
+        .map(|fk| (fk.schema.as_str(), fk.table.as_str(), fk.name.as_str()))
+        .collect();
+    let unknown: Vec<String> = on_target
+        .iter()
+        .filter(|(s, t, n)| !in_backup.contains(&(s.as_str(), t.as_str(), n.as_str())))
+        .map(|(s, t, n)| format!("{} on {}", selection::display_name(n), display_table(s, t)))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(RestoreError::Refused(format!(
+            "database {:?} has foreign keys that point at the tables to restore and that the \
+             backup does not have: {}; the tables cannot be dropped and restored under them: \
+             drop those keys first (ALTER TABLE ... DROP CONSTRAINT), restore, then add them \
+             again",
+            request.target,
+            list_names(&unknown)
+        )));
+    }
+    let target_keys: BTreeSet<(&str, &str, &str)> = on_target
+        .iter()
+        .map(|(s, t, n)| (s.as_str(), t.as_str(), n.as_str()))
+        .collect();
+    let absent: std::collections::HashSet<i64> = selection
+        .incoming
+        .iter()
+        .filter(|fk| {
+            !target_keys.contains(&(fk.schema.as_str(), fk.table.as_str(), fk.name.as_str()))
+        })
+        .map(|fk| fk.dump_id)
+        .collect();
+    Ok(selection.without(&absent))
+}
+
+/// Refuses a template database as a target (a full or partial restore),
+/// and the database the agent connects through (a full restore).
+async fn refuse_special_database(
+    request: &Request,
+    instance: &Instance,
+) -> Result<(), RestoreError> {
+    let target = &request.target;
+    let is_template = instance.is_template(target).await?;
+    if is_template || target == "template0" || target == "template1" {
+        let undo = if target == "template0" || target == "template1" {
+            String::new()
+        } else {
+            format!(
+                " (or, if it should no longer be a template, run ALTER DATABASE {} \
+                 IS_TEMPLATE false first)",
+                target::quote_ident(target)
+            )
+        };
+        return Err(RestoreError::Refused(format!(
+            "database {target:?} is a template database: CREATE DATABASE copies it, so the \
+             backup restored onto it would be in every database created afterwards; restore \
+             under another name with --database{undo}"
+        )));
+    }
+    if request.mode == Mode::Full {
+        let connected_through = target::connection_database(&request.connection)?;
+        if *target == connected_through {
+            return Err(RestoreError::Refused(format!(
+                "database {target:?} is the one this agent connects through (the connection \
+                 string of instance {}), and a database cannot be renamed aside while in use; \
+                 restore under another name with --database, or give the instance a \
+                 connection string with another database (dbname=)",
+                request.instance
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a restore the data directory has no room for; returns whether
@@ -100,20 +189,15 @@ pub(super) async fn check_space(
     }
     // A parallel restore reads a file: the whole dump in the spool
     // directory, on top of the database if they share a filesystem.
+    // Refused rather than streamed instead: a spool directory another
+    // user can enter is a hole the operator must hear about.
     let spool_dir = request.spool_dir.clone();
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    builder.mode(0o700);
-    let spool_disk = match builder.create(&spool_dir) {
-        Ok(()) => {
-            disk_space(
-                spool_dir.to_string_lossy().into_owned(),
-                Instant::now() + STAT_TIMEOUT,
-            )
-            .await
-        }
-        Err(error) => Err(format!("cannot create {}: {error}", spool_dir.display())),
-    };
+    spool::ensure_private(&spool_dir).map_err(RestoreError::Refused)?;
+    let spool_disk = disk_space(
+        spool_dir.to_string_lossy().into_owned(),
+        Instant::now() + STAT_TIMEOUT,
+    )
+    .await;
     let shared = match (&data_directory, std::fs::metadata(&spool_dir)) {
         (Some(data), Ok(spool)) => std::fs::metadata(data).is_ok_and(|d| d.dev() == spool.dev()),
         _ => false,
@@ -157,6 +241,7 @@ pub(super) async fn select_entries(
     };
     let selection = selection::select(head, &request.tables, &request.schemas, &on_target)
         .map_err(RestoreError::Refused)?;
+    let selection = check_incoming_foreign_keys(request, selection).await?;
     let states =
         target::table_states(&request.connection, &request.target, &selection.tables).await?;
     let holding_rows: Vec<String> = selection

@@ -15,7 +15,6 @@
 //! end of it is kept): its message is the error when it fails.
 
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 
@@ -30,6 +29,7 @@ use super::download::{Chunks, OpenedChunk};
 use super::request::Request;
 use crate::dump::{STDERR_TAIL_BYTES, read_tail};
 use crate::postgres::{self, ConnectionString, PgRestoreOptions, PgTools};
+use crate::spool;
 
 /// Writes to `pg_restore` go in slices of this size (the bytes it took
 /// before closing its input early are counted).
@@ -81,12 +81,12 @@ pub(super) struct Run<'a> {
 pub(super) struct TempFile(PathBuf);
 
 impl TempFile {
-    /// Creates `name` in `dir` (created 0700 if missing), 0600, failing if
-    /// it exists.
+    /// Creates `name` in `dir`, 0600, failing if it exists; `dir` must be
+    /// private to the agent (created 0700 if missing): [`spool`]. In there
+    /// no other user can replace the file before `pg_restore` reopens it.
     pub async fn create(dir: &Path, name: &str) -> io::Result<(TempFile, tokio::fs::File)> {
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true).mode(0o700);
-        builder.create(dir)?;
+        spool::ensure_private(dir)
+            .map_err(|message| io::Error::new(io::ErrorKind::PermissionDenied, message))?;
         let path = dir.join(name);
         let file = tokio::fs::OpenOptions::new()
             .write(true)

@@ -2,12 +2,22 @@
 //! restores, as a `pg_restore --use-list` file.
 //!
 //! A table brings its definition, its data, and what hangs on it alone:
-//! indexes, constraints (not foreign keys, which need other tables),
-//! triggers, column defaults, comments, privileges, rules, policies, and the
-//! sequences it owns (with their values). An entry that also depends on a
-//! table that is not restored (another table's default using this table's
-//! sequence) is left out: restoring one table never alters another. A
-//! schema brings every entry in it, and the schema itself (with its
+//! indexes, constraints, triggers, column defaults, comments, privileges,
+//! rules, policies, and the sequences it owns (with their values). An
+//! entry that also depends on a table that is not restored (another
+//! table's default using this table's sequence) is left out: restoring one
+//! table never alters another, with one exception, foreign keys:
+//!
+//! - the table's own foreign keys come with it (the tables they point at
+//!   must be on the target, or restored too, or the restore fails);
+//! - the foreign keys of other tables that point at it
+//!   ([`Selection::incoming`]) are restored too, which `pg_restore --clean`
+//!   turns into: dropped before the table is, added again after it (and
+//!   checked against its restored rows), in the same single transaction.
+//!   The caller keeps only those the target has (`without`), and refuses
+//!   a target with others ([`super::checks`]).
+//!
+//! A schema brings every entry in it, and the schema itself (with its
 //! comment and privileges) when the target lacks it.
 //!
 //! The list keeps the archive's order: `pg_restore` restores in list order,
@@ -50,9 +60,28 @@ pub(crate) struct Selection {
     /// Every table restored (schema, table): the target must not have them
     /// with rows, unless replacing.
     pub tables: Vec<(String, String)>,
+    /// Foreign keys of tables not restored that point at a restored table
+    /// (their entries are in `dump_ids`).
+    pub incoming: Vec<ForeignKey>,
+}
+
+/// A foreign key constraint: its table and its name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct ForeignKey {
+    pub dump_id: i64,
+    pub schema: String,
+    pub table: String,
+    pub name: String,
 }
 
 impl Selection {
+    /// The selection without the foreign keys in `dump_ids`.
+    pub fn without(mut self, dump_ids: &HashSet<i64>) -> Selection {
+        self.dump_ids.retain(|id| !dump_ids.contains(id));
+        self.incoming.retain(|fk| !dump_ids.contains(&fk.dump_id));
+        self
+    }
+
     /// The `--use-list` file: one entry a line, its dump id first (all
     /// `pg_restore` reads), then what it is, for a person reading it.
     pub fn list_file(&self, head: &ArchiveHead) -> String {
@@ -155,7 +184,37 @@ pub(crate) fn select(
         }
     }
 
+    // Foreign keys: see the module documentation.
+    let tables_by_id: HashMap<i64, &TocEntry> = head
+        .entries
+        .iter()
+        .filter(|e| e.desc == "TABLE")
+        .map(|e| (e.dump_id, e))
+        .collect();
+    let mut incoming = Vec::new();
+    for entry in head.entries.iter().filter(|e| e.desc == "FK CONSTRAINT") {
+        let Some((owner, name)) = foreign_key_table(entry, &tables_by_id) else {
+            continue;
+        };
+        if selected_tables.contains(&owner.dump_id) {
+            selected.insert(entry.dump_id);
+        } else if entry
+            .dependencies
+            .iter()
+            .any(|d| *d != owner.dump_id && selected.contains(d))
+        {
+            selected.insert(entry.dump_id);
+            incoming.push(ForeignKey {
+                dump_id: entry.dump_id,
+                schema: owner.namespace.clone(),
+                table: owner.tag.clone(),
+                name: name.to_string(),
+            });
+        }
+    }
+
     Ok(Selection {
+        incoming,
         dump_ids: head
             .entries
             .iter()
@@ -169,6 +228,29 @@ pub(crate) fn select(
             .map(|e| (e.namespace.clone(), e.tag.clone()))
             .collect(),
     })
+}
+
+/// The table a foreign key entry belongs to, and the key's name: its tag
+/// is `<table> <constraint>`, and it depends on its table (and on the
+/// table it points at, and the key it points at).
+fn foreign_key_table<'a>(
+    entry: &'a TocEntry,
+    tables_by_id: &HashMap<i64, &'a TocEntry>,
+) -> Option<(&'a TocEntry, &'a str)> {
+    entry
+        .dependencies
+        .iter()
+        .filter_map(|d| tables_by_id.get(d).copied())
+        .filter(|table| table.namespace == entry.namespace)
+        .filter_map(|table| {
+            let name = entry
+                .tag
+                .strip_prefix(table.tag.as_str())?
+                .strip_prefix(' ')?;
+            Some((table, name))
+        })
+        // The longest table name that fits: "a b" over "a" for "a b c".
+        .max_by_key(|(table, _)| table.tag.len())
 }
 
 /// Every schema the archive has objects in (`public` has no `SCHEMA`
@@ -279,9 +361,11 @@ mod tests {
     }
 
     /// Like pg_dump's: two tables in public (orders has a serial id, an
-    /// index, a trigger, a comment, a grant; items has a foreign key to
-    /// orders and a default using orders' sequence), a schema "sales" with
-    /// a table, a function and a comment on the schema.
+    /// index, a trigger, a comment, a grant, a foreign key to itself; items
+    /// has a foreign key to orders and a default using orders' sequence), a
+    /// schema "sales" with a table, a function and a comment on the schema.
+    /// A foreign key depends on its table, the table it points at and the
+    /// key it points at, in no particular order.
     fn head() -> ArchiveHead {
         ArchiveHead {
             entries: vec![
@@ -308,7 +392,14 @@ mod tests {
                     "FK CONSTRAINT",
                     "public",
                     "items items_order_fkey",
-                    &[20, 16],
+                    &[10, 16, 20],
+                ),
+                entry(
+                    27,
+                    "FK CONSTRAINT",
+                    "public",
+                    "orders orders_parent_fkey",
+                    &[10, 10, 16],
                 ),
                 entry(19, "COMMENT", "public", "TABLE orders", &[10]),
                 entry(24, "COMMENT", "public", "INDEX orders_by_day", &[17]),
@@ -335,23 +426,62 @@ mod tests {
 
     #[test]
     fn a_table_brings_what_hangs_on_it_alone_in_archive_order() {
+        // With its own foreign key (to itself), and items' foreign key to
+        // it, which must be dropped and added again around it.
         check(
             &[("public", "orders")],
             &[],
             &[],
-            &[10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 24, 25],
+            &[10, 11, 12, 13, 14, 15, 16, 17, 18, 23, 27, 19, 24, 25],
         );
-        // Not the foreign key to orders, nor orders' sequence; the default
-        // that uses it comes (it hangs on no other table) and needs the
-        // sequence on the target.
-        check(&[("public", "items")], &[], &[], &[20, 21, 22]);
+        let selection = select(
+            &head(),
+            &[("public".into(), "orders".into())],
+            &[],
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            selection.incoming,
+            [ForeignKey {
+                dump_id: 23,
+                schema: "public".into(),
+                table: "items".into(),
+                name: "items_order_fkey".into(),
+            }]
+        );
+        let without: HashSet<i64> = [23].into();
+        assert!(!selection.without(&without).dump_ids.contains(&23));
+        // Not orders' sequence; the default that uses it comes (it hangs
+        // on no other table) and needs the sequence on the target. Its
+        // foreign key to orders comes: orders must be on the target.
+        check(&[("public", "items")], &[], &[], &[20, 21, 22, 23]);
         // Both: now items' default on orders' sequence comes too.
         check(
             &[("public", "items"), ("public", "orders")],
             &[],
             &[],
-            &[10, 11, 12, 20, 21, 13, 14, 22, 15, 16, 17, 18, 19, 24, 25],
+            &[
+                10, 11, 12, 20, 21, 13, 14, 22, 15, 16, 17, 18, 23, 27, 19, 24, 25,
+            ],
         );
+    }
+
+    #[test]
+    fn a_foreign_key_belongs_to_the_table_its_tag_begins_with() {
+        let tables = [
+            entry(1, "TABLE", "public", "a", &[]),
+            entry(2, "TABLE", "public", "a b", &[]),
+        ];
+        let by_id: HashMap<i64, &TocEntry> = tables.iter().map(|t| (t.dump_id, t)).collect();
+        let fk = entry(3, "FK CONSTRAINT", "public", "a b c", &[1, 2]);
+        let (table, name) = foreign_key_table(&fk, &by_id).unwrap();
+        assert_eq!((table.tag.as_str(), name), ("a b", "c"));
+        let fk = entry(4, "FK CONSTRAINT", "public", "a x", &[2, 1]);
+        let (table, name) = foreign_key_table(&fk, &by_id).unwrap();
+        assert_eq!((table.tag.as_str(), name), ("a", "x"));
+        let fk = entry(5, "FK CONSTRAINT", "other", "a x", &[1]);
+        assert!(foreign_key_table(&fk, &by_id).is_none());
     }
 
     #[test]
@@ -394,6 +524,7 @@ mod tests {
         let selection = Selection {
             dump_ids: vec![10, 40],
             tables: Vec::new(),
+            incoming: Vec::new(),
         };
         let list = selection.list_file(&head);
         let lines: Vec<&str> = list.lines().collect();

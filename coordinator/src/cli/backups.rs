@@ -396,8 +396,13 @@ fn print_restore_summary(job: &JobView) {
             );
         }
     }
-    if !report.warnings.is_empty() {
-        eprintln!("pg_restore said: {}", report.warnings);
+    // Cairn's own warnings and pg_restore's output apart: an operator must
+    // know who is speaking.
+    for warning in report.warnings.lines().filter(|l| !l.trim().is_empty()) {
+        eprintln!("warning: {warning}");
+    }
+    if !report.pg_restore_messages.trim().is_empty() {
+        eprintln!("pg_restore said: {}", report.pg_restore_messages.trim_end());
     }
 }
 

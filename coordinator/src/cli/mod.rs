@@ -125,7 +125,8 @@ enum Command {
         /// The agent's instance (default: its first).
         #[arg(long, default_value = "")]
         instance: String,
-        /// Target database (default: the backup's database name).
+        /// Target database (default: the backup's database name); never a
+        /// template database, nor the one the agent connects through.
         #[arg(long)]
         database: Option<String>,
         /// Swap out an existing non-empty target: its sessions are
@@ -142,10 +143,11 @@ enum Command {
         #[arg(long)]
         no_roles: bool,
         /// Parallel pg_restore jobs; above 1 the dump is spooled to the
-        /// agent's disk first (pg_restore -j needs a file).
+        /// agent's private spool_dir first (pg_restore -j needs a file).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
         jobs: u32,
-        /// Only this table, SCHEMA.TABLE (repeatable), into the existing target.
+        /// Only this table, SCHEMA.TABLE (repeatable), into the existing
+        /// target, with its constraints and the foreign keys from and to it.
         #[arg(long = "table", value_name = "SCHEMA.TABLE")]
         tables: Vec<String>,
         /// Only this schema (repeatable), into the existing target.

@@ -13,8 +13,9 @@
 //!   the rename into place are part of it);
 //! - (j) `createdb DB; pg_restore -j 2 -d DB FILE`;
 //! - (k) `cairn restore ID --database DB --jobs 2 --wait`: the agent spools
-//!   the checked dump to its `spool_dir` (the default, /var/tmp/cairn-agent;
-//!   the agent removes the file), then runs `pg_restore -j 2 FILE`.
+//!   the checked dump to its `spool_dir` (the default, `spool` in the
+//!   agent's directory; the agent removes the file), then runs
+//!   `pg_restore -j 2 FILE`.
 //!
 //! The baselines include `createdb`, as cairn's restore includes creating
 //! its staging database. FILE and FILE.enc are made once per dataset, before
