@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_common::error::incident_status;
 use cairn_common::model::{InstanceProbe, Operation, probes_from_wire};
 use cairn_common::names::{AgentName, InstanceName, validate_label};
 use cairn_common::proto::{self, agent_message, coordinator_message};
@@ -181,6 +182,13 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                     {
                         tracing::error!(%error, "cannot record the failed job");
                     }
+                    // The agent gets an incident id, not the storage's
+                    // own words (paths, the S3 service's).
+                    let status = if status.code() == tonic::Code::Unavailable {
+                        incident_status(tonic::Code::Unavailable, &status.message())
+                    } else {
+                        status
+                    };
                     let _ = replies.send(Err(status)).await;
                 }
             }

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use cairn_common::archive::TableRows;
 use cairn_common::chunk::{ChunkId, open_chunk};
+use cairn_common::error::internal_status;
 use cairn_common::proto::{self, backup_upload, backup_upload_reply};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -260,7 +261,7 @@ impl Upload {
                 open_chunk(keys.keys(), &id, &checked).map(|plaintext| plaintext.len() as u64)
             })
             .await
-            .map_err(|e| Status::internal(format!("chunk check: {e}")))?
+            .map_err(|e| internal_status(&format!("chunk check: {e}")))?
             .map_err(|e| protocol(e.to_string()))?;
             if plaintext_len != plaintext_bytes {
                 return Err(protocol(format!(
@@ -290,7 +291,7 @@ impl Upload {
     /// Waits for the next chunk in flight to be stored (or fail).
     async fn reap_one(&mut self) -> Result<(), Status> {
         if let Some(joined) = self.in_flight.join_next().await {
-            joined.map_err(|e| Status::internal(format!("chunk store: {e}")))??;
+            joined.map_err(|e| internal_status(&format!("chunk store: {e}")))??;
         }
         Ok(())
     }
@@ -307,7 +308,7 @@ impl Upload {
             };
             let Some(joined) = joined else { break };
             let result = joined
-                .map_err(|error| Status::internal(format!("chunk store: {error}")))
+                .map_err(|error| internal_status(&format!("chunk store: {error}")))
                 .and_then(|stored| stored);
             if let Err(status) = result {
                 first_error.get_or_insert(status);
