@@ -26,7 +26,7 @@ use crate::catalog::{Catalog, JobStatus, Registration};
 use crate::clock::now_ms;
 use crate::fleet::{CommandOutcome, Fleet};
 use crate::repository::Repository;
-use crate::upload::Upload;
+use crate::upload::{Upload, UploadsInProgress};
 
 /// Commands and acknowledgements queued to one agent.
 const CONTROL_QUEUE_LEN: usize = 32;
@@ -44,6 +44,8 @@ pub struct Gateway {
     /// Control-stream loops, so that shutdown waits for them.
     pub tasks: TaskTracker,
     pub repository: Arc<Repository>,
+    /// Open upload streams, one per job.
+    pub uploads: UploadsInProgress,
 }
 
 type ControlStream = Pin<Box<dyn Stream<Item = Result<proto::CoordinatorMessage, Status>> + Send>>;
@@ -152,12 +154,27 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                     start.job_id
                 ))
             })?;
-        let tags = self
+        // Its backup must still be open: a backup that a finished upload
+        // completed is never written again.
+        let backup = self
             .catalog
             .get_backup(&job.backup_id)
             .await?
-            .map(|b| b.tags())
-            .unwrap_or_default();
+            .filter(|backup| backup.status == "running")
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "backup {} of job {} is no longer running",
+                    job.backup_id, job.id
+                ))
+            })?;
+        let tags = backup.tags();
+        let claim = self.uploads.claim(&job.id).ok_or_else(|| {
+            tracing::warn!(job_id = %job.id, %agent, "refused a second upload stream for one job");
+            Status::failed_precondition(format!(
+                "job {} already has an upload in progress: one upload stream per job",
+                job.id
+            ))
+        })?;
         let (replies, receiver) = mpsc::channel(UPLOAD_REPLY_QUEUE_LEN);
         let upload = Upload::new(
             self.catalog.clone(),
@@ -170,6 +187,7 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
         let span = tracing::info_span!("upload", job_id = %job.id, agent = %agent, database = %job.database);
         self.tasks.spawn(
             async move {
+                let _claim = claim;
                 if let Err(status) = upload.run(inbound, replies.clone()).await {
                     tracing::warn!(error = %status.message(), "upload failed");
                     // A storage failure is recorded here, with its own

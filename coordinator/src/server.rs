@@ -160,6 +160,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         probe_history: config.fleet.probe_history,
         tasks: tasks.clone(),
         repository: repository.clone(),
+        uploads: Default::default(),
     };
     let jobs = Arc::new(Jobs {
         catalog: catalog.clone(),

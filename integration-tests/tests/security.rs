@@ -20,7 +20,7 @@ use cairn_common::token::EnrollmentToken;
 use cairn_integration_tests::cluster::AGENT_ONLINE_TIMEOUT;
 use cairn_integration_tests::{
     AgentOptions, Coordinator, CoordinatorOptions, Output, PgCluster, Process, ProcessBuilder,
-    TestDir, binaries, run, wait_until,
+    TestDir, binaries, run, wait_for, wait_until,
 };
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -1424,6 +1424,81 @@ async fn only_a_running_restore_jobs_own_agent_may_download_and_no_restore_may_u
         describe(&refused)
     );
     // The backup is still there, whole.
+    coordinator
+        .cli(&["backup", "verify", &backup_id])
+        .assert_success();
+}
+
+/// One upload stream per backup job: while the agent's own upload of a
+/// running job is open, a second `UploadBackup` for that job (the same
+/// agent's certificate, the right job and backup ids) is refused, and the
+/// first one still completes the backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_upload_stream_for_one_job_is_refused() {
+    let test_dir = TestDir::new("second_upload_refused");
+    let pg = PgCluster::start_in(&test_dir, "main");
+    pg.create_sample_database("shop", 24);
+    let coordinator = Coordinator::start(&test_dir);
+    let db1 = coordinator.enroll_agent("db1", &pg, AgentOptions::default().allow("backup"));
+    let jobs = coordinator.cli_json(&["backup", "run", "--agent", "db1", "--database", "shop"]);
+    let job_id = jobs[0]["id"].as_str().unwrap().to_string();
+    let backup_id = jobs[0]["backup_id"].as_str().unwrap().to_string();
+    // The agent's upload is open once the job has read from pg_dump; from
+    // there the agent is held still, so the job cannot end under the test.
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        &format!("job {job_id} has started uploading"),
+        || {
+            let job = coordinator.cli_json(&["jobs", "show", &job_id]);
+            assert_eq!(job["status"], "running", "the job ended too soon: {job}");
+            job["bytes_read"].as_u64().unwrap_or(0) > 0
+        },
+    );
+    db1.process().pause();
+
+    let url = coordinator.url();
+    let ca_pem = read(&db1.dir().join("identity/ca.pem"));
+    let identity = read_identity(&db1.dir().join("identity"));
+    let channel = channel(&url, &ca_pem, Some(&identity)).await.unwrap();
+    let start = proto::BackupUpload {
+        body: Some(proto::backup_upload::Body::Start(proto::UploadStart {
+            job_id: job_id.clone(),
+            backup_id: backup_id.clone(),
+        })),
+    };
+    let mut client = AgentGatewayClient::new(channel);
+    let call = client.upload_backup(tonic::codegen::tokio_stream::iter(vec![start]));
+    let second = tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .expect("UploadBackup answers");
+    db1.process().resume();
+    let refused = second.expect_err("a second upload stream for a running job");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{}",
+        describe(&refused)
+    );
+    assert!(
+        refused
+            .message()
+            .contains("already has an upload in progress"),
+        "{}",
+        describe(&refused)
+    );
+
+    // The first upload was not disturbed.
+    let job = wait_for(
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        &format!("job {job_id} ends"),
+        || {
+            let job = coordinator.cli_json(&["jobs", "show", &job_id]);
+            (job["status"] != "running").then_some(job)
+        },
+    );
+    assert_eq!(job["status"], "succeeded", "{job}");
     coordinator
         .cli(&["backup", "verify", &backup_id])
         .assert_success();
