@@ -166,7 +166,7 @@ pub async fn run(
     jobs: &Arc<RunningJobs>,
     command: proto::RestoreCommand,
 ) -> Result<proto::RestoreReport, JobEnd> {
-    let guard = jobs.register(&command.job_id);
+    let guard = jobs.register(&command.job_id)?;
     let started = Instant::now();
     let request = Request::new(config, command)?;
     tracing::info!(
