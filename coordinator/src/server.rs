@@ -215,7 +215,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     let http_state = HttpState {
         catalog: catalog.clone(),
         fleet,
-        store: repository.store.clone(),
+        repository: repository.clone(),
     };
     let http_shutdown = shutdown.clone();
     let mut http = tokio::spawn(async move {
