@@ -1503,3 +1503,126 @@ async fn a_second_upload_stream_for_one_job_is_refused() {
         .cli(&["backup", "verify", &backup_id])
         .assert_success();
 }
+
+/// A control stream's probe reports speak only for the instances the agent
+/// registered on it: a report naming another instance is refused whole
+/// (nothing of it stored) and audited, while a report on a registered
+/// instance is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_reports_naming_unregistered_instances_are_refused_and_audited() {
+    let test_dir = TestDir::new("probe_report_unregistered");
+    let pg = PgCluster::start_in(&test_dir, "main");
+    let coordinator = Coordinator::start(&test_dir);
+    let mut db1 = coordinator.enroll_agent("db1", &pg, AgentOptions::default());
+    db1.stop();
+    let url = coordinator.url();
+    let ca_pem = read(&db1.dir().join("identity/ca.pem"));
+    let identity = read_identity(&db1.dir().join("identity"));
+    let channel = channel(&url, &ca_pem, Some(&identity)).await.unwrap();
+
+    let (outbound, outbound_receiver) = tokio::sync::mpsc::channel(4);
+    let send = |body| {
+        let outbound = outbound.clone();
+        async move {
+            outbound
+                .send(proto::AgentMessage { body: Some(body) })
+                .await
+                .expect("the control stream is open");
+        }
+    };
+    send(proto::agent_message::Body::Register(proto::Register {
+        agent_name: "db1".into(),
+        version: "security-test".into(),
+        instances: vec!["main".into()],
+        ..Default::default()
+    }))
+    .await;
+    let mut client = AgentGatewayClient::new(channel);
+    let call = client.control(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(
+        outbound_receiver,
+    ));
+    let mut inbound = tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .expect("Control answers")
+        .expect("the control stream is accepted")
+        .into_inner();
+    let registered = tokio::time::timeout(CALL_TIMEOUT, inbound.message())
+        .await
+        .expect("the coordinator answers the register")
+        .expect("a message");
+    assert!(
+        matches!(
+            registered.and_then(|m| m.body),
+            Some(proto::coordinator_message::Body::Registered(_))
+        ),
+        "the first answer is `registered`"
+    );
+
+    let probe = |instance: &str, version: &str| proto::InstanceProbe {
+        instance: instance.into(),
+        probed_at_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64,
+        reachable: true,
+        server_version: version.into(),
+        ..Default::default()
+    };
+    // One report naming an instance db1 never registered (beside one it
+    // did), then one naming only its own.
+    send(proto::agent_message::Body::ProbeReport(
+        proto::ProbeResult {
+            instances: vec![probe("main", "forged 1"), probe("ghost", "forged 2")],
+        },
+    ))
+    .await;
+    send(proto::agent_message::Body::ProbeReport(
+        proto::ProbeResult {
+            instances: vec![probe("main", "honest 3")],
+        },
+    ))
+    .await;
+
+    let probes = |coordinator: &Coordinator| -> Vec<(String, String)> {
+        coordinator.cli_json(&["agents", "show", "db1"])["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["instance"].as_str().unwrap_or_default().to_string(),
+                    p["server_version"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    };
+    wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        "the registered instance's probe is stored",
+        || {
+            probes(&coordinator)
+                .iter()
+                .any(|(_, version)| version == "honest 3")
+        },
+    );
+    let stored = probes(&coordinator);
+    assert!(
+        !stored
+            .iter()
+            .any(|(instance, version)| instance == "ghost" || version.starts_with("forged")),
+        "nothing of the refused report is stored: {stored:?}"
+    );
+    let events = audit_events(&coordinator);
+    let refusal = last_event(&events, "agent.probe-report", "db1")
+        .unwrap_or_else(|| panic!("the refusal is audited: {events:#?}"));
+    assert_eq!(refusal["outcome"], "refused", "{refusal}");
+    assert!(
+        refusal["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("ghost"),
+        "{refusal}"
+    );
+    drop(outbound);
+}
