@@ -1456,6 +1456,11 @@ async fn a_second_upload_stream_for_one_job_is_refused() {
         },
     );
     db1.process().pause();
+    let job = coordinator.cli_json(&["jobs", "show", &job_id]);
+    assert_eq!(
+        job["status"], "running",
+        "the job ended before its agent was paused; make the database bigger: {job}"
+    );
 
     let url = coordinator.url();
     let ca_pem = read(&db1.dir().join("identity/ca.pem"));
