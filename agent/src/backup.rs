@@ -35,7 +35,7 @@ pub async fn run(
     jobs: &Arc<RunningJobs>,
     command: proto::BackupCommand,
 ) -> Result<(), JobEnd> {
-    let guard = jobs.register(&command.job_id);
+    let guard = jobs.register(&command.job_id)?;
     let keys = repository_keys(&command.data_key, &command.chunk_id_key)?;
     let instance = config
         .instances

@@ -227,6 +227,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_command_for_a_job_already_running_here_is_refused() {
+        let context = context("\"backup\", \"restore\"");
+        let running = context.jobs.register("j1").unwrap();
+        for kind in [
+            command::Kind::Backup(proto::BackupCommand {
+                job_id: "j1".into(),
+                ..Default::default()
+            }),
+            command::Kind::Restore(proto::RestoreCommand {
+                job_id: "j1".into(),
+                ..Default::default()
+            }),
+        ] {
+            let result = execute(&context, command(kind)).await;
+            let Some(command_result::Outcome::Error(error)) = &result.outcome else {
+                panic!("expected a refusal: {result:?}");
+            };
+            assert!(error.contains("job j1 is already running"), "{error}");
+        }
+        // The running job is still the one a cancel reaches.
+        assert!(context.jobs.cancel("j1"));
+        assert!(running.token.is_cancelled());
+    }
+
+    #[tokio::test]
     async fn probes_are_always_allowed() {
         let result = execute(
             &context(""),

@@ -3,6 +3,7 @@
 //! done, and the repository keys a job command carries.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex};
 
 use cairn_common::crypto::{RepositoryKeys, SecretKey};
@@ -19,15 +20,29 @@ impl RunningJobs {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a job; it stays registered while the guard lives.
-    pub(crate) fn register(self: &Arc<Self>, job_id: &str) -> JobGuard {
+    /// Registers a job; it stays registered while the guard lives. A
+    /// second command for a job already running here is refused: two runs
+    /// of one job would write one backup or one target twice, and the
+    /// first to end would unregister the other (a cancel would then miss
+    /// it).
+    pub(crate) fn register(self: &Arc<Self>, job_id: &str) -> Result<JobGuard, JobEnd> {
         let token = CancellationToken::new();
-        self.lock().insert(job_id.to_string(), token.clone());
-        JobGuard {
+        match self.lock().entry(job_id.to_string()) {
+            Entry::Occupied(_) => {
+                return Err(JobEnd::Failed(format!(
+                    "job {job_id} is already running on this agent: a second command for it \
+                     is refused"
+                )));
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(token.clone());
+            }
+        }
+        Ok(JobGuard {
             jobs: self.clone(),
             job_id: job_id.to_string(),
             token,
-        }
+        })
     }
 
     /// Cancels a running job; false if there is none by that id.
@@ -81,4 +96,33 @@ pub(crate) fn repository_keys(
         data: SecretKey::from_bytes(data_key).map_err(|e| format!("data key: {e}"))?,
         chunk_id: SecretKey::from_bytes(chunk_id_key).map_err(|e| format!("chunk-id key: {e}"))?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_id_runs_once_at_a_time() {
+        let jobs = Arc::new(RunningJobs::default());
+        let first = jobs.register("j1").expect("the first command runs");
+        let Err(JobEnd::Failed(refusal)) = jobs.register("j1") else {
+            panic!("a second command for a running job must be refused");
+        };
+        assert!(
+            refusal.contains("j1") && refusal.contains("already running"),
+            "{refusal}"
+        );
+        // The refused one did not unregister the running one: a cancel
+        // still reaches it.
+        assert!(jobs.cancel("j1"));
+        assert!(first.token.is_cancelled());
+        let other = jobs.register("j2").expect("another job runs beside it");
+        drop(first);
+        assert!(!jobs.cancel("j1"));
+        let again = jobs
+            .register("j1")
+            .expect("the id is free once the job ended");
+        drop((other, again));
+    }
 }

@@ -38,7 +38,8 @@
 //!    roles its privileges name) that the target lacks are created from the
 //!    backup's globals, unless `--no-roles`; never with SUPERUSER,
 //!    REPLICATION, BYPASSRLS or CREATEROLE, nor as members of a superuser
-//!    or a `pg_*` role.
+//!    or a `pg_*` role, not even for a moment: the globals' statements are
+//!    filtered before they run (`roles`).
 //! 5. Whatever fails, or a cancel: `pg_restore` is killed, the staging (or
 //!    scratch) database is dropped, the spool file removed, and the target
 //!    left as it was.
@@ -175,7 +176,7 @@ pub async fn run(
     jobs: &Arc<RunningJobs>,
     command: proto::RestoreCommand,
 ) -> Result<proto::RestoreReport, JobEnd> {
-    let guard = jobs.register(&command.job_id);
+    let guard = jobs.register(&command.job_id)?;
     let started = Instant::now();
     let request = Request::new(config, command)?;
     tracing::info!(

@@ -12,6 +12,7 @@
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::Error;
 use crate::pki::random_bytes;
@@ -20,9 +21,25 @@ pub const KEY_BYTES: usize = 32;
 pub const NONCE_BYTES: usize = 12;
 pub const TAG_BYTES: usize = 16;
 
-/// A 256-bit secret. Its `Debug` never shows the bytes.
+/// A 256-bit secret. Its `Debug` never shows the bytes, and the bytes are
+/// overwritten with zeros when the key is dropped, so a freed key does not
+/// linger in memory (or a core dump) after its last use.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SecretKey([u8; KEY_BYTES]);
+
+impl Zeroize for SecretKey {
+    fn zeroize(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl Drop for SecretKey {
+    fn drop(&mut self) {
+        self.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for SecretKey {}
 
 impl std::fmt::Debug for SecretKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -32,7 +49,7 @@ impl std::fmt::Debug for SecretKey {
 
 impl SecretKey {
     pub fn generate() -> Result<SecretKey, Error> {
-        let bytes = random_bytes(KEY_BYTES)?;
+        let bytes = Zeroizing::new(random_bytes(KEY_BYTES)?);
         let mut key = [0u8; KEY_BYTES];
         key.copy_from_slice(&bytes);
         Ok(SecretKey(key))
@@ -48,6 +65,7 @@ impl SecretKey {
     /// Parses 64 hex digits (surrounding whitespace allowed), as key files hold.
     pub fn from_hex(text: &str) -> Result<SecretKey, Error> {
         let bytes = hex::decode(text.trim())
+            .map(Zeroizing::new)
             .map_err(|_| Error::invalid("key", format!("must be {} hex digits", KEY_BYTES * 2)))?;
         SecretKey::from_bytes(&bytes)
     }
@@ -287,6 +305,39 @@ mod tests {
         let error = wrapped.unwrap(&other).unwrap_err().to_string();
         assert!(error.contains(&master.key_id()), "{error}");
         assert!(!format!("{keys:?}").contains(&keys.data.expose_hex()));
+    }
+
+    #[test]
+    fn key_bytes_are_wiped_on_drop_and_never_in_debug_output() {
+        fn wiped_on_drop<T: ZeroizeOnDrop>() {}
+        wiped_on_drop::<SecretKey>();
+        // What `Drop` does.
+        let mut key = SecretKey::generate().unwrap();
+        assert_ne!(key.expose_bytes(), &[0u8; KEY_BYTES]);
+        key.zeroize();
+        assert_eq!(key.expose_bytes(), &[0u8; KEY_BYTES]);
+
+        let key = SecretKey::generate().unwrap();
+        let keys = RepositoryKeys {
+            data: key.clone(),
+            chunk_id: SecretKey::generate().unwrap(),
+        };
+        for shown in [
+            format!("{key:?}"),
+            format!("{key:#?}"),
+            format!("{keys:?}"),
+            format!("{keys:#?}"),
+        ] {
+            assert!(shown.contains("<redacted>"), "{shown}");
+            for secret in [&key, &keys.chunk_id] {
+                let bytes = secret.expose_bytes();
+                assert!(!shown.contains(&secret.expose_hex()), "{shown}");
+                assert!(!shown.contains(&hex::encode_upper(bytes)), "{shown}");
+                // The bytes as a derived `Debug` would print them.
+                let listed = format!("{bytes:?}");
+                assert!(!shown.contains(listed.trim_matches(['[', ']'])), "{shown}");
+            }
+        }
     }
 
     #[test]

@@ -65,7 +65,40 @@ impl From<Error> for tonic::Status {
                 tonic::Status::invalid_argument(error.to_string())
             }
             Error::Certificate(_) => tonic::Status::invalid_argument(error.to_string()),
-            _ => tonic::Status::internal(error.to_string()),
+            _ => internal_status(&error),
         }
+    }
+}
+
+/// A failure on the server's side, as a client may see it: the full error
+/// (SQL, file paths, a storage service's words) goes to the log under a
+/// short random incident id, and the client gets only that id and where
+/// to look, with `code`. The id lets an operator find the log line.
+pub fn incident_status(code: tonic::Code, error: &dyn std::fmt::Display) -> tonic::Status {
+    let incident = incident_id();
+    tracing::error!(incident = %incident, error = %error, "internal error");
+    tonic::Status::new(
+        code,
+        format!("internal error (id {incident}): see the coordinator's log"),
+    )
+}
+
+/// [`incident_status`] as `INTERNAL`.
+pub fn internal_status(error: &dyn std::fmt::Display) -> tonic::Status {
+    incident_status(tonic::Code::Internal, error)
+}
+
+/// 8 hex digits, random; the clock's nanoseconds if the system random
+/// source fails (an id only has to tell incidents apart in one log).
+fn incident_id() -> String {
+    match crate::pki::random_bytes(4) {
+        Ok(bytes) => hex::encode(bytes),
+        Err(_) => format!(
+            "{:08x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|elapsed| elapsed.subsec_nanos())
+                .unwrap_or_default()
+        ),
     }
 }

@@ -554,7 +554,9 @@ impl Admin for AdminService {
         let report = match check.await {
             Ok(result) => result?,
             Err(error) => {
-                return Err(Status::internal(format!("the check stopped: {error}")));
+                return Err(cairn_common::error::internal_status(&format!(
+                    "the check stopped: {error}"
+                )));
             }
         };
         self.audit

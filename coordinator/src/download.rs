@@ -9,10 +9,11 @@
 
 use std::sync::Arc;
 
+use cairn_common::error::incident_status;
 use cairn_common::proto;
 use futures::StreamExt;
 use tokio::sync::mpsc;
-use tonic::Status;
+use tonic::{Code, Status};
 
 use crate::catalog::{Catalog, JobRecord};
 use crate::manifest::{Manifest, ManifestChunk};
@@ -39,7 +40,9 @@ pub async fn manifest_of(repository: &Repository, job: &JobRecord) -> Result<Man
                 "the manifest of backup {} does not authenticate: {message}",
                 job.backup_id
             )),
-            other => Status::unavailable(format!("repository: {other}")),
+            // The storage's own words (paths, the S3 service's) go to the
+            // log; the agent gets an incident id.
+            other => incident_status(Code::Unavailable, &format!("repository: {other}")),
         })
 }
 
@@ -131,6 +134,9 @@ fn unreadable(
         RepositoryError::NotFound(_) => {
             Status::data_loss(format!("{which} is missing from the repository"))
         }
-        other => Status::unavailable(format!("repository: cannot read {which}: {other}")),
+        other => incident_status(
+            Code::Unavailable,
+            &format!("repository: cannot read {which}: {other}"),
+        ),
     }
 }

@@ -1,11 +1,12 @@
 //! The AgentGateway gRPC service: enrollment and the agents' control
 //! streams. Converts between the wire and domain types at this edge.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_common::error::incident_status;
 use cairn_common::model::{InstanceProbe, Operation, probes_from_wire};
 use cairn_common::names::{AgentName, InstanceName, validate_label};
 use cairn_common::proto::{self, agent_message, coordinator_message};
@@ -25,7 +26,7 @@ use crate::catalog::{Catalog, JobStatus, Registration};
 use crate::clock::now_ms;
 use crate::fleet::{CommandOutcome, Fleet};
 use crate::repository::Repository;
-use crate::upload::Upload;
+use crate::upload::{Upload, UploadsInProgress};
 
 /// Commands and acknowledgements queued to one agent.
 const CONTROL_QUEUE_LEN: usize = 32;
@@ -43,6 +44,8 @@ pub struct Gateway {
     /// Control-stream loops, so that shutdown waits for them.
     pub tasks: TaskTracker,
     pub repository: Arc<Repository>,
+    /// Open upload streams, one per job.
+    pub uploads: UploadsInProgress,
 }
 
 type ControlStream = Pin<Box<dyn Stream<Item = Result<proto::CoordinatorMessage, Status>> + Send>>;
@@ -151,12 +154,27 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                     start.job_id
                 ))
             })?;
-        let tags = self
+        // Its backup must still be open: a backup that a finished upload
+        // completed is never written again.
+        let backup = self
             .catalog
             .get_backup(&job.backup_id)
             .await?
-            .map(|b| b.tags())
-            .unwrap_or_default();
+            .filter(|backup| backup.status == "running")
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "backup {} of job {} is no longer running",
+                    job.backup_id, job.id
+                ))
+            })?;
+        let tags = backup.tags();
+        let claim = self.uploads.claim(&job.id).ok_or_else(|| {
+            tracing::warn!(job_id = %job.id, %agent, "refused a second upload stream for one job");
+            Status::failed_precondition(format!(
+                "job {} already has an upload in progress: one upload stream per job",
+                job.id
+            ))
+        })?;
         let (replies, receiver) = mpsc::channel(UPLOAD_REPLY_QUEUE_LEN);
         let upload = Upload::new(
             self.catalog.clone(),
@@ -169,6 +187,7 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
         let span = tracing::info_span!("upload", job_id = %job.id, agent = %agent, database = %job.database);
         self.tasks.spawn(
             async move {
+                let _claim = claim;
                 if let Err(status) = upload.run(inbound, replies.clone()).await {
                     tracing::warn!(error = %status.message(), "upload failed");
                     // A storage failure is recorded here, with its own
@@ -181,6 +200,13 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                     {
                         tracing::error!(%error, "cannot record the failed job");
                     }
+                    // The agent gets an incident id, not the storage's
+                    // own words (paths, the S3 service's).
+                    let status = if status.code() == tonic::Code::Unavailable {
+                        incident_status(tonic::Code::Unavailable, &status.message())
+                    } else {
+                        status
+                    };
                     let _ = replies.send(Err(status)).await;
                 }
             }
@@ -278,6 +304,10 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
             .await;
 
         let gateway = self.clone();
+        let mut stream = StreamState {
+            instances: registration.instances.iter().cloned().collect(),
+            probe_refusal_audited: false,
+        };
         let span = tracing::info_span!("control", agent = %agent, session);
         self.tasks.spawn(
             async move {
@@ -287,7 +317,11 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                         message = inbound.message() => message,
                     };
                     match message {
-                        Ok(Some(message)) => gateway.handle(agent.as_str(), session, message).await,
+                        Ok(Some(message)) => {
+                            gateway
+                                .handle(agent.as_str(), session, &mut stream, message)
+                                .await
+                        }
                         Ok(None) => break,
                         Err(status) => {
                             tracing::info!(error = %status.message(), "control stream broke");
@@ -322,16 +356,24 @@ impl Gateway {
         status
     }
 
-    async fn handle(&self, agent: &str, session: u64, message: proto::AgentMessage) {
+    async fn handle(
+        &self,
+        agent: &str,
+        session: u64,
+        stream: &mut StreamState,
+        message: proto::AgentMessage,
+    ) {
         self.fleet.heartbeat(agent, session);
         match message.body {
             Some(agent_message::Body::Heartbeat(_)) => {}
             Some(agent_message::Body::ProbeReport(result)) => {
                 let probes = probes_from_wire(result.instances);
-                self.store_probes(agent, &probes).await;
+                if self.probes_are_registered(agent, stream, &probes).await {
+                    self.store_probes(agent, &probes).await;
+                }
             }
             Some(agent_message::Body::CommandResult(result)) => {
-                let outcome = self.outcome_from_wire(agent, &result).await;
+                let outcome = self.outcome_from_wire(agent, stream, &result).await;
                 self.fleet
                     .complete(agent, session, &result.command_id, outcome);
             }
@@ -340,6 +382,53 @@ impl Gateway {
             }
             None => tracing::warn!("empty agent message"),
         }
+    }
+
+    /// Whether every probe names an instance the agent registered on this
+    /// stream. A report that names another is refused whole: an agent
+    /// speaks only for its own instances, and the catalog, the CLI and the
+    /// metrics would otherwise list instances nobody registered. The first
+    /// refusal on a stream is audited, later ones only logged, so that a
+    /// misbehaving agent cannot flood the audit log.
+    async fn probes_are_registered(
+        &self,
+        agent: &str,
+        stream: &mut StreamState,
+        probes: &[InstanceProbe],
+    ) -> bool {
+        let unknown: BTreeSet<&str> = probes
+            .iter()
+            .map(|probe| probe.instance.as_str())
+            .filter(|instance| !stream.instances.contains(*instance))
+            .collect();
+        if unknown.is_empty() {
+            return true;
+        }
+        let detail = format!(
+            "probe report refused: it names instances [{}] the agent did not register \
+             (registered: [{}])",
+            unknown.into_iter().collect::<Vec<_>>().join(","),
+            stream
+                .instances
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        tracing::warn!(%detail, "refused a probe report");
+        if !stream.probe_refusal_audited {
+            stream.probe_refusal_audited = true;
+            self.audit
+                .record(AuditEvent::new(
+                    format!("agent:{agent}"),
+                    "agent.probe-report",
+                    agent,
+                    Outcome::Refused,
+                    detail,
+                ))
+                .await;
+        }
+        false
     }
 
     async fn store_probes(&self, agent: &str, probes: &[InstanceProbe]) {
@@ -355,11 +444,17 @@ impl Gateway {
     async fn outcome_from_wire(
         &self,
         agent: &str,
+        stream: &mut StreamState,
         result: &proto::CommandResult,
     ) -> CommandOutcome {
         match &result.outcome {
             Some(proto::command_result::Outcome::Probe(probe)) => {
                 let probes = probes_from_wire(probe.instances.clone());
+                if !self.probes_are_registered(agent, stream, &probes).await {
+                    return CommandOutcome::Error(
+                        "the agent's probe names instances it did not register".into(),
+                    );
+                }
                 self.store_probes(agent, &probes).await;
                 CommandOutcome::Probe(probes)
             }
@@ -391,6 +486,16 @@ impl Gateway {
             None => CommandOutcome::Error("the agent sent an empty command result".into()),
         }
     }
+}
+
+/// What the coordinator keeps about one open control stream.
+#[derive(Debug)]
+struct StreamState {
+    /// The instances the agent registered on this stream: the only ones
+    /// its probes may report on.
+    instances: BTreeSet<String>,
+    /// Whether a refused probe report was audited on this stream already.
+    probe_refusal_audited: bool,
 }
 
 /// Most instances and labels one agent may register.

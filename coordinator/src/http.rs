@@ -1,5 +1,5 @@
 //! Plain HTTP for machines: `/healthz` (the process runs), `/readyz` (the
-//! catalog answers and the repository is writable) and `/metrics`
+//! catalog answers and the repository's descriptor reads back) and `/metrics`
 //! (Prometheus text: agents online/offline, probe status per instance,
 //! replication lag, disk free).
 
@@ -20,14 +20,14 @@ use prometheus_client::registry::Registry;
 use crate::catalog::Catalog;
 use crate::clock::now_ms;
 use crate::fleet::Fleet;
-use crate::repository::{ObjectKey, Store};
+use crate::repository::Repository;
 
 #[derive(Debug, Clone)]
 pub struct HttpState {
     pub catalog: Arc<Catalog>,
     pub fleet: Arc<Fleet>,
-    /// The repository's store, for the writability check.
-    pub store: Store,
+    /// The open repository, whose descriptor `/readyz` reads.
+    pub repository: Arc<Repository>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -45,12 +45,12 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
             format!("catalog: {error}\n"),
         );
     }
-    if let Err(error) = check_writable(&state.store).await {
+    if let Err(error) = check_repository(&state.repository).await {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "repository {} not writable: {error}\n",
-                state.store.describe()
+                "repository {} not readable: {error}\n",
+                state.repository.store.describe()
             ),
         );
     }
@@ -60,20 +60,15 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
 /// How long `/readyz` waits for the repository before answering 503.
 const READYZ_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Writes and deletes a small object, `readyz/<pid>`, through the store.
-async fn check_writable(store: &Store) -> Result<(), String> {
-    let key =
-        ObjectKey::new(format!("readyz/{}", std::process::id())).map_err(|e| e.to_string())?;
-    let check = async {
-        store
-            .put(&key, bytes::Bytes::from_static(b"ok"))
-            .await
-            .map_err(|e| e.to_string())?;
-        store.delete(&key).await.map_err(|e| e.to_string())
-    };
-    tokio::time::timeout(READYZ_STORE_TIMEOUT, check)
+/// Reads the repository's descriptor (`cairn-repository.json`) back.
+/// Nothing is written: a probe object per process would collide between
+/// coordinators sharing a bucket and fail on a write-once one, and a load
+/// balancer's probes would churn the bucket.
+async fn check_repository(repository: &Repository) -> Result<(), String> {
+    tokio::time::timeout(READYZ_STORE_TIMEOUT, repository.check_readable())
         .await
         .map_err(|_| format!("no answer within {}s", READYZ_STORE_TIMEOUT.as_secs()))?
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

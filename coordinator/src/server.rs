@@ -160,6 +160,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         probe_history: config.fleet.probe_history,
         tasks: tasks.clone(),
         repository: repository.clone(),
+        uploads: Default::default(),
     };
     let jobs = Arc::new(Jobs {
         catalog: catalog.clone(),
@@ -214,7 +215,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     let http_state = HttpState {
         catalog: catalog.clone(),
         fleet,
-        store: repository.store.clone(),
+        repository: repository.clone(),
     };
     let http_shutdown = shutdown.clone();
     let mut http = tokio::spawn(async move {

@@ -13,12 +13,13 @@
 //! mid-upload loses no record of what is stored; the manifest is written
 //! only once every chunk is.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use cairn_common::archive::TableRows;
 use cairn_common::chunk::{ChunkId, open_chunk};
+use cairn_common::error::internal_status;
 use cairn_common::proto::{self, backup_upload, backup_upload_reply};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -36,6 +37,42 @@ pub const OFFER_MAX_CHUNKS: usize = 8;
 pub const STORE_IN_FLIGHT: usize = 4;
 
 pub type ReplySender = mpsc::Sender<Result<proto::BackupUploadReply, Status>>;
+
+/// The jobs whose upload stream is open: one stream per job, so that two
+/// streams cannot interleave their chunks into one backup or both write its
+/// manifest.
+#[derive(Debug, Clone, Default)]
+pub struct UploadsInProgress {
+    jobs: Arc<Mutex<HashSet<String>>>,
+}
+
+impl UploadsInProgress {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims job `job_id`'s upload until the claim is dropped; `None` if
+    /// another stream holds it.
+    pub fn claim(&self, job_id: &str) -> Option<UploadClaim> {
+        self.lock().insert(job_id.to_string()).then(|| UploadClaim {
+            uploads: self.clone(),
+            job_id: job_id.to_string(),
+        })
+    }
+}
+
+/// A job's upload stream, held while it runs.
+#[derive(Debug)]
+pub struct UploadClaim {
+    uploads: UploadsInProgress,
+    job_id: String,
+}
+
+impl Drop for UploadClaim {
+    fn drop(&mut self) {
+        self.uploads.lock().remove(&self.job_id);
+    }
+}
 
 /// One upload in progress.
 pub struct Upload {
@@ -260,7 +297,7 @@ impl Upload {
                 open_chunk(keys.keys(), &id, &checked).map(|plaintext| plaintext.len() as u64)
             })
             .await
-            .map_err(|e| Status::internal(format!("chunk check: {e}")))?
+            .map_err(|e| internal_status(&format!("chunk check: {e}")))?
             .map_err(|e| protocol(e.to_string()))?;
             if plaintext_len != plaintext_bytes {
                 return Err(protocol(format!(
@@ -290,7 +327,7 @@ impl Upload {
     /// Waits for the next chunk in flight to be stored (or fail).
     async fn reap_one(&mut self) -> Result<(), Status> {
         if let Some(joined) = self.in_flight.join_next().await {
-            joined.map_err(|e| Status::internal(format!("chunk store: {e}")))??;
+            joined.map_err(|e| internal_status(&format!("chunk store: {e}")))??;
         }
         Ok(())
     }
@@ -307,7 +344,7 @@ impl Upload {
             };
             let Some(joined) = joined else { break };
             let result = joined
-                .map_err(|error| Status::internal(format!("chunk store: {error}")))
+                .map_err(|error| internal_status(&format!("chunk store: {error}")))
                 .and_then(|stored| stored);
             if let Err(status) = result {
                 first_error.get_or_insert(status);
@@ -370,6 +407,20 @@ impl Upload {
         // Chunks first (durable once settled), then the manifest, then the
         // catalog.
         self.settle().await?;
+        // A job that ended while its chunks came (cancelled, failed) gets
+        // no manifest; `complete_backup` refuses it too, for one that ends
+        // from here on.
+        let still_running = self
+            .catalog
+            .get_backup(&self.job.backup_id)
+            .await?
+            .is_some_and(|backup| backup.status == "running");
+        if !still_running {
+            return Err(Status::failed_precondition(format!(
+                "backup {} is no longer running: its job ended before the upload finished",
+                self.job.backup_id
+            )));
+        }
         manifest.store(&self.repository).await.map_err(storage)?;
         self.stats.server_version = finish.server_version;
         self.stats.pg_dump_version = finish.pg_dump_version;
@@ -391,4 +442,20 @@ async fn reply(replies: &ReplySender, body: backup_upload_reply::Body) -> Result
         .send(Ok(proto::BackupUploadReply { body: Some(body) }))
         .await
         .map_err(|_| Status::cancelled("the agent went away"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_upload_per_job_at_a_time() {
+        let uploads = UploadsInProgress::default();
+        let first = uploads.claim("j1").expect("the first stream");
+        assert!(uploads.claim("j1").is_none(), "a second stream for j1");
+        let other = uploads.claim("j2").expect("another job's stream");
+        drop(first);
+        assert!(uploads.claim("j1").is_some(), "free once the first ended");
+        drop(other);
+    }
 }

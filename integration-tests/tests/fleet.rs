@@ -967,3 +967,45 @@ fn unreachable_instance_is_reported_not_hidden() {
     assert_eq!(probe["error"], Value::Null, "{probe:#}");
     wait_for_metrics(&coordinator, &[(reachable, Some(1.0))]);
 }
+
+/// `/readyz` reads the repository's descriptor back and writes nothing: a
+/// repository where no new object can be made under `readyz/` (here a file
+/// stands where that directory would go, as a write-once bucket or another
+/// coordinator's object would) is still ready, and a repository whose
+/// descriptor is gone is not, with a reason naming it.
+#[test]
+fn readyz_reads_the_repository_descriptor_and_writes_nothing() {
+    let test_dir = TestDir::new("readyz_reads_the_repository");
+    let coordinator = Coordinator::start(&test_dir);
+    let repository = coordinator.home().join("repository");
+    let descriptor = repository.join("cairn-repository.json");
+    assert!(descriptor.is_file(), "{}", descriptor.display());
+    std::fs::write(repository.join("readyz"), "not a directory").unwrap();
+    let files = || {
+        let mut files = files_under(&repository);
+        files.sort();
+        files
+    };
+    let before = files();
+
+    let ready = coordinator.http_get("/readyz").unwrap();
+    assert_eq!(
+        (ready.status, ready.body.trim()),
+        (200, "ready"),
+        "{}",
+        ready.body
+    );
+    assert_eq!(files(), before, "/readyz wrote to the repository");
+
+    let moved = repository.join("descriptor.moved");
+    std::fs::rename(&descriptor, &moved).unwrap();
+    let unready = coordinator.http_get("/readyz").unwrap();
+    assert_eq!(unready.status, 503, "{}", unready.body);
+    assert!(
+        unready.body.contains("cairn-repository.json"),
+        "the reason names the descriptor: {}",
+        unready.body
+    );
+    std::fs::rename(&moved, &descriptor).unwrap();
+    assert_eq!(coordinator.http_get("/readyz").unwrap().status, 200);
+}

@@ -1185,4 +1185,115 @@ fn a_partial_restore_keeps_the_foreign_keys_from_and_to_its_tables() {
         fleet.target.psql("shop", "SELECT count(*) FROM orders"),
         "501"
     );
+/// Roles whose globals would give power over the whole target: one member
+/// of pg_read_server_files, one of pg_execute_server_program, one member of
+/// a superuser role (which the database's grants name too, so it is copied
+/// as well).
+const POWERFUL_ROLES: &str = r#"
+CREATE ROLE file_reader NOLOGIN;
+GRANT pg_read_server_files TO file_reader;
+CREATE ROLE program_runner NOLOGIN;
+GRANT pg_execute_server_program TO program_runner;
+CREATE ROLE boss SUPERUSER NOLOGIN;
+CREATE ROLE minion NOLOGIN;
+GRANT boss TO minion;
+CREATE TABLE public.ledger AS SELECT i AS id FROM generate_series(1, 100) i;
+GRANT SELECT ON public.ledger TO file_reader, program_runner, minion, boss;
+"#;
+
+/// The globals' memberships in predefined roles and in a superuser role,
+/// and the superuser attribute, are taken out before anything runs on the
+/// target: the copied roles exist without them, and the target's statement
+/// log shows that no statement granted them, not even for a moment.
+#[test]
+fn copied_roles_never_get_power_over_the_target_not_even_for_a_moment() {
+    let test_dir = TestDir::new("restore_role_filter");
+    let source = PgCluster::start_in(&test_dir, "source");
+    let target = PgCluster::builder()
+        .name("target")
+        .in_test_dir(&test_dir)
+        .setting("log_statement", "'all'")
+        .start();
+    let coordinator = Coordinator::start(&test_dir);
+    let _db1 = coordinator.enroll_agent("db1", &source, AgentOptions::default().allow("backup"));
+    let _db2 = coordinator.enroll_agent("db2", &target, AgentOptions::default().allow("restore"));
+    source.create_database("books");
+    source.psql("books", POWERFUL_ROLES);
+    let backup = coordinator.backup("db1", "books");
+    let log_before = target.log().len();
+
+    let output = coordinator.cli(&[
+        "restore", &backup, "--agent", "db2", "--wait", "--output", "json",
+    ]);
+    assert!(output.success(), "{output}");
+    let job = output.json();
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let created: Vec<&str> = job["restore"]["roles_created"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for role in ["file_reader", "program_runner", "boss", "minion"] {
+        assert!(created.contains(&role), "{role} created: {job}");
+    }
+
+    assert_eq!(
+        target.psql(
+            "postgres",
+            "SELECT pg_has_role('file_reader', 'pg_read_server_files', 'MEMBER'),
+                    pg_has_role('program_runner', 'pg_execute_server_program', 'MEMBER'),
+                    pg_has_role('minion', 'boss', 'MEMBER'),
+                    (SELECT rolsuper FROM pg_roles WHERE rolname = 'boss'),
+                    (SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member
+                      WHERE r.rolname IN ('file_reader', 'program_runner', 'boss', 'minion'))"
+        ),
+        "f|f|f|f|0",
+        "the copied roles are members of nothing and boss is no superuser"
+    );
+    assert_eq!(
+        target.psql(
+            "books",
+            "SELECT has_table_privilege('minion', 'public.ledger', 'SELECT')"
+        ),
+        "t",
+        "the database's own grants still name the roles"
+    );
+    let warnings = job["restore"]["warnings"].as_str().unwrap_or_default();
+    for withheld in [
+        "pg_read_server_files",
+        "pg_execute_server_program",
+        "SUPERUSER",
+    ] {
+        assert!(
+            warnings.contains(withheld),
+            "the report names {withheld}: {warnings}"
+        );
+    }
+
+    // What ran on the target: every statement, as PostgreSQL logged it.
+    let log = target.log();
+    let statements: Vec<&str> = log
+        .get(log_before..)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains("statement: "))
+        .collect();
+    assert!(
+        statements
+            .iter()
+            .any(|line| line.contains("CREATE ROLE minion")),
+        "the statement log is on: {statements:#?}"
+    );
+    for line in &statements {
+        let upper = line.to_uppercase();
+        let granted_power = upper.contains(" SUPERUSER")
+            || upper.contains(" IN ROLE")
+            || upper.contains("GRANT PG_")
+            || upper.contains("GRANT BOSS TO");
+        assert!(
+            !granted_power,
+            "a statement granted power on the target: {line}"
+        );
+    }
 }

@@ -20,7 +20,7 @@ use cairn_common::token::EnrollmentToken;
 use cairn_integration_tests::cluster::AGENT_ONLINE_TIMEOUT;
 use cairn_integration_tests::{
     AgentOptions, Coordinator, CoordinatorOptions, Output, PgCluster, Process, ProcessBuilder,
-    TestDir, binaries, run, wait_until,
+    TestDir, binaries, run, wait_for, wait_until,
 };
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -1427,4 +1427,207 @@ async fn only_a_running_restore_jobs_own_agent_may_download_and_no_restore_may_u
     coordinator
         .cli(&["backup", "verify", &backup_id])
         .assert_success();
+}
+
+/// One upload stream per backup job: while the agent's own upload of a
+/// running job is open, a second `UploadBackup` for that job (the same
+/// agent's certificate, the right job and backup ids) is refused, and the
+/// first one still completes the backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_upload_stream_for_one_job_is_refused() {
+    let test_dir = TestDir::new("second_upload_refused");
+    let pg = PgCluster::start_in(&test_dir, "main");
+    pg.create_sample_database("shop", 24);
+    let coordinator = Coordinator::start(&test_dir);
+    let db1 = coordinator.enroll_agent("db1", &pg, AgentOptions::default().allow("backup"));
+    let jobs = coordinator.cli_json(&["backup", "run", "--agent", "db1", "--database", "shop"]);
+    let job_id = jobs[0]["id"].as_str().unwrap().to_string();
+    let backup_id = jobs[0]["backup_id"].as_str().unwrap().to_string();
+    // The agent's upload is open once the job has read from pg_dump; from
+    // there the agent is held still, so the job cannot end under the test.
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        &format!("job {job_id} has started uploading"),
+        || {
+            let job = coordinator.cli_json(&["jobs", "show", &job_id]);
+            assert_eq!(job["status"], "running", "the job ended too soon: {job}");
+            job["bytes_read"].as_u64().unwrap_or(0) > 0
+        },
+    );
+    db1.process().pause();
+    let job = coordinator.cli_json(&["jobs", "show", &job_id]);
+    assert_eq!(
+        job["status"], "running",
+        "the job ended before its agent was paused; make the database bigger: {job}"
+    );
+
+    let url = coordinator.url();
+    let ca_pem = read(&db1.dir().join("identity/ca.pem"));
+    let identity = read_identity(&db1.dir().join("identity"));
+    let channel = channel(&url, &ca_pem, Some(&identity)).await.unwrap();
+    let start = proto::BackupUpload {
+        body: Some(proto::backup_upload::Body::Start(proto::UploadStart {
+            job_id: job_id.clone(),
+            backup_id: backup_id.clone(),
+        })),
+    };
+    let mut client = AgentGatewayClient::new(channel);
+    let call = client.upload_backup(tonic::codegen::tokio_stream::iter(vec![start]));
+    let second = tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .expect("UploadBackup answers");
+    db1.process().resume();
+    let refused = second.expect_err("a second upload stream for a running job");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{}",
+        describe(&refused)
+    );
+    assert!(
+        refused
+            .message()
+            .contains("already has an upload in progress"),
+        "{}",
+        describe(&refused)
+    );
+
+    // The first upload was not disturbed.
+    let job = wait_for(
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        &format!("job {job_id} ends"),
+        || {
+            let job = coordinator.cli_json(&["jobs", "show", &job_id]);
+            (job["status"] != "running").then_some(job)
+        },
+    );
+    assert_eq!(job["status"], "succeeded", "{job}");
+    coordinator
+        .cli(&["backup", "verify", &backup_id])
+        .assert_success();
+}
+
+/// A control stream's probe reports speak only for the instances the agent
+/// registered on it: a report naming another instance is refused whole
+/// (nothing of it stored) and audited, while a report on a registered
+/// instance is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_reports_naming_unregistered_instances_are_refused_and_audited() {
+    let test_dir = TestDir::new("probe_report_unregistered");
+    let pg = PgCluster::start_in(&test_dir, "main");
+    let coordinator = Coordinator::start(&test_dir);
+    let mut db1 = coordinator.enroll_agent("db1", &pg, AgentOptions::default());
+    db1.stop();
+    let url = coordinator.url();
+    let ca_pem = read(&db1.dir().join("identity/ca.pem"));
+    let identity = read_identity(&db1.dir().join("identity"));
+    let channel = channel(&url, &ca_pem, Some(&identity)).await.unwrap();
+
+    let (outbound, outbound_receiver) = tokio::sync::mpsc::channel(4);
+    let send = |body| {
+        let outbound = outbound.clone();
+        async move {
+            outbound
+                .send(proto::AgentMessage { body: Some(body) })
+                .await
+                .expect("the control stream is open");
+        }
+    };
+    send(proto::agent_message::Body::Register(proto::Register {
+        agent_name: "db1".into(),
+        version: "security-test".into(),
+        instances: vec!["main".into()],
+        ..Default::default()
+    }))
+    .await;
+    let mut client = AgentGatewayClient::new(channel);
+    let call = client.control(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(
+        outbound_receiver,
+    ));
+    let mut inbound = tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .expect("Control answers")
+        .expect("the control stream is accepted")
+        .into_inner();
+    let registered = tokio::time::timeout(CALL_TIMEOUT, inbound.message())
+        .await
+        .expect("the coordinator answers the register")
+        .expect("a message");
+    assert!(
+        matches!(
+            registered.and_then(|m| m.body),
+            Some(proto::coordinator_message::Body::Registered(_))
+        ),
+        "the first answer is `registered`"
+    );
+
+    let probe = |instance: &str, version: &str| proto::InstanceProbe {
+        instance: instance.into(),
+        probed_at_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64,
+        reachable: true,
+        server_version: version.into(),
+        ..Default::default()
+    };
+    // One report naming an instance db1 never registered (beside one it
+    // did), then one naming only its own.
+    send(proto::agent_message::Body::ProbeReport(
+        proto::ProbeResult {
+            instances: vec![probe("main", "forged 1"), probe("ghost", "forged 2")],
+        },
+    ))
+    .await;
+    send(proto::agent_message::Body::ProbeReport(
+        proto::ProbeResult {
+            instances: vec![probe("main", "honest 3")],
+        },
+    ))
+    .await;
+
+    let probes = |coordinator: &Coordinator| -> Vec<(String, String)> {
+        coordinator.cli_json(&["agents", "show", "db1"])["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["instance"].as_str().unwrap_or_default().to_string(),
+                    p["server_version"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    };
+    wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        "the registered instance's probe is stored",
+        || {
+            probes(&coordinator)
+                .iter()
+                .any(|(_, version)| version == "honest 3")
+        },
+    );
+    let stored = probes(&coordinator);
+    assert!(
+        !stored
+            .iter()
+            .any(|(instance, version)| instance == "ghost" || version.starts_with("forged")),
+        "nothing of the refused report is stored: {stored:?}"
+    );
+    let events = audit_events(&coordinator);
+    let refusal = last_event(&events, "agent.probe-report", "db1")
+        .unwrap_or_else(|| panic!("the refusal is audited: {events:#?}"));
+    assert_eq!(refusal["outcome"], "refused", "{refusal}");
+    assert!(
+        refusal["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("ghost"),
+        "{refusal}"
+    );
+    drop(outbound);
 }

@@ -2,25 +2,130 @@
 //! go: which roles it defines, the statements that define each, and the
 //! role memberships; and which roles an archive needs (its owners, and the
 //! roles its privileges name).
+//!
+//! The globals come from another host, so they are filtered as they are
+//! read, before anything runs: a role's statements lose the instance-wide
+//! attributes (`SUPERUSER` becomes `NOSUPERUSER`, and so on) and every
+//! clause that would make it a member of a role or a role a member of it
+//! (`IN ROLE`, `IN GROUP`, `ROLE`, `USER`, `ADMIN`); memberships in
+//! predefined (`pg_*`) roles and in roles that are superusers in the backup
+//! are withheld. Nothing grants that power on the target, not even for a
+//! moment before a later check takes it back.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
 
 use cairn_common::archive::ArchiveHead;
 
 use super::request::Request;
-use super::sql::{Token, identifiers, statements};
+use super::sql::{Statement, Token, identifiers, statements};
 use super::{RestoreError, State};
 use crate::postgres::target::Instance;
 
-/// The roles of a backup's globals.
+/// The roles of a backup's globals, filtered (see the module doc).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Globals {
     /// Every role the script creates, with the statements that define it
-    /// (`CREATE ROLE`, `ALTER ROLE`, `COMMENT ON ROLE`) in script order.
+    /// (`CREATE ROLE`, `ALTER ROLE`, `COMMENT ON ROLE`) in script order,
+    /// each as written but for what the filter took out.
     pub roles: BTreeMap<String, Vec<String>>,
     /// The order in which the script creates the roles.
     pub order: Vec<String>,
+    /// What the filter took out of each role's statements, as written
+    /// there (`SUPERUSER`, `IN ROLE pg_read_server_files`).
+    pub withheld: BTreeMap<String, Vec<String>>,
+    /// The memberships a restore may grant.
     pub memberships: Vec<Membership>,
+    /// The memberships no restore grants, and why.
+    pub withheld_memberships: Vec<(Membership, &'static str)>,
+}
+
+/// Attributes that give power over the whole instance: a copied role never
+/// has them, not even between two statements.
+const INSTANCE_WIDE_ATTRIBUTES: [&str; 4] = ["superuser", "replication", "bypassrls", "createrole"];
+
+/// Bare words `ALTER ROLE` reads as another role than the one so named
+/// (the restoring session's own role, or every role).
+const NOT_A_NAMED_ROLE: [&str; 5] = [
+    "current_user",
+    "current_role",
+    "session_user",
+    "all",
+    "public",
+];
+
+/// A role statement's options from token `from` on, filtered: each
+/// instance-wide attribute turned into its `NO` form, and the clauses that
+/// grant memberships (`IN ROLE`, `IN GROUP`, `ROLE`, `USER`, `ADMIN`, each
+/// with its list of roles) and `SYSID` cut out. Returns the statement's new
+/// text and what was taken out, as written.
+fn filter_role_options(statement: &Statement, from: usize) -> (String, Vec<String>) {
+    let Statement {
+        text,
+        tokens,
+        spans,
+    } = statement;
+    let mut edits: Vec<(Range<usize>, String)> = Vec::new();
+    let mut withheld = Vec::new();
+    let mut index = from;
+    while let Some(token) = tokens.get(index) {
+        let Token::Word(word) = token else {
+            index += 1;
+            continue;
+        };
+        if INSTANCE_WIDE_ATTRIBUTES.contains(&word.as_str()) {
+            edits.push((spans[index].clone(), format!("NO{}", word.to_uppercase())));
+            withheld.push(word.to_uppercase());
+            index += 1;
+            continue;
+        }
+        let keyword =
+            |at: usize, keyword: &str| tokens.get(at).is_some_and(|t| t.is_keyword(keyword));
+        // The clause's first token past its keywords, and whether a list
+        // of roles follows (or a number: SYSID).
+        let clause = match word.as_str() {
+            "in" if keyword(index + 1, "role") || keyword(index + 1, "group") => {
+                Some((index + 2, true))
+            }
+            "role" | "user" | "admin" => Some((index + 1, true)),
+            "sysid" => Some((index + 1, false)),
+            _ => None,
+        };
+        let Some((mut end, roles)) = clause else {
+            index += 1;
+            continue;
+        };
+        if roles {
+            // role [, role]...
+            while tokens.get(end).and_then(Token::identifier).is_some() {
+                end += 1;
+                if tokens.get(end) != Some(&Token::Symbol(',')) {
+                    break;
+                }
+                end += 1;
+            }
+        } else {
+            while matches!(tokens.get(end), Some(Token::Symbol(c)) if c.is_ascii_digit() || *c == '-')
+            {
+                end += 1;
+            }
+        }
+        // `end` is the first token past the clause; the cut takes the
+        // blanks before it too.
+        let cut_to = spans.get(end).map_or(text.len(), |span| span.start);
+        withheld.push(text[spans[index].start..spans[end - 1].end].to_string());
+        edits.push((spans[index].start..cut_to, String::new()));
+        index = end;
+    }
+    let mut filtered = String::with_capacity(text.len());
+    let mut at = 0;
+    for (range, replacement) in edits {
+        filtered.push_str(&text[at..range.start]);
+        filtered.push_str(&replacement);
+        at = range.end;
+    }
+    filtered.push_str(&text[at..]);
+    (filtered.trim_end().to_string(), withheld)
 }
 
 /// `GRANT group TO member ...`, as written.
@@ -32,43 +137,96 @@ pub(crate) struct Membership {
 }
 
 impl Globals {
-    /// Reads a `pg_dumpall --globals-only` script. Anything but roles and
-    /// memberships (settings, tablespaces) is left out.
+    /// Reads a `pg_dumpall --globals-only` script, filtering as it goes
+    /// (see the module doc). Anything but roles and memberships (settings,
+    /// tablespaces) is left out.
     pub fn parse(sql: &str) -> Globals {
         let mut globals = Globals::default();
+        let mut superusers = BTreeSet::new();
+        let mut grants = Vec::new();
         for statement in statements(sql) {
             let tokens = &statement.tokens;
             let keyword = |index: usize, keyword: &str| {
                 tokens.get(index).is_some_and(|t| t.is_keyword(keyword))
             };
             let name_at = |index: usize| tokens.get(index).and_then(Token::identifier);
-            if keyword(0, "create") && keyword(1, "role") {
-                if let Some(role) = name_at(2) {
-                    if !globals.roles.contains_key(role) {
-                        globals.order.push(role.to_string());
-                    }
-                    globals
-                        .roles
-                        .entry(role.to_string())
-                        .or_default()
-                        .push(statement.text.clone());
+            let (role, text, withheld) = if keyword(0, "create") && keyword(1, "role") {
+                let Some(role) = name_at(2) else { continue };
+                if !globals.roles.contains_key(role) {
+                    globals.order.push(role.to_string());
+                    globals.roles.insert(role.to_string(), Vec::new());
                 }
-            } else if (keyword(0, "alter") && keyword(1, "role"))
-                || (keyword(0, "comment") && keyword(1, "on") && keyword(2, "role"))
-            {
-                let index = if keyword(0, "alter") { 2 } else { 3 };
-                if let Some(statements) = name_at(index).and_then(|r| globals.roles.get_mut(r)) {
-                    statements.push(statement.text.clone());
+                let (text, withheld) = filter_role_options(&statement, 3);
+                (role, text, withheld)
+            } else if keyword(0, "alter") && keyword(1, "role") {
+                let Some(role) = name_at(2).filter(|_| {
+                    !matches!(&tokens[2], Token::Word(word) if NOT_A_NAMED_ROLE.contains(&word.as_str()))
+                }) else {
+                    continue;
+                };
+                // `SET`, `RESET`, `IN DATABASE ... SET` and `RENAME` take no
+                // role options (and `SET role ...` names a setting).
+                let options = !(keyword(3, "set")
+                    || keyword(3, "reset")
+                    || keyword(3, "in")
+                    || keyword(3, "rename"));
+                let (text, withheld) = if options {
+                    filter_role_options(&statement, 3)
+                } else {
+                    (statement.text.clone(), Vec::new())
+                };
+                (role, text, withheld)
+            } else if keyword(0, "comment") && keyword(1, "on") && keyword(2, "role") {
+                let Some(role) = name_at(3) else { continue };
+                (role, statement.text.clone(), Vec::new())
+            } else {
+                if keyword(0, "grant") {
+                    grants.push(statement);
                 }
-            } else if keyword(0, "grant")
-                && keyword(2, "to")
-                && let (Some(group), Some(member)) = (name_at(1), name_at(3))
-            {
-                globals.memberships.push(Membership {
-                    group: group.to_string(),
-                    member: member.to_string(),
-                    statement: statement.text.clone(),
-                });
+                continue;
+            };
+            let Some(statements) = globals.roles.get_mut(role) else {
+                continue;
+            };
+            statements.push(text);
+            if withheld.iter().any(|w| w == "SUPERUSER") {
+                superusers.insert(role.to_string());
+            }
+            let role_withheld = globals.withheld.entry(role.to_string()).or_default();
+            for item in withheld {
+                if !role_withheld.contains(&item) {
+                    role_withheld.push(item);
+                }
+            }
+        }
+        globals.withheld.retain(|_, withheld| !withheld.is_empty());
+        for statement in grants {
+            let tokens = &statement.tokens;
+            let keyword = |index: usize, keyword: &str| {
+                tokens.get(index).is_some_and(|t| t.is_keyword(keyword))
+            };
+            let name_at = |index: usize| tokens.get(index).and_then(Token::identifier);
+            // `GRANT group TO member`, then only its options (`WITH ...`,
+            // `GRANTED BY ...`): never a list of groups or of members.
+            let (Some(group), true, Some(member)) = (name_at(1), keyword(2, "to"), name_at(3))
+            else {
+                continue;
+            };
+            let membership = Membership {
+                group: group.to_string(),
+                member: member.to_string(),
+                statement: statement.text.clone(),
+            };
+            let why_not = if !(tokens.len() == 4 || keyword(4, "with") || keyword(4, "granted")) {
+                Some("the statement does more than grant one role to one role")
+            } else if group.starts_with("pg_") || superusers.contains(group) {
+                Some("it has power over the whole instance")
+            } else {
+                None
+            };
+            match why_not {
+                Some(reason) => globals.withheld_memberships.push((membership, reason)),
+                None => globals.memberships.push(membership),
             }
         }
         globals
@@ -176,6 +334,8 @@ pub(super) async fn create_roles(
                 "role {role:?} was created, but one of the statements defining it failed: {error}"
             ));
         }
+        // A second line of defence: the filter above already turned these
+        // attributes off in the statements that ran.
         let stripped = match instance.strip_instance_wide_attributes(role).await {
             Ok(stripped) => stripped,
             Err(error) => {
@@ -189,21 +349,37 @@ pub(super) async fn create_roles(
                 )));
             }
         };
-        if !stripped.is_empty() {
+        let mut withheld = globals.withheld.get(role).cloned().unwrap_or_default();
+        for attribute in stripped {
+            if !withheld.iter().any(|w| w == attribute) {
+                withheld.push(attribute.to_string());
+            }
+        }
+        if !withheld.is_empty() {
             state.warn(format!(
                 "role {role:?} was created without {} it has in the backup: grant {} by hand if \
                  it needs {} on this instance",
-                stripped.join(", "),
-                if stripped.len() == 1 { "it" } else { "them" },
-                if stripped.len() == 1 { "it" } else { "them" },
+                withheld.join(", "),
+                if withheld.len() == 1 { "it" } else { "them" },
+                if withheld.len() == 1 { "it" } else { "them" },
             ));
         }
         tracing::info!(role, "created a role the backup needs");
         state.report.roles_created.push(role.to_string());
     }
+    for (membership, why_not) in &globals.withheld_memberships {
+        if missing.contains(&membership.member) {
+            state.warn(format!(
+                "role {:?} was not made a member of {:?}: {why_not}; grant it by hand if it \
+                 needs it here",
+                membership.member, membership.group
+            ));
+        }
+    }
     for membership in memberships {
         // A membership in a superuser or a predefined pg_* role would give
-        // back the power the attributes above took away.
+        // back the power the attributes above took away (the filter
+        // withheld those the backup knows of; this is the target's view).
         if instance.is_instance_wide_role(&membership.group).await? {
             state.warn(format!(
                 "role {:?} was not made a member of {:?}, which has power over the whole \
@@ -304,11 +480,27 @@ CREATE TABLESPACE fast OWNER postgres LOCATION '/fast';
             .collect();
         assert_eq!(
             memberships,
-            [
-                ("Read \"Only\" ü", "alice"),
-                ("pg_read_all_stats", "alice"),
-                ("alice", "postgres")
-            ]
+            [("Read \"Only\" ü", "alice"), ("alice", "postgres")]
+        );
+        // postgres is a superuser in the backup: it keeps its statements,
+        // without the attributes.
+        assert_eq!(
+            globals.roles["postgres"][1],
+            "ALTER ROLE postgres WITH NOSUPERUSER INHERIT NOCREATEROLE CREATEDB LOGIN \
+             NOREPLICATION NOBYPASSRLS"
+        );
+        assert_eq!(
+            globals.withheld["postgres"],
+            ["SUPERUSER", "CREATEROLE", "REPLICATION", "BYPASSRLS"]
+        );
+        assert!(!globals.withheld.contains_key("alice"));
+        assert_eq!(
+            globals
+                .withheld_memberships
+                .iter()
+                .map(|(m, _)| (m.group.as_str(), m.member.as_str()))
+                .collect::<Vec<_>>(),
+            [("pg_read_all_stats", "alice")]
         );
         assert_eq!(
             globals.memberships[0].statement,
@@ -398,12 +590,151 @@ CREATE TABLESPACE fast OWNER postgres LOCATION '/fast';
             roles.iter().map(|(role, _)| *role).collect::<Vec<_>>(),
             ["alice", "Read \"Only\" ü"]
         );
+        // Never pg_read_all_stats: the filter withheld it.
         assert_eq!(
             memberships
                 .iter()
                 .map(|m| m.group.as_str())
                 .collect::<Vec<_>>(),
-            ["Read \"Only\" ü", "pg_read_all_stats"]
+            ["Read \"Only\" ü"]
+        );
+    }
+
+    /// Globals no `pg_dumpall` writes, as a hostile source host could.
+    const HOSTILE: &str = r#"
+CREATE ROLE evil IN ROLE pg_execute_server_program, "pg_read_server_files" ROLE victim ADMIN boss SUPERUSER LOGIN PASSWORD 'role admin';
+CREATE ROLE sneaky WITH SYSID 42 IN GROUP boss USER victim, other BYPASSRLS;
+ALTER ROLE evil WITH REPLICATION CREATEROLE CONNECTION LIMIT 5 VALID UNTIL 'infinity';
+ALTER ROLE evil SET role TO 'boss';
+CREATE ROLE boss;
+ALTER ROLE boss WITH SUPERUSER;
+ALTER ROLE current_user WITH NOSUPERUSER;
+CREATE ROLE "current_user";
+ALTER ROLE current_user WITH NOSUPERUSER;
+ALTER ROLE CURRENT_ROLE NOINHERIT;
+GRANT boss TO evil GRANTED BY postgres;
+GRANT pg_execute_server_program TO evil;
+GRANT "pg_write_server_files" TO sneaky WITH ADMIN OPTION;
+GRANT app TO evil, victim;
+GRANT app TO sneaky WITH INHERIT TRUE GRANTED BY postgres;
+"#;
+
+    /// What runs for each role, and what was withheld.
+    fn check_role(globals: &Globals, role: &str, statements: &[&str], withheld: &[&str]) {
+        assert_eq!(globals.roles[role], statements, "{role}");
+        assert_eq!(
+            globals.withheld.get(role).cloned().unwrap_or_default(),
+            withheld,
+            "{role}"
+        );
+    }
+
+    #[test]
+    fn membership_clauses_and_instance_wide_attributes_are_removed_before_anything_runs() {
+        let globals = Globals::parse(HOSTILE);
+        check_role(
+            &globals,
+            "evil",
+            &[
+                "CREATE ROLE evil NOSUPERUSER LOGIN PASSWORD 'role admin'",
+                "ALTER ROLE evil WITH NOREPLICATION NOCREATEROLE CONNECTION LIMIT 5 VALID UNTIL \
+                 'infinity'",
+                // A setting named role, not a membership: left as written.
+                "ALTER ROLE evil SET role TO 'boss'",
+            ],
+            &[
+                "IN ROLE pg_execute_server_program, \"pg_read_server_files\"",
+                "ROLE victim",
+                "ADMIN boss",
+                "SUPERUSER",
+                "REPLICATION",
+                "CREATEROLE",
+            ],
+        );
+        check_role(
+            &globals,
+            "sneaky",
+            &["CREATE ROLE sneaky WITH NOBYPASSRLS"],
+            &[
+                "SYSID 42",
+                "IN GROUP boss",
+                "USER victim, other",
+                "BYPASSRLS",
+            ],
+        );
+        check_role(
+            &globals,
+            "boss",
+            &["CREATE ROLE boss", "ALTER ROLE boss WITH NOSUPERUSER"],
+            &["SUPERUSER"],
+        );
+        // An unquoted current_user is the restoring session's role, not
+        // the role "current_user" of the script.
+        check_role(
+            &globals,
+            "current_user",
+            &["CREATE ROLE \"current_user\""],
+            &[],
+        );
+        for statements in globals.roles.values() {
+            for statement in statements {
+                let words = identifiers(statement);
+                for forbidden in [
+                    "superuser",
+                    "replication",
+                    "bypassrls",
+                    "createrole",
+                    "admin",
+                    "sysid",
+                    "victim",
+                    "pg_execute_server_program",
+                    "pg_read_server_files",
+                ] {
+                    assert!(!words.contains(forbidden), "{forbidden} in {statement}");
+                }
+            }
+        }
+
+        let memberships: Vec<(&str, &str)> = globals
+            .memberships
+            .iter()
+            .map(|m| (m.group.as_str(), m.member.as_str()))
+            .collect();
+        assert_eq!(memberships, [("app", "sneaky")]);
+        let withheld: Vec<(&str, &str, &str)> = globals
+            .withheld_memberships
+            .iter()
+            .map(|(m, why)| (m.group.as_str(), m.member.as_str(), *why))
+            .collect();
+        let whole_instance = "it has power over the whole instance";
+        assert_eq!(
+            withheld,
+            [
+                // boss is a superuser in the backup.
+                ("boss", "evil", whole_instance),
+                ("pg_execute_server_program", "evil", whole_instance),
+                ("pg_write_server_files", "sneaky", whole_instance),
+                (
+                    "app",
+                    "evil",
+                    "the statement does more than grant one role to one role"
+                ),
+            ]
+        );
+
+        // The plan for the roles a restore would create runs none of them.
+        let missing: BTreeSet<String> = ["evil", "sneaky", "boss"].map(String::from).into();
+        let existing: BTreeSet<String> =
+            ["app", "pg_execute_server_program", "pg_write_server_files"]
+                .map(String::from)
+                .into();
+        let (_, planned) = creation_plan(&globals, &missing, &existing);
+        assert_eq!(
+            planned
+                .iter()
+                .map(|m| m.statement.as_str())
+                .collect::<Vec<_>>(),
+            ["GRANT app TO sneaky WITH INHERIT TRUE GRANTED BY postgres"]
         );
     }
 }

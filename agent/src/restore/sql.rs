@@ -9,6 +9,7 @@
 //! are.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 
 /// One token of SQL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +46,9 @@ impl Token {
 pub(super) struct Statement {
     pub text: String,
     pub tokens: Vec<Token>,
+    /// Where each token is in `text` (byte ranges, one per token), so that
+    /// a clause can be cut out of the statement as written.
+    pub spans: Vec<Range<usize>>,
 }
 
 /// Splits `sql` into statements. A statement left open at the end (no
@@ -54,6 +58,7 @@ pub(super) fn statements(sql: &str) -> Vec<Statement> {
     let mut statements = Vec::new();
     let mut start: Option<usize> = None;
     let mut tokens = Vec::new();
+    let mut spans = Vec::new();
     loop {
         lexer.skip_blanks_and_comments();
         let token_start = lexer.at;
@@ -64,12 +69,14 @@ pub(super) fn statements(sql: &str) -> Vec<Statement> {
                     statements.push(Statement {
                         text: sql[start..token_start].trim_end().to_string(),
                         tokens: std::mem::take(&mut tokens),
+                        spans: std::mem::take(&mut spans),
                     });
                 }
             }
             Some(Lexed::Token(token)) => {
-                start.get_or_insert(token_start);
+                let start = *start.get_or_insert(token_start);
                 tokens.push(token);
+                spans.push(token_start - start..lexer.at - start);
             }
         }
     }
@@ -77,6 +84,7 @@ pub(super) fn statements(sql: &str) -> Vec<Statement> {
         statements.push(Statement {
             text: sql[start..].trim_end().to_string(),
             tokens,
+            spans,
         });
     }
     statements
@@ -345,6 +353,25 @@ mod tests {
         }
         assert!(!words.contains("Alice"));
         assert!(!words.contains("carol"), "comments are not read");
+    }
+
+    #[test]
+    fn spans_point_at_each_token_as_written() {
+        let sql = "/* c */ CREATE ROLE \"A \"\"b\"\"\" -- x;\n  'p;w' E'q\\';r'; GRANT a TO b";
+        let all = statements(sql);
+        let pieces = |statement: &Statement| -> Vec<String> {
+            statement
+                .spans
+                .iter()
+                .map(|span| statement.text[span.clone()].to_string())
+                .collect()
+        };
+        assert_eq!(all[0].spans.len(), all[0].tokens.len());
+        assert_eq!(
+            pieces(&all[0]),
+            ["CREATE", "ROLE", "\"A \"\"b\"\"\"", "'p;w'", "E'q\\';r'"]
+        );
+        assert_eq!(pieces(&all[1]), ["GRANT", "a", "TO", "b"]);
     }
 
     #[test]

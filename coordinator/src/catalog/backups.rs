@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use sqlx::FromRow;
 
 use super::Catalog;
-use crate::error::Result;
+use crate::error::{CoordinatorError, Result};
 use crate::manifest::Manifest;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,7 +252,11 @@ impl Catalog {
     }
 
     /// Marks a backup complete, with the chunks it references: call only
-    /// once its manifest is durable.
+    /// once its manifest is durable. Only a running backup completes: one
+    /// whose job already ended (cancelled, failed, or completed by an
+    /// earlier upload) is a [`CoordinatorError::Conflict`] and nothing is
+    /// written, so that no upload answers `Stored` for a backup that is not
+    /// listed.
     pub async fn complete_backup(
         &self,
         backup_id: &str,
@@ -261,7 +265,7 @@ impl Catalog {
         now: i64,
     ) -> Result<()> {
         let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
+        let completed = sqlx::query(
             "UPDATE backups SET status = 'complete', server_version = ?, pg_dump_version = ?, finished_at = ?,
                 logical_bytes = ?, new_stored_bytes = ?, referenced_bytes = ?, chunk_count = ?,
                 new_chunk_count = ?, database_bytes = ?, chunks_indexed = 1
@@ -279,6 +283,13 @@ impl Catalog {
         .bind(backup_id)
         .execute(&mut *transaction)
         .await?;
+        if completed.rows_affected() == 0 {
+            // The transaction rolls back when dropped: no references either.
+            return Err(CoordinatorError::Conflict(format!(
+                "backup {backup_id} is no longer running (its job ended, or another upload \
+                 completed it): it was not marked complete"
+            )));
+        }
         super::chunks::insert_references(&mut transaction, backup_id, chunk_ids).await?;
         transaction.commit().await?;
         Ok(())
@@ -496,6 +507,33 @@ mod tests {
                 .await
                 .unwrap()
                 .is_empty()
+        );
+
+        // Only a running backup completes: not twice, not after its job
+        // ended.
+        for backup in ["b1", "b2"] {
+            let refused = catalog
+                .complete_backup(backup, &BackupStats::default(), &["c2".to_string()], 7)
+                .await
+                .expect_err("an ended backup cannot complete");
+            assert!(
+                matches!(refused, CoordinatorError::Conflict(_)),
+                "{refused:?}"
+            );
+        }
+        assert_eq!(
+            catalog.get_backup("b2").await.unwrap().unwrap().status,
+            "cancelled"
+        );
+        assert_eq!(
+            catalog.get_backup("b1").await.unwrap().unwrap().finished_at,
+            Some(5)
+        );
+        assert!(
+            catalog
+                .complete_backup("no-such-backup", &BackupStats::default(), &[], 7)
+                .await
+                .is_err()
         );
 
         // A finished job is not finished again; an orphan fails.

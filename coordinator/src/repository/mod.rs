@@ -276,6 +276,23 @@ impl Repository {
             .await
     }
 
+    /// Reads the descriptor back and checks that it still describes this
+    /// repository: what `/readyz` asks of storage. It writes nothing, so
+    /// coordinators sharing a bucket do not collide and a write-once
+    /// (object-locked) bucket answers too.
+    pub async fn check_readable(&self) -> Result<()> {
+        let descriptor: Descriptor =
+            from_json(&self.store, &ObjectKey::new(DESCRIPTOR_KEY)?).await?;
+        if descriptor.format != REPOSITORY_FORMAT || descriptor.id != self.id {
+            return Err(RepositoryError::Invalid(format!(
+                "{DESCRIPTOR_KEY} describes repository {:?} (format {:?}), not the repository {} \
+                 this coordinator opened: restart it on the right repository",
+                descriptor.id, descriptor.format, self.id
+            )));
+        }
+        Ok(())
+    }
+
     pub fn keys(&self) -> &RepositoryKeys {
         &self.keys
     }
