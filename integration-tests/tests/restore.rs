@@ -1185,6 +1185,8 @@ fn a_partial_restore_keeps_the_foreign_keys_from_and_to_its_tables() {
         fleet.target.psql("shop", "SELECT count(*) FROM orders"),
         "501"
     );
+}
+
 /// Roles whose globals would give power over the whole target: one member
 /// of pg_read_server_files, one of pg_execute_server_program, one member of
 /// a superuser role (which the database's grants name too, so it is copied
