@@ -103,7 +103,7 @@ pub async fn list(client: &mut Client, json: bool) -> anyhow::Result<i32> {
 pub async fn add(client: &mut Client, out: &Path, json: bool) -> anyhow::Result<i32> {
     let key = SecretKey::generate()?;
     write_new_file_atomic(out, format!("{}\n", key.expose_hex()).as_bytes(), 0o600)
-        .context("cannot write the recovery key (--out)")?;
+        .map_err(|e| anyhow::anyhow!("--out: {e}"))?;
     let answer = client
         .add_key_slot(proto::AddKeySlotRequest {
             key: key.expose_bytes().to_vec(),

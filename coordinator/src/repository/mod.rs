@@ -309,7 +309,12 @@ impl Repository {
 
     /// Whether a slot with this id exists (a legacy single copy counts).
     pub async fn has_slot(&self, id: &str) -> Result<bool> {
-        Ok(self.key_slots().await?.iter().any(|slot| slot.id == id))
+        if self.store.exists(&slot_key(id)?).await? {
+            return Ok(true);
+        }
+        Ok(read_legacy(&self.store)
+            .await?
+            .is_some_and(|wrapped| wrapped.master_key_id == id))
     }
 
     /// Wraps the repository keys under `master` into a new slot. No chunk
