@@ -72,6 +72,43 @@ pub fn resolve(config_file: &Path, path: &Path) -> PathBuf {
 /// directory, fsync, rename, fsync of the directory. Nothing half-written is
 /// ever visible under `path`.
 pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
+    let temporary = write_temporary(path, contents, mode)?;
+    if let Err(error) = std::fs::rename(&temporary, path) {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(Error::io(format!("cannot write {}", path.display()), error));
+    }
+    sync_parent(path);
+    Ok(())
+}
+
+/// Writes a file that must not exist yet, whole or not at all: the content
+/// goes to a temporary name first and is then hard-linked into place, which
+/// fails if `path` exists (no rename could refuse that), so an existing
+/// file is never overwritten and a crash never leaves half a file.
+pub fn write_new_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
+    let temporary = write_temporary(path, contents, mode)?;
+    let linked = std::fs::hard_link(&temporary, path);
+    let _ = std::fs::remove_file(&temporary);
+    match linked {
+        Ok(()) => {
+            sync_parent(path);
+            Ok(())
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::io(
+            format!(
+                "{} already exists: nothing is ever overwritten; choose another file",
+                path.display()
+            ),
+            error,
+        )),
+        Err(error) => Err(Error::io(format!("cannot write {}", path.display()), error)),
+    }
+}
+
+/// The content, fsynced, under a temporary name beside `path`. The name is
+/// random, not the pid: a temporary left by a crash must not block a later
+/// write by a process that got the same pid (in a container, always 1).
+fn write_temporary(path: &Path, contents: &[u8], mode: u32) -> Result<PathBuf, Error> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
 
@@ -80,26 +117,31 @@ pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), 
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let temporary = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let context = |what: &str| format!("{what} {}", path.display());
+    let unique = hex::encode(crate::pki::random_bytes(8)?);
+    let temporary = dir.join(format!(".{file_name}.tmp-{unique}"));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .open(&temporary)
-        .map_err(|e| Error::io(context("cannot create"), e))?;
-    let written = file
-        .write_all(contents)
-        .and_then(|()| file.sync_all())
-        .and_then(|()| std::fs::rename(&temporary, path));
+        .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
+    let written = file.write_all(contents).and_then(|()| file.sync_all());
     if let Err(error) = written {
         let _ = std::fs::remove_file(&temporary);
-        return Err(Error::io(context("cannot write"), error));
+        return Err(Error::io(format!("cannot write {}", path.display()), error));
     }
+    Ok(temporary)
+}
+
+/// Makes a rename or link in `path`'s directory durable.
+fn sync_parent(path: &Path) {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
     if let Ok(directory) = std::fs::File::open(dir) {
         let _ = directory.sync_all();
     }
-    Ok(())
 }
 
 /// A directory built under a hidden staging name and moved into place by
@@ -362,5 +404,37 @@ mod tests {
         assert_eq!(mode, 0o600);
         assert!(write_file_atomic(&path, b"again", 0o600).is_ok());
         assert_eq!(std::fs::read(&path).unwrap(), b"again");
+    }
+
+    #[test]
+    fn a_temporary_left_by_a_crash_does_not_block_later_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        // What a crashed process with our pid would have left (in a
+        // container the pid repeats on every start).
+        let stale = dir
+            .path()
+            .join(format!(".master.key.tmp-{}", std::process::id()));
+        std::fs::write(&stale, b"half").unwrap();
+        write_file_atomic(&path, b"k", 0o600).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"k");
+        write_new_file_atomic(&dir.path().join("other.key"), b"o", 0o600).unwrap();
+    }
+
+    #[test]
+    fn a_new_file_is_never_overwritten() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("recovery.key");
+        write_new_file_atomic(&path, b"first", 0o600).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let error = write_new_file_atomic(&path, b"second", 0o600)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("already exists"), "{error}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        // No temporary is left behind either way.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

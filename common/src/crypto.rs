@@ -4,10 +4,12 @@
 //! chunk to its id, a manifest to its backup id), so that no object can be
 //! swapped for another without detection.
 //!
-//! Key hierarchy: the master key (a 0600 file, `keys.master_key_file`)
-//! wraps the repository keys (the data key and the chunk-id key), which are
-//! stored wrapped in the repository itself. Rotating the master key rewraps
-//! them; no data is re-encrypted.
+//! Key hierarchy: a master key (the coordinator's 0600 file,
+//! `keys.master_key_file`, or a recovery key kept elsewhere) wraps the
+//! repository keys (the data key and the chunk-id key), which are stored
+//! wrapped in the repository itself, once per master key (key slots, owned
+//! by the coordinator's `repository`). Rotating the master key wraps them
+//! anew; no data is re-encrypted.
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};

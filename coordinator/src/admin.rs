@@ -16,7 +16,7 @@ use crate::catalog::{AgentRecord, Catalog, PageKey};
 use crate::fleet::{CommandOutcome, Fleet};
 use crate::jobs::{BackupRequest, Jobs};
 use crate::restores::RestoreRequest;
-use crate::wire::{backup_to_wire, job_to_wire};
+use crate::wire::{backup_to_wire, job_to_wire, key_slot_to_wire};
 
 const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -70,7 +70,7 @@ pub struct AdminService {
     pub audit: AuditLog,
     pub jobs: Arc<Jobs>,
     pub repository: Arc<crate::repository::Repository>,
-    pub master_key_file: std::path::PathBuf,
+    pub keys: crate::keys::MasterKeys,
 }
 
 impl AdminService {
@@ -592,35 +592,51 @@ impl Admin for AdminService {
         request: Request<proto::RotateMasterKeyRequest>,
     ) -> Result<Response<proto::RotateMasterKeyResponse>, Status> {
         let identity = require_role(&request, Role::Admin, &self.audit, "keys.rotate").await?;
-        let actor = identity.principal.to_string();
-        match crate::keys::rotate(&self.repository, &self.master_key_file).await {
-            Ok((old_key_id, new_key_id)) => {
-                self.audit
-                    .record_strict(AuditEvent::new(
-                        actor,
-                        "keys.rotate",
-                        "master key",
-                        Outcome::Success,
-                        format!("{old_key_id} -> {new_key_id}; repository keys rewrapped, no data rewritten"),
-                    ))
-                    .await?;
-                Ok(Response::new(proto::RotateMasterKeyResponse {
-                    old_key_id,
-                    new_key_id,
-                }))
-            }
-            Err(error) => {
-                self.audit
-                    .record(AuditEvent::new(
-                        actor,
-                        "keys.rotate",
-                        "master key",
-                        Outcome::Failed,
-                        error.to_string(),
-                    ))
-                    .await;
-                Err(error.into())
-            }
-        }
+        // Audited (success or failure) by `keys`, in the task that runs it.
+        let rotation = self.keys.rotate(&identity.principal.to_string()).await?;
+        Ok(Response::new(proto::RotateMasterKeyResponse {
+            old_key_id: rotation.old_key_id,
+            new_key_id: rotation.new_key_id,
+            resolved: rotation.resolved.unwrap_or_default(),
+        }))
+    }
+
+    async fn list_key_slots(
+        &self,
+        request: Request<proto::ListKeySlotsRequest>,
+    ) -> Result<Response<proto::ListKeySlotsResponse>, Status> {
+        require_role(&request, Role::Viewer, &self.audit, "keys.list").await?;
+        let slots = self.keys.list().await?;
+        Ok(Response::new(proto::ListKeySlotsResponse {
+            slots: slots.into_iter().map(key_slot_to_wire).collect(),
+        }))
+    }
+
+    async fn add_key_slot(
+        &self,
+        request: Request<proto::AddKeySlotRequest>,
+    ) -> Result<Response<proto::AddKeySlotResponse>, Status> {
+        let identity = require_role(&request, Role::Admin, &self.audit, "keys.add").await?;
+        let key = cairn_common::crypto::SecretKey::from_bytes(&request.into_inner().key)
+            .map_err(|_| Status::invalid_argument("key: must be exactly 32 bytes"))?;
+        let slot = self.keys.add(&identity.principal.to_string(), key).await?;
+        Ok(Response::new(proto::AddKeySlotResponse {
+            slot: Some(key_slot_to_wire(crate::keys::ListedSlot {
+                slot,
+                in_use: false,
+            })),
+        }))
+    }
+
+    async fn remove_key_slot(
+        &self,
+        request: Request<proto::RemoveKeySlotRequest>,
+    ) -> Result<Response<proto::RemoveKeySlotResponse>, Status> {
+        let identity = require_role(&request, Role::Admin, &self.audit, "keys.remove").await?;
+        let id = request.into_inner().id;
+        self.keys
+            .remove(&identity.principal.to_string(), &id)
+            .await?;
+        Ok(Response::new(proto::RemoveKeySlotResponse {}))
     }
 }

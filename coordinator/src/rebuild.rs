@@ -1,5 +1,6 @@
 //! `cairn repository rebuild-catalog`: the repository is self-describing,
-//! so with only the store and the master key an empty catalog gets back
+//! so with only the store and any key that has a slot there (the master
+//! key, or a recovery key from `cairn keys add`) an empty catalog gets back
 //! every backup whose manifest opens. A manifest that does not authenticate
 //! is reported and skipped, never trusted. Then the same pass as
 //! `cairn repository check` runs: a chunk a manifest names that the
@@ -9,6 +10,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
+use cairn_common::crypto::SecretKey;
 use serde::Serialize;
 
 use crate::audit::{AuditEvent, Outcome};
@@ -31,7 +33,15 @@ pub struct RebuildReport {
     pub damaged_backups: BTreeMap<String, String>,
 }
 
-pub async fn rebuild_catalog(config: &CoordinatorConfig) -> Result<RebuildReport> {
+const ACTOR: &str = "cairn repository rebuild-catalog";
+
+/// Rebuilds the catalog of `config` from its repository, opened with the
+/// master key file of `config`, or with `recovery_key` (any key with a slot
+/// there, such as one `cairn keys add` wrote) when given.
+pub async fn rebuild_catalog(
+    config: &CoordinatorConfig,
+    recovery_key: Option<&SecretKey>,
+) -> Result<RebuildReport> {
     let catalog = Catalog::open_sqlite(&config.catalog.sqlite_path).await?;
     if catalog.count_backups().await? > 0 {
         return Err(CoordinatorError::Conflict(format!(
@@ -39,12 +49,22 @@ pub async fn rebuild_catalog(config: &CoordinatorConfig) -> Result<RebuildReport
             config.catalog.sqlite_path.display()
         )));
     }
-    let repository = crate::keys::open_repository(
-        config.open_store()?,
-        &config.keys.master_key_file,
-        config.master_key()?,
-    )
-    .await?;
+    let repository = match recovery_key {
+        // Any slot's key opens the repository; the home's own key file
+        // and the repository's slots are left as they are.
+        Some(key) => crate::repository::Repository::open(config.open_store()?, key)
+            .await
+            .map_err(|e| CoordinatorError::Unavailable(format!("repository: {e}")))?,
+        None => {
+            crate::keys::open_repository(
+                config.open_store()?,
+                &config.keys.master_key_file,
+                &catalog,
+                ACTOR,
+            )
+            .await?
+        }
+    };
     let storage = |e: crate::repository::RepositoryError| {
         CoordinatorError::Unavailable(format!("repository: {e}"))
     };
@@ -105,7 +125,7 @@ pub async fn rebuild_catalog(config: &CoordinatorConfig) -> Result<RebuildReport
     };
     catalog
         .append_audit(&AuditEvent::new(
-            "cairn repository rebuild-catalog",
+            ACTOR,
             "catalog.rebuild",
             report.repository.clone(),
             if report.problems.is_empty() && report.damaged_backups.is_empty() {

@@ -72,7 +72,8 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         crate::keys::open_repository(
             config.open_store()?,
             &config.keys.master_key_file,
-            config.master_key()?,
+            &catalog,
+            "coordinator",
         )
         .await?,
     );
@@ -170,7 +171,12 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         config: config.backup.clone(),
         tasks: tasks.clone(),
     });
-    let master_key_file = config.keys.master_key_file.clone();
+    let keys = crate::keys::MasterKeys::new(
+        repository.clone(),
+        config.keys.master_key_file.clone(),
+        audit.clone(),
+        tasks.clone(),
+    );
     let admin = AdminService {
         authority,
         catalog: catalog.clone(),
@@ -178,7 +184,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         audit: audit.clone(),
         jobs,
         repository: repository.clone(),
-        master_key_file,
+        keys,
     };
 
     let incoming = tls::tls_incoming(

@@ -129,3 +129,12 @@ pub fn check_report_to_wire(
         millis,
     }
 }
+
+pub fn key_slot_to_wire(listed: crate::keys::ListedSlot) -> proto::KeySlot {
+    proto::KeySlot {
+        id: listed.slot.id,
+        purpose: listed.slot.purpose.as_str().to_string(),
+        created_at_unix_ms: listed.slot.created_at_ms,
+        in_use: listed.in_use,
+    }
+}

@@ -3,6 +3,7 @@
 
 mod backups;
 mod client;
+mod keys;
 mod output;
 mod pages;
 mod repository;
@@ -108,7 +109,7 @@ enum Command {
     /// Jobs: backups, restores and drills, running and finished.
     #[command(subcommand)]
     Jobs(JobsCommand),
-    /// The master key.
+    /// The master key and the repository's key slots (recovery keys).
     #[command(subcommand)]
     Keys(KeysCommand),
     /// The repository itself.
@@ -163,9 +164,35 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum KeysCommand {
-    /// Make a new master key and rewrap the repository keys with it; old
-    /// backups still restore and no chunk is rewritten (role: admin).
+    /// Replace the coordinator's master key with a new one: the repository
+    /// keys get a slot under the new key and the old key's slot goes; old
+    /// backups still restore, no chunk is rewritten, recovery slots stay
+    /// (role: admin). One key operation runs at a time.
     Rotate {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// The repository's key slots: one per key that opens it (role: viewer).
+    List {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Make a recovery key: generated here, written to FILE (mode 0600,
+    /// never over an existing file), then given a slot in the repository
+    /// (role: admin). Keep FILE off the coordinator host: with it, `cairn
+    /// repository rebuild-catalog --master-key FILE` gets every backup back.
+    Add {
+        /// Where to write the new key; must not exist.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Remove a key slot: its key no longer opens the repository (role:
+    /// admin). Refused for the coordinator's own key and the last slot.
+    Remove {
+        /// The slot id, as `cairn keys list` shows it.
+        id: String,
         #[command(flatten)]
         connection: Connection,
     },
@@ -198,11 +225,15 @@ enum RepositoryCommand {
         connection: Connection,
     },
     /// Rebuild the backup list of an empty catalog from the repository and
-    /// the master key alone. Runs offline: stop `cairn serve` first.
+    /// one key alone. Runs offline: stop `cairn serve` first.
     RebuildCatalog {
         /// Path to coordinator.toml.
         #[arg(long)]
         config: PathBuf,
+        /// Open the repository with this key file (a recovery key from
+        /// `cairn keys add`, mode 0600) instead of keys.master_key_file.
+        #[arg(long, value_name = "FILE")]
+        master_key: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "table")]
         output: OutputFormat,
     },
@@ -883,25 +914,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Keys(KeysCommand::Rotate { connection }) => {
-            let response = connection
-                .admin()
-                .await?
-                .rotate_master_key(proto::RotateMasterKeyRequest {})
-                .await
-                .map_err(explain)?
-                .into_inner();
-            if connection.json() {
-                print_json(&serde_json::json!({
-                    "old_key_id": response.old_key_id,
-                    "new_key_id": response.new_key_id,
-                }))?;
-            } else {
-                println!(
-                    "Rotated the master key: {} -> {}. The repository keys are rewrapped; no data was rewritten. Back up the new master key file.",
-                    response.old_key_id, response.new_key_id
-                );
-            }
-            Ok(0)
+            keys::rotate(&mut connection.admin().await?, connection.json()).await
+        }
+        Command::Keys(KeysCommand::List { connection }) => {
+            keys::list(&mut connection.admin().await?, connection.json()).await
+        }
+        Command::Keys(KeysCommand::Add { out, connection }) => {
+            keys::add(&mut connection.admin().await?, &out, connection.json()).await
+        }
+        Command::Keys(KeysCommand::Remove { id, connection }) => {
+            keys::remove(&mut connection.admin().await?, id, connection.json()).await
         }
         Command::Repository(RepositoryCommand::Init { config, output }) => {
             let config = CoordinatorConfig::load(&config)?;
@@ -923,9 +945,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let mut client = connection.admin().await?;
             repository::check(&mut client, read_data, connection.json()).await
         }
-        Command::Repository(RepositoryCommand::RebuildCatalog { config, output }) => {
+        Command::Repository(RepositoryCommand::RebuildCatalog {
+            config,
+            master_key,
+            output,
+        }) => {
             let config = CoordinatorConfig::load(&config)?;
-            let report = cairn_coordinator::rebuild::rebuild_catalog(&config).await?;
+            let recovery_key = master_key.as_deref().map(keys::read_key_file).transpose()?;
+            let report =
+                cairn_coordinator::rebuild::rebuild_catalog(&config, recovery_key.as_ref()).await?;
             if output == OutputFormat::Json {
                 print_json(&report)?;
             } else {

@@ -195,11 +195,23 @@ impl LocalStore {
     }
 
     pub async fn delete(&self, key: &ObjectKey) -> Result<()> {
-        match tokio::fs::remove_file(self.path(key)).await {
-            Ok(()) => Ok(()),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(error) => Err(Self::io(key, error)),
+        let path = self.path(key);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(error) => return Err(Self::io(key, error)),
         }
+        // A removed key slot must stay removed after a power loss, or a
+        // retired key would open the repository again.
+        if let Some(dir) = path.parent() {
+            tokio::fs::File::open(dir)
+                .await
+                .map_err(|e| Self::io(key, e))?
+                .sync_all()
+                .await
+                .map_err(|e| Self::io(key, e))?;
+        }
+        Ok(())
     }
 }
 

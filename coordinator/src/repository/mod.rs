@@ -6,12 +6,23 @@
 //!
 //! ```text
 //! cairn-repository.json        format and id: what makes a repository self-describing
-//! keys/repository.json         the repository keys, wrapped by the master key
+//! keys/slots/<slot id>.json    the repository keys, wrapped by one master key per slot
+//! keys/repository.json         (repositories made before key slots: the one wrapped
+//!                              copy; `cairn serve` moves it into a slot)
 //! chunks/ab/abcdef...          sealed chunks, named by their keyed hash
 //! manifests/<backup id>        sealed manifests (written after their chunks)
 //! ```
 //!
-//! With only the store and the master key, everything else can be rebuilt.
+//! Key slots, as LUKS and restic have them: the same repository keys are
+//! wrapped once per master key that may open the repository (the key the
+//! coordinator runs on, and recovery keys kept elsewhere), each copy its own
+//! object named by the slot id ([`SecretKey::key_id`] of its master key, a
+//! keyed hash that says nothing about the key). Adding or removing a slot is
+//! one put or one delete of its own object, so no change to one slot can
+//! lose another.
+//!
+//! With only the store and any one master key, everything else can be
+//! rebuilt.
 
 mod local;
 mod s3;
@@ -26,7 +37,10 @@ pub use s3::{S3Credentials, S3Settings, S3Store, normalize_prefix as normalize_s
 
 const REPOSITORY_FORMAT: &str = "cairn-repository-v1";
 const DESCRIPTOR_KEY: &str = "cairn-repository.json";
-const KEYS_KEY: &str = "keys/repository.json";
+/// The single wrapped copy of repositories made before key slots.
+const LEGACY_KEYS_KEY: &str = "keys/repository.json";
+const SLOTS_PREFIX: &str = "keys/slots/";
+const SLOT_FORMAT: &str = "cairn-key-slot-v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepositoryError {
@@ -41,6 +55,14 @@ pub enum RepositoryError {
     Storage { key: String, message: String },
     #[error("repository: {0}")]
     Invalid(String),
+    /// The master key has no slot: names the slots there are, never a key.
+    #[error(
+        "no key slot of this repository opens with master key {master_key_id} (its slots: {slots}): use the master key the coordinator last ran on or a recovery key of this repository (`cairn keys list` shows the slots)"
+    )]
+    NoSlot {
+        master_key_id: String,
+        slots: String,
+    },
     #[error(transparent)]
     Keys(#[from] cairn_common::Error),
 }
@@ -226,10 +248,7 @@ impl Repository {
             )));
         }
         let keys = RepositoryKeys::generate()?;
-        let wrapped = WrappedKeys::wrap(master, &keys)?;
-        store
-            .put(&ObjectKey::new(KEYS_KEY)?, to_json(&wrapped)?)
-            .await?;
+        write_slot(&store, master, &keys, SlotPurpose::Master).await?;
         let id = hex::encode(cairn_common::pki::random_bytes(16)?);
         let descriptor = Descriptor {
             format: REPOSITORY_FORMAT.to_string(),
@@ -258,8 +277,24 @@ impl Repository {
                 descriptor.format
             )));
         }
-        let wrapped: WrappedKeys = from_json(&store, &ObjectKey::new(KEYS_KEY)?).await?;
-        let keys = wrapped.unwrap(master)?;
+        let keys = match unwrap_with(&store, master).await? {
+            Some(keys) => keys,
+            None => {
+                let slots = list_slots(&store)
+                    .await?
+                    .iter()
+                    .map(|slot| slot.id.clone())
+                    .collect::<Vec<_>>();
+                return Err(RepositoryError::NoSlot {
+                    master_key_id: master.key_id(),
+                    slots: if slots.is_empty() {
+                        "none".to_string()
+                    } else {
+                        slots.join(", ")
+                    },
+                });
+            }
+        };
         Ok(Repository {
             store,
             keys,
@@ -267,13 +302,57 @@ impl Repository {
         })
     }
 
-    /// Rewraps the repository keys under `new_master`. No chunk or manifest
-    /// is touched: the keys themselves do not change.
-    pub async fn rewrap_keys(&self, new_master: &SecretKey) -> Result<()> {
-        let wrapped = WrappedKeys::wrap(new_master, &self.keys)?;
-        self.store
-            .put(&ObjectKey::new(KEYS_KEY)?, to_json(&wrapped)?)
-            .await
+    /// Every key slot, oldest first.
+    pub async fn key_slots(&self) -> Result<Vec<KeySlot>> {
+        list_slots(&self.store).await
+    }
+
+    /// Whether a slot with this id exists (a legacy single copy counts).
+    pub async fn has_slot(&self, id: &str) -> Result<bool> {
+        if self.store.exists(&slot_key(id)?).await? {
+            return Ok(true);
+        }
+        Ok(read_legacy(&self.store)
+            .await?
+            .is_some_and(|wrapped| wrapped.master_key_id == id))
+    }
+
+    /// Wraps the repository keys under `master` into a new slot. No chunk
+    /// or manifest is touched: the keys themselves never change.
+    pub async fn add_slot(&self, master: &SecretKey, purpose: SlotPurpose) -> Result<KeySlot> {
+        write_slot(&self.store, master, &self.keys, purpose).await
+    }
+
+    /// Deletes the slot `id` (and the legacy copy, if that is what it is):
+    /// its master key no longer opens the repository.
+    pub async fn remove_slot(&self, id: &str) -> Result<()> {
+        self.store.delete(&slot_key(id)?).await?;
+        if let Some(wrapped) = read_legacy(&self.store).await?
+            && wrapped.master_key_id == id
+        {
+            self.store.delete(&ObjectKey::new(LEGACY_KEYS_KEY)?).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves a repository made before key slots onto them: the single
+    /// wrapped copy becomes a slot of `master`'s, then goes. A crash in
+    /// between leaves both, which open alike; the next start finishes.
+    /// Returns whether there was anything to move.
+    pub async fn migrate_legacy_keys(&self, master: &SecretKey) -> Result<bool> {
+        let Some(wrapped) = read_legacy(&self.store).await? else {
+            return Ok(false);
+        };
+        if wrapped.master_key_id != master.key_id() {
+            // Another key's copy: listed as a legacy slot until removed.
+            return Ok(false);
+        }
+        // After a crash between the two steps the slot is already there.
+        if !self.store.exists(&slot_key(&master.key_id())?).await? {
+            write_slot(&self.store, master, &self.keys, SlotPurpose::Master).await?;
+        }
+        self.store.delete(&ObjectKey::new(LEGACY_KEYS_KEY)?).await?;
+        Ok(true)
     }
 
     /// Reads the descriptor back and checks that it still describes this
@@ -300,6 +379,150 @@ impl Repository {
     pub fn id(&self) -> &str {
         &self.id
     }
+}
+
+/// What a key slot's master key is for. It only labels the slot: every
+/// slot opens the repository alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotPurpose {
+    /// Made by `cairn init`, `repository init` or a rotation: a key for the
+    /// coordinator to run on.
+    Master,
+    /// Made by `cairn keys add`: a key kept away from the coordinator.
+    Recovery,
+    /// The single wrapped copy of a repository made before key slots.
+    Legacy,
+}
+
+impl SlotPurpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotPurpose::Master => "master",
+            SlotPurpose::Recovery => "recovery",
+            SlotPurpose::Legacy => "legacy",
+        }
+    }
+}
+
+/// A key slot as listed: public facts only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySlot {
+    /// [`SecretKey::key_id`] of the slot's master key.
+    pub id: String,
+    pub purpose: SlotPurpose,
+    /// 0 for a legacy copy, which did not record it.
+    pub created_at_ms: i64,
+}
+
+/// One slot object. The metadata beside the wrapped keys is not
+/// authenticated: it only labels the slot, and whoever could alter it could
+/// as well delete the object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SlotObject {
+    format: String,
+    purpose: SlotPurpose,
+    created_at_ms: i64,
+    wrapped: WrappedKeys,
+}
+
+/// A slot id is 16 lowercase hex digits; anything else never reaches an
+/// object name.
+pub fn slot_key(id: &str) -> Result<ObjectKey> {
+    let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+    if id.len() != 16 || !id.bytes().all(hex) {
+        return Err(RepositoryError::Invalid(format!(
+            "{id:?} is not a key slot id (16 hex digits, as `cairn keys list` shows them)"
+        )));
+    }
+    ObjectKey::new(format!("{SLOTS_PREFIX}{id}.json"))
+}
+
+async fn write_slot(
+    store: &Store,
+    master: &SecretKey,
+    keys: &RepositoryKeys,
+    purpose: SlotPurpose,
+) -> Result<KeySlot> {
+    let slot = SlotObject {
+        format: SLOT_FORMAT.to_string(),
+        purpose,
+        created_at_ms: crate::clock::now_ms(),
+        wrapped: WrappedKeys::wrap(master, keys)?,
+    };
+    store
+        .put(&slot_key(&slot.wrapped.master_key_id)?, to_json(&slot)?)
+        .await?;
+    Ok(KeySlot {
+        id: slot.wrapped.master_key_id,
+        purpose,
+        created_at_ms: slot.created_at_ms,
+    })
+}
+
+async fn read_slot(store: &Store, key: &ObjectKey) -> Result<SlotObject> {
+    let slot: SlotObject = from_json(store, key).await?;
+    if slot.format != SLOT_FORMAT {
+        return Err(RepositoryError::Invalid(format!(
+            "{key}: unknown key slot format {:?}",
+            slot.format
+        )));
+    }
+    // The name must agree with the copy inside, or removing one slot could
+    // leave another key's copy behind.
+    if slot_key(&slot.wrapped.master_key_id)? != *key {
+        return Err(RepositoryError::Invalid(format!(
+            "{key} holds the keys of slot {}",
+            slot.wrapped.master_key_id
+        )));
+    }
+    Ok(slot)
+}
+
+async fn read_legacy(store: &Store) -> Result<Option<WrappedKeys>> {
+    match from_json(store, &ObjectKey::new(LEGACY_KEYS_KEY)?).await {
+        Ok(wrapped) => Ok(Some(wrapped)),
+        Err(RepositoryError::NotFound(_)) => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// The repository keys, if `master` has a slot (or the legacy copy).
+async fn unwrap_with(store: &Store, master: &SecretKey) -> Result<Option<RepositoryKeys>> {
+    let id = master.key_id();
+    match read_slot(store, &slot_key(&id)?).await {
+        Ok(slot) => return Ok(Some(slot.wrapped.unwrap(master)?)),
+        Err(RepositoryError::NotFound(_)) => {}
+        Err(error) => return Err(error),
+    }
+    match read_legacy(store).await? {
+        Some(wrapped) if wrapped.master_key_id == id => Ok(Some(wrapped.unwrap(master)?)),
+        _ => Ok(None),
+    }
+}
+
+async fn list_slots(store: &Store) -> Result<Vec<KeySlot>> {
+    let mut slots = Vec::new();
+    for key in store.list(SLOTS_PREFIX).await? {
+        let slot = read_slot(store, &key).await?;
+        slots.push(KeySlot {
+            id: slot.wrapped.master_key_id,
+            purpose: slot.purpose,
+            created_at_ms: slot.created_at_ms,
+        });
+    }
+    if let Some(wrapped) = read_legacy(store).await?
+        && !slots.iter().any(|slot| slot.id == wrapped.master_key_id)
+    {
+        slots.push(KeySlot {
+            id: wrapped.master_key_id,
+            purpose: SlotPurpose::Legacy,
+            created_at_ms: 0,
+        });
+    }
+    slots.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+    Ok(slots)
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<Bytes> {
@@ -334,7 +557,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn create_open_and_rotate() {
+    async fn create_open_and_key_slots() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::Local(LocalStore::new(dir.path().to_path_buf()));
         let master = SecretKey::generate().unwrap();
@@ -344,19 +567,34 @@ mod tests {
         assert_eq!(opened.keys(), created.keys());
         assert_eq!(opened.id(), created.id());
 
-        let new_master = SecretKey::generate().unwrap();
-        opened.rewrap_keys(&new_master).await.unwrap();
+        // A second slot opens the same keys; removing the first shuts its
+        // key out and names the slots that remain, never a key.
+        let recovery = SecretKey::generate().unwrap();
+        opened
+            .add_slot(&recovery, SlotPurpose::Recovery)
+            .await
+            .unwrap();
+        let slots = opened.key_slots().await.unwrap();
+        let ids: Vec<&str> = slots.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, [master.key_id(), recovery.key_id()]);
+        assert_eq!(slots[1].purpose, SlotPurpose::Recovery);
+        let by_recovery = Repository::open(store.clone(), &recovery).await.unwrap();
+        assert_eq!(
+            by_recovery.keys(),
+            created.keys(),
+            "slots keep the data keys"
+        );
+        opened.remove_slot(&master.key_id()).await.unwrap();
         let error = Repository::open(store.clone(), &master)
             .await
             .unwrap_err()
             .to_string();
-        assert!(error.contains(&new_master.key_id()), "{error}");
-        let rotated = Repository::open(store, &new_master).await.unwrap();
-        assert_eq!(
-            rotated.keys(),
-            created.keys(),
-            "rotation keeps the data keys"
+        assert!(
+            error.contains(&master.key_id()) && error.contains(&recovery.key_id()),
+            "{error}"
         );
+        assert!(!error.contains(&master.expose_hex()), "{error}");
+        assert!(opened.remove_slot("../descriptor").await.is_err());
 
         let empty = Store::Local(LocalStore::new(dir.path().join("empty")));
         let error = Repository::open(empty, &master)
@@ -364,5 +602,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("holds no cairn repository"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_repository_from_before_key_slots_opens_and_moves_onto_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::Local(LocalStore::new(dir.path().to_path_buf()));
+        let master = SecretKey::generate().unwrap();
+        let created = Repository::create(store.clone(), &master).await.unwrap();
+        // Rewrite it as the previous format had it: one wrapped copy at
+        // keys/repository.json, no slots.
+        let legacy = ObjectKey::new(LEGACY_KEYS_KEY).unwrap();
+        let wrapped = WrappedKeys::wrap(&master, created.keys()).unwrap();
+        store
+            .put(&legacy, to_json(&wrapped).unwrap())
+            .await
+            .unwrap();
+        store
+            .delete(&slot_key(&master.key_id()).unwrap())
+            .await
+            .unwrap();
+
+        let opened = Repository::open(store.clone(), &master).await.unwrap();
+        assert_eq!(opened.keys(), created.keys());
+        let slots = opened.key_slots().await.unwrap();
+        assert_eq!(slots.len(), 1);
+        assert_eq!(slots[0].purpose, SlotPurpose::Legacy);
+        assert!(opened.migrate_legacy_keys(&master).await.unwrap());
+        assert!(!store.exists(&legacy).await.unwrap());
+        let slots = opened.key_slots().await.unwrap();
+        assert_eq!(slots.len(), 1);
+        assert_eq!(slots[0].purpose, SlotPurpose::Master);
+        assert_eq!(slots[0].id, master.key_id());
+        let reopened = Repository::open(store, &master).await.unwrap();
+        assert_eq!(reopened.keys(), created.keys());
+        assert!(!opened.migrate_legacy_keys(&master).await.unwrap());
     }
 }
