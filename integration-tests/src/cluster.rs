@@ -180,6 +180,36 @@ impl Coordinator {
         self.home.join("catalog.sqlite")
     }
 
+    /// Moves the catalog (and its WAL files) aside into `dir`, so that the
+    /// next start, or `rebuild-catalog`, finds none. Stop the coordinator
+    /// first.
+    pub fn move_catalog_aside(&self, dir: &Path) {
+        let catalog = self.catalog_path();
+        std::fs::rename(&catalog, dir.join("old-catalog.sqlite"))
+            .unwrap_or_else(|e| panic!("move {} aside: {e}", catalog.display()));
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", catalog.display()));
+        }
+    }
+
+    /// Every chunk object of the local repository
+    /// (`<home>/repository/chunks/*/*`), sorted.
+    pub fn chunk_files(&self) -> Vec<PathBuf> {
+        let chunks = self.home.join("repository").join("chunks");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&chunks)
+            .unwrap_or_else(|e| panic!("read {}: {e}", chunks.display()))
+            .flatten()
+            .flat_map(|dir| {
+                std::fs::read_dir(dir.path())
+                    .unwrap_or_else(|e| panic!("read {}: {e}", dir.path().display()))
+                    .flatten()
+            })
+            .map(|entry| entry.path())
+            .collect();
+        files.sort();
+        files
+    }
+
     /// The `cairn serve` process; panics while it is stopped.
     pub fn process(&self) -> &Process {
         self.process

@@ -204,11 +204,7 @@ fn key_rotation_keeps_backups_and_the_catalog_rebuilds_from_the_repository() {
     // backups back; an altered manifest is reported, not trusted.
     agent.stop();
     coordinator.stop();
-    let catalog = coordinator.catalog_path();
-    std::fs::rename(&catalog, test_dir.path().join("old-catalog.sqlite")).unwrap();
-    for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", catalog.display()));
-    }
+    coordinator.move_catalog_aside(test_dir.path());
     let tampered = coordinator
         .home()
         .join("repository/manifests")

@@ -7,22 +7,8 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::path::PathBuf;
-
 use cairn_integration_tests::{AgentOptions, Coordinator, PgCluster, TestDir};
 use serde_json::Value;
-
-/// Every chunk file of the local repository, sorted.
-fn chunk_files(coordinator: &Coordinator) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(coordinator.home().join("repository/chunks"))
-        .unwrap()
-        .flatten()
-        .flat_map(|dir| std::fs::read_dir(dir.path()).unwrap().flatten())
-        .map(|entry| entry.path())
-        .collect();
-    files.sort();
-    files
-}
 
 fn file_name(path: &std::path::Path) -> String {
     path.file_name().unwrap().to_str().unwrap().to_string()
@@ -74,7 +60,8 @@ fn a_lost_chunk_is_found_uploaded_again_and_its_backup_repaired() {
     // differs between backups: its header holds the time), found by hiding
     // each in turn from `backup verify` of both.
     let second = coordinator.backup("db1", "shop");
-    let victim = chunk_files(&coordinator)
+    let victim = coordinator
+        .chunk_files()
         .into_iter()
         .find(|file| {
             let hidden = file.with_extension("hidden");
@@ -202,12 +189,8 @@ fn rebuild_catalog_checks_that_every_chunk_exists() {
     agent.stop();
     coordinator.stop();
 
-    let catalog = coordinator.catalog_path();
-    std::fs::rename(&catalog, test_dir.path().join("old-catalog.sqlite")).unwrap();
-    for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", catalog.display()));
-    }
-    let victim = chunk_files(&coordinator).remove(0);
+    coordinator.move_catalog_aside(test_dir.path());
+    let victim = coordinator.chunk_files().remove(0);
     let victim_id = file_name(&victim);
     std::fs::remove_file(&victim).unwrap();
     let config = coordinator.config_path();

@@ -145,11 +145,7 @@ fn backups_land_in_s3_sealed_deduplicated_and_rebuildable() {
     // backups back.
     agent.stop();
     coordinator.stop();
-    let catalog = coordinator.catalog_path();
-    std::fs::rename(&catalog, test_dir.path().join("old-catalog.sqlite")).unwrap();
-    for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", catalog.display()));
-    }
+    coordinator.move_catalog_aside(test_dir.path());
     let rebuilt = coordinator
         .cli(&[
             "repository",

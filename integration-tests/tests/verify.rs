@@ -5,8 +5,6 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::path::PathBuf;
-
 use cairn_integration_tests::{AgentOptions, Coordinator, PgCluster, TestDir};
 use serde_json::Value;
 
@@ -19,18 +17,6 @@ fn listed(coordinator: &Coordinator, id: &str) -> Value {
         .find(|b| b["id"] == id)
         .unwrap()
         .clone()
-}
-
-/// Every chunk file of the local repository, sorted.
-fn chunk_files(coordinator: &Coordinator) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(coordinator.home().join("repository/chunks"))
-        .unwrap()
-        .flatten()
-        .flat_map(|dir| std::fs::read_dir(dir.path()).unwrap().flatten())
-        .map(|entry| entry.path())
-        .collect();
-    files.sort();
-    files
 }
 
 #[test]
@@ -65,7 +51,7 @@ fn verify_checks_every_chunk_and_names_a_bad_one() {
 
     // One byte flipped in one chunk: the check fails, names that chunk and
     // goes on to the end.
-    let files = chunk_files(&coordinator);
+    let files = coordinator.chunk_files();
     let victim = &files[files.len() / 2];
     let victim_id = victim.file_name().unwrap().to_str().unwrap().to_string();
     let mut bytes = std::fs::read(victim).unwrap();

@@ -8,7 +8,6 @@ use cairn_common::model::time_from_unix_ms;
 use cairn_common::names::parse_key_values;
 use cairn_common::proto::{self, admin_client::AdminClient};
 use chrono::{DateTime, Utc};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tonic::transport::Channel;
 
@@ -261,16 +260,7 @@ pub async fn watch(
     job_id: &str,
     json: bool,
 ) -> anyhow::Result<JobView> {
-    let bar = if json {
-        ProgressBar::hidden()
-    } else {
-        let bar = ProgressBar::new_spinner();
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-        );
-        bar
-    };
+    let bar = output::spinner(json);
     let started = std::time::Instant::now();
     let job = loop {
         let job: JobView = client

@@ -2,12 +2,11 @@
 //! repository; this prints what it found.
 
 use cairn_common::proto::{self, admin_client::AdminClient};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tonic::transport::Channel;
 
 use super::client::explain;
-use super::output::{bytes, print_json};
+use super::output::{bytes, print_json, spinner};
 
 #[derive(Debug, Serialize)]
 struct ProblemView {
@@ -74,22 +73,13 @@ pub async fn check(
     read_data: bool,
     json: bool,
 ) -> anyhow::Result<i32> {
-    let bar = if json {
-        ProgressBar::hidden()
+    let bar = spinner(json);
+    bar.set_message(if read_data {
+        "checking the repository, reading every chunk"
     } else {
-        let bar = ProgressBar::new_spinner();
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-        );
-        bar.set_message(if read_data {
-            "checking the repository, reading every chunk"
-        } else {
-            "checking the repository"
-        });
-        bar.enable_steady_tick(std::time::Duration::from_millis(200));
-        bar
-    };
+        "checking the repository"
+    });
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
     let report = client
         .check_repository(proto::CheckRepositoryRequest { read_data })
         .await
