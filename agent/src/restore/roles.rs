@@ -7,10 +7,17 @@
 //! read, before anything runs: a role's statements lose the instance-wide
 //! attributes (`SUPERUSER` becomes `NOSUPERUSER`, and so on) and every
 //! clause that would make it a member of a role or a role a member of it
-//! (`IN ROLE`, `IN GROUP`, `ROLE`, `USER`, `ADMIN`); memberships in
-//! predefined (`pg_*`) roles and in roles that are superusers in the backup
-//! are withheld. Nothing grants that power on the target, not even for a
-//! moment before a later check takes it back.
+//! (`IN ROLE`, `IN GROUP`, `ROLE`, `USER`, `ADMIN`), attributes written as
+//! quoted identifiers included; renames and the settings that load code or
+//! change identity at login (`session_preload_libraries`, `role`, ...) are
+//! withheld whole; memberships in predefined (`pg_*`) roles and in roles
+//! that are superusers in the backup are withheld. Nothing grants that
+//! power on the target, not even for a moment before a later check takes it
+//! back.
+//!
+//! This is about the globals only: the archive's own entries (functions,
+//! triggers, ...) run as the restoring role, so restoring a backup means
+//! trusting the host it came from with the target database's contents.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
@@ -44,6 +51,15 @@ pub(crate) struct Globals {
 /// has them, not even between two statements.
 const INSTANCE_WIDE_ATTRIBUTES: [&str; 4] = ["superuser", "replication", "bypassrls", "createrole"];
 
+/// Settings `ALTER ROLE ... SET` may not give a copied role: they load a
+/// library into its sessions or change who its sessions are.
+const WITHHELD_SETTINGS: [&str; 4] = [
+    "session_preload_libraries",
+    "local_preload_libraries",
+    "role",
+    "session_authorization",
+];
+
 /// Bare words `ALTER ROLE` reads as another role than the one so named
 /// (the restoring session's own role, or every role).
 const NOT_A_NAMED_ROLE: [&str; 5] = [
@@ -69,6 +85,19 @@ fn filter_role_options(statement: &Statement, from: usize) -> (String, Vec<Strin
     let mut withheld = Vec::new();
     let mut index = from;
     while let Some(token) = tokens.get(index) {
+        // PostgreSQL reads an attribute written as a quoted identifier
+        // (`"superuser"`) like the bare word.
+        if let Token::Quoted(quoted) = token
+            && INSTANCE_WIDE_ATTRIBUTES.contains(&quoted.to_lowercase().as_str())
+        {
+            edits.push((
+                spans[index].clone(),
+                format!("NO{}", quoted.to_uppercase()),
+            ));
+            withheld.push(quoted.to_uppercase());
+            index += 1;
+            continue;
+        }
         let Token::Word(word) = token else {
             index += 1;
             continue;
@@ -164,12 +193,30 @@ impl Globals {
                 }) else {
                     continue;
                 };
-                // `SET`, `RESET`, `IN DATABASE ... SET` and `RENAME` take no
-                // role options (and `SET role ...` names a setting).
-                let options = !(keyword(3, "set")
-                    || keyword(3, "reset")
-                    || keyword(3, "in")
-                    || keyword(3, "rename"));
+                // A rename would move the role out from under the checks
+                // that follow its creation (they look it up by name), and
+                // a setting that loads code or changes identity at login
+                // is power over the instance: both are withheld whole.
+                let setting = if keyword(3, "set") {
+                    name_at(4)
+                } else if keyword(3, "in") && keyword(6, "set") {
+                    name_at(7)
+                } else {
+                    None
+                };
+                if keyword(3, "rename")
+                    || setting.is_some_and(|name| {
+                        WITHHELD_SETTINGS.contains(&name.to_lowercase().as_str())
+                    })
+                {
+                    let role_withheld = globals.withheld.entry(role.to_string()).or_default();
+                    role_withheld.push(statement.text.clone());
+                    continue;
+                }
+                // `SET`, `RESET` and `IN DATABASE ... SET` take no role
+                // options (and `SET role ...` names a setting).
+                let options =
+                    !(keyword(3, "set") || keyword(3, "reset") || keyword(3, "in"));
                 let (text, withheld) = if options {
                     filter_role_options(&statement, 3)
                 } else {
@@ -639,8 +686,6 @@ GRANT app TO sneaky WITH INHERIT TRUE GRANTED BY postgres;
                 "CREATE ROLE evil NOSUPERUSER LOGIN PASSWORD 'role admin'",
                 "ALTER ROLE evil WITH NOREPLICATION NOCREATEROLE CONNECTION LIMIT 5 VALID UNTIL \
                  'infinity'",
-                // A setting named role, not a membership: left as written.
-                "ALTER ROLE evil SET role TO 'boss'",
             ],
             &[
                 "IN ROLE pg_execute_server_program, \"pg_read_server_files\"",
@@ -649,6 +694,8 @@ GRANT app TO sneaky WITH INHERIT TRUE GRANTED BY postgres;
                 "SUPERUSER",
                 "REPLICATION",
                 "CREATEROLE",
+                // A setting named role: the role its sessions become.
+                "ALTER ROLE evil SET role TO 'boss'",
             ],
         );
         check_role(
@@ -736,5 +783,38 @@ GRANT app TO sneaky WITH INHERIT TRUE GRANTED BY postgres;
                 .collect::<Vec<_>>(),
             ["GRANT app TO sneaky WITH INHERIT TRUE GRANTED BY postgres"]
         );
+    }
+
+    #[test]
+    fn quoted_attributes_renames_and_login_settings_are_withheld() {
+        let globals = Globals::parse(
+            "CREATE ROLE evil \"superuser\" LOGIN PASSWORD 'x';\n\
+             ALTER ROLE evil WITH \"replication\";\n\
+             ALTER ROLE evil RENAME TO evil2;\n\
+             ALTER ROLE evil SET session_preload_libraries = '/tmp/evil.so';\n\
+             ALTER ROLE evil IN DATABASE shop SET role = 'postgres';\n\
+             ALTER ROLE evil SET search_path = app;\n",
+        );
+        assert_eq!(
+            globals.roles["evil"],
+            [
+                "CREATE ROLE evil NOSUPERUSER LOGIN PASSWORD 'x'",
+                "ALTER ROLE evil WITH NOREPLICATION",
+                "ALTER ROLE evil SET search_path = app",
+            ]
+        );
+        let withheld = &globals.withheld["evil"];
+        for expected in [
+            "SUPERUSER",
+            "REPLICATION",
+            "ALTER ROLE evil RENAME TO evil2",
+            "session_preload_libraries",
+            "SET role",
+        ] {
+            assert!(
+                withheld.iter().any(|w| w.contains(expected)),
+                "{expected} not withheld: {withheld:?}"
+            );
+        }
     }
 }
