@@ -576,8 +576,8 @@ impl Admin for AdminService {
                     report.missing.count,
                     report.corrupt.count,
                     report.unreferenced.count,
-                    report.damaged_backups.len(),
-                    report.repaired_backups.len()
+                    report.damaged_count,
+                    report.repaired_backups
                 ),
             ))
             .await;

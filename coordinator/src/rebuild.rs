@@ -121,7 +121,7 @@ pub async fn rebuild_catalog(
         chunks: (seen.len() as u64).saturating_sub(check.unindexed_chunks),
         problems,
         missing_chunks: check.missing.count,
-        damaged_backups: check.damaged_backups,
+        damaged_backups: check.damaged_backups.into_iter().collect(),
     };
     catalog
         .append_audit(&AuditEvent::new(

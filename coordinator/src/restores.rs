@@ -135,9 +135,9 @@ impl Jobs {
         };
         if backup.damaged_at.is_some() {
             return Err(CoordinatorError::Conflict(format!(
-                "backup {backup_id} is damaged ({}): it cannot be restored. \
-                 A later backup of the database uploads the lost chunks again, \
-                 and `cairn repository check --read-data` then clears the damage",
+                "backup {backup_id} is damaged ({}): it cannot be restored; restore a newer \
+                 backup of the database. If a later backup uploads the same content again, \
+                 `cairn repository check --read-data` clears the mark",
                 backup.damage
             )));
         }

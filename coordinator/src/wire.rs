@@ -124,7 +124,11 @@ pub fn check_report_to_wire(
             .into_iter()
             .map(|(backup_id, reason)| proto::DamagedBackup { backup_id, reason })
             .collect(),
+        damaged_count: report.damaged_count,
         repaired_backups: report.repaired_backups,
+        missing_manifest_count: report.missing_manifests.count,
+        missing_manifests: problems(report.missing_manifests.first),
+        unlisted_manifests: report.unlisted_manifests,
         bytes_read: report.bytes_read,
         millis,
     }

@@ -142,11 +142,8 @@ fn a_lost_chunk_is_found_uploaded_again_and_its_backup_repaired() {
     // A full check reads every chunk: all good, the first backup whole again.
     let (code, report) = check(&coordinator, true);
     assert_eq!(code, Some(0), "{report}");
-    assert_eq!(
-        report["repaired_backups"].as_array().unwrap().len(),
-        2,
-        "{report}"
-    );
+    assert_eq!(report["repaired_backups"], 2, "{report}");
+    assert_eq!(report["damaged_count"], 0, "{report}");
     assert!(report["bytes_read"].as_u64().unwrap() > 0);
     assert_eq!(listed(&coordinator, &first)["status"], "complete");
 
@@ -176,6 +173,23 @@ fn a_lost_chunk_is_found_uploaded_again_and_its_backup_repaired() {
         damaged.contains(&first.as_str()) && damaged.contains(&second.as_str()),
         "{report}"
     );
+    // A check that reads nothing is still not ok while backups are damaged.
+    let (code, report) = check(&coordinator, false);
+    assert_eq!(code, Some(1), "{report}");
+    assert_eq!(report["corrupt_count"], 0, "{report}");
+    assert!(report["damaged_count"].as_u64().unwrap() >= 2, "{report}");
+
+    // A backup whose manifest is gone is damaged too.
+    std::fs::remove_file(coordinator.home().join("repository/manifests").join(&third)).unwrap();
+    let (code, report) = check(&coordinator, false);
+    assert_eq!(code, Some(1), "{report}");
+    assert_eq!(report["missing_manifest_count"], 1, "{report}");
+    assert_eq!(
+        report["missing_manifests"][0]["id"],
+        third.as_str(),
+        "{report}"
+    );
+    assert_eq!(listed(&coordinator, &third)["status"], "damaged");
 }
 
 #[test]

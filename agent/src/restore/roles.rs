@@ -90,10 +90,7 @@ fn filter_role_options(statement: &Statement, from: usize) -> (String, Vec<Strin
         if let Token::Quoted(quoted) = token
             && INSTANCE_WIDE_ATTRIBUTES.contains(&quoted.to_lowercase().as_str())
         {
-            edits.push((
-                spans[index].clone(),
-                format!("NO{}", quoted.to_uppercase()),
-            ));
+            edits.push((spans[index].clone(), format!("NO{}", quoted.to_uppercase())));
             withheld.push(quoted.to_uppercase());
             index += 1;
             continue;
@@ -215,8 +212,7 @@ impl Globals {
                 }
                 // `SET`, `RESET` and `IN DATABASE ... SET` take no role
                 // options (and `SET role ...` names a setting).
-                let options =
-                    !(keyword(3, "set") || keyword(3, "reset") || keyword(3, "in"));
+                let options = !(keyword(3, "set") || keyword(3, "reset") || keyword(3, "in"));
                 let (text, withheld) = if options {
                     filter_role_options(&statement, 3)
                 } else {

@@ -290,6 +290,18 @@ impl Catalog {
                  completed it): it was not marked complete"
             )));
         }
+        // Every chunk it reuses must still be indexed: a repository check
+        // that found one missing took it out of the index and marked the
+        // backups referencing it damaged, in one transaction; a backup
+        // completing after that must not be listed as whole.
+        let unindexed = super::chunks::count_unindexed(&mut transaction, chunk_ids).await?;
+        if unindexed > 0 {
+            return Err(CoordinatorError::Conflict(format!(
+                "backup {backup_id}: {unindexed} chunk(s) it reuses were found missing or corrupt \
+                 by a repository check while it ran: it was not marked complete; run it again \
+                 (the next run uploads them)"
+            )));
+        }
         super::chunks::insert_references(&mut transaction, backup_id, chunk_ids).await?;
         transaction.commit().await?;
         Ok(())
@@ -459,6 +471,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_condemned_chunk_damages_its_backups_and_fails_those_completing_later() {
+        let (_dir, catalog) = catalog().await;
+        let tags = BTreeMap::new();
+        for (job_id, backup_id) in [("j1", "b1"), ("j2", "b2")] {
+            catalog
+                .insert_backup_job(&job(job_id, backup_id), &tags)
+                .await
+                .unwrap();
+        }
+        for chunk in ["c1", "c2"] {
+            catalog.insert_chunk(chunk, 10, 10, 1).await.unwrap();
+        }
+        let both = ["c1".to_string(), "c2".to_string()];
+        catalog
+            .complete_backup("b1", &BackupStats::default(), &both, 2)
+            .await
+            .unwrap();
+        // A check finds c2 missing while b2 (which reuses it) still uploads.
+        let marked = catalog
+            .condemn_chunks(&[("c2".to_string(), "chunk c2 is missing".to_string())], 3)
+            .await
+            .unwrap();
+        assert_eq!(marked, 1);
+        let b1 = catalog.get_backup("b1").await.unwrap().unwrap();
+        assert_eq!(b1.damaged_at, Some(3));
+        assert_eq!(b1.damage, "chunk c2 is missing");
+        let refused = catalog
+            .complete_backup("b2", &BackupStats::default(), &both, 4)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&refused, CoordinatorError::Conflict(m) if m.contains("repository check")),
+            "{refused}"
+        );
+        assert_eq!(
+            catalog.get_backup("b2").await.unwrap().unwrap().status,
+            "running"
+        );
+        let (damaged, count) = catalog.damaged_backups(10).await.unwrap();
+        assert_eq!((damaged.len(), count), (1, 1));
+        // A later full check that does not confirm the mark clears it.
+        assert_eq!(catalog.clear_damage_before(3).await.unwrap(), 0);
+        assert_eq!(catalog.clear_damage_before(4).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
     async fn only_complete_backups_are_listed() {
         let (_dir, catalog) = catalog().await;
         let tags = BTreeMap::from([("ticket".to_string(), "OPS-1".to_string())]);
@@ -478,6 +536,7 @@ mod tests {
                 .is_empty()
         );
 
+        catalog.insert_chunk("c1", 10, 10, 4).await.unwrap();
         catalog
             .complete_backup("b1", &BackupStats::default(), &["c1".to_string()], 5)
             .await

@@ -10,8 +10,6 @@
 //! Pages are read by keyset (`WHERE id > ? ORDER BY id LIMIT ?`), never with
 //! an OFFSET or an unbounded `IN (...)` list.
 
-use std::collections::HashSet;
-
 use sqlx::QueryBuilder;
 
 use super::Catalog;
@@ -45,29 +43,63 @@ impl Catalog {
         .await?)
     }
 
-    /// The backups that reference `chunk_id`.
-    pub async fn backups_referencing(&self, chunk_id: &str) -> Result<Vec<String>> {
+    /// Takes chunks found missing or corrupt out of the dedup index (so the
+    /// next backup that has one uploads it again) and marks every complete
+    /// backup referencing one damaged, in one transaction: a backup that
+    /// completes later finds the chunk unindexed and fails instead.
+    /// Returns how many backups were newly marked.
+    pub async fn condemn_chunks(&self, chunks: &[(String, String)], now: i64) -> Result<u64> {
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut marked = 0;
+        for (chunk_id, reason) in chunks {
+            sqlx::query("DELETE FROM chunks WHERE id = ?")
+                .bind(chunk_id)
+                .execute(&mut *transaction)
+                .await?;
+            marked += sqlx::query(
+                "UPDATE backups SET damaged_at = ?1,
+                     damage = CASE WHEN damaged_at IS NULL THEN ?2 ELSE damage END
+                 WHERE status = 'complete'
+                   AND id IN (SELECT backup_id FROM backup_chunks WHERE chunk_id = ?3)",
+            )
+            .bind(now)
+            .bind(reason)
+            .bind(chunk_id)
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+        }
+        transaction.commit().await?;
+        Ok(marked)
+    }
+
+    /// Up to `limit` complete backup ids after `after`, in order.
+    pub async fn complete_backups_after(&self, after: &str, limit: u32) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT backup_id FROM backup_chunks WHERE chunk_id = ? ORDER BY backup_id",
+            "SELECT id FROM backups WHERE status = 'complete' AND id > ? ORDER BY id LIMIT ?",
         )
-        .bind(chunk_id)
+        .bind(after)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?)
     }
 
-    /// Removes chunks from the dedup index, so the next backup that needs
-    /// one uploads it again.
-    pub async fn unindex_chunks(&self, ids: &[String]) -> Result<()> {
-        for batch in ids.chunks(INSERT_BATCH) {
-            let mut query = QueryBuilder::new("DELETE FROM chunks WHERE id IN (");
-            let mut list = query.separated(", ");
-            for id in batch {
-                list.push_bind(id);
-            }
-            list.push_unseparated(")");
-            query.build().execute(&self.pool).await?;
-        }
-        Ok(())
+    /// The damaged complete backups (the first `limit`, by id, with what
+    /// is wrong) and how many there are.
+    pub async fn damaged_backups(&self, limit: u32) -> Result<(Vec<(String, String)>, u64)> {
+        let first = sqlx::query_as(
+            "SELECT id, damage FROM backups WHERE status = 'complete' AND damaged_at IS NOT NULL
+             ORDER BY id LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let count: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM backups WHERE status = 'complete' AND damaged_at IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((first, u64::try_from(count).unwrap_or(0)))
     }
 
     /// Complete backups whose references are not indexed yet (completed
@@ -100,43 +132,57 @@ impl Catalog {
         Ok(())
     }
 
-    /// Marks a backup damaged (a chunk it needs is missing or corrupt, or
-    /// its manifest is unreadable), with the reason.
+    /// Marks a backup damaged (its manifest is missing or unreadable), with
+    /// the reason.
     pub async fn mark_backup_damaged(&self, backup_id: &str, damage: &str, now: i64) -> Result<()> {
-        sqlx::query("UPDATE backups SET damaged_at = ?, damage = ? WHERE id = ?")
-            .bind(now)
-            .bind(damage)
-            .bind(backup_id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE backups SET damaged_at = ?,
+                 damage = CASE WHEN damaged_at IS NULL THEN ? ELSE damage END
+             WHERE id = ?",
+        )
+        .bind(now)
+        .bind(damage)
+        .bind(backup_id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
-    /// Clears the damage of backups a check found whole again (their
-    /// chunks were uploaded again by later backups), returning their ids.
-    pub async fn clear_damage_except(
-        &self,
-        still_damaged: &HashSet<String>,
-    ) -> Result<Vec<String>> {
-        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let damaged: Vec<String> =
-            sqlx::query_scalar("SELECT id FROM backups WHERE damaged_at IS NOT NULL ORDER BY id")
-                .fetch_all(&mut *transaction)
-                .await?;
-        let mut repaired = Vec::new();
-        for id in damaged {
-            if still_damaged.contains(&id) {
-                continue;
-            }
-            sqlx::query("UPDATE backups SET damaged_at = NULL, damage = '' WHERE id = ?")
-                .bind(&id)
-                .execute(&mut *transaction)
-                .await?;
-            repaired.push(id);
-        }
-        transaction.commit().await?;
-        Ok(repaired)
+    /// Clears the damage marks older than `before` (set by earlier checks
+    /// and not confirmed by the one that started at `before`): those
+    /// backups are whole again. Returns how many.
+    pub async fn clear_damage_before(&self, before: i64) -> Result<u64> {
+        Ok(
+            sqlx::query("UPDATE backups SET damaged_at = NULL, damage = '' WHERE damaged_at < ?")
+                .bind(before)
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
     }
+}
+
+/// How many of `chunk_ids` the dedup index lacks, inside the caller's
+/// transaction (in batches: a bounded `IN` list each).
+pub(super) async fn count_unindexed(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    chunk_ids: &[String],
+) -> Result<u64> {
+    let mut missing = 0;
+    for batch in chunk_ids.chunks(INSERT_BATCH) {
+        let mut query = QueryBuilder::new("SELECT count(*) FROM chunks WHERE id IN (");
+        let mut list = query.separated(", ");
+        for id in batch {
+            list.push_bind(id);
+        }
+        list.push_unseparated(")");
+        let found: i64 = query
+            .build_query_scalar()
+            .fetch_one(&mut **transaction)
+            .await?;
+        missing += batch.len() as u64 - u64::try_from(found).unwrap_or(0);
+    }
+    Ok(missing)
 }
 
 /// Inserts `backup_id`'s references to `chunk_ids` (duplicates ignored), in

@@ -293,7 +293,7 @@ enum BackupsCommand {
         agent: Option<String>,
         #[arg(long)]
         database: Option<String>,
-        /// At most this many (the newest).
+        /// At most this many, the newest (0 or none: all of them).
         #[arg(long)]
         limit: Option<u32>,
         #[command(flatten)]
@@ -792,6 +792,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let client = connection.admin().await?;
             let agent_name = agent.unwrap_or_default();
             let database = database.unwrap_or_default();
+            let limit = limit.filter(|limit| *limit > 0);
             let views: Vec<backups::BackupView> = pages::collect(limit, |page_token, limit| {
                 let mut client = client.clone();
                 let request = proto::ListBackupsRequest {

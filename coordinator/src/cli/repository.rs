@@ -37,8 +37,12 @@ struct CheckView {
     unreferenced_count: u64,
     unreferenced: Vec<ProblemView>,
     unindexed_chunks: u64,
+    damaged_count: u64,
     damaged_backups: Vec<DamagedView>,
-    repaired_backups: Vec<String>,
+    repaired_backups: u64,
+    missing_manifest_count: u64,
+    missing_manifests: Vec<ProblemView>,
+    unlisted_manifests: u64,
     bytes_read: u64,
     millis: u64,
 }
@@ -109,7 +113,11 @@ pub async fn check(
                 reason: d.reason,
             })
             .collect(),
+        damaged_count: report.damaged_count,
         repaired_backups: report.repaired_backups,
+        missing_manifest_count: report.missing_manifest_count,
+        missing_manifests: problems(report.missing_manifests),
+        unlisted_manifests: report.unlisted_manifests,
         bytes_read: report.bytes_read,
         millis: report.millis,
     };
@@ -138,14 +146,35 @@ pub async fn check(
                 view.unindexed_chunks
             );
         }
+        for missing in &view.missing_manifests {
+            println!(
+                "missing manifest of backup {}: {}",
+                missing.id, missing.reason
+            );
+        }
+        if view.missing_manifest_count > view.missing_manifests.len() as u64 {
+            println!(
+                "  ... and {} more",
+                view.missing_manifest_count - view.missing_manifests.len() as u64
+            );
+        }
         for damaged in &view.damaged_backups {
             println!(
                 "DAMAGED backup {}: {} (it cannot be restored)",
                 damaged.backup_id, damaged.reason
             );
         }
-        for repaired in &view.repaired_backups {
-            println!("repaired backup {repaired}: every chunk it needs is back");
+        if view.damaged_count > view.damaged_backups.len() as u64 {
+            println!(
+                "  ... and {} more damaged backups (cairn backups list shows them)",
+                view.damaged_count - view.damaged_backups.len() as u64
+            );
+        }
+        if view.repaired_backups > 0 {
+            println!(
+                "{} backup(s) repaired: every chunk they need is back",
+                view.repaired_backups
+            );
         }
         println!(
             "{}",

@@ -95,10 +95,9 @@ impl LocalStore {
             .map_err(|e| Self::io(key, e))
     }
 
-    /// Sends every object under `prefix` to `sender`, walking one directory
-    /// at a time in sorted order (for names of one shape, such as
-    /// `chunks/ab/<hex>`, that is the order of the keys), so memory holds
-    /// one directory's names at most; stops early if the receiver is gone.
+    /// Sends every object under `prefix` to `sender` in the order of their
+    /// keys, walking one directory at a time, so memory holds one
+    /// directory's names at most; stops early if the receiver is gone.
     pub async fn list_into(
         &self,
         prefix: &str,
@@ -136,7 +135,10 @@ impl LocalStore {
                 }
                 let path = entry.path();
                 if entry.file_type().await.map_err(io)?.is_dir() {
-                    items.push((name, Item::Dir(path)));
+                    // Sorted as the keys under it begin (`name/`), so that
+                    // the walk yields keys in the order of their full names
+                    // (`ab.x` before `ab/...`, as S3 lists them).
+                    items.push((format!("{name}/"), Item::Dir(path)));
                 } else if let Ok(relative) = path.strip_prefix(&self.root)
                     && let Ok(key) = ObjectKey::new(relative.to_string_lossy().into_owned())
                 {
@@ -218,6 +220,33 @@ impl LocalStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_streamed_listing_comes_in_the_order_of_the_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::super::Store::Local(LocalStore::new(dir.path().to_path_buf()));
+        // `ab.bak` sorts before `ab/...` ('.' < '/'), as S3 lists them.
+        let keys = [
+            "chunks/ab/ab02",
+            "chunks/ab.bak",
+            "chunks/ab/ab01",
+            "chunks/0f/0f01",
+        ];
+        for key in keys {
+            store
+                .put(&ObjectKey::new(key).unwrap(), Bytes::from_static(b"x"))
+                .await
+                .unwrap();
+        }
+        let mut listing = store.list_streamed("chunks/");
+        let mut listed = Vec::new();
+        while let Some(key) = listing.next().await.unwrap() {
+            listed.push(key.as_str().to_string());
+        }
+        let mut expected: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        expected.sort();
+        assert_eq!(listed, expected);
+    }
 
     #[tokio::test]
     async fn put_get_list_delete() {

@@ -152,8 +152,7 @@ impl Store {
 
     /// Every object under `prefix`, in increasing order, streamed with
     /// backpressure: a repository of millions of chunks is listed in
-    /// constant memory. (Keys of one shape, such as `chunks/ab/<hex>`: the
-    /// local store walks directories in sorted order.)
+    /// constant memory.
     pub fn list_streamed(&self, prefix: &str) -> Listing {
         let (sender, receiver) = tokio::sync::mpsc::channel(LISTING_BUFFER);
         let store = self.clone();
