@@ -44,6 +44,9 @@ pub struct InitReport {
     pub config_file: PathBuf,
     pub admin_identity: PathBuf,
     pub ca_fingerprint: String,
+    /// When the fleet CA expires, Unix seconds: every identity it signs
+    /// dies with it.
+    pub ca_not_after_unix: i64,
     pub server_names: Vec<String>,
 }
 
@@ -146,6 +149,7 @@ async fn write_home(home: &Path, options: &InitOptions) -> Result<InitReport> {
         config_file: home.join("coordinator.toml"),
         admin_identity: home.join("admin"),
         ca_fingerprint: cairn_common::pki::ca_fingerprint(ca.ca_der()),
+        ca_not_after_unix: cairn_common::identity::certificate_validity(ca.ca_der())?.1,
         server_names,
     })
 }

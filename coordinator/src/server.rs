@@ -65,6 +65,9 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
 
 /// Runs the coordinator until `shutdown` fires (the binary wires SIGTERM).
 pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<()> {
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let catalog = Arc::new(Catalog::open_sqlite(&config.catalog.sqlite_path).await?);
     // The repository must open with the master key before anything is
     // served: a wrong key is a startup error, not a failed backup later.
@@ -107,6 +110,12 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         &String::from_utf8_lossy(&ca_pem),
         &String::from_utf8_lossy(&ca_key),
     )?;
+    let (_, ca_not_after_unix) = cairn_common::identity::certificate_validity(ca.ca_der())?;
+    if let Some(warning) =
+        crate::http::ca_expiry_warning(ca_not_after_unix, crate::clock::now_ms() / 1000)
+    {
+        tracing::warn!("{warning}");
+    }
     let material = ServerTlsMaterial {
         ca_pem,
         certificate_pem: read(&config.tls.server_certificate, "the server certificate")?,
@@ -215,6 +224,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         catalog: catalog.clone(),
         fleet,
         store: repository.store.clone(),
+        ca_not_after_unix,
     };
     let http_shutdown = shutdown.clone();
     let mut http = tokio::spawn(async move {
