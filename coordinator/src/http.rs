@@ -52,8 +52,8 @@ pub fn ca_expiry_warning(ca_not_after_unix: i64, now_unix: i64) -> Option<String
         format!("the fleet CA expired at {when}: no certificate it signed is valid")
     } else {
         format!(
-            "the fleet CA expires at {when} (in {}): every agent and operator certificate dies with it",
-            humantime::format_duration(std::time::Duration::from_secs(left as u64 / 86400 * 86400))
+            "the fleet CA expires at {when} (in {} days): every agent and operator certificate dies with it",
+            left / 86400
         )
     })
 }
@@ -378,4 +378,22 @@ async fn render_metrics(state: &HttpState) -> Result<String, crate::error::Coord
 
 fn saturating_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod ca_expiry_tests {
+    use super::*;
+
+    #[test]
+    fn the_ca_is_warned_about_within_90_days() {
+        let day = 86_400;
+        assert_eq!(ca_expiry_warning(1_000 + 91 * day, 1_000), None);
+        let soon = ca_expiry_warning(1_000 + 89 * day, 1_000).unwrap();
+        assert!(
+            soon.contains("expires") && soon.contains("in 89 days"),
+            "{soon}"
+        );
+        let past = ca_expiry_warning(1_000, 2_000).unwrap();
+        assert!(past.contains("expired"), "{past}");
+    }
 }

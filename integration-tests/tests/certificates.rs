@@ -274,3 +274,87 @@ async fn agents_renew_one_minute_certificates_and_a_running_backup_survives_the_
         .count();
     assert_eq!(refusals, 0, "the agent's own renewals all succeeded");
 }
+
+fn serial_in(identity: &Path) -> String {
+    let cert = std::fs::read(identity.join("cert.pem")).unwrap();
+    let der = parse_certificates(&cert, "operator certificate").unwrap();
+    cairn_common::identity::certificate_serial(&der[0]).unwrap()
+}
+
+/// `cairn operators renew` renews the caller's own identity in place (name
+/// and role from its certificate), the renewed identity works, it is
+/// audited, and a revoked operator cannot renew. `cairn init` prints the
+/// CA's expiry.
+#[test]
+fn operators_renew_their_own_identity() {
+    let test_dir = TestDir::new("operator_renew");
+    let coordinator = Coordinator::start(&test_dir);
+    let viewer_dir = test_dir.path().join("viewer");
+    let viewer = viewer_dir.to_str().unwrap();
+    coordinator
+        .cli(&[
+            "operators",
+            "issue",
+            "--name",
+            "carol",
+            "--role",
+            "viewer",
+            "--out",
+            viewer,
+        ])
+        .assert_success();
+    let before = serial_in(&viewer_dir);
+    let key_before = std::fs::read(viewer_dir.join("key.pem")).unwrap();
+
+    let renewed = coordinator
+        .cli(&["operators", "renew", "--identity", viewer])
+        .assert_success();
+    assert!(
+        renewed.stdout.contains("Renewed operator:carol(viewer)"),
+        "{renewed}"
+    );
+    let after = serial_in(&viewer_dir);
+    assert_ne!(after, before, "a new certificate in the identity directory");
+    assert_ne!(
+        std::fs::read(viewer_dir.join("key.pem")).unwrap(),
+        key_before
+    );
+    let left: Vec<_> = std::fs::read_dir(test_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("viewer"))
+        .collect();
+    assert_eq!(left, vec!["viewer".to_string()]);
+    // Still a viewer: the role came from the certificate, not the request.
+    coordinator
+        .cli(&["agents", "list", "--identity", viewer])
+        .assert_success();
+    coordinator
+        .cli(&["token", "create", "--agent", "db9", "--identity", viewer])
+        .assert_failure();
+    let renewals = audit_events(&coordinator, "operator.renew");
+    assert!(
+        renewals.iter().any(|e| e["outcome"] == "success"
+            && e["actor"] == "operator:carol(viewer)"
+            && e["detail"].as_str().unwrap_or_default().contains(&after)),
+        "{renewals:?}"
+    );
+
+    // Revoked: no renewal.
+    coordinator.cli_json(&["operators", "revoke", "carol"]);
+    coordinator
+        .cli(&["operators", "renew", "--identity", viewer])
+        .assert_failure();
+    assert_eq!(serial_in(&viewer_dir), after, "the identity is left alone");
+
+    let home = test_dir.path().join("another-home");
+    let init = cairn_integration_tests::run(
+        std::process::Command::new(&cairn_integration_tests::binaries().cairn).args([
+            "init",
+            "--dir",
+            home.to_str().unwrap(),
+        ]),
+    )
+    .assert_success();
+    assert!(init.stdout.contains("fleet CA expires: "), "{init}");
+}
