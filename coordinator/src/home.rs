@@ -208,6 +208,9 @@ master_key_file = "master.key"
 [fleet]
 heartbeat_interval = "{heartbeat}"
 probe_history = {history}
+# Agents renew their certificates by themselves at two thirds of this (at
+# least 1m; under a day is warned about). Operators renew with
+# `cairn operators renew` (at least 1h).
 agent_certificate_lifetime = "{agent_lifetime}"
 operator_certificate_lifetime = "{operator_lifetime}"
 max_token_ttl = "{max_ttl}"

@@ -56,7 +56,8 @@ struct Connection {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create a ready-to-run coordinator home (config, fleet CA, server
-    /// certificate, master key, admin identity, SQLite catalog, local repository).
+    /// certificate, master key, admin identity, SQLite catalog, local
+    /// repository). Prints the fleet CA's expiry (ten years).
     Init {
         /// The home directory to create; must not exist or be empty.
         #[arg(long)]
