@@ -309,6 +309,14 @@ async fn session(
     // Read afresh: a renewal replaced them.
     let tls_config = config.identity().client_config()?;
     let held = HeldCertificate::read(&config.identity())?;
+    if HeldCertificate::until(held.not_after).is_zero() {
+        // Renewal needs a valid certificate: only a new enrollment helps.
+        tracing::error!(
+            serial = %held.serial,
+            expired_at = %humantime::format_rfc3339_seconds(held.not_after),
+            "this agent's certificate has expired (its renewals failed until then): the coordinator will refuse it; re-enroll this host (cairn token create --agent NAME, then cairn-agent enroll into a new --dir)"
+        );
+    }
     let opened = tokio::select! {
         _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         opened = tokio::time::timeout(SESSION_SETUP_TIMEOUT, open_session(config, url, tls_config)) => opened,
