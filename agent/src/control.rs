@@ -8,9 +8,20 @@
 //! says so loudly and backs off much longer (up to
 //! [`REVOKED_MAX_BACKOFF`]): only a new enrollment helps, and a fleet of
 //! revoked agents should not hammer the coordinator.
+//!
+//! Each session reads the identity directory afresh, and renews the
+//! certificate when two thirds of its lifetime have passed (`renew`),
+//! retrying until it succeeds. A renewed certificate is used from the next
+//! connection: jobs started after the renewal call the coordinator on a new
+//! connection that presents it, and the session ends and reconnects with it
+//! as soon as no command is running. A job that runs on is never cut off
+//! for this: its calls (the control stream, its upload or download stream)
+//! were opened under the old certificate, and the coordinator checks a
+//! certificate's expiry when a call starts, not on each message, so they
+//! finish even after the old certificate expires.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -31,6 +42,7 @@ use crate::config::AgentConfig;
 use crate::dispatch;
 use crate::error::{AgentError, Result};
 use crate::jobs::RunningJobs;
+use crate::renew::{self, HeldCertificate};
 
 /// Messages queued to the coordinator; a full queue pushes back on probes
 /// and command results, never on the stream itself.
@@ -44,22 +56,31 @@ const STABLE_SESSION: Duration = Duration::from_secs(30);
 /// agent is revoked (instead of `reconnect_max_backoff`).
 pub const REVOKED_MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
+/// How often a session holding a renewed certificate checks whether its
+/// commands have all finished, so that it can reconnect with the new one.
+const SWITCH_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
 enum SessionEnd {
     Shutdown,
     Closed,
+    /// The certificate was renewed and no command was running: reconnect
+    /// at once with the new one.
+    Renewed,
 }
 
 /// Runs until `shutdown` fires.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let config = Arc::new(config);
-    let tls_config = config.identity().client_config()?;
+    renew::clean_up(&config.identity_dir)?;
+    // Fail at startup, not in the reconnection loop, on a missing identity.
+    config.identity().client_config()?;
     let url = config.coordinator_url()?;
     let jobs = Arc::new(RunningJobs::default());
     // Job tasks, so that a shutdown waits for them to clean up (kill
     // pg_dump or pg_restore, drop a staging database) before the process
     // exits.
     let tasks = TaskTracker::new();
-    let outcome = sessions(&config, &url, tls_config, &shutdown, &jobs, &tasks).await;
+    let outcome = sessions(&config, &url, &shutdown, &jobs, &tasks).await;
     tasks.close();
     if !tasks.is_empty() {
         tracing::info!(jobs = tasks.len(), "waiting for running jobs to stop");
@@ -83,7 +104,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 async fn sessions(
     config: &Arc<AgentConfig>,
     url: &tls::CoordinatorUrl,
-    tls_config: Arc<rustls::ClientConfig>,
     shutdown: &CancellationToken,
     jobs: &Arc<RunningJobs>,
     tasks: &TaskTracker,
@@ -101,16 +121,7 @@ async fn sessions(
     let mut revoked = false;
     loop {
         let mut registered_at = None;
-        let result = session(
-            config,
-            url,
-            tls_config.clone(),
-            shutdown,
-            &mut registered_at,
-            jobs,
-            tasks,
-        )
-        .await;
+        let result = session(config, url, shutdown, &mut registered_at, jobs, tasks).await;
         // Only a session that stayed up resets the backoff: two hosts that
         // share an identity, or a coordinator that accepts and then drops
         // us, must not make the agent reconnect in a tight loop.
@@ -123,6 +134,10 @@ async fn sessions(
         }
         match result {
             Ok(SessionEnd::Shutdown) => return Ok(()),
+            Ok(SessionEnd::Renewed) => {
+                tracing::info!("reconnecting with the renewed certificate");
+                continue;
+            }
             Ok(SessionEnd::Closed) => {
                 tracing::warn!("the coordinator closed the control stream; reconnecting");
             }
@@ -282,7 +297,6 @@ async fn open_session(
 async fn session(
     config: &Arc<AgentConfig>,
     url: &tls::CoordinatorUrl,
-    tls_config: Arc<rustls::ClientConfig>,
     shutdown: &CancellationToken,
     registered_at: &mut Option<Instant>,
     jobs: &Arc<RunningJobs>,
@@ -292,6 +306,17 @@ async fn session(
         url: url.to_string(),
         reason,
     };
+    // Read afresh: a renewal replaced them.
+    let tls_config = config.identity().client_config()?;
+    let held = HeldCertificate::read(&config.identity())?;
+    if HeldCertificate::until(held.not_after).is_zero() {
+        // Renewal needs a valid certificate: only a new enrollment helps.
+        tracing::error!(
+            serial = %held.serial,
+            expired_at = %humantime::format_rfc3339_seconds(held.not_after),
+            "this agent's certificate has expired (its renewals failed until then): the coordinator will refuse it; re-enroll this host (cairn token create --agent NAME, then cairn-agent enroll into a new --dir)"
+        );
+    }
     let opened = tokio::select! {
         _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         opened = tokio::time::timeout(SESSION_SETUP_TIMEOUT, open_session(config, url, tls_config)) => opened,
@@ -306,6 +331,7 @@ async fn session(
     tracing::info!(
         coordinator = %url,
         heartbeat = %humantime::format_duration(heartbeat_interval),
+        certificate = %held.serial,
         "registered with the coordinator"
     );
 
@@ -313,7 +339,7 @@ async fn session(
     let mut probe_timer = tokio::time::interval(config.probe_interval);
     probe_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sequence = 0u64;
-    let context = dispatch::Context {
+    let mut context = dispatch::Context {
         config: config.clone(),
         channel,
         jobs: jobs.clone(),
@@ -321,9 +347,66 @@ async fn session(
     let probe_running = Arc::new(AtomicBool::new(false));
     let session_cancel = shutdown.child_token();
     let _cancel_on_exit = session_cancel.clone().drop_guard();
+    // Commands spawned and not finished: the session ends for a renewed
+    // certificate only at zero. Counted before the spawn, so a job that has
+    // not yet registered itself is counted too.
+    let commands_running = Arc::new(AtomicUsize::new(0));
+    let mut renew_at = held.renew_at;
+    let mut held_not_after = held.not_after;
+    let mut retry_delay = held.retry_delay();
+    let (renewal_sender, mut renewal_results) = mpsc::channel(1);
+    let mut renewal_running = false;
+    // The renewed certificate, once there is one: from then on this
+    // session only waits for its commands to finish.
+    let mut renewed: Option<HeldCertificate> = None;
+    let mut switch_check = tokio::time::interval(SWITCH_CHECK_INTERVAL);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+            _ = tokio::time::sleep(HeldCertificate::until(renew_at)), if !renewal_running => {
+                renewal_running = true;
+                let config = config.clone();
+                let channel = context.channel.clone();
+                let url = url.clone();
+                let sender = renewal_sender.clone();
+                tokio::spawn(async move {
+                    let result = renew_and_connect(&config, &url, channel).await;
+                    let _ = sender.send(result).await;
+                });
+            }
+            Some(result) = renewal_results.recv() => {
+                renewal_running = false;
+                match result {
+                    Ok((certificate, channel)) => {
+                        tracing::info!(
+                            serial = %certificate.serial,
+                            valid_until = %humantime::format_rfc3339_seconds(certificate.not_after),
+                            "certificate renewed; using it from the next connection"
+                        );
+                        if let Some(channel) = channel {
+                            context.channel = channel;
+                        }
+                        renew_at = certificate.renew_at;
+                        held_not_after = certificate.not_after;
+                        retry_delay = certificate.retry_delay();
+                        renewed = Some(certificate);
+                    }
+                    Err(error) => {
+                        renew_at = std::time::SystemTime::now() + retry_delay;
+                        tracing::warn!(
+                            %error,
+                            retry_in = %humantime::format_duration(retry_delay),
+                            expires_in = %humantime::format_duration(HeldCertificate::until(held_not_after)),
+                            "certificate renewal failed; retrying"
+                        );
+                    }
+                }
+            }
+            _ = switch_check.tick(), if renewed.is_some() => {
+                if commands_running.load(Ordering::Acquire) == 0 {
+                    return Ok(SessionEnd::Renewed);
+                }
+            }
             _ = heartbeat.tick() => {
                 sequence += 1;
                 let message = proto::AgentMessage {
@@ -354,7 +437,7 @@ async fn session(
             message = inbound.message() => {
                 match message {
                     Ok(Some(proto::CoordinatorMessage { body: Some(coordinator_message::Body::Command(command)) })) => {
-                        run_command_in_background(tasks, &session_cancel, &outbound, context.clone(), command);
+                        run_command_in_background(tasks, &session_cancel, &outbound, context.clone(), command, &commands_running);
                     }
                     Ok(Some(_)) => tracing::warn!("ignoring an unexpected message on the control stream"),
                     Ok(None) => return Ok(SessionEnd::Closed),
@@ -396,8 +479,11 @@ fn run_command_in_background(
     outbound: &mpsc::Sender<proto::AgentMessage>,
     context: dispatch::Context,
     command: proto::Command,
+    running: &Arc<AtomicUsize>,
 ) {
     let cancel = cancel.clone();
+    running.fetch_add(1, Ordering::AcqRel);
+    let running = CountedCommand(running.clone());
     let outbound = outbound.clone();
     let job_id = match &command.kind {
         Some(proto::command::Kind::Backup(backup)) => Some(backup.job_id.clone()),
@@ -405,6 +491,7 @@ fn run_command_in_background(
         _ => None,
     };
     tasks.spawn(async move {
+        let _running = running;
         let jobs = context.jobs.clone();
         let work = dispatch::execute(&context, command);
         let mut work = std::pin::pin!(work);
@@ -429,6 +516,42 @@ fn run_command_in_background(
             })
             .await;
     });
+}
+
+/// One running command in a session's count; dropped when it ends however
+/// it ends.
+struct CountedCommand(Arc<AtomicUsize>);
+
+impl Drop for CountedCommand {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Renews over `channel` (the current certificate's connection), then
+/// opens a connection that presents the new certificate, for the calls of
+/// jobs started from now on; `None` if that connection cannot be made yet
+/// (the next session makes it).
+async fn renew_and_connect(
+    config: &AgentConfig,
+    url: &tls::CoordinatorUrl,
+    channel: Channel,
+) -> Result<(HeldCertificate, Option<Channel>)> {
+    let certificate = renew::renew(config, channel).await?;
+    let channel = match config.identity().client_config() {
+        Ok(tls_config) => match tls::connect(url, tls_config, config.source_address).await {
+            Ok(channel) => Some(channel),
+            Err(error) => {
+                tracing::warn!(%error, "cannot connect with the renewed certificate yet");
+                None
+            }
+        },
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the renewed identity");
+            None
+        }
+    };
+    Ok((certificate, channel))
 }
 
 fn describe(status: &tonic::Status) -> String {

@@ -19,6 +19,10 @@ pub enum AgentError {
         "the coordinator at {url} refused this agent's certificate as revoked ({reason}): this host must be re-enrolled (on the coordinator: cairn token create --agent NAME; here: cairn-agent enroll into a new --dir)"
     )]
     Revoked { url: String, reason: String },
+    /// The coordinator did not renew this agent's certificate (or could
+    /// not be asked); the agent retries until the certificate expires.
+    #[error("certificate renewal failed ({code}): {reason}")]
+    RenewalRefused { code: String, reason: String },
     #[error("the coordinator broke the protocol: {0}")]
     Protocol(String),
     /// The cause is in the message only (see `cairn_common::error`).

@@ -12,6 +12,7 @@ pub mod enroll;
 pub mod error;
 pub mod jobs;
 pub mod postgres;
+pub mod renew;
 pub mod restore;
 pub mod spool;
 

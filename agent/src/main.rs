@@ -66,7 +66,10 @@ enum Command {
         #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
         probe_interval: Duration,
     },
-    /// Run the agent (SIGTERM stops it).
+    /// Run the agent (SIGTERM stops it). It renews its certificate by itself
+    /// at two thirds of the certificate's lifetime, replacing the key and
+    /// certificate in identity/ together, and reconnects with the new one
+    /// once no job runs.
     Run {
         /// Path to agent.toml.
         #[arg(long)]

@@ -144,6 +144,94 @@ fn sync_parent(path: &Path) {
     }
 }
 
+/// The hidden sibling a replacement of `dir` is staged in.
+fn replacement_staging(dir: &Path) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "dir".into());
+    dir.with_file_name(format!(".{name}.replacing"))
+}
+
+/// Removes what an interrupted [`replace_directory_files`] left beside
+/// `dir` (either the new files never switched to, or the old ones switched
+/// away from); `dir` itself is always whole. True if there was something.
+pub fn clean_up_replacement(dir: &Path) -> Result<bool, Error> {
+    let staging = replacement_staging(dir);
+    match std::fs::remove_dir_all(&staging) {
+        Ok(()) => Ok(true),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(Error::io(
+            format!("cannot remove {}", staging.display()),
+            error,
+        )),
+    }
+}
+
+/// Replaces files of the existing directory `dir` together: a copy of the
+/// directory with `files` (name, contents, mode) written over it is built
+/// in a hidden sibling, then exchanged with `dir` in one
+/// `renameat2(RENAME_EXCHANGE)`, then the old copy is removed. A crash
+/// leaves `dir` wholly old or wholly new, never a mix (a key of one
+/// certificate beside another certificate). Linux only, like Cairn.
+pub fn replace_directory_files(dir: &Path, files: &[(&str, &[u8], u32)]) -> Result<(), Error> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    clean_up_replacement(dir)?;
+    let staging = replacement_staging(dir);
+    let mode = std::fs::metadata(dir)
+        .map_err(|e| Error::io(format!("cannot read {}", dir.display()), e))?
+        .permissions()
+        .mode();
+    std::fs::DirBuilder::new()
+        .mode(mode & 0o777)
+        .create(&staging)
+        .map_err(|e| Error::io(format!("cannot create {}", staging.display()), e))?;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(format!("cannot read {}", dir.display()), e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(format!("cannot read {}", dir.display()), e))?;
+        let name = entry.file_name();
+        if files.iter().any(|(file, _, _)| name == *file) || !entry.path().is_file() {
+            continue;
+        }
+        let contents = std::fs::read(entry.path())
+            .map_err(|e| Error::io(format!("cannot read {}", entry.path().display()), e))?;
+        let mode = entry
+            .metadata()
+            .map_err(|e| Error::io(format!("cannot read {}", entry.path().display()), e))?
+            .permissions()
+            .mode();
+        write_file_atomic(&staging.join(&name), &contents, mode & 0o777)?;
+    }
+    for (name, contents, mode) in files {
+        write_file_atomic(&staging.join(name), contents, *mode)?;
+    }
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        &staging,
+        rustix::fs::CWD,
+        dir,
+        rustix::fs::RenameFlags::EXCHANGE,
+    )
+    .map_err(|e| {
+        Error::io(
+            format!(
+                "cannot exchange {} with {}",
+                staging.display(),
+                dir.display()
+            ),
+            e.into(),
+        )
+    })?;
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Ok(directory) = std::fs::File::open(parent.unwrap_or_else(|| Path::new("."))) {
+        let _ = directory.sync_all();
+    }
+    // The staging name now holds the old files.
+    clean_up_replacement(dir)?;
+    Ok(())
+}
+
 /// A directory built under a hidden staging name and moved into place by
 /// [`StagedDirectory::commit`], so that a failure part-way leaves nothing
 /// that looks like a finished directory. Dropped without a commit, the
@@ -392,6 +480,44 @@ mod tests {
         );
         let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o750, "the existing directory itself is kept");
+    }
+
+    #[test]
+    fn directory_files_are_replaced_together() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("identity");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("ca.pem"), "ca").unwrap();
+        std::fs::write(dir.join("cert.pem"), "old cert").unwrap();
+        std::fs::write(dir.join("key.pem"), "old key").unwrap();
+        // What a replacement that crashed before the exchange leaves.
+        std::fs::create_dir(replacement_staging(&dir)).unwrap();
+        std::fs::write(replacement_staging(&dir).join("cert.pem"), "half").unwrap();
+
+        replace_directory_files(
+            &dir,
+            &[
+                ("cert.pem", b"new cert".as_slice(), 0o644),
+                ("key.pem", b"new key".as_slice(), 0o600),
+            ],
+        )
+        .unwrap();
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+        assert_eq!(
+            (read("ca.pem"), read("cert.pem"), read("key.pem")),
+            ("ca".into(), "new cert".into(), "new key".into())
+        );
+        let mode = std::fs::metadata(dir.join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let left: Vec<_> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("identity")]);
     }
 
     #[test]

@@ -130,6 +130,17 @@ impl Identity {
     }
 }
 
+/// A DER certificate's validity window, `(not_before, not_after)` in
+/// seconds since the Unix epoch.
+pub fn certificate_validity(der: &[u8]) -> Result<(i64, i64), Error> {
+    let certificate = parse_certificate(der)?;
+    let validity = certificate.validity();
+    Ok((
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    ))
+}
+
 /// The serial of a DER certificate as lower-case hex of its DER INTEGER
 /// bytes: the one form serials are compared in.
 pub fn certificate_serial(der: &[u8]) -> Result<String, Error> {

@@ -20,6 +20,11 @@ use crate::identity::{Principal, certificate_serial};
 /// Certificates are valid from a little before "now" so that a host whose
 /// clock runs slightly behind the coordinator's accepts them at once.
 const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(300);
+/// Of a client certificate's lifetime, the part after which its holder
+/// renews it: two thirds, leaving a third for retries and for moving to the
+/// new certificate.
+const RENEW_AT_NUMERATOR: i64 = 2;
+const RENEW_AT_DENOMINATOR: i64 = 3;
 const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const SERVER_CERTIFICATE_LIFETIME: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
 
@@ -48,6 +53,16 @@ pub fn generate_key_and_csr(common_name: &str) -> Result<KeyAndCsr, Error> {
         key_pem: key.serialize_pem(),
         csr_pem: csr.pem().map_err(certificate_error)?,
     })
+}
+
+/// When (Unix seconds) a client certificate valid from `not_before_unix`
+/// to `not_after_unix` is due for renewal: at two thirds of the lifetime it
+/// was issued for. The issue time is `not_before` plus the clock-skew
+/// allowance this CA backdates by; without that, a one-minute certificate
+/// (backdated five minutes) would look due at once.
+pub fn renewal_due_unix(not_before_unix: i64, not_after_unix: i64) -> i64 {
+    let issued = (not_before_unix + CLOCK_SKEW_ALLOWANCE.as_secs() as i64).min(not_after_unix);
+    issued + (not_after_unix - issued) * RENEW_AT_NUMERATOR / RENEW_AT_DENOMINATOR
 }
 
 /// A certificate just issued.
@@ -247,6 +262,34 @@ mod tests {
     use super::*;
     use crate::identity::{Identity, Role};
     use crate::names::{AgentName, OperatorName};
+
+    /// A one-minute certificate is due at 40 s, a year's at eight months,
+    /// however far the CA backdated it.
+    #[test]
+    fn renewal_is_due_at_two_thirds_of_the_issued_lifetime() {
+        let (ca, key_pem) = CertificateAuthority::generate("test CA").unwrap();
+        let ca = CertificateAuthority::load(ca.ca_pem(), &key_pem).unwrap();
+        let principal = Principal::Agent(AgentName::new("db1").unwrap());
+        for lifetime_secs in [60, 365 * 24 * 3600] {
+            let request = generate_key_and_csr("db1").unwrap();
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            let issued = ca
+                .issue_client_from_csr(
+                    &principal,
+                    &request.csr_pem,
+                    Duration::from_secs(lifetime_secs),
+                )
+                .unwrap();
+            let (not_before, not_after) =
+                crate::identity::certificate_validity(&issued.der).unwrap();
+            let due = renewal_due_unix(not_before, not_after);
+            let expected = now + lifetime_secs as i64 * 2 / 3;
+            assert!(
+                (due - expected).abs() <= 1,
+                "lifetime {lifetime_secs}s: due {due}, expected {expected}"
+            );
+        }
+    }
 
     #[test]
     fn issued_certificates_carry_the_identity_and_serial() {

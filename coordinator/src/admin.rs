@@ -317,6 +317,20 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn renew_operator_certificate(
+        &self,
+        request: Request<proto::RenewOperatorCertificateRequest>,
+    ) -> Result<Response<proto::RenewOperatorCertificateResponse>, Status> {
+        let identity = require_role(&request, Role::Viewer, &self.audit, "operator.renew").await?;
+        let csr_pem = request.into_inner().csr_pem;
+        let issued = self.authority.renew_operator(&identity, &csr_pem).await?;
+        Ok(Response::new(proto::RenewOperatorCertificateResponse {
+            certificate_pem: issued.pem,
+            ca_pem: self.authority.ca_pem().to_string(),
+            not_after_unix: issued.not_after_unix,
+        }))
+    }
+
     async fn revoke_operator(
         &self,
         request: Request<proto::RevokeOperatorRequest>,

@@ -20,10 +20,12 @@ pub enum Caller {
     Anonymous {
         peer: String,
     },
-    /// An agent, with the serial of the certificate it presented.
+    /// An agent, with the serial and expiry (Unix seconds) of the
+    /// certificate it presented.
     Agent {
         name: AgentName,
         serial: String,
+        not_after_unix: i64,
     },
     Operator(Identity),
 }
@@ -161,6 +163,7 @@ pub fn agent_interceptor(
                 Principal::Agent(name) => Caller::Agent {
                     name,
                     serial: identity.serial,
+                    not_after_unix: identity.not_after_unix,
                 },
                 principal @ Principal::Operator { .. } => {
                     return refuse(

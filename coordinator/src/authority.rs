@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_common::config::display_duration;
-use cairn_common::identity::{Principal, Role};
+use cairn_common::identity::{Identity, Principal, Role};
 use cairn_common::names::{AgentName, OperatorName};
 use cairn_common::pki::{CertificateAuthority, IssuedCertificate, ca_fingerprint};
 use cairn_common::tls::RevokedSerials;
@@ -319,6 +319,64 @@ impl Authority {
         Ok(issued)
     }
 
+    /// Signs a new certificate for the calling operator's own identity (name
+    /// and role from the certificate it called with) and records it; the
+    /// old one stays valid until it expires. Audited either way.
+    pub async fn renew_operator(
+        &self,
+        caller: &Identity,
+        csr_pem: &str,
+    ) -> Result<IssuedCertificate> {
+        let principal = caller.principal.clone();
+        let renewed = async {
+            if !matches!(principal, Principal::Operator { .. }) {
+                return Err(CoordinatorError::PermissionDenied(
+                    "only operators renew operator certificates".into(),
+                ));
+            }
+            let issued = self
+                .ca
+                .issue_client_from_csr(
+                    &principal,
+                    csr_pem,
+                    self.config.operator_certificate_lifetime,
+                )
+                .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
+            record_operator_certificate(&self.catalog, &principal, &issued).await?;
+            Ok(issued)
+        }
+        .await;
+        match renewed {
+            Ok(issued) => {
+                self.audit
+                    .record_strict(AuditEvent::new(
+                        principal.to_string(),
+                        "operator.renew",
+                        principal.to_string(),
+                        Outcome::Success,
+                        format!(
+                            "certificate serial {} renewed as {}",
+                            caller.serial, issued.serial
+                        ),
+                    ))
+                    .await?;
+                Ok(issued)
+            }
+            Err(error) => {
+                self.audit
+                    .record(AuditEvent::new(
+                        principal.to_string(),
+                        "operator.renew",
+                        principal.to_string(),
+                        Outcome::Refused,
+                        error.to_string(),
+                    ))
+                    .await;
+                Err(error)
+            }
+        }
+    }
+
     /// Revokes an agent: its certificates are refused from the next call on,
     /// and its control stream is closed now.
     pub async fn revoke_agent(&self, actor: &str, agent: &str) -> Result<i64> {
@@ -353,6 +411,106 @@ impl Authority {
             ))
             .await?;
         Ok(now)
+    }
+}
+
+impl Authority {
+    /// Renews agent `agent`'s certificate: signs the CSR's public key for
+    /// the caller's own name (from the certificate the call came with,
+    /// never from the request), records the new certificate, and audits
+    /// the renewal or its refusal. The old certificate stays valid until the
+    /// agent connects with the new one (see `Catalog::record_registration`).
+    pub async fn renew_agent(
+        &self,
+        agent: &AgentName,
+        caller_serial: &str,
+        csr_pem: &str,
+    ) -> Result<IssuedCertificate> {
+        let actor = format!("agent:{agent}");
+        let refused = |error: CoordinatorError| async {
+            let outcome = match error {
+                CoordinatorError::PermissionDenied(_)
+                | CoordinatorError::NotFound(_)
+                | CoordinatorError::InvalidArgument(_) => Outcome::Refused,
+                _ => Outcome::Failed,
+            };
+            self.audit
+                .record(AuditEvent::new(
+                    actor.clone(),
+                    "agent.renew",
+                    agent.as_str(),
+                    outcome,
+                    error.to_string(),
+                ))
+                .await;
+            error
+        };
+        let principal = Principal::Agent(agent.clone());
+        let issued = match self.ca.issue_client_from_csr(
+            &principal,
+            csr_pem,
+            self.config.agent_certificate_lifetime,
+        ) {
+            Ok(issued) => issued,
+            Err(error) => {
+                return Err(refused(CoordinatorError::InvalidArgument(error.to_string())).await);
+            }
+        };
+        let record = CertificateRecord {
+            serial: &issued.serial,
+            kind: "agent",
+            name: agent.as_str(),
+            role: None,
+            issued_at: now_ms(),
+            not_after: issued.not_after_unix * 1000,
+        };
+        if let Err(error) = self
+            .catalog
+            .record_renewal(agent.as_str(), caller_serial, &record)
+            .await
+        {
+            return Err(refused(error).await);
+        }
+        self.audit
+            .record_strict(AuditEvent::new(
+                actor,
+                "agent.renew",
+                agent.as_str(),
+                Outcome::Success,
+                format!(
+                    "certificate serial {} renewed as {}, valid until {}",
+                    caller_serial,
+                    issued.serial,
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH
+                            + Duration::from_secs(issued.not_after_unix.max(0) as u64)
+                    )
+                ),
+            ))
+            .await?;
+        Ok(issued)
+    }
+
+    /// Called when an agent's first connection with a renewed certificate
+    /// revoked its other serials: they are refused from now on (the
+    /// connection that carries this agent's running jobs, if any, was
+    /// opened before and keeps going; see ARCHITECTURE.md).
+    pub async fn switched_certificate(&self, agent: &AgentName, serial: &str, revoked: &[String]) {
+        for old in revoked {
+            self.revoked.insert(old.clone());
+        }
+        self.audit
+            .record(AuditEvent::new(
+                format!("agent:{agent}"),
+                "agent.certificate-switch",
+                agent.as_str(),
+                Outcome::Success,
+                format!(
+                    "now using certificate serial {serial}; revoked serials {}",
+                    revoked.join(",")
+                ),
+            ))
+            .await;
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use cairn_common::Error as CommonError;
-use cairn_common::config::{load_toml, resolve};
+use cairn_common::config::{display_duration, load_toml, resolve};
 
 use crate::repository::{
     LocalStore, S3Credentials, S3Settings, S3Store, Store, normalize_s3_prefix,
@@ -455,6 +455,16 @@ impl Default for FleetConfig {
 }
 
 pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(60);
+/// Agents renew at two thirds of their certificate's lifetime, so even a
+/// one-minute certificate leaves them 20 seconds to reconnect with the new
+/// one. Short lifetimes are good practice (a stolen key is good for less
+/// time) and make renewal visible.
+pub const MIN_AGENT_CERTIFICATE_LIFETIME: Duration = Duration::from_secs(60);
+/// Below this an agent lifetime is allowed but warned about at startup:
+/// every agent then renews several times a day, and a coordinator outage
+/// longer than a third of the lifetime leaves agents with expired
+/// certificates.
+pub const AGENT_CERTIFICATE_LIFETIME_WARNING: Duration = Duration::from_secs(24 * 3600);
 
 impl CoordinatorConfig {
     /// Reads, resolves and validates the config file.
@@ -479,6 +489,19 @@ impl CoordinatorConfig {
         self.repository.resolve_paths(file);
     }
 
+    /// Settings that are valid but worth a line in the log at startup.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.fleet.agent_certificate_lifetime < AGENT_CERTIFICATE_LIFETIME_WARNING {
+            warnings.push(format!(
+                "fleet.agent_certificate_lifetime is {}, under a day: agents renew every {}, and one whose renewals fail for a third of that goes offline when its certificate expires",
+                display_duration(self.fleet.agent_certificate_lifetime),
+                display_duration(self.fleet.agent_certificate_lifetime * 2 / 3)
+            ));
+        }
+        warnings
+    }
+
     /// Cross-field and environment checks, each naming the key.
     pub fn validate(&self, file: &Path) -> Result<(), CommonError> {
         let fail = |key: &str, message: String| CommonError::Config {
@@ -500,19 +523,17 @@ impl CoordinatorConfig {
                 "must be between 1 and 1000".into(),
             ));
         }
-        for (key, lifetime) in [
-            (
+        if fleet.agent_certificate_lifetime < MIN_AGENT_CERTIFICATE_LIFETIME {
+            return Err(fail(
                 "fleet.agent_certificate_lifetime",
-                fleet.agent_certificate_lifetime,
-            ),
-            (
+                "must be at least 1m (agents renew at two thirds of it)".into(),
+            ));
+        }
+        if fleet.operator_certificate_lifetime < Duration::from_secs(3600) {
+            return Err(fail(
                 "fleet.operator_certificate_lifetime",
-                fleet.operator_certificate_lifetime,
-            ),
-        ] {
-            if lifetime < Duration::from_secs(3600) {
-                return Err(fail(key, "must be at least 1h".into()));
-            }
+                "must be at least 1h".into(),
+            ));
         }
         if fleet.max_token_ttl < MIN_TOKEN_TTL {
             return Err(fail("fleet.max_token_ttl", "must be at least 1m".into()));
@@ -675,6 +696,34 @@ master_key_file = "master.key"
         );
         // The first file-level check names the missing file's key.
         check("", "key `tls.ca_certificate`");
+    }
+
+    /// Agent certificates may be as short as a minute (warned about under a
+    /// day); operator certificates stay at an hour or more.
+    #[test]
+    fn agent_certificate_lifetimes_go_down_to_a_minute() {
+        check(
+            "[fleet]\nagent_certificate_lifetime = \"59s\"\n",
+            "key `fleet.agent_certificate_lifetime`: must be at least 1m",
+        );
+        check(
+            "[fleet]\noperator_certificate_lifetime = \"59m\"\n",
+            "key `fleet.operator_certificate_lifetime`: must be at least 1h",
+        );
+        let file = Path::new("/x/coordinator.toml");
+        let config = parse_toml::<CoordinatorConfig>(
+            &format!("{MINIMAL}[fleet]\nagent_certificate_lifetime = \"1m\"\n"),
+            file,
+        )
+        .unwrap();
+        // It gets past the fleet checks, as far as the files.
+        let error = config.validate(file).unwrap_err().to_string();
+        assert!(error.contains("key `tls.ca_certificate`"), "{error}");
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("under a day"), "{warnings:?}");
+        let defaults = parse_toml::<CoordinatorConfig>(MINIMAL, file).unwrap();
+        assert!(defaults.warnings().is_empty());
     }
 
     #[test]

@@ -73,6 +73,33 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
         }))
     }
 
+    async fn renew_certificate(
+        &self,
+        request: Request<proto::RenewCertificateRequest>,
+    ) -> Result<Response<proto::RenewCertificateResponse>, Status> {
+        let Caller::Agent {
+            name: agent,
+            serial,
+            ..
+        } = caller(&request)?
+        else {
+            return Err(Status::unauthenticated(
+                "renewal needs the agent's current certificate: enroll first (cairn-agent enroll)",
+            ));
+        };
+        let csr_pem = request.into_inner().csr_pem;
+        let issued = self
+            .authority
+            .renew_agent(&agent, &serial, &csr_pem)
+            .await?;
+        tracing::info!(agent = %agent, old = %serial, new = %issued.serial, "renewed an agent certificate");
+        Ok(Response::new(proto::RenewCertificateResponse {
+            certificate_pem: issued.pem,
+            serial: issued.serial,
+            not_after_unix: issued.not_after_unix,
+        }))
+    }
+
     type ControlStream = ControlStream;
     type UploadBackupStream = UploadStream;
     type DownloadBackupStream = DownloadStream;
@@ -222,6 +249,7 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
         let Caller::Agent {
             name: agent,
             serial,
+            not_after_unix,
         } = caller(&request)?
         else {
             return Err(Status::unauthenticated(
@@ -251,17 +279,28 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                 .await);
         }
         let registration = registration_from_wire(register, &peer)?;
-        let current = self
+        let switched = self
             .catalog
-            .record_registration(agent.as_str(), &serial, &registration, now_ms())
+            .record_registration(
+                agent.as_str(),
+                &serial,
+                not_after_unix * 1000,
+                &registration,
+                now_ms(),
+            )
             .await?;
-        if !current {
+        let Some(revoked_by_switch) = switched else {
             let message = format!(
                 "certificate {serial} is not agent \"{agent}\"'s current certificate: it was revoked or replaced"
             );
             return Err(self
                 .refuse_connect(&agent, Status::unauthenticated(message))
                 .await);
+        };
+        if !revoked_by_switch.is_empty() {
+            self.authority
+                .switched_certificate(&agent, &serial, &revoked_by_switch)
+                .await;
         }
         let (sender, receiver) = mpsc::channel(CONTROL_QUEUE_LEN);
         let heartbeat_interval_ms = self.fleet.heartbeat_interval().as_millis() as u32;

@@ -44,6 +44,9 @@ pub struct InitReport {
     pub config_file: PathBuf,
     pub admin_identity: PathBuf,
     pub ca_fingerprint: String,
+    /// When the fleet CA expires, Unix seconds: every identity it signs
+    /// dies with it.
+    pub ca_not_after_unix: i64,
     pub server_names: Vec<String>,
 }
 
@@ -146,6 +149,7 @@ async fn write_home(home: &Path, options: &InitOptions) -> Result<InitReport> {
         config_file: home.join("coordinator.toml"),
         admin_identity: home.join("admin"),
         ca_fingerprint: cairn_common::pki::ca_fingerprint(ca.ca_der()),
+        ca_not_after_unix: cairn_common::identity::certificate_validity(ca.ca_der())?.1,
         server_names,
     })
 }
@@ -204,6 +208,9 @@ master_key_file = "master.key"
 [fleet]
 heartbeat_interval = "{heartbeat}"
 probe_history = {history}
+# Agents renew their certificates by themselves at two thirds of this (at
+# least 1m; under a day is warned about). Operators renew with
+# `cairn operators renew` (at least 1h).
 agent_certificate_lifetime = "{agent_lifetime}"
 operator_certificate_lifetime = "{operator_lifetime}"
 max_token_ttl = "{max_ttl}"

@@ -28,6 +28,34 @@ pub struct HttpState {
     pub fleet: Arc<Fleet>,
     /// The open repository, whose descriptor `/readyz` reads.
     pub repository: Arc<Repository>,
+    /// When the fleet CA's certificate expires (Unix seconds): shown in
+    /// `/metrics`, warned about in `/readyz` within [`CA_EXPIRY_WARNING`].
+    pub ca_not_after_unix: i64,
+}
+
+/// How long before the fleet CA expires `/readyz` and the log start
+/// warning: every identity it signed dies with it, and replacing it means
+/// re-enrolling the fleet.
+pub const CA_EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
+
+/// A warning when the fleet CA expires within [`CA_EXPIRY_WARNING`] of
+/// `now_unix`.
+pub fn ca_expiry_warning(ca_not_after_unix: i64, now_unix: i64) -> Option<String> {
+    let left = ca_not_after_unix - now_unix;
+    if left > CA_EXPIRY_WARNING.as_secs() as i64 {
+        return None;
+    }
+    let when = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(ca_not_after_unix.max(0) as u64),
+    );
+    Some(if left <= 0 {
+        format!("the fleet CA expired at {when}: no certificate it signed is valid")
+    } else {
+        format!(
+            "the fleet CA expires at {when} (in {} days): every agent and operator certificate dies with it",
+            left / 86400
+        )
+    })
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -54,7 +82,12 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
             ),
         );
     }
-    (StatusCode::OK, "ready\n".to_string())
+    // Not a reason to take the coordinator out of service, but the
+    // detail an operator (or a check that reads the body) sees.
+    match ca_expiry_warning(state.ca_not_after_unix, now_ms() / 1000) {
+        Some(warning) => (StatusCode::OK, format!("ready\nwarning: {warning}\n")),
+        None => (StatusCode::OK, "ready\n".to_string()),
+    }
 }
 
 /// How long `/readyz` waits for the repository before answering 503.
@@ -164,6 +197,40 @@ async fn render_metrics(state: &HttpState) -> Result<String, crate::error::Coord
             .set(i64::from(online));
     }
     registry.register("agents", "Enrolled agents by status", by_status);
+    let certificate_expiry = Family::<AgentLabels, Gauge>::default();
+    for agent in agents.iter().filter(|a| a.revoked_at.is_none()) {
+        certificate_expiry
+            .get_or_create(&AgentLabels {
+                agent: agent.name.clone(),
+            })
+            .set(agent.certificate_not_after / 1000);
+    }
+    registry.register(
+        "agent_certificate_expiry_seconds",
+        "When the agent's current certificate expires, Unix seconds (agents renew at two thirds of its lifetime)",
+        certificate_expiry,
+    );
+    if let Some(soonest) = agents
+        .iter()
+        .filter(|a| a.revoked_at.is_none())
+        .map(|a| a.certificate_not_after)
+        .min()
+    {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(soonest / 1000);
+        registry.register(
+            "agent_certificate_soonest_expiry_seconds",
+            "The soonest expiry among the fleet's current agent certificates, Unix seconds",
+            gauge,
+        );
+    }
+    let ca_expiry = Gauge::<i64>::default();
+    ca_expiry.set(state.ca_not_after_unix);
+    registry.register(
+        "ca_certificate_expiry_seconds",
+        "When the fleet CA's certificate expires, Unix seconds",
+        ca_expiry,
+    );
     registry.register(
         "agent_up",
         "1 if the agent is connected and heartbeating",
@@ -306,4 +373,22 @@ async fn render_metrics(state: &HttpState) -> Result<String, crate::error::Coord
 
 fn saturating_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod ca_expiry_tests {
+    use super::*;
+
+    #[test]
+    fn the_ca_is_warned_about_within_90_days() {
+        let day = 86_400;
+        assert_eq!(ca_expiry_warning(1_000 + 91 * day, 1_000), None);
+        let soon = ca_expiry_warning(1_000 + 89 * day, 1_000).unwrap();
+        assert!(
+            soon.contains("expires") && soon.contains("in 89 days"),
+            "{soon}"
+        );
+        let past = ca_expiry_warning(1_000, 2_000).unwrap();
+        assert!(past.contains("expired"), "{past}");
+    }
 }

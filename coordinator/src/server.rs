@@ -64,7 +64,14 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
 }
 
 /// Runs the coordinator until `shutdown` fires (the binary wires SIGTERM).
+/// How often the coordinator logs the fleet CA's coming expiry (within
+/// `http::CA_EXPIRY_WARNING`).
+const CA_EXPIRY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<()> {
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let catalog = Arc::new(Catalog::open_sqlite(&config.catalog.sqlite_path).await?);
     // The repository must open with the master key before anything is
     // served: a wrong key is a startup error, not a failed backup later.
@@ -108,6 +115,24 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         &String::from_utf8_lossy(&ca_pem),
         &String::from_utf8_lossy(&ca_key),
     )?;
+    let (_, ca_not_after_unix) = cairn_common::identity::certificate_validity(ca.ca_der())?;
+    // At startup and then daily: a coordinator that runs for months must
+    // still say so in its log.
+    let ca_watch_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        let mut daily = tokio::time::interval(CA_EXPIRY_CHECK_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = ca_watch_shutdown.cancelled() => return,
+                _ = daily.tick() => {}
+            }
+            if let Some(warning) =
+                crate::http::ca_expiry_warning(ca_not_after_unix, crate::clock::now_ms() / 1000)
+            {
+                tracing::warn!("{warning}");
+            }
+        }
+    });
     let material = ServerTlsMaterial {
         ca_pem,
         certificate_pem: read(&config.tls.server_certificate, "the server certificate")?,
@@ -222,6 +247,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         catalog: catalog.clone(),
         fleet,
         repository: repository.clone(),
+        ca_not_after_unix,
     };
     let http_shutdown = shutdown.clone();
     let mut http = tokio::spawn(async move {

@@ -295,23 +295,75 @@ impl Catalog {
         Ok(())
     }
 
-    /// Records what a connecting agent says, if `serial` is still the
-    /// agent's current, unrevoked certificate; returns whether it was.
+    /// Records what a connecting agent says, if `serial` is the agent's
+    /// current certificate or a renewed one (an unrevoked certificate of
+    /// this agent issued after the current one). The first connection with
+    /// a renewed certificate makes it current and revokes every other
+    /// certificate of the agent, all in one transaction. Returns `None` when
+    /// the certificate is neither (revoked, replaced, or the agent revoked),
+    /// else the serials this switch revoked (usually none).
     pub async fn record_registration(
         &self,
         name: &str,
         serial: &str,
+        not_after: i64,
         registration: &Registration,
         now: i64,
-    ) -> Result<bool> {
+    ) -> Result<Option<Vec<String>>> {
         let labels = serde_json::to_string(&registration.labels).unwrap_or_default();
         let instances = serde_json::to_string(&registration.instances).unwrap_or_default();
         let operations =
             serde_json::to_string(&registration.permitted_operations).unwrap_or_default();
-        let updated = sqlx::query(
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let current: Option<String> = sqlx::query_scalar(
+            "SELECT certificate_serial FROM agents WHERE name = ? AND revoked_at IS NULL",
+        )
+        .bind(name)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        let Some(current) = current else {
+            return Ok(None);
+        };
+        let mut revoked = Vec::new();
+        if current != serial {
+            let renewed: Option<i64> = sqlx::query_scalar(
+                "SELECT 1 FROM certificates AS renewed
+                 WHERE renewed.serial = ? AND renewed.kind = 'agent' AND renewed.name = ?
+                   AND renewed.revoked_at IS NULL
+                   AND renewed.issued_at >= COALESCE(
+                       (SELECT issued_at FROM certificates WHERE serial = ?), 0)",
+            )
+            .bind(serial)
+            .bind(name)
+            .bind(&current)
+            .fetch_optional(&mut *transaction)
+            .await?;
+            if renewed.is_none() {
+                return Ok(None);
+            }
+            revoked = sqlx::query_scalar(
+                "UPDATE certificates SET revoked_at = ?
+                 WHERE kind = 'agent' AND name = ? AND serial != ? AND revoked_at IS NULL
+                 RETURNING serial",
+            )
+            .bind(now)
+            .bind(name)
+            .bind(serial)
+            .fetch_all(&mut *transaction)
+            .await?;
+            sqlx::query(
+                "UPDATE agents SET certificate_serial = ?, certificate_not_after = ? WHERE name = ?",
+            )
+            .bind(serial)
+            .bind(not_after)
+            .bind(name)
+            .execute(&mut *transaction)
+            .await?;
+        }
+        sqlx::query(
             "UPDATE agents SET hostname = ?, version = ?, labels = ?, instances = ?,
                 permitted_operations = ?, peer_address = ?, last_seen_at = ?
-             WHERE name = ? AND certificate_serial = ? AND revoked_at IS NULL",
+             WHERE name = ?",
         )
         .bind(&registration.hostname)
         .bind(&registration.version)
@@ -321,10 +373,58 @@ impl Catalog {
         .bind(&registration.peer_address)
         .bind(now)
         .bind(name)
-        .bind(serial)
-        .execute(&self.pool)
+        .execute(&mut *transaction)
         .await?;
-        Ok(updated.rows_affected() == 1)
+        transaction.commit().await?;
+        Ok(Some(revoked))
+    }
+
+    /// Records a renewed certificate of agent `name`, if the agent is not
+    /// revoked and `caller_serial` (the certificate the request came with)
+    /// is one of its unrevoked certificates. The agent's current serial
+    /// does not move here: it moves when the agent first connects with the
+    /// new certificate ([`Catalog::record_registration`]).
+    pub async fn record_renewal(
+        &self,
+        name: &str,
+        caller_serial: &str,
+        certificate: &CertificateRecord<'_>,
+    ) -> Result<()> {
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let revoked_at: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT revoked_at FROM agents WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&mut *transaction)
+                .await?;
+        match revoked_at {
+            None => {
+                return Err(CoordinatorError::NotFound(format!(
+                    "no agent named {name:?}: enroll it (cairn token create --agent {name})"
+                )));
+            }
+            Some(Some(_)) => {
+                return Err(CoordinatorError::PermissionDenied(format!(
+                    "agent {name:?} is revoked: it must be re-enrolled, not renewed"
+                )));
+            }
+            Some(None) => {}
+        }
+        let valid: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM certificates
+             WHERE serial = ? AND kind = 'agent' AND name = ? AND revoked_at IS NULL",
+        )
+        .bind(caller_serial)
+        .bind(name)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        if valid.is_none() {
+            return Err(CoordinatorError::PermissionDenied(format!(
+                "certificate {caller_serial} is not an unrevoked certificate of agent {name:?}"
+            )));
+        }
+        insert_certificate(&mut transaction, certificate).await?;
+        transaction.commit().await?;
+        Ok(())
     }
 
     pub async fn touch_agent(&self, name: &str, now: i64) -> Result<()> {
@@ -817,5 +917,89 @@ mod tests {
         assert_eq!(agent.certificate_serial, "03");
         assert_eq!(agent.revoked_at, None);
         assert_eq!(catalog.revoked_serials().await.unwrap(), vec!["01"]);
+    }
+
+    /// A renewal records the new certificate without moving the agent to
+    /// it; the first registration with it does, revoking the others; a
+    /// replaced or revoked certificate can neither renew nor register, and
+    /// a revoked agent cannot renew.
+    #[tokio::test]
+    async fn renewed_certificates_become_current_at_the_first_connection() {
+        let (_dir, catalog) = catalog().await;
+        let certificate = |serial, issued_at| CertificateRecord {
+            serial,
+            kind: "agent",
+            name: "db1",
+            role: None,
+            issued_at,
+            not_after: issued_at + 60_000,
+        };
+        let registration = Registration {
+            hostname: "host".into(),
+            version: "0.1.0".into(),
+            labels: BTreeMap::new(),
+            instances: vec!["main".into()],
+            permitted_operations: vec![],
+            peer_address: "127.0.0.2:1".into(),
+        };
+        catalog
+            .enroll_agent("db1", &certificate("01", 0), 0)
+            .await
+            .unwrap();
+        catalog
+            .record_renewal("db1", "01", &certificate("02", 40_000))
+            .await
+            .unwrap();
+        // Still on the first until it connects with the second.
+        let agent = catalog.get_agent("db1").await.unwrap().unwrap();
+        assert_eq!(agent.certificate_serial, "01");
+        let switched = catalog
+            .record_registration("db1", "01", 60_000, &registration, 41_000)
+            .await
+            .unwrap();
+        assert_eq!(switched, Some(vec![]));
+        let switched = catalog
+            .record_registration("db1", "02", 100_000, &registration, 42_000)
+            .await
+            .unwrap();
+        assert_eq!(switched, Some(vec!["01".to_string()]));
+        let agent = catalog.get_agent("db1").await.unwrap().unwrap();
+        assert_eq!(
+            (
+                agent.certificate_serial.as_str(),
+                agent.certificate_not_after
+            ),
+            ("02", 100_000)
+        );
+        assert_eq!(catalog.revoked_serials().await.unwrap(), vec!["01"]);
+        // The replaced certificate is done for.
+        let old = catalog
+            .record_registration("db1", "01", 60_000, &registration, 43_000)
+            .await
+            .unwrap();
+        assert_eq!(old, None);
+        let renewal = catalog
+            .record_renewal("db1", "01", &certificate("03", 43_000))
+            .await;
+        assert!(
+            matches!(renewal, Err(CoordinatorError::PermissionDenied(_))),
+            "{renewal:?}"
+        );
+        // Another agent's serial renews nothing of db1's.
+        let renewal = catalog
+            .record_renewal("db2", "02", &certificate("04", 43_000))
+            .await;
+        assert!(
+            matches!(renewal, Err(CoordinatorError::NotFound(_))),
+            "{renewal:?}"
+        );
+        catalog.revoke_agent("db1", 44_000).await.unwrap();
+        let renewal = catalog
+            .record_renewal("db1", "02", &certificate("05", 45_000))
+            .await;
+        assert!(
+            matches!(renewal, Err(CoordinatorError::PermissionDenied(ref m)) if m.contains("revoked")),
+            "{renewal:?}"
+        );
     }
 }

@@ -57,7 +57,8 @@ struct Connection {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create a ready-to-run coordinator home (config, fleet CA, server
-    /// certificate, master key, admin identity, SQLite catalog, local repository).
+    /// certificate, master key, admin identity, SQLite catalog, local
+    /// repository). Prints the fleet CA's expiry (ten years).
     Init {
         /// The home directory to create; must not exist or be empty.
         #[arg(long)]
@@ -417,6 +418,20 @@ enum OperatorsCommand {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Renew your own operator identity (the one --identity names) before it
+    /// expires: a new key generated here, a new certificate for the same
+    /// name and role (fleet.operator_certificate_lifetime). The identity
+    /// directory's key and certificate are replaced together, or with
+    /// --out a new directory is written. The old certificate stays valid
+    /// until it expires.
+    Renew {
+        /// Write the renewed identity into this new directory instead of
+        /// replacing the --identity directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Revoke every certificate of an operator; refused from its next call on
     /// (role: admin). The last admin cannot be revoked.
     Revoke {
@@ -495,6 +510,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("  config:          {config}");
             println!("  admin identity:  {admin}");
             println!("  fleet CA sha256: {}", report.ca_fingerprint);
+            println!(
+                "  fleet CA expires: {} (agents and operators need a new CA and re-enrollment by then)",
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH
+                        + Duration::from_secs(report.ca_not_after_unix.max(0) as u64)
+                )
+            );
             println!("  server names:    {}", report.server_names.join(", "));
             println!();
             println!("Next:");
@@ -986,6 +1008,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Operators(OperatorsCommand::Revoke { name, connection }) => {
             revoke_operator(name, connection).await
         }
+        Command::Operators(OperatorsCommand::Renew { out, connection }) => {
+            renew_operator(out, connection).await
+        }
         Command::Operators(OperatorsCommand::Issue {
             name,
             role,
@@ -1038,6 +1063,74 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+async fn renew_operator(out: Option<PathBuf>, connection: Connection) -> anyhow::Result<i32> {
+    let Some(identity_dir) = connection.identity.clone() else {
+        bail!(
+            "cairn operators renew renews the identity --identity names (or CAIRN_IDENTITY): pass it"
+        );
+    };
+    if let Some(out) = &out
+        && out.exists()
+    {
+        bail!(
+            "{} already exists: choose a new --out directory",
+            out.display()
+        );
+    }
+    let certificate = std::fs::read(identity_dir.join("cert.pem"))
+        .with_context(|| format!("cannot read {}", identity_dir.join("cert.pem").display()))?;
+    let der = cairn_common::tls::parse_certificates(&certificate, "the operator certificate")?;
+    let current = cairn_common::identity::Identity::from_certificate_der(&der[0])?;
+    let request = generate_key_and_csr(current.principal.common_name())?;
+    let response = connection
+        .admin()
+        .await?
+        .renew_operator_certificate(proto::RenewOperatorCertificateRequest {
+            csr_pem: request.csr_pem.clone(),
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    let written = match &out {
+        Some(out) => {
+            write_identity(
+                out,
+                &response.ca_pem,
+                &response.certificate_pem,
+                &request.key_pem,
+            )?;
+            out.clone()
+        }
+        None => {
+            cairn_common::config::replace_directory_files(
+                &identity_dir,
+                &[
+                    ("cert.pem", response.certificate_pem.as_bytes(), 0o644),
+                    ("key.pem", request.key_pem.as_bytes(), 0o600),
+                ],
+            )?;
+            identity_dir
+        }
+    };
+    let valid_until = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + Duration::from_secs(response.not_after_unix.max(0) as u64),
+    );
+    if connection.json() {
+        print_json(&serde_json::json!({
+            "principal": current.principal.to_string(),
+            "identity": written,
+            "not_after": valid_until.to_string(),
+        }))?;
+    } else {
+        println!(
+            "Renewed {} in {}: valid until {valid_until}.",
+            current.principal,
+            written.display()
+        );
+    }
+    Ok(0)
 }
 
 async fn revoke_operator(name: String, connection: Connection) -> anyhow::Result<i32> {

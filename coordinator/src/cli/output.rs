@@ -61,6 +61,23 @@ pub fn ago(value: Option<DateTime<Utc>>) -> String {
     }
 }
 
+/// A certificate's expiry, with how far off it is ("in 8months 2days",
+/// "expired 3m ago"): agents renew at two thirds of the lifetime, so an
+/// expiry that keeps getting closer means renewals fail.
+pub fn expires(value: Option<DateTime<Utc>>) -> String {
+    let Some(t) = value else {
+        return "-".into();
+    };
+    let seconds = (t - Utc::now()).num_seconds();
+    let span =
+        |s: i64| humantime::format_duration(std::time::Duration::from_secs(s.unsigned_abs()));
+    if seconds >= 0 {
+        format!("{} (in {})", time(value), span(seconds))
+    } else {
+        format!("{} (expired {} ago)", time(value), span(seconds))
+    }
+}
+
 pub fn bytes(value: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut size = value as f64;
@@ -143,6 +160,7 @@ pub fn agents_table(agents: &[AgentView]) -> Table {
         "INSTANCES",
         "PERMITS",
         "LAST SEEN",
+        "CERT EXPIRES",
     ]);
     for a in agents {
         table.add_row(vec![
@@ -154,6 +172,7 @@ pub fn agents_table(agents: &[AgentView]) -> Table {
             join(&a.instances),
             join(&a.permitted_operations),
             ago(a.last_seen_at),
+            expires(a.certificate_not_after),
         ]);
     }
     table
