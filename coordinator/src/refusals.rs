@@ -5,7 +5,8 @@
 //! made-up token. Each refusal belongs in the audit log, but one row per
 //! attempt would let an anonymous client grow the disk and slow every
 //! legitimate append (each row is hash-chained behind one writer). So
-//! refusals are counted per peer address, action and reason, in windows of
+//! refusals are counted per client network (an IPv4 address, an IPv6
+//! /64), action and reason, in windows of
 //! `interval`: the first refusal of a window is recorded as it happened, the
 //! rest are counted into one summary row when the window closes ("refused
 //! 2,311 more times in 60 s"). Nothing is lost: the counts of open windows
@@ -71,13 +72,16 @@ impl std::fmt::Debug for RefusalAudit {
     }
 }
 
-/// The address part of a peer as `peer_of` or a socket address prints it
-/// (`1.2.3.4:5678`, `[::1]:5678`); `None` if it has none.
+/// The client network of a peer as `peer_of` or a socket address prints
+/// it (`1.2.3.4:5678`, `[::1]:5678`): its IPv4 address or IPv6 /64, so a
+/// client rotating addresses within its /64 counts as one; `None` if it
+/// has no address.
 fn peer_ip(peer: &str) -> Option<IpAddr> {
     peer.parse::<std::net::SocketAddr>()
         .map(|address| address.ip())
         .or_else(|_| peer.parse::<IpAddr>())
         .ok()
+        .map(cairn_common::tls::client_network)
 }
 
 /// `2311` as `2,311`.
@@ -290,7 +294,8 @@ mod tests {
     fn peer_addresses_lose_their_port() {
         for (peer, expected) in [
             ("127.0.0.9:5000", Some("127.0.0.9")),
-            ("[::1]:443", Some("::1")),
+            ("[::1]:443", Some("::")),
+            ("[2001:db8:1:2:3:4:5:6]:443", Some("2001:db8:1:2::")),
             ("10.1.2.3", Some("10.1.2.3")),
             ("unknown", None),
         ] {

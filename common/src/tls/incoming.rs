@@ -11,12 +11,17 @@
 //!   make); one more is closed right after its handshake, and reported.
 //! - A connection without a client certificate lives at most
 //!   `anonymous_lifetime`: enrollment is one short call.
+//! - One client network (an IPv4 address, an IPv6 /64) gets at most
+//!   `per_network` handshakes in progress and as many connections without
+//!   a certificate: one source cannot take every slot and lock the fleet
+//!   and its operators out.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -48,6 +53,62 @@ pub struct IncomingLimits {
     pub max_anonymous_connections: usize,
     /// How long a connection without a client certificate may stay open.
     pub anonymous_lifetime: Duration,
+    /// Handshakes in progress, and connections without a certificate, from
+    /// one client network ([`client_network`]) at once.
+    pub per_network: usize,
+}
+
+/// The network a client address counts against: the address itself for
+/// IPv4, its /64 for IPv6 (one host or site can use a whole /64, so
+/// counting single IPv6 addresses would count nothing).
+pub fn client_network(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+    }
+}
+
+/// Counts per client network; a slot gives its count back when dropped.
+#[derive(Clone, Default)]
+struct PerNetwork {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+struct NetworkSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    network: IpAddr,
+}
+
+impl PerNetwork {
+    /// A slot for `ip`'s network, unless it holds `max` already.
+    fn try_take(&self, ip: IpAddr, max: usize) -> Option<NetworkSlot> {
+        let network = client_network(ip);
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(network).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(NetworkSlot {
+            counts: self.counts.clone(),
+            network,
+        })
+    }
+}
+
+impl Drop for NetworkSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.network) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.network);
+            }
+        }
+    }
 }
 
 impl Default for IncomingLimits {
@@ -56,6 +117,7 @@ impl Default for IncomingLimits {
             max_handshakes: 64,
             max_anonymous_connections: 32,
             anonymous_lifetime: Duration::from_secs(60),
+            per_network: 4,
         }
     }
 }
@@ -70,6 +132,7 @@ pub struct ServerStream {
 
 struct AnonymousSlot {
     _permit: OwnedSemaphorePermit,
+    _network: NetworkSlot,
     deadline: Pin<Box<Sleep>>,
 }
 
@@ -153,6 +216,8 @@ pub fn tls_incoming(
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let handshakes = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
     let anonymous = Arc::new(Semaphore::new(limits.max_anonymous_connections.max(1)));
+    let handshakes_per_network = PerNetwork::default();
+    let anonymous_per_network = PerNetwork::default();
     tokio::spawn(async move {
         loop {
             // A free handshake slot first: while every slot is taken, new
@@ -177,6 +242,15 @@ pub fn tls_incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
+            let Some(network_slot) = handshakes_per_network.try_take(peer.ip(), limits.per_network)
+            else {
+                tracing::info!(%peer, "too many handshakes from one network; closed");
+                if let Some(callback) = &on_refused {
+                    callback(peer, "too many handshakes in progress from this network");
+                }
+                continue;
+            };
+            let anonymous_per_network = anonymous_per_network.clone();
             let acceptor = acceptor.clone();
             let sender = sender.clone();
             let on_refused = on_refused.clone();
@@ -189,6 +263,7 @@ pub fn tls_incoming(
                 };
                 let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
                 drop(permit);
+                drop(network_slot);
                 let stream = match handshake {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(error)) => {
@@ -202,9 +277,19 @@ pub fn tls_incoming(
                     }
                 };
                 let slot = if stream.get_ref().1.peer_certificates().is_none() {
+                    let Some(network) =
+                        anonymous_per_network.try_take(peer.ip(), limits.per_network)
+                    else {
+                        tracing::info!(%peer, "too many connections without a client certificate from one network; closed");
+                        refuse(
+                            "too many connections without a client certificate are open from this network",
+                        );
+                        return;
+                    };
                     match anonymous.try_acquire_owned() {
                         Ok(permit) => Some(AnonymousSlot {
                             _permit: permit,
+                            _network: network,
                             deadline: Box::pin(tokio::time::sleep(limits.anonymous_lifetime)),
                         }),
                         Err(_) => {
@@ -226,4 +311,38 @@ pub fn tls_incoming(
         }
     });
     ReceiverStream::new(receiver)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_clients_count_by_their_64() {
+        for (ip, network) in [
+            ("192.0.2.7", "192.0.2.7"),
+            ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::"),
+            ("2001:db8:1:2::1", "2001:db8:1:2::"),
+        ] {
+            assert_eq!(
+                client_network(ip.parse().unwrap()),
+                network.parse::<IpAddr>().unwrap(),
+                "{ip}"
+            );
+        }
+    }
+
+    #[test]
+    fn network_slots_are_counted_and_given_back() {
+        let counts = PerNetwork::default();
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8::2".parse().unwrap();
+        let other: IpAddr = "192.0.2.1".parse().unwrap();
+        let first = counts.try_take(a, 2).unwrap();
+        let _second = counts.try_take(same_64, 2).unwrap();
+        assert!(counts.try_take(a, 2).is_none());
+        assert!(counts.try_take(other, 2).is_some());
+        drop(first);
+        assert!(counts.try_take(same_64, 2).is_some());
+    }
 }

@@ -34,7 +34,9 @@ use crate::pki::ca_fingerprint;
 
 mod incoming;
 
-pub use incoming::{HandshakeRefusedCallback, IncomingLimits, ServerStream, tls_incoming};
+pub use incoming::{
+    HandshakeRefusedCallback, IncomingLimits, ServerStream, client_network, tls_incoming,
+};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
