@@ -66,10 +66,13 @@ pub struct ServerConfig {
     /// one more is closed after its handshake.
     #[serde(default = "default_max_anonymous_connections")]
     pub max_anonymous_connections: usize,
-    /// TLS handshakes in progress, and connections without a client
-    /// certificate, from one client network (an IPv4 address, an IPv6 /64).
-    #[serde(default = "default_max_per_network")]
-    pub max_per_network: usize,
+    /// TLS handshakes in progress from one client network (an IPv4
+    /// address, an IPv6 /64); more are closed and retry.
+    #[serde(default = "default_max_handshakes_per_network")]
+    pub max_handshakes_per_network: usize,
+    /// Connections without a client certificate from one client network.
+    #[serde(default = "default_max_anonymous_per_network")]
+    pub max_anonymous_per_network: usize,
     /// Refusals (handshakes, calls, enrollments) are audited once per peer
     /// address and reason in each such window, the rest counted into one
     /// summary row when it closes.
@@ -442,8 +445,12 @@ fn default_max_anonymous_connections() -> usize {
     cairn_common::tls::IncomingLimits::default().max_anonymous_connections
 }
 
-fn default_max_per_network() -> usize {
-    cairn_common::tls::IncomingLimits::default().per_network
+fn default_max_handshakes_per_network() -> usize {
+    cairn_common::tls::IncomingLimits::default().handshakes_per_network
+}
+
+fn default_max_anonymous_per_network() -> usize {
+    cairn_common::tls::IncomingLimits::default().anonymous_per_network
 }
 
 fn default_refusal_audit_window() -> Duration {
@@ -566,7 +573,14 @@ impl CoordinatorConfig {
                 "server.max_anonymous_connections",
                 self.server.max_anonymous_connections,
             ),
-            ("server.max_per_network", self.server.max_per_network),
+            (
+                "server.max_handshakes_per_network",
+                self.server.max_handshakes_per_network,
+            ),
+            (
+                "server.max_anonymous_per_network",
+                self.server.max_anonymous_per_network,
+            ),
         ] {
             if !(1..=100_000).contains(&value) {
                 return Err(fail(key, "must be between 1 and 100000".into()));

@@ -183,12 +183,13 @@ http_listen = "{http}"
 shutdown_grace = "30s"
 # What clients without a certificate can make the coordinator do: TLS
 # handshakes at once, connections without a client certificate (enrollment)
-# at once, both from one client network (an IPv4 address, an IPv6 /64),
+# at once, the same from one client network (an IPv4 address, an IPv6 /64),
 # and the window in which refusals from one network are audited once and
 # then counted into one summary row.
 max_tls_handshakes = 64
 max_anonymous_connections = 32
-max_per_network = 4
+max_handshakes_per_network = 16
+max_anonymous_per_network = 4
 refusal_audit_window = "60s"
 
 [tls]

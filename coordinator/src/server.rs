@@ -219,7 +219,8 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         IncomingLimits {
             max_handshakes: config.server.max_tls_handshakes,
             max_anonymous_connections: config.server.max_anonymous_connections,
-            per_network: config.server.max_per_network,
+            handshakes_per_network: config.server.max_handshakes_per_network,
+            anonymous_per_network: config.server.max_anonymous_per_network,
             ..IncomingLimits::default()
         },
         Some(handshake_refusal_auditor(refusals.clone())),

@@ -12,9 +12,11 @@
 //! - A connection without a client certificate lives at most
 //!   `anonymous_lifetime`: enrollment is one short call.
 //! - One client network (an IPv4 address, an IPv6 /64) gets at most
-//!   `per_network` handshakes in progress and as many connections without
-//!   a certificate: one source cannot take every slot and lock the fleet
-//!   and its operators out.
+//!   `handshakes_per_network` handshakes in progress (a quarter of all, by
+//!   default: enough for an operator's scripts or a fleet behind one NAT
+//!   reconnecting, whose excess is closed and retries) and
+//!   `anonymous_per_network` connections without a certificate: one source
+//!   cannot take every slot and lock the fleet and its operators out.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -53,9 +55,10 @@ pub struct IncomingLimits {
     pub max_anonymous_connections: usize,
     /// How long a connection without a client certificate may stay open.
     pub anonymous_lifetime: Duration,
-    /// Handshakes in progress, and connections without a certificate, from
-    /// one client network ([`client_network`]) at once.
-    pub per_network: usize,
+    /// Handshakes in progress from one client network ([`client_network`]).
+    pub handshakes_per_network: usize,
+    /// Connections without a certificate from one client network.
+    pub anonymous_per_network: usize,
 }
 
 /// The network a client address counts against: the address itself for
@@ -117,7 +120,8 @@ impl Default for IncomingLimits {
             max_handshakes: 64,
             max_anonymous_connections: 32,
             anonymous_lifetime: Duration::from_secs(60),
-            per_network: 4,
+            handshakes_per_network: 16,
+            anonymous_per_network: 4,
         }
     }
 }
@@ -242,7 +246,8 @@ pub fn tls_incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let Some(network_slot) = handshakes_per_network.try_take(peer.ip(), limits.per_network)
+            let Some(network_slot) =
+                handshakes_per_network.try_take(peer.ip(), limits.handshakes_per_network)
             else {
                 tracing::info!(%peer, "too many handshakes from one network; closed");
                 if let Some(callback) = &on_refused {
@@ -278,7 +283,7 @@ pub fn tls_incoming(
                 };
                 let slot = if stream.get_ref().1.peer_certificates().is_none() {
                     let Some(network) =
-                        anonymous_per_network.try_take(peer.ip(), limits.per_network)
+                        anonymous_per_network.try_take(peer.ip(), limits.anonymous_per_network)
                     else {
                         tracing::info!(%peer, "too many connections without a client certificate from one network; closed");
                         refuse(
