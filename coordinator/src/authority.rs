@@ -342,7 +342,29 @@ impl Authority {
                     self.config.operator_certificate_lifetime,
                 )
                 .map_err(|e| CoordinatorError::InvalidArgument(e.to_string()))?;
-            record_operator_certificate(&self.catalog, &principal, &issued).await?;
+            let Principal::Operator { name, role } = &principal else {
+                return Err(CoordinatorError::InvalidArgument("not an operator".into()));
+            };
+            let recorded = self
+                .catalog
+                .insert_renewed_certificate(
+                    &caller.serial,
+                    &CertificateRecord {
+                        serial: &issued.serial,
+                        kind: "operator",
+                        name: name.as_str(),
+                        role: Some(role.as_str()),
+                        issued_at: now_ms(),
+                        not_after: issued.not_after_unix * 1000,
+                    },
+                )
+                .await?;
+            if !recorded {
+                return Err(CoordinatorError::PermissionDenied(format!(
+                    "certificate {} of {principal} is revoked or unknown: it cannot be renewed",
+                    caller.serial
+                )));
+            }
             Ok(issued)
         }
         .await;

@@ -295,6 +295,33 @@ impl Catalog {
         Ok(())
     }
 
+    /// Records a certificate renewed from `from_serial`, only if that one
+    /// is still an unrevoked certificate of the same holder, in one
+    /// transaction: a revocation committed while the renewal was signed
+    /// wins. `false` when it was refused.
+    pub async fn insert_renewed_certificate(
+        &self,
+        from_serial: &str,
+        certificate: &CertificateRecord<'_>,
+    ) -> Result<bool> {
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let current: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM certificates
+             WHERE serial = ? AND kind = ? AND name = ? AND revoked_at IS NULL",
+        )
+        .bind(from_serial)
+        .bind(certificate.kind)
+        .bind(certificate.name)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        if current.is_none() {
+            return Ok(false);
+        }
+        insert_certificate(&mut transaction, certificate).await?;
+        transaction.commit().await?;
+        Ok(true)
+    }
+
     /// Records what a connecting agent says, if `serial` is the agent's
     /// current certificate or a renewed one (an unrevoked certificate of
     /// this agent issued after the current one). The first connection with
@@ -748,6 +775,40 @@ mod tests {
             .await
             .unwrap();
         (dir, catalog)
+    }
+
+    #[tokio::test]
+    async fn a_revocation_committed_during_a_renewal_wins() {
+        let (_dir, catalog) = catalog().await;
+        let certificate = |serial| CertificateRecord {
+            serial,
+            kind: "operator",
+            name: "bob",
+            role: Some("viewer"),
+            issued_at: 1,
+            not_after: 10_000,
+        };
+        catalog.insert_certificate(&certificate("s1")).await.unwrap();
+        assert!(
+            catalog
+                .insert_renewed_certificate("s1", &certificate("s2"))
+                .await
+                .unwrap()
+        );
+        catalog.revoke_operator("bob", 5).await.unwrap();
+        assert!(
+            !catalog
+                .insert_renewed_certificate("s2", &certificate("s3"))
+                .await
+                .unwrap(),
+            "a revoked certificate renewed"
+        );
+        assert!(
+            !catalog
+                .insert_renewed_certificate("nope", &certificate("s4"))
+                .await
+                .unwrap()
+        );
     }
 
     #[tokio::test]
