@@ -17,11 +17,19 @@
 //! to this key was under way", and is resolved the same way at startup and
 //! before any later key operation ([`resolve_pending`]): if its slot exists
 //! (after step 2) the rotation is finished (steps 3 and 4 again); if not, the
-//! file is discarded, since `master.key`'s slot was never touched.
+//! file is set aside as `master.key.discarded-<id>` (never deleted: a key
+//! file may be the only copy of a key), since `master.key`'s slot was never
+//! touched. A slot of purpose `recovery` that the coordinator was running
+//! on (a recovery key copied into `master.key` after a disaster) is kept by
+//! a rotation: it is still in the operators' safe.
 //!
-//! One key operation at a time: [`MasterKeys`] holds a lock across the whole
-//! operation, and a second caller is refused at once, told what is in
-//! progress. The operation runs in a task of its own that owns the lock, so
+//! One process at a time: every process that opens the repository with the
+//! key file ([`open_repository`]: `cairn serve`, `rebuild-catalog`) holds an
+//! exclusive lock on `master.key.lock` until it exits, so a second one on
+//! the same home cannot resolve a pending key under a running rotation.
+//! One key operation at a time within it: [`MasterKeys`] holds a lock across
+//! the whole operation, and a second caller is refused at once, told what
+//! is in progress. The operation runs in a task of its own that owns the lock, so
 //! a client that hangs up (tonic then drops the handler's future) cannot
 //! stop it halfway; its audit row is written by that task too.
 
@@ -109,6 +117,7 @@ pub async fn resolve_pending(store: &Store, master_key_file: &Path) -> Result<Op
             // Steps 3 and 4 again; both are harmless to repeat.
             if let Ok(old) = read_key(master_key_file)
                 && old.key_id() != new.key_id()
+                && !is_recovery_slot(&repository, &old.key_id()).await?
             {
                 repository
                     .remove_slot(&old.key_id())
@@ -122,17 +131,80 @@ pub async fn resolve_pending(store: &Store, master_key_file: &Path) -> Result<Op
             )))
         }
         Err(RepositoryError::NoSlot { .. }) => {
-            // Step 2 never happened, so master.key's slot is untouched.
-            std::fs::remove_file(&pending).map_err(|e| {
-                CoordinatorError::io(format!("cannot remove {}", pending.display()), e)
+            // Step 2 never happened, so master.key's slot is untouched. Set
+            // aside, not deleted: a key file may be the only copy of a key.
+            let discarded = discarded_path(master_key_file, &new.key_id());
+            std::fs::rename(&pending, &discarded).map_err(|e| {
+                CoordinatorError::io(
+                    format!(
+                        "cannot move {} to {}",
+                        pending.display(),
+                        discarded.display()
+                    ),
+                    e,
+                )
             })?;
-            Ok(Some(
-                "discarded an unfinished master key rotation: its new key never reached the repository, the previous key stays".to_string(),
-            ))
+            Ok(Some(format!(
+                "set aside an unfinished master key rotation as {}: its new key never reached the repository, the previous key stays",
+                discarded.display()
+            )))
         }
         // The storage cannot answer: nothing can be decided yet.
         Err(error) => Err(storage(error)),
     }
+}
+
+/// Whether slot `id` holds a recovery key: a rotation away from it keeps it.
+async fn is_recovery_slot(repository: &Repository, id: &str) -> Result<bool> {
+    Ok(repository
+        .key_slots()
+        .await
+        .map_err(storage)?
+        .iter()
+        .any(|slot| slot.id == id && slot.purpose == SlotPurpose::Recovery))
+}
+
+/// Where a pending key that never reached the repository is set aside.
+fn discarded_path(master_key_file: &Path, key_id: &str) -> PathBuf {
+    PathBuf::from(format!("{}.discarded-{key_id}", master_key_file.display()))
+}
+
+/// The key files this process holds locked (`master.key.lock`), until it
+/// exits.
+static KEY_FILE_LOCKS: std::sync::Mutex<Vec<(PathBuf, std::fs::File)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Locks `master_key_file` against every other process (see the module
+/// doc); a no-op if this process holds it already.
+pub fn lock_key_file(master_key_file: &Path) -> Result<()> {
+    let mut locks = KEY_FILE_LOCKS.lock().unwrap_or_else(|e| e.into_inner());
+    if locks.iter().any(|(path, _)| path == master_key_file) {
+        return Ok(());
+    }
+    let lock_path = PathBuf::from(format!("{}.lock", master_key_file.display()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| CoordinatorError::io(format!("cannot open {}", lock_path.display()), e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(CoordinatorError::Conflict(format!(
+                "another cairn process (a running `cairn serve`, or `repository rebuild-catalog`) uses {}: stop it first",
+                master_key_file.display()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(error)) => {
+            return Err(CoordinatorError::io(
+                format!("cannot lock {}", lock_path.display()),
+                error,
+            ));
+        }
+    }
+    locks.push((master_key_file.to_path_buf(), file));
+    Ok(())
 }
 
 /// Opens the repository with the key in `master_key_file`, first resolving
@@ -144,6 +216,7 @@ pub async fn open_repository(
     catalog: &Catalog,
     actor: &str,
 ) -> Result<Repository> {
+    lock_key_file(master_key_file)?;
     if let Some(resolved) = resolve_pending(&store, master_key_file).await? {
         tracing::warn!("{resolved}");
         catalog
@@ -371,10 +444,12 @@ impl MasterKeys {
             .add_slot(&new, SlotPurpose::Master)
             .await
             .map_err(storage)?;
-        repository
-            .remove_slot(&old.key_id())
-            .await
-            .map_err(storage)?;
+        if !is_recovery_slot(repository, &old.key_id()).await? {
+            repository
+                .remove_slot(&old.key_id())
+                .await
+                .map_err(storage)?;
+        }
         install_pending(&pending, &self.master_key_file)?;
         Ok(Rotation {
             old_key_id: old.key_id(),

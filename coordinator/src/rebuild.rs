@@ -42,6 +42,9 @@ pub async fn rebuild_catalog(
     config: &CoordinatorConfig,
     recovery_key: Option<&SecretKey>,
 ) -> Result<RebuildReport> {
+    // Offline only: refused while `cairn serve` (or another rebuild) runs
+    // on this home.
+    crate::keys::lock_key_file(&config.keys.master_key_file)?;
     let catalog = Catalog::open_sqlite(&config.catalog.sqlite_path).await?;
     if catalog.count_backups().await? > 0 {
         return Err(CoordinatorError::Conflict(format!(

@@ -239,12 +239,23 @@ fn key_rotation_keeps_backups_and_the_catalog_rebuilds_from_the_repository() {
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["id"], ids[0].as_str());
     assert_eq!(listed[0]["database"], "shop");
-    let again = coordinator.cli(&[
-        "repository",
-        "rebuild-catalog",
-        "--config",
-        config.to_str().unwrap(),
-    ]);
+    // Not while the coordinator runs on this home, nor into a catalog that
+    // holds backups.
+    let rebuild = |coordinator: &Coordinator| {
+        coordinator.cli(&[
+            "repository",
+            "rebuild-catalog",
+            "--config",
+            config.to_str().unwrap(),
+        ])
+    };
+    let running = rebuild(&coordinator);
+    assert!(
+        !running.success() && running.stderr.contains("another cairn process"),
+        "{running}"
+    );
+    coordinator.stop();
+    let again = rebuild(&coordinator);
     assert!(
         !again.success() && again.stderr.contains("already holds backups"),
         "{again}"

@@ -223,4 +223,33 @@ fn a_recovery_key_alone_brings_every_backup_back_in_a_fresh_home() {
         restore_and_count(&fresh, &pg, &first, "db9", "recovered"),
         expected
     );
+
+    // A rotation away from the recovery key keeps its slot: the copy in the
+    // operators' safe still opens the repository.
+    fresh.cli(&["keys", "rotate"]).assert_success();
+    let slots = fresh.cli_json(&["keys", "list"]);
+    assert!(
+        slots
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|slot| slot["id"] == recovery_id.as_str()),
+        "the recovery slot was removed by a rotation: {slots}"
+    );
+    assert!(
+        slots
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|slot| slot["in_use"] == true && slot["id"] != recovery_id.as_str()),
+        "the coordinator does not run on a new key: {slots}"
+    );
+
+    // A second process on the same home is refused: it could resolve a
+    // pending key under a rotation in progress.
+    let second = fresh.cli(&["repository", "rebuild-catalog", "--config", config_arg]);
+    assert!(
+        !second.success() && second.stderr.contains("another cairn process"),
+        "{second}"
+    );
 }

@@ -56,9 +56,11 @@ fn a_lost_chunk_is_found_uploaded_again_and_its_backup_repaired() {
     assert_eq!(report["referenced_chunks"].as_u64().unwrap(), stored);
     assert_eq!(report["unreferenced_count"], 0, "{report}");
 
-    // A chunk both backups of the database share (a dump's first chunk
-    // differs between backups: its header holds the time), found by hiding
-    // each in turn from `backup verify` of both.
+    // A chunk both backups of the database share, found by hiding each in
+    // turn from `backup verify` of both. A dump's first chunk holds the
+    // time of the dump to the second, so the second backup waits for the
+    // next second: then only chunks every later backup has too are shared.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let second = coordinator.backup("db1", "shop");
     let victim = coordinator
         .chunk_files()

@@ -788,7 +788,10 @@ mod tests {
             issued_at: 1,
             not_after: 10_000,
         };
-        catalog.insert_certificate(&certificate("s1")).await.unwrap();
+        catalog
+            .insert_certificate(&certificate("s1"))
+            .await
+            .unwrap();
         assert!(
             catalog
                 .insert_renewed_certificate("s1", &certificate("s2"))
