@@ -85,6 +85,11 @@ impl HeldCertificate {
 /// presents the current one), checks it, and replaces the identity
 /// directory with the new key and certificate. Returns the new certificate.
 pub async fn renew(config: &AgentConfig, channel: Channel) -> Result<HeldCertificate> {
+    // One renewal at a time in this process: a session that ends during a
+    // renewal must not let the next one's renewal write the identity
+    // directory at the same time.
+    static RENEWING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _renewing = RENEWING.lock().await;
     let request = generate_key_and_csr(config.name.as_str())?;
     let mut call = tonic::Request::new(proto::RenewCertificateRequest {
         csr_pem: request.csr_pem.clone(),
@@ -108,6 +113,11 @@ pub async fn renew(config: &AgentConfig, channel: Channel) -> Result<HeldCertifi
             "the renewed certificate names {} instead of agent {}",
             identity.principal, config.name
         )));
+    }
+    if !cairn_common::pki::certificate_matches_key(&der[0], &request.key_pem)? {
+        return Err(AgentError::Protocol(
+            "the renewed certificate is not for the key this agent just generated".into(),
+        ));
     }
     let held = HeldCertificate::from_pem(response.certificate_pem.as_bytes())?;
     replace_identity(

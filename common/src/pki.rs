@@ -253,6 +253,17 @@ fn random_serial() -> Result<SerialNumber, Error> {
     Ok(SerialNumber::from(bytes))
 }
 
+/// Whether the certificate (DER) carries the public key of `key_pem`: a
+/// renewed certificate must be for the key just generated, or installing
+/// it would lock its holder out.
+pub fn certificate_matches_key(certificate_der: &[u8], key_pem: &str) -> Result<bool, Error> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let key = KeyPair::from_pem(key_pem).map_err(certificate_error)?;
+    let (_, certificate) = X509Certificate::from_der(certificate_der)
+        .map_err(|e| Error::invalid("certificate", e.to_string()))?;
+    Ok(certificate.public_key().raw == key.subject_public_key_info().as_slice())
+}
+
 fn certificate_error(error: rcgen::Error) -> Error {
     Error::Certificate(error.to_string())
 }
@@ -262,6 +273,19 @@ mod tests {
     use super::*;
     use crate::identity::{Identity, Role};
     use crate::names::{AgentName, OperatorName};
+
+    #[test]
+    fn a_certificate_matches_only_the_key_it_was_issued_for() {
+        let (ca, _) = CertificateAuthority::generate("test CA").unwrap();
+        let principal = Principal::Agent(AgentName::new("db1").unwrap());
+        let mine = generate_key_and_csr("db1").unwrap();
+        let other = generate_key_and_csr("db1").unwrap();
+        let issued = ca
+            .issue_client_from_csr(&principal, &mine.csr_pem, Duration::from_secs(3600))
+            .unwrap();
+        assert!(certificate_matches_key(&issued.der, &mine.key_pem).unwrap());
+        assert!(!certificate_matches_key(&issued.der, &other.key_pem).unwrap());
+    }
 
     /// A one-minute certificate is due at 40 s, a year's at eight months,
     /// however far the CA backdated it.

@@ -552,6 +552,15 @@ impl MasterKeys {
                 "slot {id} is the last key slot: without it no key opens the repository"
             )));
         }
+        // The key file must still open the repository, or removing another
+        // slot could leave none that a file holds.
+        if !slots.iter().any(|slot| slot.id == master.key_id()) {
+            return Err(CoordinatorError::Conflict(format!(
+                "the key in {} (slot {}) does not open the repository: put back the key the coordinator started with before removing a slot",
+                self.master_key_file.display(),
+                master.key_id()
+            )));
+        }
         self.repository.remove_slot(id).await.map_err(storage)
     }
 }
