@@ -213,10 +213,11 @@ enum RepositoryCommand {
         output: OutputFormat,
     },
     /// Compare the catalog with the repository (role: operator): name
-    /// missing, unreferenced and (with --read-data) corrupt chunks; missing
-    /// and corrupt ones leave the dedup index, so the next backup uploads
-    /// them again, and the backups that need them are marked damaged.
-    /// Exit 1 if any chunk is missing or corrupt.
+    /// missing, unreferenced and (with --read-data) corrupt chunks, and
+    /// missing manifests; missing and corrupt chunks leave the dedup index,
+    /// so the next backup uploads them again, and the backups that need
+    /// them are marked damaged. Exit 1 if anything is missing or corrupt or
+    /// any backup is damaged.
     Check {
         /// Also read and authenticate every stored chunk (reads the whole
         /// repository); clears the damage of backups that are whole again.
