@@ -177,6 +177,17 @@ pub fn clean_up_replacement(dir: &Path) -> Result<bool, Error> {
 pub fn replace_directory_files(dir: &Path, files: &[(&str, &[u8], u32)]) -> Result<(), Error> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     clean_up_replacement(dir)?;
+    // Only a real directory of plain files is exchanged: a symbolic link
+    // would be replaced by a directory (its target left stale), and
+    // anything but files would be lost with the old directory.
+    let link = std::fs::symlink_metadata(dir)
+        .map_err(|e| Error::io(format!("cannot read {}", dir.display()), e))?;
+    if !link.is_dir() {
+        return Err(Error::invalid(
+            dir.display().to_string(),
+            "must be a directory, not a symbolic link, for its files to be replaced together",
+        ));
+    }
     let staging = replacement_staging(dir);
     let mode = std::fs::metadata(dir)
         .map_err(|e| Error::io(format!("cannot read {}", dir.display()), e))?
@@ -191,7 +202,17 @@ pub fn replace_directory_files(dir: &Path, files: &[(&str, &[u8], u32)]) -> Resu
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(format!("cannot read {}", dir.display()), e))?;
         let name = entry.file_name();
-        if files.iter().any(|(file, _, _)| name == *file) || !entry.path().is_file() {
+        let kind = entry
+            .file_type()
+            .map_err(|e| Error::io(format!("cannot read {}", entry.path().display()), e))?;
+        if !kind.is_file() {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(Error::invalid(
+                entry.path().display().to_string(),
+                "only files may sit in a directory whose files are replaced together: move it elsewhere",
+            ));
+        }
+        if files.iter().any(|(file, _, _)| name == *file) {
             continue;
         }
         let contents = std::fs::read(entry.path())
@@ -480,6 +501,32 @@ mod tests {
         );
         let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o750, "the existing directory itself is kept");
+    }
+
+    #[test]
+    fn only_a_real_directory_of_files_has_its_files_replaced() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("identity");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("cert.pem"), "old cert").unwrap();
+        std::fs::create_dir(dir.join("spool")).unwrap();
+        let files = [("cert.pem", b"new cert".as_slice(), 0o644)];
+        let error = replace_directory_files(&dir, &files)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("spool"), "{error}");
+        assert_eq!(std::fs::read(dir.join("cert.pem")).unwrap(), b"old cert");
+        assert!(dir.join("spool").is_dir(), "a subdirectory was lost");
+        assert!(!replacement_staging(&dir).exists());
+
+        std::fs::remove_dir(dir.join("spool")).unwrap();
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        let error = replace_directory_files(&link, &files)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("symbolic link"), "{error}");
+        assert!(link.is_symlink());
     }
 
     #[test]
