@@ -79,7 +79,7 @@ fn identify<T>(
 }
 
 /// The interceptor for the Admin service: operators only. Refusals are
-/// counted per peer address (`RefusalAudit`), never one row per call.
+/// counted per client network (`RefusalAudit`), never one row per call.
 pub fn admin_interceptor(
     revoked: RevokedSerials,
     refusals: RefusalAudit,

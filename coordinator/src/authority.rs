@@ -128,7 +128,7 @@ impl Authority {
     /// Checks the token, signs the CSR, records the agent. The token is
     /// checked before anything else is said about the request, so a caller
     /// without a valid token learns nothing (not even whether a name is
-    /// enrolled). Refusals are counted per peer address (`RefusalAudit`).
+    /// enrolled). Refusals are counted per client network (`RefusalAudit`).
     pub async fn enroll(
         &self,
         peer: &str,

@@ -36,7 +36,7 @@ const SERVER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const SERVER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Audits refused TLS handshakes (another CA, expired, revoked, garbage)
-/// and connections closed by a limit, counted per peer address.
+/// and connections closed by a limit, counted per client network.
 fn handshake_refusal_auditor(refusals: RefusalAudit) -> tls::HandshakeRefusedCallback {
     Arc::new(move |peer: SocketAddr, reason: &str| {
         let kind = if reason.starts_with("too many") {

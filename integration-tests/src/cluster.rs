@@ -254,6 +254,33 @@ impl Coordinator {
         output
     }
 
+    /// `cairn operators issue --name NAME --role ROLE --out DIR` as admin,
+    /// asserting success: a new operator identity in `out`.
+    pub fn issue_operator(&self, name: &str, role: &str, out: &Path) {
+        let out = out.to_str().expect("a UTF-8 identity directory");
+        self.cli(&[
+            "operators",
+            "issue",
+            "--name",
+            name,
+            "--role",
+            role,
+            "--out",
+            out,
+        ])
+        .assert_success();
+    }
+
+    /// Runs `cairn ARGS --identity IDENTITY`: as another operator.
+    pub fn cli_as(&self, identity: &Path, args: &[&str]) -> Output {
+        let mut args = args.to_vec();
+        args.extend([
+            "--identity",
+            identity.to_str().expect("a UTF-8 identity directory"),
+        ]);
+        self.cli(&args)
+    }
+
     /// Runs `cairn ARGS --output json` (the flag added unless `args` has
     /// `--output`), asserts success and parses stdout.
     pub fn cli_json(&self, args: &[&str]) -> Value {

@@ -291,18 +291,7 @@ fn operators_renew_their_own_identity() {
     let coordinator = Coordinator::start(&test_dir);
     let viewer_dir = test_dir.path().join("viewer");
     let viewer = viewer_dir.to_str().unwrap();
-    coordinator
-        .cli(&[
-            "operators",
-            "issue",
-            "--name",
-            "carol",
-            "--role",
-            "viewer",
-            "--out",
-            viewer,
-        ])
-        .assert_success();
+    coordinator.issue_operator("carol", "viewer", &viewer_dir);
     let before = serial_in(&viewer_dir);
     let key_before = std::fs::read(viewer_dir.join("key.pem")).unwrap();
 

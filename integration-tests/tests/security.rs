@@ -408,7 +408,7 @@ async fn admin_api_refuses_missing_foreign_and_expired_client_certificates() {
     );
 
     // The handshake refusals (foreign CA, expired) are audited once a minute
-    // per peer address, the rest counted; the anonymous calls at the RPC,
+    // per client network, the rest counted; the anonymous calls at the RPC,
     // the same way (tests/floods.rs counts them).
     // Refusals are appended in the background: wait (bounded) for them.
     let events = tokio::task::spawn_blocking(move || {
@@ -1267,24 +1267,8 @@ fn a_revoked_operator_is_refused_from_its_next_call() {
     let test_dir = TestDir::new("operator_revoke");
     let coordinator = Coordinator::start(&test_dir);
     let viewer_dir = test_dir.path().join("viewer");
-    let viewer = viewer_dir.to_str().unwrap();
-    coordinator
-        .cli(&[
-            "operators",
-            "issue",
-            "--name",
-            "carol",
-            "--role",
-            "viewer",
-            "--out",
-            viewer,
-        ])
-        .assert_success();
-    let as_viewer = |args: &[&str]| {
-        let mut args = args.to_vec();
-        args.extend(["--identity", viewer]);
-        coordinator.cli(&args)
-    };
+    coordinator.issue_operator("carol", "viewer", &viewer_dir);
+    let as_viewer = |args: &[&str]| coordinator.cli_as(&viewer_dir, args);
     as_viewer(&["agents", "list"]).assert_success();
 
     // A viewer cannot revoke anyone; an admin can, without a restart.

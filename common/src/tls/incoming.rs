@@ -140,13 +140,6 @@ struct AnonymousSlot {
     deadline: Pin<Box<Sleep>>,
 }
 
-impl ServerStream {
-    /// Whether the client presented no certificate.
-    pub fn is_anonymous(&self) -> bool {
-        self.anonymous.is_some()
-    }
-}
-
 impl Connected for ServerStream {
     type ConnectInfo = <TlsStream<TcpStream> as Connected>::ConnectInfo;
 
