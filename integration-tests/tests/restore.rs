@@ -84,22 +84,32 @@ impl Fleet {
         all.extend_from_slice(args);
         let started = self.coordinator.cli(&all).assert_success().json();
         assert_eq!(started["status"], "running", "{started}");
-        let mut pid = String::new();
+        // A backend seen in pg_stat_activity may be on its way out (pg_restore
+        // -j closes its first connection before it forks workers): only a
+        // backend that is still there, stopped, after the signal counts.
+        let mut paused = None;
         wait_until(
             Duration::from_secs(30),
             Duration::from_millis(20),
             "pg_restore to connect to the staging database",
             || {
-                pid = self.target.psql(
+                let pids = self.target.psql(
                     "postgres",
                     "SELECT pid FROM pg_stat_activity
                       WHERE datname LIKE 'cairn_restore_%' AND backend_type = 'client backend'",
                 );
-                !pid.is_empty()
+                for pid in pids.lines() {
+                    let backend = PausedBackend(pid.to_string());
+                    if backend.try_signal("-STOP") && backend.is_stopped() {
+                        paused = Some(backend);
+                        return true;
+                    }
+                    backend.try_signal("-CONT");
+                }
+                false
             },
         );
-        let backend = PausedBackend(pid.lines().next().unwrap().to_string());
-        backend.signal("-STOP");
+        let backend = paused.unwrap();
         (started["id"].as_str().unwrap().to_string(), backend)
     }
 
@@ -153,11 +163,32 @@ struct PausedBackend(String);
 
 impl PausedBackend {
     fn signal(&self, name: &str) {
-        let status = std::process::Command::new("kill")
+        assert!(self.try_signal(name), "kill {name} {}", self.0);
+    }
+
+    fn try_signal(&self, name: &str) -> bool {
+        std::process::Command::new("kill")
             .args([name, &self.0])
+            .stderr(std::process::Stdio::null())
             .status()
-            .unwrap();
-        assert!(status.success(), "kill {name} {}", self.0);
+            .unwrap()
+            .success()
+    }
+
+    /// Whether the process is there and stopped (state `T` in
+    /// `/proc/PID/stat`), not a zombie on its way out.
+    fn is_stopped(&self) -> bool {
+        std::thread::sleep(Duration::from_millis(50));
+        std::fs::read_to_string(format!("/proc/{}/stat", self.0))
+            .ok()
+            .and_then(|stat| {
+                let after_name = stat.rsplit_once(')')?.1;
+                after_name
+                    .split_whitespace()
+                    .next()
+                    .map(|state| state == "T")
+            })
+            .unwrap_or(false)
     }
 
     fn resume(&self) {
