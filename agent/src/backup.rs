@@ -1,8 +1,10 @@
 //! Executes a backup command: `pg_dump` through the chunker ([`crate::dump`])
 //! and up to the coordinator on the job's own `UploadBackup` stream.
 //!
+//! The agent holds no repository key: chunks go up compressed and named by
+//! their content hash; the coordinator checks, seals and stores them.
 //! The upload offers at most one batch of chunks at a time and sends bytes
-//! only for the chunks the repository lacks, so a second backup of a mostly
+//! only for the chunks the coordinator asks for, so a second backup of a mostly
 //! unchanged database moves little, and a retried one resumes. With one
 //! batch in flight, a slow coordinator or repository slows `pg_dump` down
 //! instead of filling memory.
@@ -10,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_common::chunk::{SealedChunk, seal_chunk};
+use cairn_common::chunk::{PackedChunk, pack_chunk};
 use cairn_common::proto::{
     self, agent_gateway_client::AgentGatewayClient, backup_upload, backup_upload_reply,
 };
@@ -20,7 +22,6 @@ use tonic::transport::Channel;
 
 use crate::config::AgentConfig;
 use crate::dump::{self, DumpError, DumpProgress, DumpRequest};
-use crate::jobs::repository_keys;
 use crate::jobs::{JobEnd, RunningJobs};
 use crate::postgres;
 
@@ -36,7 +37,6 @@ pub async fn run(
     command: proto::BackupCommand,
 ) -> Result<(), JobEnd> {
     let guard = jobs.register(&command.job_id)?;
-    let keys = repository_keys(&command.data_key, &command.chunk_id_key)?;
     let instance = config
         .instances
         .iter()
@@ -75,14 +75,12 @@ pub async fn run(
             let globals = dump::dump_globals(&connection, command.include_role_passwords, None)
                 .await
                 .map_err(|e| e.to_string())?;
-            let sealing_keys = keys.clone();
             let level = command.zstd_level;
-            let sealed_globals =
-                tokio::task::spawn_blocking(move || seal_chunk(&sealing_keys, &globals, level))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
-            Ok::<_, String>((facts, sealed_globals))
+            let packed_globals = tokio::task::spawn_blocking(move || pack_chunk(&globals, level))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((facts, packed_globals))
         }
         .await;
         if gathered.is_err() {
@@ -95,10 +93,9 @@ pub async fn run(
         connection: connection.clone(),
         database: command.database.clone(),
         zstd_level: command.zstd_level,
-        keys: keys.clone(),
         pg_bindir: None,
     };
-    let (chunk_sender, mut chunk_receiver) = mpsc::channel::<SealedChunk>(OFFER_BATCH);
+    let (chunk_sender, mut chunk_receiver) = mpsc::channel::<PackedChunk>(OFFER_BATCH);
     let (progress, _) = watch::channel(DumpProgress::default());
     let dumping = dump::dump(&request, chunk_sender, progress, dump_token.clone());
     let upload_batches = async {
@@ -113,24 +110,29 @@ pub async fn run(
             send(
                 &outbound,
                 backup_upload::Body::Offer(proto::ChunkOffer {
-                    ids: batch.iter().map(|c| c.id.as_bytes().to_vec()).collect(),
+                    hashes: batch.iter().map(|c| c.hash.as_bytes().to_vec()).collect(),
                 }),
             )
             .await?;
             let missing = match next_reply(&mut replies).await? {
-                backup_upload_reply::Body::Missing(missing) => missing.ids,
+                backup_upload_reply::Body::Missing(missing) => missing.hashes,
                 _ => return Err("the coordinator answered an offer out of turn".to_string()),
             };
             for chunk in batch {
                 let send_bytes = missing
                     .iter()
-                    .any(|id| id.as_slice() == chunk.id.as_bytes());
+                    .any(|hash| hash.as_slice() == chunk.hash.as_bytes());
                 send(
                     &outbound,
                     backup_upload::Body::Chunk(proto::UploadChunk {
-                        id: chunk.id.as_bytes().to_vec(),
+                        hash: chunk.hash.as_bytes().to_vec(),
                         plaintext_bytes: chunk.plaintext_len as u64,
-                        sealed: if send_bytes { chunk.bytes } else { Vec::new() },
+                        compression: chunk.compression.to_proto(),
+                        payload: if send_bytes {
+                            chunk.payload
+                        } else {
+                            Vec::new()
+                        },
                     }),
                 )
                 .await?;
@@ -150,7 +152,7 @@ pub async fn run(
     let (dumped, uploaded, gathered) = tokio::join!(dumping, uploading, prelude);
     // The upload's error explains a dump that stopped because the upload
     // went away; then pg_dump's own message; then the facts' or globals'.
-    let (outcome, (facts, sealed_globals)) = match (dumped, uploaded, gathered) {
+    let (outcome, (facts, globals)) = match (dumped, uploaded, gathered) {
         (_, Err(upload_error), _) => return Err(JobEnd::Failed(upload_error)),
         (Err(DumpError::Cancelled), Ok(()), _) if guard.token.is_cancelled() => {
             return Err(JobEnd::Cancelled("pg_dump was stopped".into()));
@@ -166,9 +168,10 @@ pub async fn run(
     send(
         &outbound,
         backup_upload::Body::Globals(proto::UploadGlobals {
-            id: sealed_globals.id.as_bytes().to_vec(),
-            plaintext_bytes: sealed_globals.plaintext_len as u64,
-            sealed: sealed_globals.bytes,
+            hash: globals.hash.as_bytes().to_vec(),
+            plaintext_bytes: globals.plaintext_len as u64,
+            compression: globals.compression.to_proto(),
+            payload: globals.payload,
         }),
     )
     .await?;

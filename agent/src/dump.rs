@@ -1,15 +1,17 @@
 //! The agent side of a backup's data path: `pg_dump` of one database, cut
-//! into content-defined chunks, each sealed and handed over in order.
+//! into content-defined chunks, each named by its content hash, compressed
+//! and handed over in order. The agent holds no repository key: the
+//! coordinator checks, seals and stores what it receives.
 //!
 //! ```text
-//! pg_dump --format=custom ──stdout pipe──► FastCDC ──► seal_chunk ×N ──► mpsc ──► caller
+//! pg_dump --format=custom ──stdout pipe──► FastCDC ──► pack_chunk ×N ──► mpsc ──► caller
 //!   (child process)                        (8 MiB buffer)  (blocking pool,   (bounded)
 //!                                                           order kept)
 //! ```
 //!
 //! Memory stays bounded whatever the size of the database: the chunker
 //! holds one buffer of [`CHUNK_MAX_BYTES`], at most a few chunks are being
-//! sealed at once (their results are kept in stream order), and the channel
+//! packed at once (their results are kept in stream order), and the channel
 //! to the caller is bounded. When the caller is slow, sending waits, so the
 //! chunker stops reading, the pipe fills and `pg_dump` blocks on its write:
 //! the backpressure reaches the database session.
@@ -19,7 +21,7 @@
 //! the time of the dump.
 //!
 //! A dump is complete only when [`dump`] returns `Ok`. Chunks sent before an
-//! error are sealed and valid, and may be kept (they are content-addressed),
+//! error are whole and valid, and may be kept (they are content-addressed),
 //! but they are not a dump.
 //!
 //! How `pg_dump` and `pg_dumpall` are found and connected (the password
@@ -30,15 +32,13 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::pin::{Pin, pin};
 use std::process::ExitStatus;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use cairn_common::archive::{ArchiveScanner, ArchiveSummary};
 use cairn_common::chunk::{
-    CHUNK_AVG_BYTES, CHUNK_MAX_BYTES, CHUNK_MIN_BYTES, SealedChunk, seal_chunk,
+    CHUNK_AVG_BYTES, CHUNK_MAX_BYTES, CHUNK_MIN_BYTES, PackedChunk, pack_chunk,
 };
-use cairn_common::crypto::RepositoryKeys;
 use fastcdc::v2020::AsyncStreamCDC;
 use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
@@ -53,8 +53,8 @@ use crate::postgres::{self, ConnectionString, PgTools, PostgresError};
 /// How much of a tool's stderr is kept: the end, where its error is.
 pub const STDERR_TAIL_BYTES: usize = 64 * 1024;
 
-/// At most this many chunks are sealed at once (fewer on smaller hosts).
-pub const MAX_SEALING_IN_FLIGHT: usize = 4;
+/// At most this many chunks are packed at once (fewer on smaller hosts).
+pub const MAX_PACKING_IN_FLIGHT: usize = 4;
 
 /// What to tell an operator whose host lacks the client programs.
 const INSTALL_HINT: &str = "install the PostgreSQL client programs, of the server's major \
@@ -69,9 +69,8 @@ pub struct DumpRequest {
     pub connection: ConnectionString,
     /// Any name PostgreSQL accepts (spaces, quotes, non-ASCII...).
     pub database: String,
-    /// zstd level for [`seal_chunk`]; 0 stores chunks uncompressed.
+    /// zstd level for [`pack_chunk`]; 0 sends chunks uncompressed.
     pub zstd_level: i32,
-    pub keys: RepositoryKeys,
     /// Where `pg_dump` is; found otherwise (see [`PgTools::locate`]).
     pub pg_bindir: Option<PathBuf>,
 }
@@ -133,8 +132,8 @@ pub enum DumpError {
         context: &'static str,
         cause: io::Error,
     },
-    #[error("cannot seal a chunk: {0}")]
-    Seal(cairn_common::Error),
+    #[error("cannot compress a chunk: {0}")]
+    Pack(cairn_common::Error),
 }
 
 fn or_no_message(stderr: &str) -> &str {
@@ -145,16 +144,16 @@ fn or_no_message(stderr: &str) -> &str {
     }
 }
 
-/// Dumps `request.database` and sends its chunks, sealed, in stream order on
+/// Dumps `request.database` and sends its chunks, packed, in stream order on
 /// `chunks`; `progress` is updated as the dump goes. The channel's capacity
-/// bounds how many sealed chunks wait for the caller; when it is full,
+/// bounds how many packed chunks wait for the caller; when it is full,
 /// `pg_dump` is paused (see the module documentation).
 ///
 /// On `cancel`, or when the receiver of `chunks` is dropped, `pg_dump` is
 /// killed and reaped before this returns. Dropping the future kills it too.
 pub async fn dump(
     request: &DumpRequest,
-    chunks: mpsc::Sender<SealedChunk>,
+    chunks: mpsc::Sender<PackedChunk>,
     progress: watch::Sender<DumpProgress>,
     cancel: CancellationToken,
 ) -> Result<DumpOutcome, DumpError> {
@@ -166,7 +165,7 @@ pub async fn dump(
 
 async fn run_dump(
     request: &DumpRequest,
-    chunks: &mpsc::Sender<SealedChunk>,
+    chunks: &mpsc::Sender<PackedChunk>,
     progress: &watch::Sender<DumpProgress>,
     cancel: &CancellationToken,
 ) -> Result<DumpOutcome, DumpError> {
@@ -334,23 +333,22 @@ struct Totals {
     rows: Result<ArchiveSummary, String>,
 }
 
-/// How many chunks are sealed at once.
-fn sealing_in_flight() -> usize {
+/// How many chunks are packed at once.
+fn packing_in_flight() -> usize {
     std::thread::available_parallelism()
         .map_or(2, NonZeroUsize::get)
-        .clamp(2, MAX_SEALING_IN_FLIGHT)
+        .clamp(2, MAX_PACKING_IN_FLIGHT)
 }
 
-/// Reads `source` to its end: cuts it, seals the chunks on the blocking
+/// Reads `source` to its end: cuts it, packs the chunks on the blocking
 /// pool (a few at once) and sends them in order. While a send waits, nothing
 /// is read.
 async fn pump(
     source: impl AsyncRead + Unpin,
     request: &DumpRequest,
-    chunks: &mpsc::Sender<SealedChunk>,
+    chunks: &mpsc::Sender<PackedChunk>,
     progress: &watch::Sender<DumpProgress>,
 ) -> Result<Totals, DumpError> {
-    let keys = Arc::new(request.keys.clone());
     let zstd_level = request.zstd_level;
     let reader = CountingReader {
         inner: source,
@@ -359,31 +357,28 @@ async fn pump(
     };
     let mut chunker =
         AsyncStreamCDC::new(reader, CHUNK_MIN_BYTES, CHUNK_AVG_BYTES, CHUNK_MAX_BYTES);
-    let sealed = chunker
+    let packed = chunker
         .as_stream()
-        .map(|cut| {
-            let keys = Arc::clone(&keys);
-            async move {
-                let chunk = cut.map_err(chunker_error)?;
-                let sealing = tokio::task::spawn_blocking(move || {
-                    seal_chunk(&keys, &chunk.data, zstd_level).map(|sealed| (sealed, chunk.data))
-                });
-                match sealing.await {
-                    Ok(sealed) => sealed.map_err(DumpError::Seal),
-                    Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-                    // The runtime is shutting down.
-                    Err(_) => Err(DumpError::Cancelled),
-                }
+        .map(|cut| async move {
+            let chunk = cut.map_err(chunker_error)?;
+            let packing = tokio::task::spawn_blocking(move || {
+                pack_chunk(&chunk.data, zstd_level).map(|packed| (packed, chunk.data))
+            });
+            match packing.await {
+                Ok(packed) => packed.map_err(DumpError::Pack),
+                Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+                // The runtime is shutting down.
+                Err(_) => Err(DumpError::Cancelled),
             }
         })
-        .buffered(sealing_in_flight());
-    let mut sealed = pin!(sealed);
+        .buffered(packing_in_flight());
+    let mut packed = pin!(packed);
     let mut bytes = 0;
     let mut count = 0;
     // Counting the rows of the archive as it goes by: in order, on this
-    // task (a newline count, far cheaper than sealing).
+    // task (a newline count, far cheaper than packing).
     let mut scanner = Ok(ArchiveScanner::new());
-    while let Some(chunk) = sealed.next().await {
+    while let Some(chunk) = packed.next().await {
         let (chunk, plaintext) = chunk?;
         if let Ok(reading) = &mut scanner
             && let Err(error) = reading.feed(&plaintext)
@@ -520,7 +515,6 @@ mod tests {
             connection: ConnectionString::parse("host=/tmp user=postgres").unwrap(),
             database: "db".into(),
             zstd_level: 1,
-            keys: RepositoryKeys::generate().unwrap(),
             pg_bindir: Some(PathBuf::from("/nonexistent/bin")),
         };
         let (tx, _rx) = mpsc::channel(1);
@@ -550,7 +544,6 @@ mod tests {
             connection: ConnectionString::parse("host=/tmp user=postgres").unwrap(),
             database: "db".into(),
             zstd_level: 1,
-            keys: RepositoryKeys::generate().unwrap(),
             pg_bindir: None,
         };
         let (tx, mut rx) = mpsc::channel(1);
@@ -568,10 +561,24 @@ mod tests {
         assert!(got.len() >= 2, "{}", got.len());
         assert_eq!(totals.chunks, got.len() as u64);
         assert_eq!(totals.bytes, data.len() as u64);
+        let count = got.len() as u64;
         let mut whole = Vec::new();
-        for chunk in &got {
+        for chunk in got {
+            let PackedChunk {
+                hash,
+                plaintext_len,
+                compression,
+                payload,
+            } = chunk;
             whole.extend(
-                cairn_common::chunk::open_chunk(&request.keys, &chunk.id, &chunk.bytes).unwrap(),
+                cairn_common::chunk::unpack_chunk(
+                    &hash,
+                    plaintext_len as u64,
+                    compression,
+                    payload,
+                    CHUNK_MAX_BYTES,
+                )
+                .unwrap(),
             );
         }
         assert!(whole == data);
@@ -579,7 +586,7 @@ mod tests {
             *progress_rx.borrow(),
             DumpProgress {
                 bytes_read: data.len() as u64,
-                chunks: got.len() as u64
+                chunks: count
             }
         );
     }

@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex};
 
-use cairn_common::crypto::{RepositoryKeys, SecretKey};
 use tokio_util::sync::CancellationToken;
 
 /// Running jobs by id, so that a cancel command can reach them.
@@ -85,17 +84,6 @@ impl From<String> for JobEnd {
     fn from(message: String) -> Self {
         JobEnd::Failed(message)
     }
-}
-
-/// The repository keys a job command carries (secrets: never logged).
-pub(crate) fn repository_keys(
-    data_key: &[u8],
-    chunk_id_key: &[u8],
-) -> Result<RepositoryKeys, String> {
-    Ok(RepositoryKeys {
-        data: SecretKey::from_bytes(data_key).map_err(|e| format!("data key: {e}"))?,
-        chunk_id: SecretKey::from_bytes(chunk_id_key).map_err(|e| format!("chunk-id key: {e}"))?,
-    })
 }
 
 #[cfg(test)]

@@ -321,11 +321,7 @@ async fn check_and_restore(
         .await
         .map_err(|status| RestoreError::coordinator(&status))?
         .into_inner();
-    let mut chunks: Chunks<'_> = Box::pin(download::opened_chunks(
-        messages,
-        request.keys.clone(),
-        request.chunk_count,
-    ));
+    let mut chunks: Chunks<'_> = Box::pin(download::opened_chunks(messages, request.chunk_count));
     let beginning = download::read_beginning(&mut chunks).await?;
     let head = match &beginning.scanner {
         Ok(scanner) => scanner.head().cloned(),

@@ -1,16 +1,25 @@
 //! The coordinator's side of `AgentGateway/DownloadBackup`: streams one
-//! backup's sealed chunks to the agent running a restore of it, globals
-//! first, then the dump in order. The coordinator does not open the chunks:
-//! the agent authenticates every one before using it, so a chunk altered
-//! in the repository stops the restore there.
+//! backup to the agent running a restore of it. First the chunk list (each
+//! chunk's content hash and size, in pages), then every chunk's packed
+//! bytes in that order, globals first. Agents hold no key: the coordinator
+//! authenticates each stored chunk (its seal, with its name bound in)
+//! before it sends the packed bytes, and the agent decompresses them and
+//! checks them against the list. A chunk altered in the repository stops
+//! the restore there, named by its position and id.
 //!
-//! A few chunks are read ahead from the repository; the stream's queue is
+//! Chunks of a format-1 manifest (no content hashes) are opened whole here,
+//! checked against their keyed names, and sent with the hash computed
+//! from them.
+//!
+//! A few chunks are read and authenticated ahead; the stream's queue is
 //! short and flow-controlled, so a slow pg_restore slows the reads down.
 
 use std::sync::Arc;
 
+use cairn_common::chunk::{ChunkError, ChunkId, open_sealed};
+use cairn_common::crypto::SealError;
 use cairn_common::error::incident_status;
-use cairn_common::proto;
+use cairn_common::proto::{self, download_message};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
@@ -21,10 +30,12 @@ use crate::repository::{ObjectKey, Repository, RepositoryError};
 
 /// Chunks read from the repository ahead of the agent.
 const READ_AHEAD: usize = 4;
-/// Chunks queued for the agent.
+/// Messages queued for the agent.
 pub const DOWNLOAD_QUEUE_LEN: usize = 2;
+/// Chunks per page of the list (about 45 bytes each on the wire).
+const LIST_PAGE: usize = 4096;
 
-pub type ChunkSender = mpsc::Sender<Result<proto::DownloadChunk, Status>>;
+pub type ChunkSender = mpsc::Sender<Result<proto::DownloadMessage, Status>>;
 
 /// Loads the manifest of the job's backup, or says why the restore cannot
 /// have it.
@@ -46,8 +57,9 @@ pub async fn manifest_of(repository: &Repository, job: &JobRecord) -> Result<Man
         })
 }
 
-/// Sends the backup's chunks to `sender` until done, the agent goes away,
-/// or a chunk cannot be read (then the error is the stream's last item).
+/// Sends the backup's list and chunks to `sender` until done, the agent
+/// goes away, or a chunk cannot be read or authenticated (then the error is
+/// the stream's last item).
 pub async fn stream_chunks(
     catalog: Arc<Catalog>,
     repository: Arc<Repository>,
@@ -57,33 +69,32 @@ pub async fn stream_chunks(
 ) {
     let chunks = manifest.chunks_in_order();
     let total = manifest.chunks.len();
+    if send_list(&chunks, &sender).await.is_err() {
+        tracing::info!("the agent stopped reading the backup");
+        return;
+    }
     let reads = futures::stream::iter(chunks)
         .map(|(position, chunk)| {
             let repository = repository.clone();
             async move {
-                let read = repository.store.get(&ObjectKey::chunk(&chunk.id)).await;
-                (position, chunk, read)
+                let data = read_chunk(&repository, position, total, &chunk).await;
+                (position, chunk, data)
             }
         })
         .buffered(READ_AHEAD);
     let mut reads = std::pin::pin!(reads);
     let mut sent_bytes = 0u64;
     let mut sent_chunks = 0u64;
-    while let Some((position, chunk, read)) = reads.next().await {
-        let sealed = match read {
-            Ok(sealed) => sealed,
-            Err(error) => {
-                let _ = sender
-                    .send(Err(unreadable(position, total, &chunk, &error)))
-                    .await;
+    while let Some((position, chunk, data)) = reads.next().await {
+        let data = match data {
+            Ok(data) => data,
+            Err(status) => {
+                let _ = sender.send(Err(status)).await;
                 return;
             }
         };
-        let message = proto::DownloadChunk {
-            id: chunk.id.as_bytes().to_vec(),
-            plaintext_bytes: chunk.plaintext_bytes,
-            sealed: sealed.to_vec(),
-            globals: position.is_none(),
+        let message = proto::DownloadMessage {
+            body: Some(download_message::Body::Chunk(data)),
         };
         if sender.send(Ok(message)).await.is_err() {
             tracing::info!("the agent stopped reading the backup");
@@ -120,16 +131,116 @@ pub async fn stream_chunks(
     }
 }
 
+/// The chunk list, in pages; `Err` when the agent went away.
+async fn send_list(
+    chunks: &[(Option<usize>, ManifestChunk)],
+    sender: &ChunkSender,
+) -> Result<(), ()> {
+    let pages = chunks.chunks(LIST_PAGE).count().max(1);
+    let mut listed = chunks.chunks(LIST_PAGE);
+    for page in 0..pages {
+        let entries = listed.next().unwrap_or_default();
+        let list = proto::ChunkList {
+            chunks: entries
+                .iter()
+                .map(|(position, chunk)| proto::ListedChunk {
+                    hash: chunk
+                        .hash
+                        .map(|hash| hash.as_bytes().to_vec())
+                        .unwrap_or_default(),
+                    plaintext_bytes: chunk.plaintext_bytes,
+                    globals: position.is_none(),
+                })
+                .collect(),
+            last: page + 1 == pages,
+        };
+        let message = proto::DownloadMessage {
+            body: Some(download_message::Body::List(list)),
+        };
+        sender.send(Ok(message)).await.map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+/// Reads one chunk and authenticates it: its packed bytes for the agent,
+/// or the status that ends the download.
+async fn read_chunk(
+    repository: &Repository,
+    position: Option<usize>,
+    total: usize,
+    chunk: &ManifestChunk,
+) -> Result<proto::ChunkData, Status> {
+    let sealed = repository
+        .store
+        .get(&ObjectKey::chunk(&chunk.id))
+        .await
+        .map_err(|error| unreadable(position, total, chunk, &error))?;
+    let keys = repository.keys().clone();
+    let id = chunk.id;
+    let listed = chunk.hash;
+    let opened = tokio::task::spawn_blocking(move || {
+        let unsealed = open_sealed(&keys, &id, &sealed)?;
+        let opened_hash = match listed {
+            // The name is the keyed hash of the listed hash: a manifest
+            // whose list and names disagree is refused here.
+            Some(hash) if ChunkId::for_content(&keys, &hash) == id && !unsealed.legacy => None,
+            Some(_) => return Err(ChunkError::HashMismatch { id }),
+            None => Some(unsealed.check(&keys, &id)?.1),
+        };
+        Ok((unsealed, opened_hash))
+    })
+    .await
+    .map_err(|e| incident_status(Code::Internal, &format!("chunk open: {e}")))?;
+    let (unsealed, opened_hash) = opened.map_err(|error| {
+        Status::data_loss(format!(
+            "{} {}",
+            which(position, total, chunk),
+            problem_of(&error)
+        ))
+    })?;
+    Ok(proto::ChunkData {
+        compression: unsealed.compression.to_proto(),
+        payload: unsealed.payload,
+        opened_hash: opened_hash
+            .map(|hash| hash.as_bytes().to_vec())
+            .unwrap_or_default(),
+    })
+}
+
+/// "chunk 17 of 40 (id)" or "the globals chunk (id)", as agents name them.
+fn which(position: Option<usize>, total: usize, chunk: &ManifestChunk) -> String {
+    match position {
+        Some(index) => format!("chunk {} of {total} ({})", index + 1, chunk.id),
+        None => format!("the globals chunk ({})", chunk.id),
+    }
+}
+
+/// What is wrong with a stored chunk, to follow its name.
+fn problem_of(error: &ChunkError) -> String {
+    match error {
+        ChunkError::Format { .. } => "has an unknown format".into(),
+        ChunkError::Seal {
+            source: SealError::Authentication,
+            ..
+        } => "failed authentication: it was altered, or sealed under another key or name".into(),
+        ChunkError::Seal {
+            source: SealError::Truncated,
+            ..
+        } => "failed authentication: it is too short to be a sealed chunk".into(),
+        ChunkError::Decompress { reason, .. } => format!("cannot be decompressed: {reason}"),
+        ChunkError::HashMismatch { .. } => {
+            "does not hash to its name: its content is not what was backed up".into()
+        }
+    }
+}
+
 fn unreadable(
     position: Option<usize>,
     total: usize,
     chunk: &ManifestChunk,
     error: &RepositoryError,
 ) -> Status {
-    let which = match position {
-        Some(index) => format!("chunk {} of {total} ({})", index + 1, chunk.id),
-        None => format!("the globals chunk ({})", chunk.id),
-    };
+    let which = which(position, total, chunk);
     match error {
         RepositoryError::NotFound(_) => {
             Status::data_loss(format!("{which} is missing from the repository"))

@@ -50,7 +50,7 @@ pub struct Gateway {
 
 type ControlStream = Pin<Box<dyn Stream<Item = Result<proto::CoordinatorMessage, Status>> + Send>>;
 type UploadStream = Pin<Box<dyn Stream<Item = Result<proto::BackupUploadReply, Status>> + Send>>;
-type DownloadStream = Pin<Box<dyn Stream<Item = Result<proto::DownloadChunk, Status>> + Send>>;
+type DownloadStream = Pin<Box<dyn Stream<Item = Result<proto::DownloadMessage, Status>> + Send>>;
 
 /// Replies queued to an uploading agent.
 const UPLOAD_REPLY_QUEUE_LEN: usize = 4;

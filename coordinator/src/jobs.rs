@@ -258,15 +258,12 @@ impl Jobs {
             self.end(&job, JobStatus::Failed, &message).await;
             return self.reload(&job.id).await;
         }
-        let keys = self.repository.keys();
         let command = command::Kind::Backup(proto::BackupCommand {
             instance: instance.to_string(),
             database: database.to_string(),
             job_id: job.id.clone(),
             backup_id: job.backup_id.clone(),
             zstd_level: self.config.zstd_level,
-            data_key: keys.data.expose_bytes().to_vec(),
-            chunk_id_key: keys.chunk_id.expose_bytes().to_vec(),
             include_role_passwords: self.config.include_role_passwords,
         });
         let engine = self.clone_handle();

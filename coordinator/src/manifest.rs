@@ -2,22 +2,32 @@
 //! dump, sealed under the repository data key with the backup id bound in,
 //! stored at `manifests/<backup id>`. Written after every chunk it names is
 //! durable, and before the catalog lists the backup.
+//!
+//! Format 2 lists each chunk's content hash beside its stored name (what a
+//! restore sends the agent to check against); format 1, written while
+//! agents held the keys, has names only, and still opens.
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use cairn_common::archive::TableRows;
-use cairn_common::chunk::ChunkId;
+use cairn_common::chunk::{ChunkId, ContentHash};
 use cairn_common::crypto::{Domain, RepositoryKeys, open, seal};
 use serde::{Deserialize, Serialize};
 
 use crate::repository::{ObjectKey, Repository, RepositoryError};
 
-const MANIFEST_FORMAT: &str = "cairn-manifest-v1";
+const MANIFEST_FORMAT: &str = "cairn-manifest-v2";
+/// Chunks named by the keyed hash of their plaintext, no content hashes.
+const MANIFEST_FORMAT_V1: &str = "cairn-manifest-v1";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestChunk {
+    /// The stored object's name.
     pub id: ChunkId,
+    /// BLAKE3 of the plaintext; `None` only in format-1 manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<ContentHash>,
     pub plaintext_bytes: u64,
     pub sealed_bytes: u64,
 }
@@ -113,12 +123,26 @@ impl Manifest {
             .map_err(|e| RepositoryError::Invalid(format!("manifest of {backup_id}: {e}")))?;
         let manifest: Manifest = serde_json::from_slice(&json)
             .map_err(|e| RepositoryError::Invalid(format!("manifest of {backup_id}: {e}")))?;
-        if manifest.format != MANIFEST_FORMAT || manifest.backup_id != backup_id {
+        if manifest.backup_id != backup_id {
             return Err(RepositoryError::Invalid(format!(
-                "manifest of {backup_id}: wrong format or backup id"
+                "manifest of {backup_id}: wrong backup id"
             )));
         }
-        Ok(manifest)
+        let hashed = manifest
+            .globals
+            .iter()
+            .chain(&manifest.chunks)
+            .all(|chunk| chunk.hash.is_some());
+        match manifest.format.as_str() {
+            MANIFEST_FORMAT if hashed => Ok(manifest),
+            MANIFEST_FORMAT => Err(RepositoryError::Invalid(format!(
+                "manifest of {backup_id}: a chunk without its content hash"
+            ))),
+            MANIFEST_FORMAT_V1 => Ok(manifest),
+            other => Err(RepositoryError::Invalid(format!(
+                "manifest of {backup_id}: unknown format {other:?}"
+            ))),
+        }
     }
 
     /// Writes the manifest durably (whole or not at all).

@@ -218,17 +218,15 @@ impl Jobs {
         self.run_restore(job, command).await
     }
 
-    /// The command for a restore job, with the repository keys and what
-    /// the manifest measured; the options are the caller's to add.
+    /// The command for a restore job, with what the manifest measured
+    /// (never a key: the chunks come opened over `DownloadBackup`); the
+    /// options are the caller's to add.
     fn restore_command(&self, job: &JobRecord, manifest: &Manifest) -> proto::RestoreCommand {
-        let keys = self.repository.keys();
         proto::RestoreCommand {
             instance: job.instance.clone(),
             database: job.target_database.clone(),
             job_id: job.id.clone(),
             backup_id: job.backup_id.clone(),
-            data_key: keys.data.expose_bytes().to_vec(),
-            chunk_id_key: keys.chunk_id.expose_bytes().to_vec(),
             source_database: job.database.clone(),
             dump_bytes: manifest.dump_bytes,
             database_bytes: manifest.database_bytes,

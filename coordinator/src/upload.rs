@@ -1,8 +1,16 @@
 //! The coordinator's side of `AgentGateway/UploadBackup`: receives a
-//! backup's chunks in dump order, checks each one (authenticated, decrypted,
-//! re-hashed: a buggy or hostile agent cannot plant a chunk under a name
-//! that is not its content's), stores the missing ones, then writes the
-//! manifest and only then marks the backup complete.
+//! backup's chunks in dump order, packed (compressed, not sealed: agents
+//! hold no key) and named by their content hash; checks each one
+//! (decompressed and re-hashed: a buggy or hostile agent cannot plant a
+//! chunk under a hash that is not its content's), seals and stores the
+//! missing ones under their keyed names, then writes the manifest and only
+//! then marks the backup complete.
+//!
+//! Offers: a chunk the repository holds is reported as known only when it
+//! is at least [`CHUNK_MIN_BYTES`] long. Smaller chunks (a dump's last, the
+//! globals) could hold guessable content, so their bytes are always asked
+//! for, checked, and stored only if missing: an agent learns nothing about
+//! what other hosts backed up from them.
 //!
 //! Checking and storing run off the receiving loop, up to
 //! [`STORE_IN_FLIGHT`] chunks at once, so one chunk's fsync overlaps the
@@ -18,14 +26,17 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use cairn_common::archive::TableRows;
-use cairn_common::chunk::{ChunkId, open_chunk};
+use cairn_common::chunk::{
+    CHUNK_MAX_BYTES, CHUNK_MIN_BYTES, ChunkId, Compression, ContentHash, PackedChunk, seal_packed,
+    sealed_len, unpack_chunk,
+};
 use cairn_common::error::internal_status;
 use cairn_common::proto::{self, backup_upload, backup_upload_reply};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tonic::{Status, Streaming};
 
-use crate::catalog::{BackupStats, Catalog, JobRecord};
+use crate::catalog::{BackupStats, Catalog, JobRecord, StoredChunk};
 use crate::clock::now_ms;
 use crate::manifest::{Manifest, ManifestChunk};
 use crate::repository::{ObjectKey, Repository};
@@ -81,15 +92,24 @@ pub struct Upload {
     pub job: JobRecord,
     pub tags: BTreeMap<String, String>,
     chunks: Vec<ManifestChunk>,
-    /// The last offer's chunks still to come: whether their bytes must be
-    /// sent, and their sealed size when the repository already holds them.
-    expected: VecDeque<(ChunkId, bool, Option<u64>)>,
-    /// Sealed sizes of the chunks this upload stored or is storing.
-    stored_here: HashMap<ChunkId, u64>,
+    /// The last offer's chunks still to come.
+    expected: VecDeque<Expected>,
+    /// The chunks this upload stored or is storing.
+    stored_here: HashMap<ChunkId, StoredChunk>,
     /// Chunks being checked and stored.
     in_flight: JoinSet<Result<(), Status>>,
     globals: Option<ManifestChunk>,
     stats: BackupStats,
+}
+
+/// An offered chunk, until its turn comes.
+struct Expected {
+    hash: ContentHash,
+    id: ChunkId,
+    /// The agent must send its bytes.
+    must_send: bool,
+    /// What the repository (or this upload) already holds under its name.
+    known: Option<StoredChunk>,
 }
 
 fn protocol(message: impl Into<String>) -> Status {
@@ -149,25 +169,30 @@ impl Upload {
                     let missing = self.offer(offer).await?;
                     reply(
                         &replies,
-                        backup_upload_reply::Body::Missing(proto::ChunkMissing { ids: missing }),
+                        backup_upload_reply::Body::Missing(proto::ChunkMissing { hashes: missing }),
                     )
                     .await?;
                 }
                 Some(backup_upload::Body::Chunk(chunk)) => self.chunk(chunk).await?,
                 Some(backup_upload::Body::Globals(globals)) => {
-                    let id = ChunkId::from_bytes(&globals.id)?;
-                    let stored = self.catalog.stored_chunks(&[id.to_hex()]).await?;
-                    let entry = match stored.get(&id.to_hex()) {
-                        Some(sealed_bytes) => ManifestChunk {
-                            id,
-                            plaintext_bytes: globals.plaintext_bytes,
-                            sealed_bytes: *sealed_bytes,
-                        },
-                        None => {
-                            self.store(id, globals.plaintext_bytes, globals.sealed)
-                                .await?
-                        }
+                    if self.globals.is_some() {
+                        return Err(protocol("a second globals chunk"));
+                    }
+                    // Always sent whole: small, and guessable.
+                    let hash = ContentHash::from_bytes(&globals.hash)?;
+                    let id = ChunkId::for_content(self.repository.keys(), &hash);
+                    let known = self.known(&[id]).await?.remove(&id);
+                    let packed = PackedChunk {
+                        hash,
+                        plaintext_len: usize::try_from(globals.plaintext_bytes)
+                            .unwrap_or(usize::MAX),
+                        compression: Compression::from_proto(
+                            globals.compression,
+                            "globals.compression",
+                        )?,
+                        payload: globals.payload,
                     };
+                    let entry = self.store(id, packed, known).await?;
                     self.stats.referenced_bytes += entry.sealed_bytes;
                     self.stats.chunk_count += 1;
                     self.globals = Some(entry);
@@ -193,65 +218,112 @@ impl Upload {
         ))
     }
 
+    /// What the repository holds of `ids`: the catalog's record, or this
+    /// upload's (stored earlier in it, perhaps not yet in the catalog).
+    async fn known(&self, ids: &[ChunkId]) -> Result<HashMap<ChunkId, StoredChunk>, Status> {
+        let hex: Vec<String> = ids.iter().map(ChunkId::to_hex).collect();
+        let stored = self.catalog.stored_chunks(&hex).await?;
+        Ok(ids
+            .iter()
+            .filter_map(|id| {
+                let known = stored
+                    .get(&id.to_hex())
+                    .or_else(|| self.stored_here.get(id))?;
+                Some((*id, *known))
+            })
+            .collect())
+    }
+
     async fn offer(&mut self, offer: proto::ChunkOffer) -> Result<Vec<Vec<u8>>, Status> {
         if !self.expected.is_empty() {
             return Err(protocol(
                 "offer before the previous offer's chunks were sent",
             ));
         }
-        if offer.ids.is_empty() || offer.ids.len() > OFFER_MAX_CHUNKS {
-            return Err(protocol(format!("offer.ids: 1 to {OFFER_MAX_CHUNKS} ids")));
+        if offer.hashes.is_empty() || offer.hashes.len() > OFFER_MAX_CHUNKS {
+            return Err(protocol(format!(
+                "offer.hashes: 1 to {OFFER_MAX_CHUNKS} hashes"
+            )));
         }
-        let ids = offer
-            .ids
+        let keys = self.repository.keys();
+        let offered = offer
+            .hashes
             .iter()
-            .map(|id| ChunkId::from_bytes(id))
-            .collect::<Result<Vec<_>, _>>()?;
-        let hex: Vec<String> = ids.iter().map(ChunkId::to_hex).collect();
-        let stored = self.catalog.stored_chunks(&hex).await?;
-        let mut missing = Vec::new();
-        for id in ids {
-            // Stored earlier in this upload counts as known, even before
-            // it reaches the catalog.
-            let known = stored
-                .get(&id.to_hex())
-                .copied()
+            .map(|hash| {
+                let hash = ContentHash::from_bytes(hash)?;
+                Ok((hash, ChunkId::for_content(keys, &hash)))
+            })
+            .collect::<Result<Vec<_>, cairn_common::Error>>()?;
+        let ids: Vec<ChunkId> = offered.iter().map(|(_, id)| *id).collect();
+        let mut known = self.known(&ids).await?;
+        let mut missing: Vec<Vec<u8>> = Vec::new();
+        for (hash, id) in offered {
+            let known = known
+                .remove(&id)
                 .or_else(|| self.stored_here.get(&id).copied());
-            let is_missing = known.is_none() && !missing.contains(&id.as_bytes().to_vec());
-            if is_missing {
-                missing.push(id.as_bytes().to_vec());
+            // Known and large enough to say so, or stored by this upload
+            // (the agent sent it itself). An id offered twice in one batch
+            // is sent once.
+            let confirmable = known.is_some_and(|k| {
+                k.plaintext_bytes >= CHUNK_MIN_BYTES as u64 || self.stored_here.contains_key(&id)
+            });
+            let already_asked = missing.iter().any(|m| m.as_slice() == hash.as_bytes());
+            let must_send = !confirmable && !already_asked;
+            if must_send {
+                missing.push(hash.as_bytes().to_vec());
             }
-            self.expected.push_back((id, is_missing, known));
+            self.expected.push_back(Expected {
+                hash,
+                id,
+                must_send,
+                known,
+            });
         }
         Ok(missing)
     }
 
     async fn chunk(&mut self, chunk: proto::UploadChunk) -> Result<(), Status> {
-        let id = ChunkId::from_bytes(&chunk.id)?;
-        let Some((expected, must_send, known_size)) = self.expected.pop_front() else {
+        let hash = ContentHash::from_bytes(&chunk.hash)?;
+        let Some(expected) = self.expected.pop_front() else {
             return Err(protocol("chunk without an offer"));
         };
-        if id != expected {
+        if hash != expected.hash {
             return Err(protocol("chunks must come in the order they were offered"));
         }
-        let entry = if chunk.sealed.is_empty() {
-            if must_send {
+        let id = expected.id;
+        let entry = if chunk.payload.is_empty() {
+            if expected.must_send {
+                return Err(protocol(format!("chunk {hash}: send its bytes")));
+            }
+            // Known from the offer, or stored earlier in this upload (a
+            // hash offered twice in one batch).
+            let known = expected
+                .known
+                .or_else(|| self.stored_here.get(&id).copied())
+                .ok_or_else(|| protocol(format!("chunk {hash}: send its bytes")))?;
+            if known.plaintext_bytes != chunk.plaintext_bytes {
                 return Err(protocol(format!(
-                    "chunk {id} is missing from the repository: send its bytes"
+                    "chunk {hash}: plaintext_bytes {} but the stored chunk of that hash holds {}",
+                    chunk.plaintext_bytes, known.plaintext_bytes
                 )));
             }
-            // Known from the offer, or stored earlier in this upload (an id
-            // offered twice in one batch).
-            let sealed_bytes = known_size
-                .or_else(|| self.stored_here.get(&id).copied())
-                .ok_or_else(|| protocol(format!("chunk {id}: send its bytes")))?;
             ManifestChunk {
                 id,
-                plaintext_bytes: chunk.plaintext_bytes,
-                sealed_bytes,
+                hash: Some(hash),
+                plaintext_bytes: known.plaintext_bytes,
+                sealed_bytes: known.sealed_bytes,
             }
         } else {
-            self.store(id, chunk.plaintext_bytes, chunk.sealed).await?
+            let packed = PackedChunk {
+                hash,
+                plaintext_len: usize::try_from(chunk.plaintext_bytes).unwrap_or(usize::MAX),
+                compression: Compression::from_proto(chunk.compression, "chunk.compression")?,
+                payload: chunk.payload,
+            };
+            let known = expected
+                .known
+                .or_else(|| self.stored_here.get(&id).copied());
+            self.store(id, packed, known).await?
         };
         self.stats.logical_bytes += entry.plaintext_bytes;
         self.stats.referenced_bytes += entry.sealed_bytes;
@@ -275,38 +347,59 @@ impl Upload {
         Ok(())
     }
 
-    /// Starts checking a sealed chunk against its name and storing it;
-    /// waits first while [`STORE_IN_FLIGHT`] chunks are on their way.
+    /// Starts checking a packed chunk against its hash, then sealing and
+    /// storing it unless `known` says the repository holds it; waits first
+    /// while [`STORE_IN_FLIGHT`] chunks are on their way.
     async fn store(
         &mut self,
         id: ChunkId,
-        plaintext_bytes: u64,
-        sealed: Vec<u8>,
+        packed: PackedChunk,
+        known: Option<StoredChunk>,
     ) -> Result<ManifestChunk, Status> {
         while self.in_flight.len() >= STORE_IN_FLIGHT {
             self.reap_one().await?;
         }
+        let hash = packed.hash;
+        let plaintext_bytes = packed.plaintext_len as u64;
+        if known.is_some_and(|k| k.plaintext_bytes != plaintext_bytes) {
+            return Err(protocol(format!(
+                "chunk {hash}: plaintext_bytes does not match the stored chunk of that hash"
+            )));
+        }
+        let stored = known.unwrap_or(StoredChunk {
+            sealed_bytes: sealed_len(packed.payload.len()),
+            plaintext_bytes,
+        });
         let repository = self.repository.clone();
         let catalog = self.catalog.clone();
-        let sealed = Bytes::from(sealed);
-        let sealed_bytes = sealed.len() as u64;
+        let store = known.is_none();
         self.in_flight.spawn(async move {
-            let checked = sealed.clone();
             let keys = repository.clone();
-            let plaintext_len = tokio::task::spawn_blocking(move || {
-                open_chunk(keys.keys(), &id, &checked).map(|plaintext| plaintext.len() as u64)
+            let sealed = tokio::task::spawn_blocking(move || {
+                unpack_chunk(
+                    &packed.hash,
+                    plaintext_bytes,
+                    packed.compression,
+                    packed.payload.clone(),
+                    CHUNK_MAX_BYTES,
+                )
+                .map_err(|e| protocol(format!("chunk {hash}: {e}")))?;
+                if !store {
+                    return Ok(None);
+                }
+                seal_packed(keys.keys(), &packed)
+                    .map(Some)
+                    .map_err(|e| internal_status(&format!("chunk seal: {e}")))
             })
             .await
-            .map_err(|e| internal_status(&format!("chunk check: {e}")))?
-            .map_err(|e| protocol(e.to_string()))?;
-            if plaintext_len != plaintext_bytes {
-                return Err(protocol(format!(
-                    "chunk {id}: plaintext_bytes does not match its content"
-                )));
-            }
+            .map_err(|e| internal_status(&format!("chunk check: {e}")))??;
+            let Some(sealed) = sealed else {
+                return Ok(());
+            };
+            let sealed_bytes = sealed.bytes.len() as u64;
             repository
                 .store
-                .put(&ObjectKey::chunk(&id), sealed)
+                .put(&ObjectKey::chunk(&id), Bytes::from(sealed.bytes))
                 .await
                 .map_err(storage)?;
             catalog
@@ -314,13 +407,16 @@ impl Upload {
                 .await?;
             Ok(())
         });
-        self.stats.new_stored_bytes += sealed_bytes;
-        self.stats.new_chunk_count += 1;
-        self.stored_here.insert(id, sealed_bytes);
+        if store {
+            self.stats.new_stored_bytes += stored.sealed_bytes;
+            self.stats.new_chunk_count += 1;
+            self.stored_here.insert(id, stored);
+        }
         Ok(ManifestChunk {
             id,
+            hash: Some(hash),
             plaintext_bytes,
-            sealed_bytes,
+            sealed_bytes: stored.sealed_bytes,
         })
     }
 

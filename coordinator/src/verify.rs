@@ -1,6 +1,7 @@
 //! `cairn backup verify`: checks a backup from the repository alone, trusting
 //! nothing in it. Every chunk the manifest names is read, authenticated,
-//! decrypted, decompressed and re-hashed against its id; its sizes must match
+//! decrypted, decompressed and re-hashed against its id (and, in a
+//! format-2 manifest, against the content hash listed); its sizes must match
 //! the manifest's; the dump the chunks form must be a whole custom-format
 //! archive whose recounted rows equal the manifest's counts. A bad chunk is
 //! reported by position and id, and the check goes on to the end, so one run
@@ -212,10 +213,13 @@ async fn check_chunk(
     }
     let keys = repository.keys().clone();
     let id = chunk.id;
-    let plaintext = tokio::task::spawn_blocking(move || open_chunk(&keys, &id, &sealed))
+    let (plaintext, hash) = tokio::task::spawn_blocking(move || open_chunk(&keys, &id, &sealed))
         .await
         .map_err(|e| format!("check: {e}"))?
         .map_err(|e| e.to_string())?;
+    if chunk.hash.is_some_and(|listed| listed != hash) {
+        return Err("its content hash is not the one the manifest lists".into());
+    }
     if plaintext.len() as u64 != chunk.plaintext_bytes {
         return Err(format!(
             "{} plaintext bytes, {} in the manifest",

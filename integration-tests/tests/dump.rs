@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use cairn_agent::dump::{DumpError, DumpOutcome, DumpProgress, DumpRequest, dump, dump_globals};
 use cairn_agent::postgres::ConnectionString;
-use cairn_common::chunk::{CHUNK_MAX_BYTES, CHUNK_MIN_BYTES, ChunkId, SealedChunk, open_chunk};
-use cairn_common::crypto::RepositoryKeys;
+use cairn_common::chunk::{
+    CHUNK_MAX_BYTES, CHUNK_MIN_BYTES, ContentHash, PackedChunk, unpack_chunk,
+};
 use cairn_integration_tests::{PgCluster, TestDir, run};
 use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
@@ -23,12 +24,11 @@ use tokio_util::sync::CancellationToken;
 /// No dump in these tests may take longer.
 const DUMP_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn request(connection: &str, database: &str, keys: &RepositoryKeys) -> DumpRequest {
+fn request(connection: &str, database: &str) -> DumpRequest {
     DumpRequest {
         connection: ConnectionString::parse(connection).expect("a valid connection string"),
         database: database.to_string(),
         zstd_level: 1,
-        keys: keys.clone(),
         pg_bindir: None,
     }
 }
@@ -38,7 +38,7 @@ async fn dump_all(
     request: &DumpRequest,
 ) -> (
     Result<DumpOutcome, DumpError>,
-    Vec<SealedChunk>,
+    Vec<PackedChunk>,
     DumpProgress,
 ) {
     let (chunks_tx, mut chunks_rx) = mpsc::channel(4);
@@ -61,8 +61,8 @@ async fn dump_all(
     (result, chunks, progress)
 }
 
-fn ids(chunks: &[SealedChunk]) -> Vec<ChunkId> {
-    chunks.iter().map(|chunk| chunk.id).collect()
+fn hashes(chunks: &[PackedChunk]) -> Vec<ContentHash> {
+    chunks.iter().map(|chunk| chunk.hash).collect()
 }
 
 /// Three tables, about 13 MiB of dump: a few thousand rows of
@@ -102,13 +102,19 @@ fn fill_big(pg: &PgCluster, database: &str) {
     );
 }
 
-/// Opens every chunk and concatenates the plaintext.
-fn reassemble(keys: &RepositoryKeys, chunks: &[SealedChunk]) -> Vec<u8> {
+/// Unpacks every chunk (checked against its hash) and concatenates the
+/// plaintext.
+fn reassemble(chunks: &[PackedChunk]) -> Vec<u8> {
     let mut archive = Vec::new();
     for chunk in chunks {
-        let plaintext = open_chunk(keys, &chunk.id, &chunk.bytes)
-            .unwrap_or_else(|e| panic!("chunk {} does not open: {e}", chunk.id));
-        assert_eq!(plaintext.len(), chunk.plaintext_len);
+        let plaintext = unpack_chunk(
+            &chunk.hash,
+            chunk.plaintext_len as u64,
+            chunk.compression,
+            chunk.payload.clone(),
+            CHUNK_MAX_BYTES,
+        )
+        .unwrap_or_else(|e| panic!("chunk {} does not unpack: {e}", chunk.hash));
         archive.extend_from_slice(&plaintext);
     }
     archive
@@ -162,9 +168,8 @@ async fn a_dump_reassembles_into_an_archive_that_pg_restore_reads() {
     let pg = PgCluster::start_in(&test_dir, "pg");
     pg.create_database("shop");
     fill_shop(&pg, "shop");
-    let keys = RepositoryKeys::generate().unwrap();
 
-    let (result, chunks, progress) = dump_all(&request(&pg.connstring(), "shop", &keys)).await;
+    let (result, chunks, progress) = dump_all(&request(&pg.connstring(), "shop")).await;
     let outcome = result.expect("the dump succeeds");
 
     assert!(chunks.len() >= 3, "{} chunks", chunks.len());
@@ -195,7 +200,7 @@ async fn a_dump_reassembles_into_an_archive_that_pg_restore_reads() {
             ("weird schema", "multi\nline", 3),
         ]
     );
-    let archive = reassemble(&keys, &chunks);
+    let archive = reassemble(&chunks);
     assert_eq!(archive.len() as u64, outcome.dump_bytes);
     assert!(
         outcome.dump_bytes > 3 * 1024 * 1024,
@@ -247,14 +252,13 @@ async fn dumps_of_a_database_share_their_chunks() {
     let pg = PgCluster::start_in(&test_dir, "pg");
     pg.create_database("shop");
     fill_shop(&pg, "shop");
-    let keys = RepositoryKeys::generate().unwrap();
-    let request = request(&pg.connstring(), "shop", &keys);
+    let request = request(&pg.connstring(), "shop");
 
     let (first, first_chunks, _) = dump_all(&request).await;
     let (second, second_chunks, _) = dump_all(&request).await;
     first.unwrap();
     second.unwrap();
-    let (first, second) = (ids(&first_chunks), ids(&second_chunks));
+    let (first, second) = (hashes(&first_chunks), hashes(&second_chunks));
     // The archive's header records when the dump was made (to the second),
     // so only the first chunk may differ between two dumps of the same
     // data; content-defined boundaries realign right after it.
@@ -270,7 +274,7 @@ async fn dumps_of_a_database_share_their_chunks() {
     );
     let (third, third_chunks, _) = dump_all(&request).await;
     third.unwrap();
-    let third: HashSet<ChunkId> = ids(&third_chunks).into_iter().collect();
+    let third: HashSet<ContentHash> = hashes(&third_chunks).into_iter().collect();
     let shared = first.iter().filter(|id| third.contains(id)).count();
     assert!(
         shared * 2 >= first.len(),
@@ -295,15 +299,14 @@ async fn a_database_with_an_awkward_name_dumps() {
         &psql_target,
         "CREATE TABLE plain (id int); INSERT INTO plain VALUES (1), (2);",
     );
-    let keys = RepositoryKeys::generate().unwrap();
 
     // Over TCP with the URL form, too, whose own database is replaced.
     for connection in [pg.connstring(), pg.url()] {
-        let (result, chunks, _) = dump_all(&request(&connection, name, &keys)).await;
+        let (result, chunks, _) = dump_all(&request(&connection, name)).await;
         let outcome = result.expect("the dump succeeds");
         assert_eq!(outcome.chunk_count, 1);
         let file = test_dir.path().join("awkward.dump");
-        std::fs::write(&file, reassemble(&keys, &chunks)).unwrap();
+        std::fs::write(&file, reassemble(&chunks)).unwrap();
         let list = pg_restore_list(&pg, &file);
         assert!(list.contains(&format!("dbname: {name}\n")), "{list}");
         assert!(list.contains("TABLE DATA public plain "), "{list}");
@@ -314,9 +317,8 @@ async fn a_database_with_an_awkward_name_dumps() {
 async fn an_unknown_database_fails_with_pg_dumps_own_message() {
     let test_dir = TestDir::new("an_unknown_database_fails_with_pg_dumps_own_message");
     let pg = PgCluster::start_in(&test_dir, "pg");
-    let keys = RepositoryKeys::generate().unwrap();
 
-    let (result, chunks, _) = dump_all(&request(&pg.connstring(), "no_such_db", &keys)).await;
+    let (result, chunks, _) = dump_all(&request(&pg.connstring(), "no_such_db")).await;
     let error = result.expect_err("the dump fails");
     let DumpError::PgDump {
         program,
@@ -346,10 +348,9 @@ async fn a_cancelled_dump_kills_pg_dump_and_a_slow_receiver_pauses_it() {
     let pg = PgCluster::start_in(&test_dir, "pg");
     pg.create_database("big");
     fill_big(&pg, "big");
-    let keys = RepositoryKeys::generate().unwrap();
     // Trust authentication ignores the password, but it is passed on.
     let connection = format!("{} password=sekrit", pg.connstring());
-    let request = request(&connection, "big", &keys);
+    let request = request(&connection, "big");
 
     let (chunks_tx, mut chunks_rx) = mpsc::channel(1);
     let (progress_tx, mut progress_rx) = watch::channel(DumpProgress::default());
@@ -420,8 +421,7 @@ async fn a_dropped_receiver_ends_the_dump() {
     let pg = PgCluster::start_in(&test_dir, "pg");
     pg.create_database("big");
     fill_big(&pg, "big");
-    let keys = RepositoryKeys::generate().unwrap();
-    let request = request(&pg.connstring(), "big", &keys);
+    let request = request(&pg.connstring(), "big");
 
     let (chunks_tx, mut chunks_rx) = mpsc::channel(1);
     let (progress_tx, _progress_rx) = watch::channel(DumpProgress::default());

@@ -1,17 +1,18 @@
-//! The backup's chunks as they come over `DownloadBackup`, each opened and
-//! checked before anything reads it: [`open_chunk`] authenticates the seal
-//! (with the chunk's id bound in), decompresses, and re-hashes the
-//! plaintext against the id; then its length must be the one the manifest
-//! recorded. A few chunks are opened at once on the blocking pool, and
-//! handed over in stream order.
+//! The backup's chunks as they come over `DownloadBackup`: first the
+//! chunk list (each chunk's content hash and plaintext size, globals
+//! first), then each chunk's packed bytes in that order. Every chunk is
+//! checked before anything reads it: [`unpack_chunk`] decompresses it into
+//! no more than the listed size and re-hashes it against the listed hash.
+//! The agent holds no key; the coordinator authenticated each stored chunk
+//! before sending it. A few chunks are unpacked at once on the blocking
+//! pool, and handed over in stream order.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Arc;
 
 use cairn_common::archive::ArchiveScanner;
-use cairn_common::chunk::{ChunkError, ChunkId, open_chunk};
-use cairn_common::crypto::{RepositoryKeys, SealError};
-use cairn_common::proto;
+use cairn_common::chunk::{CHUNK_MAX_BYTES, Compression, ContentHash, UnpackError, unpack_chunk};
+use cairn_common::proto::{self, download_message};
 use futures::{Stream, StreamExt};
 
 use super::RestoreError;
@@ -20,9 +21,13 @@ use super::RestoreError;
 pub(super) type Chunks<'a> =
     Pin<Box<dyn Stream<Item = Result<OpenedChunk, RestoreError>> + Send + 'a>>;
 
-/// Chunks opened at once, ahead of `pg_restore` (each at most 8 MiB of
+/// Chunks unpacked at once, ahead of `pg_restore` (each at most 8 MiB of
 /// plaintext, so memory stays at a few tens of MiB).
 pub(super) const OPEN_AHEAD: usize = 4;
+
+/// Most chunks a list may name: a dump of [`CHUNK_MAX_BYTES`]-sized chunks
+/// ten times the size of the largest PostgreSQL database is far below.
+const LIST_MAX_CHUNKS: usize = 50_000_000;
 
 /// Where a chunk is in the backup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,8 +45,8 @@ pub(super) struct OpenedChunk {
     pub plaintext: Vec<u8>,
 }
 
-/// "chunk 17 of 40 (id)" or "the globals chunk (id)", as the coordinator
-/// names them too.
+/// "chunk 17 of 40 (hash)" or "the globals chunk (hash)", as the
+/// coordinator names them too (by their stored names).
 pub(super) fn describe_chunk(position: Position, total: u64, id: &str) -> String {
     match position {
         Position::Globals => format!("the globals chunk ({id})"),
@@ -50,75 +55,209 @@ pub(super) fn describe_chunk(position: Position, total: u64, id: &str) -> String
     }
 }
 
-/// The chunks of `messages`, opened, in order. The first error ends what
-/// the caller should read.
-pub(super) fn opened_chunks(
-    messages: impl Stream<Item = Result<proto::DownloadChunk, tonic::Status>>,
-    keys: Arc<RepositoryKeys>,
-    total: u64,
-) -> impl Stream<Item = Result<OpenedChunk, RestoreError>> {
-    let mut next_index = 0u64;
-    messages
-        .map(move |message| {
-            let message = message.map_err(|status| RestoreError::coordinator(&status))?;
-            let position = if message.globals {
-                if next_index > 0 {
+/// One chunk as listed, with its bytes once they came.
+struct Listed {
+    position: Position,
+    /// `None` for a chunk of a format-1 backup: its bytes carry the hash.
+    hash: Option<ContentHash>,
+    plaintext_bytes: u64,
+}
+
+type Messages = Pin<Box<dyn Stream<Item = Result<proto::DownloadMessage, tonic::Status>> + Send>>;
+
+/// Reads the list, then pairs each chunk's bytes with its entry.
+struct Listing {
+    messages: Messages,
+    list: VecDeque<Listed>,
+    list_done: bool,
+    listed: u64,
+    next_index: u64,
+    finished: bool,
+}
+
+impl Listing {
+    fn add_page(&mut self, page: proto::ChunkList) -> Result<(), RestoreError> {
+        if self.list_done {
+            return Err(RestoreError::Download(
+                "the chunk list came again after its last page".into(),
+            ));
+        }
+        for entry in page.chunks {
+            if self.list.len() >= LIST_MAX_CHUNKS {
+                return Err(RestoreError::Download(format!(
+                    "the chunk list names more than {LIST_MAX_CHUNKS} chunks"
+                )));
+            }
+            let position = if entry.globals {
+                if self.listed > 0 {
                     return Err(RestoreError::Download(
                         "the globals chunk came after the dump's chunks".into(),
                     ));
                 }
                 Position::Globals
             } else {
-                next_index += 1;
-                Position::Dump(next_index - 1)
+                self.next_index += 1;
+                Position::Dump(self.next_index - 1)
             };
-            Ok((position, message))
-        })
-        .map(move |item| {
-            let keys = keys.clone();
-            async move {
-                let (position, message) = item?;
-                open_one(keys, position, message, total).await
+            let hash = if entry.hash.is_empty() {
+                None
+            } else {
+                Some(ContentHash::from_bytes(&entry.hash).map_err(|_| {
+                    RestoreError::Download(format!(
+                        "the chunk list has a malformed hash ({} bytes, not 32)",
+                        entry.hash.len()
+                    ))
+                })?)
+            };
+            self.listed += 1;
+            self.list.push_back(Listed {
+                position,
+                hash,
+                plaintext_bytes: entry.plaintext_bytes,
+            });
+        }
+        self.list_done = page.last;
+        Ok(())
+    }
+
+    /// The next chunk with its entry; `None` at the end.
+    async fn next_chunk(&mut self) -> Option<Result<(Listed, proto::ChunkData), RestoreError>> {
+        if self.finished {
+            return None;
+        }
+        let result = loop {
+            let message = match self.messages.next().await {
+                None if self.list_done && self.list.is_empty() => {
+                    self.finished = true;
+                    return None;
+                }
+                None if !self.list_done => {
+                    break Err(RestoreError::Download(
+                        "the coordinator ended the download before the end of the chunk list"
+                            .into(),
+                    ));
+                }
+                None => {
+                    break Err(RestoreError::Download(format!(
+                        "the coordinator ended the download with {} of {} listed chunks unsent",
+                        self.list.len(),
+                        self.listed
+                    )));
+                }
+                Some(Err(status)) => break Err(RestoreError::coordinator(&status)),
+                Some(Ok(message)) => message,
+            };
+            match message.body {
+                Some(download_message::Body::List(page)) => {
+                    if let Err(error) = self.add_page(page) {
+                        break Err(error);
+                    }
+                }
+                Some(download_message::Body::Chunk(data)) => {
+                    if !self.list_done {
+                        break Err(RestoreError::Download(
+                            "a chunk came before the end of the chunk list".into(),
+                        ));
+                    }
+                    match self.list.pop_front() {
+                        Some(listed) => break Ok((listed, data)),
+                        None => {
+                            break Err(RestoreError::Download(
+                                "more chunks came than the list names".into(),
+                            ));
+                        }
+                    }
+                }
+                None => break Err(RestoreError::Download("an empty download message".into())),
             }
-        })
-        .buffered(OPEN_AHEAD)
+        };
+        if result.is_err() {
+            self.finished = true;
+        }
+        Some(result)
+    }
+}
+
+/// The chunks of `messages`, checked, in order. The first error ends what
+/// the caller should read.
+pub(super) fn opened_chunks(
+    messages: impl Stream<Item = Result<proto::DownloadMessage, tonic::Status>> + Send + 'static,
+    total: u64,
+) -> impl Stream<Item = Result<OpenedChunk, RestoreError>> {
+    let listing = Listing {
+        messages: Box::pin(messages),
+        list: VecDeque::new(),
+        list_done: false,
+        listed: 0,
+        next_index: 0,
+        finished: false,
+    };
+    futures::stream::unfold(listing, |mut listing| async move {
+        let item = listing.next_chunk().await?;
+        Some((item, listing))
+    })
+    .map(move |item| async move {
+        let (listed, data) = item?;
+        open_one(listed, data, total).await
+    })
+    .buffered(OPEN_AHEAD)
 }
 
 async fn open_one(
-    keys: Arc<RepositoryKeys>,
-    position: Position,
-    message: proto::DownloadChunk,
+    listed: Listed,
+    data: proto::ChunkData,
     total: u64,
 ) -> Result<OpenedChunk, RestoreError> {
-    let id = ChunkId::from_bytes(&message.id).map_err(|_| RestoreError::Chunk {
-        which: describe_chunk(position, total, &hex_of(&message.id)),
-        problem: format!("has a malformed id ({} bytes, not 32)", message.id.len()),
-    })?;
-    let which = || describe_chunk(position, total, &id.to_hex());
-    let sealed = message.sealed;
-    let opening = tokio::task::spawn_blocking(move || open_chunk(&keys, &id, &sealed));
-    let plaintext = match opening.await {
+    let position = listed.position;
+    let hash = match (listed.hash, data.opened_hash.is_empty()) {
+        (Some(hash), true) => hash,
+        (None, false) => {
+            ContentHash::from_bytes(&data.opened_hash).map_err(|_| RestoreError::Chunk {
+                which: describe_chunk(position, total, "?"),
+                problem: format!(
+                    "comes with a malformed hash ({} bytes, not 32)",
+                    data.opened_hash.len()
+                ),
+            })?
+        }
+        (Some(_), false) | (None, true) => {
+            return Err(RestoreError::Chunk {
+                which: describe_chunk(position, total, "?"),
+                problem: "must have exactly one hash, in the list or with its bytes".into(),
+            });
+        }
+    };
+    let which = || describe_chunk(position, total, &hash.to_hex());
+    let compression =
+        Compression::from_proto(data.compression, "chunk.compression").map_err(|e| {
+            RestoreError::Chunk {
+                which: which(),
+                problem: e.to_string(),
+            }
+        })?;
+    let plaintext_bytes = listed.plaintext_bytes;
+    let payload = data.payload;
+    let unpacking = tokio::task::spawn_blocking(move || {
+        unpack_chunk(
+            &hash,
+            plaintext_bytes,
+            compression,
+            payload,
+            CHUNK_MAX_BYTES,
+        )
+    });
+    let plaintext = match unpacking.await {
         Ok(Ok(plaintext)) => plaintext,
         Ok(Err(error)) => {
             return Err(RestoreError::Chunk {
                 which: which(),
-                problem: problem_of(&error),
+                problem: problem_of(&error, plaintext_bytes),
             });
         }
         Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
         // The runtime is shutting down.
         Err(_) => return Err(RestoreError::Cancelled),
     };
-    if plaintext.len() as u64 != message.plaintext_bytes {
-        return Err(RestoreError::Chunk {
-            which: which(),
-            problem: format!(
-                "holds {} bytes, but the manifest records {}",
-                plaintext.len(),
-                message.plaintext_bytes
-            ),
-        });
-    }
     Ok(OpenedChunk {
         position,
         plaintext,
@@ -126,26 +265,16 @@ async fn open_one(
 }
 
 /// What is wrong with a chunk, to follow its name.
-fn problem_of(error: &ChunkError) -> String {
+fn problem_of(error: &UnpackError, listed_bytes: u64) -> String {
     match error {
-        ChunkError::Format { .. } => "has an unknown format".into(),
-        ChunkError::Seal {
-            source: SealError::Authentication,
-            ..
-        } => "failed authentication: it was altered, or sealed under another key or name".into(),
-        ChunkError::Seal {
-            source: SealError::Truncated,
-            ..
-        } => "failed authentication: it is too short to be a sealed chunk".into(),
-        ChunkError::Decompress { reason, .. } => format!("cannot be decompressed: {reason}"),
-        ChunkError::HashMismatch { .. } => {
-            "does not hash to its name: its content is not what was backed up".into()
+        UnpackError::Decompress(reason) => format!("cannot be decompressed: {reason}"),
+        UnpackError::Length { actual, .. } => {
+            format!("holds {actual} bytes, but the manifest records {listed_bytes}")
+        }
+        UnpackError::HashMismatch => {
+            "does not hash to its listed hash: its content is not what was backed up".into()
         }
     }
-}
-
-fn hex_of(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The download up to the end of the archive's table of contents.
@@ -202,38 +331,78 @@ pub(super) async fn read_beginning(chunks: &mut Chunks<'_>) -> Result<Beginning,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cairn_common::chunk::seal_chunk;
+    use cairn_common::chunk::pack_chunk;
 
-    fn message(keys: &RepositoryKeys, data: &[u8], globals: bool) -> proto::DownloadChunk {
-        let sealed = seal_chunk(keys, data, 1).unwrap();
-        proto::DownloadChunk {
-            id: sealed.id.as_bytes().to_vec(),
+    fn listed(data: &[u8], globals: bool) -> proto::ListedChunk {
+        proto::ListedChunk {
+            hash: ContentHash::of(data).as_bytes().to_vec(),
             plaintext_bytes: data.len() as u64,
-            sealed: sealed.bytes,
             globals,
         }
     }
 
+    fn list(
+        entries: Vec<proto::ListedChunk>,
+        last: bool,
+    ) -> Result<proto::DownloadMessage, tonic::Status> {
+        Ok(proto::DownloadMessage {
+            body: Some(download_message::Body::List(proto::ChunkList {
+                chunks: entries,
+                last,
+            })),
+        })
+    }
+
+    fn data(bytes: &[u8]) -> proto::ChunkData {
+        let packed = pack_chunk(bytes, 1).unwrap();
+        proto::ChunkData {
+            compression: packed.compression.to_proto(),
+            payload: packed.payload,
+            opened_hash: Vec::new(),
+        }
+    }
+
+    fn chunk(data: proto::ChunkData) -> Result<proto::DownloadMessage, tonic::Status> {
+        Ok(proto::DownloadMessage {
+            body: Some(download_message::Body::Chunk(data)),
+        })
+    }
+
     async fn collect(
-        messages: Vec<Result<proto::DownloadChunk, tonic::Status>>,
-        keys: &RepositoryKeys,
+        messages: Vec<Result<proto::DownloadMessage, tonic::Status>>,
     ) -> Vec<Result<OpenedChunk, RestoreError>> {
-        opened_chunks(futures::stream::iter(messages), Arc::new(keys.clone()), 3)
+        opened_chunks(futures::stream::iter(messages), 3)
             .collect()
             .await
     }
 
+    fn error_of(opened: &[Result<OpenedChunk, RestoreError>]) -> String {
+        opened
+            .iter()
+            .find_map(|item| item.as_ref().err())
+            .map(ToString::to_string)
+            .unwrap_or_else(|| "no error".into())
+    }
+
     #[tokio::test]
-    async fn chunks_open_in_order() {
-        let keys = RepositoryKeys::generate().unwrap();
+    async fn chunks_open_in_order_after_a_list_in_pages() {
+        let big = b"one ".repeat(100_000);
         let messages = vec![
-            Ok(message(&keys, b"CREATE ROLE a;", true)),
-            Ok(message(&keys, &b"one ".repeat(100_000), false)),
-            Ok(message(&keys, b"two", false)),
-            Ok(message(&keys, b"three", false)),
+            list(
+                vec![listed(b"CREATE ROLE a;", true), listed(&big, false)],
+                false,
+            ),
+            list(vec![listed(b"two", false), listed(b"three", false)], true),
+            chunk(data(b"CREATE ROLE a;")),
+            chunk(data(&big)),
+            chunk(data(b"two")),
+            chunk(data(b"three")),
         ];
-        let opened = collect(messages, &keys).await;
-        let opened: Vec<OpenedChunk> = opened.into_iter().map(Result::unwrap).collect();
+        let opened: Vec<OpenedChunk> = collect(messages)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
         assert_eq!(
             opened.iter().map(|c| c.position).collect::<Vec<_>>(),
             [
@@ -244,81 +413,140 @@ mod tests {
             ]
         );
         assert_eq!(opened[0].plaintext, b"CREATE ROLE a;");
+        assert_eq!(opened[1].plaintext, big);
         assert_eq!(opened[3].plaintext, b"three");
     }
 
     #[tokio::test]
+    async fn a_chunk_of_a_format_one_backup_carries_its_hash() {
+        let mut entry = listed(b"old", false);
+        entry.hash.clear();
+        let mut old = data(b"old");
+        old.opened_hash = ContentHash::of(b"old").as_bytes().to_vec();
+        let opened = collect(vec![list(vec![entry.clone()], true), chunk(old)]).await;
+        assert_eq!(opened[0].as_ref().unwrap().plaintext, b"old");
+
+        // Without a hash anywhere, nothing is trusted.
+        let opened = collect(vec![list(vec![entry], true), chunk(data(b"old"))]).await;
+        assert!(
+            error_of(&opened).contains("exactly one hash"),
+            "{}",
+            error_of(&opened)
+        );
+    }
+
+    #[tokio::test]
     async fn a_bad_chunk_is_named_with_its_position_and_why() {
-        let keys = RepositoryKeys::generate().unwrap();
-        let good = message(&keys, b"fine", false);
-        let mut altered = message(&keys, b"altered", false);
-        let last = altered.sealed.len() - 1;
-        altered.sealed[last] ^= 1;
-        let id = hex_of(&altered.id);
-        let opened = collect(vec![Ok(good.clone()), Ok(altered)], &keys).await;
+        let hash = ContentHash::of(b"fine").to_hex();
+        // Other bytes than the list says.
+        let opened = collect(vec![
+            list(vec![listed(b"zero", false), listed(b"fine", false)], true),
+            chunk(data(b"zero")),
+            chunk(data(b"fake")),
+        ])
+        .await;
         assert!(opened[0].is_ok());
-        let error = opened[1].as_ref().unwrap_err().to_string();
         assert_eq!(
-            error,
+            error_of(&opened),
             format!(
-                "chunk 2 of 3 ({id}) failed authentication: it was altered, or sealed under \
-                 another key or name"
+                "chunk 2 of 3 ({hash}) does not hash to its listed hash: its content is not \
+                 what was backed up"
             )
         );
 
-        // Another chunk's bytes under this one's name.
-        let mut swapped = message(&keys, b"one", false);
-        swapped.sealed = message(&keys, b"two", false).sealed;
-        let opened = collect(vec![Ok(swapped)], &keys).await;
+        let mut altered = data(&b"fine".repeat(1000));
+        let last = altered.payload.len() - 1;
+        altered.payload[last] ^= 1;
+        let opened = collect(vec![
+            list(vec![listed(&b"fine".repeat(1000), false)], true),
+            chunk(altered),
+        ])
+        .await;
         assert!(
-            opened[0]
-                .as_ref()
-                .unwrap_err()
-                .to_string()
-                .contains("failed authentication"),
-            "{:?}",
-            opened[0]
+            error_of(&opened).starts_with("chunk 1 of 3 ("),
+            "{}",
+            error_of(&opened)
         );
 
-        let mut short = good.clone();
+        let mut short = listed(b"fine", false);
         short.plaintext_bytes = 5;
-        let opened = collect(vec![Ok(short)], &keys).await;
-        let error = opened[0].as_ref().unwrap_err().to_string();
+        let opened = collect(vec![list(vec![short], true), chunk(data(b"fine"))]).await;
         assert!(
-            error.ends_with("holds 4 bytes, but the manifest records 5"),
-            "{error}"
+            error_of(&opened).ends_with("holds 4 bytes, but the manifest records 5"),
+            "{}",
+            error_of(&opened)
         );
 
-        let mut bad_id = good.clone();
-        bad_id.id.truncate(3);
-        let opened = collect(vec![Ok(bad_id)], &keys).await;
-        let error = opened[0].as_ref().unwrap_err().to_string();
-        assert!(error.contains("malformed id (3 bytes, not 32)"), "{error}");
+        let mut bad_hash = listed(b"fine", false);
+        bad_hash.hash.truncate(3);
+        let opened = collect(vec![list(vec![bad_hash], true)]).await;
+        assert!(
+            error_of(&opened).contains("malformed hash (3 bytes, not 32)"),
+            "{}",
+            error_of(&opened)
+        );
 
-        let stranger = RepositoryKeys::generate().unwrap();
-        let opened = collect(vec![Ok(good.clone())], &stranger).await;
-        assert!(opened[0].is_err());
-
-        let opened = collect(
-            vec![Ok(good.clone()), Ok(message(&keys, b"g", true))],
-            &keys,
-        )
+        let opened = collect(vec![list(
+            vec![listed(b"fine", false), listed(b"g", true)],
+            true,
+        )])
         .await;
-        let error = opened[1].as_ref().unwrap_err().to_string();
-        assert!(error.contains("globals chunk came after"), "{error}");
+        assert!(
+            error_of(&opened).contains("globals chunk came after"),
+            "{}",
+            error_of(&opened)
+        );
 
-        let opened = collect(
-            vec![
-                Ok(good),
-                Err(tonic::Status::data_loss("chunk 2 of 3 (ab) is missing")),
-            ],
-            &keys,
-        )
+        let opened = collect(vec![
+            list(vec![listed(b"fine", false), listed(b"more", false)], true),
+            chunk(data(b"fine")),
+            Err(tonic::Status::data_loss("chunk 2 of 3 (ab) is missing")),
+        ])
         .await;
-        let error = opened[1].as_ref().unwrap_err().to_string();
+        assert!(opened[0].is_ok());
         assert_eq!(
-            error,
+            error_of(&opened),
             "the coordinator stopped the download: chunk 2 of 3 (ab) is missing"
         );
+    }
+
+    #[tokio::test]
+    async fn the_stream_must_follow_its_list() {
+        let cases: Vec<(Vec<Result<proto::DownloadMessage, tonic::Status>>, &str)> = vec![
+            (
+                vec![list(vec![listed(b"a", false)], false), chunk(data(b"a"))],
+                "before the end of the chunk list",
+            ),
+            (
+                vec![
+                    list(vec![listed(b"a", false)], true),
+                    chunk(data(b"a")),
+                    chunk(data(b"b")),
+                ],
+                "more chunks came than the list names",
+            ),
+            (
+                vec![
+                    list(vec![listed(b"a", false), listed(b"b", false)], true),
+                    chunk(data(b"a")),
+                ],
+                "with 1 of 2 listed chunks unsent",
+            ),
+            (vec![], "before the end of the chunk list"),
+            (
+                vec![list(vec![], true), list(vec![], true)],
+                "came again after its last page",
+            ),
+        ];
+        for (messages, expected) in cases {
+            let opened = collect(messages).await;
+            assert!(
+                error_of(&opened).contains(expected),
+                "{expected}: {}",
+                error_of(&opened)
+            );
+        }
+        // An empty backup (no chunks at all) ends cleanly.
+        assert!(collect(vec![list(vec![], true)]).await.is_empty());
     }
 }

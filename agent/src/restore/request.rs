@@ -3,15 +3,12 @@
 //! restore, and the names of the job's own databases and files.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use cairn_common::crypto::RepositoryKeys;
 use cairn_common::names::{parse_qualified_table, parse_schema_name};
 use cairn_common::proto;
 
 use super::IDENTIFIER_MAX_BYTES;
 use crate::config::AgentConfig;
-use crate::jobs::repository_keys;
 use crate::postgres::ConnectionString;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +29,6 @@ pub(super) struct Request {
     pub(super) target: String,
     /// The staging (full restore) or scratch (drill) database.
     pub(super) staging: String,
-    pub(super) keys: Arc<RepositoryKeys>,
     pub(super) dump_bytes: u64,
     pub(super) database_bytes: u64,
     pub(super) chunk_count: u64,
@@ -53,7 +49,6 @@ impl Request {
         config: &AgentConfig,
         command: proto::RestoreCommand,
     ) -> Result<Request, String> {
-        let keys = repository_keys(&command.data_key, &command.chunk_id_key)?;
         let instance = config
             .instances
             .iter()
@@ -95,7 +90,6 @@ impl Request {
             connection: instance.postgres.clone(),
             target: command.database,
             staging,
-            keys: Arc::new(keys),
             dump_bytes: command.dump_bytes,
             database_bytes: command.database_bytes,
             chunk_count: command.chunk_count,
@@ -172,13 +166,10 @@ mod tests {
     }
 
     fn command() -> proto::RestoreCommand {
-        let keys = RepositoryKeys::generate().unwrap();
         proto::RestoreCommand {
             instance: "main".into(),
             database: "shop".into(),
             job_id: "job-1".into(),
-            data_key: keys.data.expose_bytes().to_vec(),
-            chunk_id_key: keys.chunk_id.expose_bytes().to_vec(),
             ..Default::default()
         }
     }
@@ -262,13 +253,6 @@ mod tests {
                 ..command()
             },
             "is not SCHEMA.TABLE",
-        );
-        check(
-            proto::RestoreCommand {
-                data_key: vec![1, 2, 3],
-                ..command()
-            },
-            "data key",
         );
     }
 }

@@ -116,6 +116,13 @@ impl PageKey {
 }
 
 /// What a finished upload measured.
+/// What the dedup index knows of a stored chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredChunk {
+    pub sealed_bytes: u64,
+    pub plaintext_bytes: u64,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct BackupStats {
     pub server_version: String,
@@ -397,22 +404,29 @@ impl Catalog {
         .await?)
     }
 
-    /// Which of `ids` (hex) the repository holds, with their sealed sizes.
-    pub async fn stored_chunks(&self, ids: &[String]) -> Result<HashMap<String, u64>> {
+    /// Which of `ids` (hex) the repository holds, with their sizes.
+    pub async fn stored_chunks(&self, ids: &[String]) -> Result<HashMap<String, StoredChunk>> {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
-        let mut query =
-            sqlx::QueryBuilder::new("SELECT id, sealed_bytes FROM chunks WHERE id IN (");
+        let mut query = sqlx::QueryBuilder::new(
+            "SELECT id, sealed_bytes, plaintext_bytes FROM chunks WHERE id IN (",
+        );
         let mut list = query.separated(", ");
         for id in ids {
             list.push_bind(id);
         }
         list.push_unseparated(")");
-        let rows: Vec<(String, i64)> = query.build_query_as().fetch_all(&self.pool).await?;
+        let rows: Vec<(String, i64, i64)> = query.build_query_as().fetch_all(&self.pool).await?;
         Ok(rows
             .into_iter()
-            .map(|(id, size)| (id, u64::try_from(size).unwrap_or(0)))
+            .map(|(id, sealed, plaintext)| {
+                let chunk = StoredChunk {
+                    sealed_bytes: u64::try_from(sealed).unwrap_or(0),
+                    plaintext_bytes: u64::try_from(plaintext).unwrap_or(0),
+                };
+                (id, chunk)
+            })
             .collect())
     }
 
@@ -626,13 +640,23 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stored.len(), 2, "{stored:?}");
-        assert_eq!(stored.get("bb"), Some(&30));
+        assert_eq!(
+            stored.get("bb"),
+            Some(&StoredChunk {
+                sealed_bytes: 30,
+                plaintext_bytes: 40
+            })
+        );
         let stored = catalog
             .stored_chunks(&["aa".into(), "bb".into()])
             .await
             .unwrap();
+        let sealed: HashMap<String, u64> = stored
+            .into_iter()
+            .map(|(id, chunk)| (id, chunk.sealed_bytes))
+            .collect();
         assert_eq!(
-            stored,
+            sealed,
             HashMap::from([("aa".to_string(), 10), ("bb".to_string(), 30)])
         );
         assert!(catalog.stored_chunks(&[]).await.unwrap().is_empty());

@@ -33,7 +33,7 @@ use tokio::sync::Mutex;
 use crate::audit::{AuditEvent, AuditRow, GENESIS_HASH, HashInput, row_hash};
 use crate::error::{CoordinatorError, Result};
 
-pub use backups::{BackupRecord, BackupStats, JobRecord, JobStatus, PageKey};
+pub use backups::{BackupRecord, BackupStats, JobRecord, JobStatus, PageKey, StoredChunk};
 pub use restores::VerificationRecord;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
