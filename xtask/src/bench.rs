@@ -43,7 +43,8 @@
 //!
 //! Per case it prints wall time, MB/s (of `pg_database_size` for backups, of
 //! FILE for restores), CPU seconds of the client processes (from
-//! `/proc/PID/stat`) and of the PostgreSQL server (the postmaster and its
+//! `/proc/PID/stat`; the coordinator's also per GB of dump) and of the
+//! PostgreSQL server (the postmaster and its
 //! children), peak RSS of agent and coordinator (`VmHWM`, reset through
 //! `clear_refs` before each backup or restore), stored or uploaded bytes,
 //! the ratios, and the targets with PASS/MISS.
@@ -1090,7 +1091,7 @@ impl Fleet {
             coordinator_rss: run.coordinator_rss,
             bytes: backup["new_stored_bytes"].as_u64(),
             logical_bytes: backup["logical_bytes"].as_u64(),
-            detail: run.detail("pg_dump"),
+            detail: run.detail("pg_dump", backup["logical_bytes"].as_u64()),
             job_seconds: job_seconds(&jobs[0]),
         };
         Ok((sample, backup))
@@ -1175,12 +1176,22 @@ impl CliRun {
         self.agent + self.agent_children + self.coordinator + self.cli
     }
 
-    /// How the client CPU divides; `child` names what the agent ran.
-    fn detail(&self, child: &str) -> String {
+    /// How the client CPU divides; `child` names what the agent ran. With
+    /// the dump's size, the coordinator's CPU seconds per GB of it (what
+    /// checking, sealing and storing, or authenticating and sending,
+    /// costs the one process every agent shares).
+    fn detail(&self, child: &str, dump_bytes: Option<u64>) -> String {
         let mut detail = format!(
             "agent {:.1} + {child} {:.1} + coordinator {:.1} + cli {:.1}",
             self.agent, self.agent_children, self.coordinator, self.cli
         );
+        if let Some(bytes) = dump_bytes.filter(|&bytes| bytes > 0) {
+            let _ = write!(
+                detail,
+                "; coordinator {:.2} CPU s per GB of dump",
+                self.coordinator / (bytes as f64 / 1e9)
+            );
+        }
         if self.in_process >= 0.05 {
             let _ = write!(
                 detail,

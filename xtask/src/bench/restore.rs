@@ -382,7 +382,7 @@ impl Fleet {
             job["status"] == "succeeded" && report["database"] == database,
             "cairn restore did not restore database {database}: {job}"
         );
-        let mut detail = run.detail("pg_restore");
+        let mut detail = run.detail("pg_restore", report["bytes_restored"].as_u64());
         if let Some(millis) = report["restore_millis"].as_u64() {
             let _ = write!(
                 detail,
