@@ -575,7 +575,7 @@ mod tests {
                     &hash,
                     plaintext_len as u64,
                     compression,
-                    payload,
+                    &payload,
                     CHUNK_MAX_BYTES,
                 )
                 .unwrap(),

@@ -1,6 +1,6 @@
 //! What every job (backup, restore, drill) shares: the registry of running
 //! jobs that a cancel command reaches them through, how a job ends short of
-//! done, and the repository keys a job command carries.
+//! done.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;

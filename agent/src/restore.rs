@@ -1,6 +1,7 @@
 //! Executes a restore command: a backup's chunks from the coordinator
-//! (`DownloadBackup`), each authenticated, decrypted and re-hashed before
-//! any of its bytes reach `pg_restore` ([`download`], [`feed`]).
+//! (`DownloadBackup`; the coordinator authenticated and decrypted each),
+//! each decompressed and re-hashed against the chunk list before any of
+//! its bytes reach `pg_restore` ([`download`], [`feed`]).
 //!
 //! Three kinds of job:
 //!

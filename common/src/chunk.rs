@@ -240,12 +240,45 @@ pub fn pack_chunk(plaintext: &[u8], zstd_level: i32) -> Result<PackedChunk, Erro
 /// Why packed bytes are not the chunk they claim to be.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UnpackError {
+    #[error("plaintext_bytes {announced} is above the largest chunk ({limit} bytes)")]
+    TooLarge { announced: u64, limit: usize },
     #[error("cannot be decompressed: {0}")]
     Decompress(String),
     #[error("holds {actual} bytes, but {expected} were announced")]
     Length { expected: u64, actual: u64 },
     #[error("does not hash to its name: its content is not what was announced")]
     HashMismatch,
+}
+
+/// The first bytes of a zstd frame (skippable frames have others).
+const ZSTD_FRAME_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// A packed payload must be exactly one zstd frame that records its
+/// content size, as [`pack_chunk`] makes them: several frames, skippable
+/// frames or trailing bytes would be accepted by a decoder here and
+/// refused by another reader later, and they are sealed as sent.
+fn check_single_frame(payload: &[u8], announced: u64) -> Result<(), UnpackError> {
+    if !payload.starts_with(&ZSTD_FRAME_MAGIC) {
+        return Err(UnpackError::Decompress("not a zstd frame".into()));
+    }
+    match zstd::zstd_safe::find_frame_compressed_size(payload) {
+        Ok(size) if size == payload.len() => {}
+        _ => {
+            return Err(UnpackError::Decompress(
+                "must be exactly one zstd frame".into(),
+            ));
+        }
+    }
+    match zstd::zstd_safe::get_frame_content_size(payload) {
+        Ok(Some(size)) if size == announced => Ok(()),
+        Ok(Some(size)) => Err(UnpackError::Length {
+            expected: announced,
+            actual: size,
+        }),
+        _ => Err(UnpackError::Decompress(
+            "the zstd frame does not record its content size".into(),
+        )),
+    }
 }
 
 /// Unpacks `payload` and checks that it is `plaintext_len` bytes hashing
@@ -256,20 +289,25 @@ pub fn unpack_chunk(
     hash: &ContentHash,
     plaintext_len: u64,
     compression: Compression,
-    payload: Vec<u8>,
+    payload: &[u8],
     limit: usize,
 ) -> Result<Vec<u8>, UnpackError> {
-    let announced = usize::try_from(plaintext_len).unwrap_or(usize::MAX);
-    if announced > limit {
-        return Err(UnpackError::Length {
-            expected: plaintext_len,
-            actual: announced.min(limit) as u64,
-        });
-    }
+    let announced = match usize::try_from(plaintext_len) {
+        Ok(announced) if announced <= limit => announced,
+        _ => {
+            return Err(UnpackError::TooLarge {
+                announced: plaintext_len,
+                limit,
+            });
+        }
+    };
     let plaintext = match compression {
-        Compression::None => payload,
-        Compression::Zstd => zstd::bulk::decompress(&payload, announced)
-            .map_err(|e| UnpackError::Decompress(e.to_string()))?,
+        Compression::None => payload.to_vec(),
+        Compression::Zstd => {
+            check_single_frame(payload, plaintext_len)?;
+            zstd::bulk::decompress(payload, announced)
+                .map_err(|e| UnpackError::Decompress(e.to_string()))?
+        }
     };
     if plaintext.len() as u64 != plaintext_len {
         return Err(UnpackError::Length {
@@ -435,7 +473,7 @@ pub fn open_chunk(
 
 /// Seals a chunk as format 1 did (the agent held the keys), for tests of
 /// repositories written before format 2.
-#[doc(hidden)]
+#[cfg(any(test, feature = "test-support"))]
 pub fn seal_legacy_chunk(
     keys: &RepositoryKeys,
     plaintext: &[u8],
@@ -446,8 +484,9 @@ pub fn seal_legacy_chunk(
     seal_bytes(keys, FORMAT_V1, id, packed.compression, &packed.payload)
 }
 
-/// Packs, checks and seals a chunk, as an agent and the coordinator do
-/// between them.
+/// Packs and seals a chunk, as an agent and the coordinator do between
+/// them (the coordinator checks it in between), for tests.
+#[cfg(any(test, feature = "test-support"))]
 pub fn seal_chunk(
     keys: &RepositoryKeys,
     plaintext: &[u8],
@@ -514,7 +553,7 @@ mod tests {
                 &packed.hash,
                 data.len() as u64,
                 packed.compression,
-                packed.payload.clone(),
+                &packed.payload,
                 CHUNK_MAX_BYTES,
             )
             .unwrap();
@@ -571,29 +610,29 @@ mod tests {
     fn packed_bytes_that_are_not_what_they_claim_are_refused() {
         let data = b"payload ".repeat(1000);
         let packed = pack_chunk(&data, 1).unwrap();
-        let unpack = |hash: &ContentHash, len: u64, payload: Vec<u8>| {
+        let unpack = |hash: &ContentHash, len: u64, payload: &[u8]| {
             unpack_chunk(hash, len, packed.compression, payload, CHUNK_MAX_BYTES)
         };
         assert_eq!(
             unpack(
                 &ContentHash::of(b"other"),
                 data.len() as u64,
-                packed.payload.clone()
+                &packed.payload
             ),
             Err(UnpackError::HashMismatch)
         );
         assert!(matches!(
-            unpack(&packed.hash, data.len() as u64 - 1, packed.payload.clone()),
+            unpack(&packed.hash, data.len() as u64 - 1, &packed.payload),
             Err(UnpackError::Decompress(_) | UnpackError::Length { .. })
         ));
         assert!(matches!(
-            unpack(&packed.hash, data.len() as u64 + 1, packed.payload.clone()),
+            unpack(&packed.hash, data.len() as u64 + 1, &packed.payload),
             Err(UnpackError::Length { .. })
         ));
         let mut altered = packed.payload.clone();
         let last = altered.len() - 1;
         altered[last] ^= 0x40;
-        assert!(unpack(&packed.hash, data.len() as u64, altered).is_err());
+        assert!(unpack(&packed.hash, data.len() as u64, &altered).is_err());
         // A bomb: far more than announced.
         let zeros = vec![0u8; 4 * CHUNK_MAX_BYTES];
         let bomb = zstd::bulk::compress(&zeros, 3).unwrap();
@@ -602,13 +641,55 @@ mod tests {
                 &ContentHash::of(&zeros),
                 zeros.len() as u64,
                 Compression::Zstd,
-                bomb.clone(),
+                &bomb,
                 CHUNK_MAX_BYTES
             )
             .is_err()
         );
         assert!(
-            unpack_chunk(&packed.hash, 1000, Compression::Zstd, bomb, CHUNK_MAX_BYTES).is_err()
+            unpack_chunk(
+                &packed.hash,
+                1000,
+                Compression::Zstd,
+                &bomb,
+                CHUNK_MAX_BYTES
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_payload_must_be_one_zstd_frame_of_the_announced_size() {
+        let data = b"payload ".repeat(100_000);
+        let hash = ContentHash::of(&data);
+        let len = data.len() as u64;
+        let frame = zstd::bulk::compress(&data, 1).unwrap();
+        let unpack =
+            |payload: &[u8]| unpack_chunk(&hash, len, Compression::Zstd, payload, CHUNK_MAX_BYTES);
+        assert_eq!(unpack(&frame).unwrap(), data);
+        // A skippable frame first (magic 0x184D2A50, 4-byte length).
+        let mut skippable = vec![0x50, 0x2a, 0x4d, 0x18, 3, 0, 0, 0, 1, 2, 3];
+        skippable.extend_from_slice(&frame);
+        assert!(matches!(
+            unpack(&skippable),
+            Err(UnpackError::Decompress(_))
+        ));
+        // Two frames that together make the content.
+        let (first, second) = data.split_at(data.len() / 2);
+        let mut two = zstd::bulk::compress(first, 1).unwrap();
+        two.extend_from_slice(&zstd::bulk::compress(second, 1).unwrap());
+        assert!(matches!(unpack(&two), Err(UnpackError::Decompress(_))));
+        // Trailing bytes.
+        let mut trailing = frame.clone();
+        trailing.push(0);
+        assert!(matches!(unpack(&trailing), Err(UnpackError::Decompress(_))));
+        // Announced larger than any chunk: refused before any work.
+        assert_eq!(
+            unpack_chunk(&hash, u64::MAX, Compression::Zstd, &frame, CHUNK_MAX_BYTES),
+            Err(UnpackError::TooLarge {
+                announced: u64::MAX,
+                limit: CHUNK_MAX_BYTES
+            })
         );
     }
 

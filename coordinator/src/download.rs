@@ -1,7 +1,8 @@
 //! The coordinator's side of `AgentGateway/DownloadBackup`: streams one
-//! backup to the agent running a restore of it. First the chunk list (each
-//! chunk's content hash and size, in pages), then every chunk's packed
-//! bytes in that order, globals first. Agents hold no key: the coordinator
+//! backup to the agent running a restore of it: a page of the chunk list
+//! (each chunk's content hash and size), then those chunks' packed bytes in
+//! that order, then the next page, and so on, globals first. The agent
+//! holds at most a page of the list at a time, whatever the backup's size. Agents hold no key: the coordinator
 //! authenticates each stored chunk (its seal, with its name bound in)
 //! before it sends the packed bytes, and the agent decompresses them and
 //! checks them against the list. A chunk altered in the repository stops
@@ -69,38 +70,40 @@ pub async fn stream_chunks(
 ) {
     let chunks = manifest.chunks_in_order();
     let total = manifest.chunks.len();
-    if send_list(&chunks, &sender).await.is_err() {
-        tracing::info!("the agent stopped reading the backup");
-        return;
-    }
-    let reads = futures::stream::iter(chunks)
-        .map(|(position, chunk)| {
+    let reads = futures::stream::iter(listed_pages(chunks))
+        .map(|item| {
             let repository = repository.clone();
             async move {
-                let data = read_chunk(&repository, position, total, &chunk).await;
-                (position, chunk, data)
+                match item {
+                    Item::List(list) => Read::List(list),
+                    Item::Chunk(position, chunk) => {
+                        let data = read_chunk(&repository, position, total, &chunk).await;
+                        Read::Chunk(position, chunk, data)
+                    }
+                }
             }
         })
         .buffered(READ_AHEAD);
     let mut reads = std::pin::pin!(reads);
     let mut sent_bytes = 0u64;
     let mut sent_chunks = 0u64;
-    while let Some((position, chunk, data)) = reads.next().await {
-        let data = match data {
-            Ok(data) => data,
-            Err(status) => {
+    while let Some(read) = reads.next().await {
+        let (body, position, chunk) = match read {
+            Read::List(list) => (download_message::Body::List(list), None, None),
+            Read::Chunk(position, chunk, Ok(data)) => {
+                (download_message::Body::Chunk(data), position, Some(chunk))
+            }
+            Read::Chunk(_, _, Err(status)) => {
                 let _ = sender.send(Err(status)).await;
                 return;
             }
         };
-        let message = proto::DownloadMessage {
-            body: Some(download_message::Body::Chunk(data)),
-        };
+        let message = proto::DownloadMessage { body: Some(body) };
         if sender.send(Ok(message)).await.is_err() {
             tracing::info!("the agent stopped reading the backup");
             return;
         }
-        if position.is_some() {
+        if let (Some(_), Some(chunk)) = (position, chunk) {
             sent_bytes += chunk.plaintext_bytes;
             sent_chunks += 1;
             // Every 8 chunks: progress for people watching, and whether the
@@ -131,16 +134,32 @@ pub async fn stream_chunks(
     }
 }
 
-/// The chunk list, in pages; `Err` when the agent went away.
-async fn send_list(
-    chunks: &[(Option<usize>, ManifestChunk)],
-    sender: &ChunkSender,
-) -> Result<(), ()> {
-    let pages = chunks.chunks(LIST_PAGE).count().max(1);
-    let mut listed = chunks.chunks(LIST_PAGE);
+/// What the download sends, in order, before the chunks are read.
+enum Item {
+    List(proto::ChunkList),
+    Chunk(Option<usize>, ManifestChunk),
+}
+
+/// [`Item`], the chunk read (or why not).
+enum Read {
+    List(proto::ChunkList),
+    Chunk(
+        Option<usize>,
+        ManifestChunk,
+        Result<proto::ChunkData, Status>,
+    ),
+}
+
+/// Each page of the list followed by its chunks; one empty last page for a
+/// backup without chunks.
+fn listed_pages(chunks: Vec<(Option<usize>, ManifestChunk)>) -> Vec<Item> {
+    let pages = chunks.len().div_ceil(LIST_PAGE).max(1);
+    let mut items = Vec::with_capacity(chunks.len() + pages);
+    let mut chunks = chunks.into_iter();
     for page in 0..pages {
-        let entries = listed.next().unwrap_or_default();
-        let list = proto::ChunkList {
+        let entries: Vec<(Option<usize>, ManifestChunk)> =
+            chunks.by_ref().take(LIST_PAGE).collect();
+        items.push(Item::List(proto::ChunkList {
             chunks: entries
                 .iter()
                 .map(|(position, chunk)| proto::ListedChunk {
@@ -153,13 +172,14 @@ async fn send_list(
                 })
                 .collect(),
             last: page + 1 == pages,
-        };
-        let message = proto::DownloadMessage {
-            body: Some(download_message::Body::List(list)),
-        };
-        sender.send(Ok(message)).await.map_err(|_| ())?;
+        }));
+        items.extend(
+            entries
+                .into_iter()
+                .map(|(position, chunk)| Item::Chunk(position, chunk)),
+        );
     }
-    Ok(())
+    items
 }
 
 /// Reads one chunk and authenticates it: its packed bytes for the agent,
@@ -249,5 +269,54 @@ fn unreadable(
             Code::Unavailable,
             &format!("repository: cannot read {which}: {other}"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_common::chunk::ContentHash;
+
+    fn chunk(n: usize) -> ManifestChunk {
+        let hash = ContentHash::of(&n.to_le_bytes());
+        ManifestChunk {
+            id: ChunkId::from_bytes(hash.as_bytes()).unwrap(),
+            hash: Some(hash),
+            plaintext_bytes: n as u64,
+            sealed_bytes: n as u64 + 30,
+        }
+    }
+
+    /// (list page sizes and last flags, chunk positions) in send order.
+    fn shape(items: &[Item]) -> Vec<String> {
+        items
+            .iter()
+            .map(|item| match item {
+                Item::List(list) => format!("list {} {}", list.chunks.len(), list.last),
+                Item::Chunk(None, _) => "globals".to_string(),
+                Item::Chunk(Some(index), _) => format!("chunk {index}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_page_of_the_list_comes_before_its_chunks() {
+        assert_eq!(shape(&listed_pages(Vec::new())), ["list 0 true"]);
+
+        let mut chunks = vec![(None, chunk(0))];
+        chunks.extend((0..LIST_PAGE).map(|i| (Some(i), chunk(i + 1))));
+        let items = listed_pages(chunks);
+        let shape = shape(&items);
+        assert_eq!(shape.len(), LIST_PAGE + 1 + 2);
+        assert_eq!(shape[0], format!("list {LIST_PAGE} false"));
+        assert_eq!(shape[1], "globals");
+        assert_eq!(shape[LIST_PAGE], format!("chunk {}", LIST_PAGE - 2));
+        assert_eq!(shape[LIST_PAGE + 1], "list 1 true");
+        assert_eq!(shape[LIST_PAGE + 2], format!("chunk {}", LIST_PAGE - 1));
+        let Item::List(first) = &items[0] else {
+            panic!("a list first")
+        };
+        assert!(first.chunks[0].globals && !first.chunks[1].globals);
+        assert_eq!(first.chunks[1].hash, chunk(1).hash.unwrap().as_bytes());
     }
 }

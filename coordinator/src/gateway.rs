@@ -210,6 +210,7 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
             tags,
         );
         let catalog = self.catalog.clone();
+        let audit = self.audit.clone();
         let job_id = job.id.clone();
         let span = tracing::info_span!("upload", job_id = %job.id, agent = %agent, database = %job.database);
         self.tasks.spawn(
@@ -218,14 +219,39 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                 if let Err(status) = upload.run(inbound, replies.clone()).await {
                     tracing::warn!(error = %status.message(), "upload failed");
                     // A storage failure is recorded here, with its own
-                    // words: the agent may only see its stream reset.
-                    if status.code() == tonic::Code::Unavailable
-                        && status.message().starts_with("repository:")
-                        && let Err(error) = catalog
-                            .finish_job(&job_id, JobStatus::Failed, status.message(), now_ms())
+                    // words: the agent may only see its stream reset. So is
+                    // an upload refused for what the agent sent: a hostile
+                    // agent would not report it, and could otherwise open
+                    // the job's upload again and again. An upload the agent
+                    // ended itself is its to explain (pg_dump's message).
+                    let failed = match status.code() {
+                        tonic::Code::Unavailable if status.message().starts_with("repository:") => {
+                            Some(status.message().to_string())
+                        }
+                        tonic::Code::InvalidArgument => {
+                            Some(format!("the agent sent a bad upload: {}", status.message()))
+                        }
+                        _ => None,
+                    };
+                    if let Some(message) = failed {
+                        match catalog
+                            .finish_job(&job_id, JobStatus::Failed, &message, now_ms())
                             .await
-                    {
-                        tracing::error!(%error, "cannot record the failed job");
+                        {
+                            Ok(true) => {
+                                audit
+                                    .record(AuditEvent::new(
+                                        "coordinator",
+                                        "backup.end",
+                                        job_id.clone(),
+                                        Outcome::Failed,
+                                        format!("failed: {message}"),
+                                    ))
+                                    .await;
+                            }
+                            Ok(false) => {}
+                            Err(error) => tracing::error!(%error, "cannot record the failed job"),
+                        }
                     }
                     // The agent gets an incident id, not the storage's
                     // own words (paths, the S3 service's).

@@ -318,13 +318,25 @@ impl Jobs {
         self.end(job, status, &message).await;
     }
 
+    /// Ends a running job and audits it; a job that something else ended
+    /// already (an upload refused, a storage failure) keeps that outcome
+    /// and its one audit row.
     pub(crate) async fn end(&self, job: &JobRecord, status: JobStatus, message: &str) {
-        if let Err(error) = self
+        match self
             .catalog
             .finish_job(&job.id, status, message, now_ms())
             .await
         {
-            tracing::error!(%error, "cannot record the end of the job");
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(
+                    status = status.as_str(),
+                    error = message,
+                    "the job had ended already"
+                );
+                return;
+            }
+            Err(error) => tracing::error!(%error, "cannot record the end of the job"),
         }
         let outcome = match status {
             JobStatus::Succeeded => Outcome::Success,

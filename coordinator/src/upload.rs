@@ -9,8 +9,13 @@
 //! Offers: a chunk the repository holds is reported as known only when it
 //! is at least [`CHUNK_MIN_BYTES`] long. Smaller chunks (a dump's last, the
 //! globals) could hold guessable content, so their bytes are always asked
-//! for, checked, and stored only if missing: an agent learns nothing about
-//! what other hosts backed up from them.
+//! for and checked (with the same answers whether or not the repository
+//! holds them), and stored only if missing. What is left: skipping the
+//! write of a small chunk already stored makes `finish` answer a few
+//! milliseconds sooner, a timing difference an agent could only measure
+//! against a whole upload's noise. An upload refused for what the agent
+//! sent fails its job, so probing takes a new job each time, which only an
+//! operator or a schedule starts.
 //!
 //! Checking and storing run off the receiving loop, up to
 //! [`STORE_IN_FLIGHT`] chunks at once, so one chunk's fsync overlaps the
@@ -150,12 +155,24 @@ impl Upload {
         replies: ReplySender,
     ) -> Result<(), Status> {
         let result = self.receive(inbound, replies).await;
-        if result.is_err() {
-            // Whatever was already on its way to storage is finished (and
-            // so recorded); a failure there adds nothing to the first error.
-            let _ = self.settle().await;
+        match result {
+            Ok(()) => Ok(()),
+            Err(first) => {
+                // Whatever was already on its way to storage is finished
+                // (and so recorded). A chunk refused there explains an
+                // upload the agent then ended; otherwise the first error
+                // stands.
+                match self.settle().await {
+                    Err(refused)
+                        if first.code() == tonic::Code::Cancelled
+                            && refused.code() == tonic::Code::InvalidArgument =>
+                    {
+                        Err(refused)
+                    }
+                    _ => Err(first),
+                }
+            }
         }
-        result
     }
 
     async fn receive(
@@ -361,11 +378,6 @@ impl Upload {
         }
         let hash = packed.hash;
         let plaintext_bytes = packed.plaintext_len as u64;
-        if known.is_some_and(|k| k.plaintext_bytes != plaintext_bytes) {
-            return Err(protocol(format!(
-                "chunk {hash}: plaintext_bytes does not match the stored chunk of that hash"
-            )));
-        }
         let stored = known.unwrap_or(StoredChunk {
             sealed_bytes: sealed_len(packed.payload.len()),
             plaintext_bytes,
@@ -376,15 +388,26 @@ impl Upload {
         self.in_flight.spawn(async move {
             let keys = repository.clone();
             let sealed = tokio::task::spawn_blocking(move || {
+                // The same answer whether or not the repository holds
+                // the hash: the check is of the agent's own bytes.
                 unpack_chunk(
                     &packed.hash,
                     plaintext_bytes,
                     packed.compression,
-                    packed.payload.clone(),
+                    &packed.payload,
                     CHUNK_MAX_BYTES,
                 )
                 .map_err(|e| protocol(format!("chunk {hash}: {e}")))?;
-                if !store {
+                if let Some(known) = known {
+                    // Content that hashes alike is the same size: only a
+                    // damaged catalog row can disagree.
+                    if known.plaintext_bytes != plaintext_bytes {
+                        return Err(internal_status(&format!(
+                            "chunk {id}: the catalog records {} plaintext bytes, its content \
+                             has {plaintext_bytes}",
+                            known.plaintext_bytes
+                        )));
+                    }
                     return Ok(None);
                 }
                 seal_packed(keys.keys(), &packed)

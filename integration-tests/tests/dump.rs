@@ -111,7 +111,7 @@ fn reassemble(chunks: &[PackedChunk]) -> Vec<u8> {
             &chunk.hash,
             chunk.plaintext_len as u64,
             chunk.compression,
-            chunk.payload.clone(),
+            &chunk.payload,
             CHUNK_MAX_BYTES,
         )
         .unwrap_or_else(|e| panic!("chunk {} does not unpack: {e}", chunk.hash));
@@ -384,7 +384,7 @@ async fn a_cancelled_dump_kills_pg_dump_and_a_slow_receiver_pauses_it() {
     );
 
     // Backpressure: with the receiver stalled, reading stops after what the
-    // pipeline holds (the chunker's buffer, the chunks being sealed, the
+    // pipeline holds (the chunker's buffer, the chunks being packed, the
     // channel), far short of the 50 MiB dump, and pg_dump waits, alive.
     let mut stalled_at = progress_rx.borrow_and_update().bytes_read;
     loop {

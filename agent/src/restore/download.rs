@@ -1,11 +1,15 @@
-//! The backup's chunks as they come over `DownloadBackup`: first the
+//! The backup's chunks as they come over `DownloadBackup`: a page of the
 //! chunk list (each chunk's content hash and plaintext size, globals
-//! first), then each chunk's packed bytes in that order. Every chunk is
-//! checked before anything reads it: [`unpack_chunk`] decompresses it into
-//! no more than the listed size and re-hashes it against the listed hash.
-//! The agent holds no key; the coordinator authenticated each stored chunk
-//! before sending it. A few chunks are unpacked at once on the blocking
-//! pool, and handed over in stream order.
+//! first), then those chunks' packed bytes in that order, then the next
+//! page. Every chunk is checked before anything reads it: [`unpack_chunk`]
+//! decompresses it into no more than the listed size and re-hashes it
+//! against the hash listed before it came. The agent holds no key; the
+//! coordinator authenticated each stored chunk before sending it. A few
+//! chunks are unpacked at once on the blocking pool, and handed over in
+//! stream order.
+//!
+//! Chunks are named by position only ("chunk 17 of 40"): their content
+//! hashes are the agent's business, their stored names the coordinator's.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -25,9 +29,9 @@ pub(super) type Chunks<'a> =
 /// plaintext, so memory stays at a few tens of MiB).
 pub(super) const OPEN_AHEAD: usize = 4;
 
-/// Most chunks a list may name: a dump of [`CHUNK_MAX_BYTES`]-sized chunks
-/// ten times the size of the largest PostgreSQL database is far below.
-const LIST_MAX_CHUNKS: usize = 50_000_000;
+/// Most listed chunks waiting for their bytes (the coordinator sends pages
+/// of 4,096): about 40 bytes each, so a few MiB at most.
+const LIST_MAX_PENDING: usize = 65_536;
 
 /// Where a chunk is in the backup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,17 +49,16 @@ pub(super) struct OpenedChunk {
     pub plaintext: Vec<u8>,
 }
 
-/// "chunk 17 of 40 (hash)" or "the globals chunk (hash)", as the
-/// coordinator names them too (by their stored names).
-pub(super) fn describe_chunk(position: Position, total: u64, id: &str) -> String {
+/// "chunk 17 of 40" or "the globals chunk".
+pub(super) fn describe_chunk(position: Position, total: u64) -> String {
     match position {
-        Position::Globals => format!("the globals chunk ({id})"),
-        Position::Dump(index) if total > 0 => format!("chunk {} of {total} ({id})", index + 1),
-        Position::Dump(index) => format!("chunk {} ({id})", index + 1),
+        Position::Globals => "the globals chunk".to_string(),
+        Position::Dump(index) if total > 0 => format!("chunk {} of {total}", index + 1),
+        Position::Dump(index) => format!("chunk {}", index + 1),
     }
 }
 
-/// One chunk as listed, with its bytes once they came.
+/// One chunk as listed, until its bytes come.
 struct Listed {
     position: Position,
     /// `None` for a chunk of a format-1 backup: its bytes carry the hash.
@@ -65,7 +68,7 @@ struct Listed {
 
 type Messages = Pin<Box<dyn Stream<Item = Result<proto::DownloadMessage, tonic::Status>> + Send>>;
 
-/// Reads the list, then pairs each chunk's bytes with its entry.
+/// Reads the list pages and pairs each chunk's bytes with its entry.
 struct Listing {
     messages: Messages,
     list: VecDeque<Listed>,
@@ -82,12 +85,12 @@ impl Listing {
                 "the chunk list came again after its last page".into(),
             ));
         }
+        if self.list.len() + page.chunks.len() > LIST_MAX_PENDING {
+            return Err(RestoreError::Download(format!(
+                "the chunk list runs more than {LIST_MAX_PENDING} chunks ahead of their bytes"
+            )));
+        }
         for entry in page.chunks {
-            if self.list.len() >= LIST_MAX_CHUNKS {
-                return Err(RestoreError::Download(format!(
-                    "the chunk list names more than {LIST_MAX_CHUNKS} chunks"
-                )));
-            }
             let position = if entry.globals {
                 if self.listed > 0 {
                     return Err(RestoreError::Download(
@@ -153,21 +156,19 @@ impl Listing {
                         break Err(error);
                     }
                 }
-                Some(download_message::Body::Chunk(data)) => {
-                    if !self.list_done {
+                Some(download_message::Body::Chunk(data)) => match self.list.pop_front() {
+                    Some(listed) => break Ok((listed, data)),
+                    None if self.list_done => {
                         break Err(RestoreError::Download(
-                            "a chunk came before the end of the chunk list".into(),
+                            "more chunks came than the list names".into(),
                         ));
                     }
-                    match self.list.pop_front() {
-                        Some(listed) => break Ok((listed, data)),
-                        None => {
-                            break Err(RestoreError::Download(
-                                "more chunks came than the list names".into(),
-                            ));
-                        }
+                    None => {
+                        break Err(RestoreError::Download(
+                            "a chunk came before its entry in the chunk list".into(),
+                        ));
                     }
-                }
+                },
                 None => break Err(RestoreError::Download("an empty download message".into())),
             }
         };
@@ -213,7 +214,7 @@ async fn open_one(
         (Some(hash), true) => hash,
         (None, false) => {
             ContentHash::from_bytes(&data.opened_hash).map_err(|_| RestoreError::Chunk {
-                which: describe_chunk(position, total, "?"),
+                which: describe_chunk(position, total),
                 problem: format!(
                     "comes with a malformed hash ({} bytes, not 32)",
                     data.opened_hash.len()
@@ -222,12 +223,12 @@ async fn open_one(
         }
         (Some(_), false) | (None, true) => {
             return Err(RestoreError::Chunk {
-                which: describe_chunk(position, total, "?"),
+                which: describe_chunk(position, total),
                 problem: "must have exactly one hash, in the list or with its bytes".into(),
             });
         }
     };
-    let which = || describe_chunk(position, total, &hash.to_hex());
+    let which = || describe_chunk(position, total);
     let compression =
         Compression::from_proto(data.compression, "chunk.compression").map_err(|e| {
             RestoreError::Chunk {
@@ -242,7 +243,7 @@ async fn open_one(
             &hash,
             plaintext_bytes,
             compression,
-            payload,
+            &payload,
             CHUNK_MAX_BYTES,
         )
     });
@@ -267,6 +268,9 @@ async fn open_one(
 /// What is wrong with a chunk, to follow its name.
 fn problem_of(error: &UnpackError, listed_bytes: u64) -> String {
     match error {
+        UnpackError::TooLarge { limit, .. } => {
+            format!("is listed as {listed_bytes} bytes, above the largest chunk ({limit} bytes)")
+        }
         UnpackError::Decompress(reason) => format!("cannot be decompressed: {reason}"),
         UnpackError::Length { actual, .. } => {
             format!("holds {actual} bytes, but the manifest records {listed_bytes}")
@@ -437,7 +441,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_bad_chunk_is_named_with_its_position_and_why() {
-        let hash = ContentHash::of(b"fine").to_hex();
         // Other bytes than the list says.
         let opened = collect(vec![
             list(vec![listed(b"zero", false), listed(b"fine", false)], true),
@@ -448,10 +451,7 @@ mod tests {
         assert!(opened[0].is_ok());
         assert_eq!(
             error_of(&opened),
-            format!(
-                "chunk 2 of 3 ({hash}) does not hash to its listed hash: its content is not \
-                 what was backed up"
-            )
+            "chunk 2 of 3 does not hash to its listed hash: its content is not what was backed up"
         );
 
         let mut altered = data(&b"fine".repeat(1000));
@@ -463,7 +463,7 @@ mod tests {
         ])
         .await;
         assert!(
-            error_of(&opened).starts_with("chunk 1 of 3 ("),
+            error_of(&opened).starts_with("chunk 1 of 3 cannot be decompressed"),
             "{}",
             error_of(&opened)
         );
@@ -514,8 +514,12 @@ mod tests {
     async fn the_stream_must_follow_its_list() {
         let cases: Vec<(Vec<Result<proto::DownloadMessage, tonic::Status>>, &str)> = vec![
             (
-                vec![list(vec![listed(b"a", false)], false), chunk(data(b"a"))],
-                "before the end of the chunk list",
+                vec![
+                    list(vec![listed(b"a", false)], false),
+                    chunk(data(b"a")),
+                    chunk(data(b"b")),
+                ],
+                "a chunk came before its entry in the chunk list",
             ),
             (
                 vec![

@@ -3,9 +3,9 @@
 //! restore must seek in its archive).
 //!
 //! ```text
-//! DownloadBackup ──► open_chunk ×4 ──► scanner (rows, TOC) ──► pg_restore stdin
-//!                    (blocking pool,                      └─► or spool file (0600)
-//!                     order kept)                              then pg_restore --jobs N FILE
+//! DownloadBackup ──► unpack_chunk ×4 ──► scanner (rows, TOC) ──► pg_restore stdin
+//!                    (blocking pool,                        └─► or spool file (0600)
+//!                     order kept)                                then pg_restore --jobs N FILE
 //! ```
 //!
 //! Writing waits for `pg_restore` to read, so a slow restore slows the

@@ -115,7 +115,6 @@ impl PageKey {
     }
 }
 
-/// What a finished upload measured.
 /// What the dedup index knows of a stored chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoredChunk {
@@ -123,6 +122,7 @@ pub struct StoredChunk {
     pub plaintext_bytes: u64,
 }
 
+/// What a finished upload measured.
 #[derive(Debug, Clone, Default)]
 pub struct BackupStats {
     pub server_version: String,
@@ -193,17 +193,18 @@ impl Catalog {
         Ok(())
     }
 
-    /// Ends a job. A backup that is not complete by now is marked with the
-    /// job's outcome and never listed.
+    /// Ends a job; whether it was running (so this call ended it). A
+    /// backup that is not complete by now is marked with the job's outcome
+    /// and never listed.
     pub async fn finish_job(
         &self,
         job_id: &str,
         status: JobStatus,
         error: &str,
         now: i64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
+        let ended = sqlx::query(
             "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ? AND status = 'running'",
         )
         .bind(status.as_str())
@@ -211,7 +212,9 @@ impl Catalog {
         .bind(now)
         .bind(job_id)
         .execute(&mut *transaction)
-        .await?;
+        .await?
+        .rows_affected()
+            > 0;
         let backup_status = match status {
             JobStatus::Cancelled => "cancelled",
             _ => "failed",
@@ -226,7 +229,7 @@ impl Catalog {
         .execute(&mut *transaction)
         .await?;
         transaction.commit().await?;
-        Ok(())
+        Ok(ended)
     }
 
     /// Jobs still running when the coordinator stopped cannot finish: they
