@@ -45,8 +45,9 @@ use tonic::transport::Channel;
 /// How long one gRPC exchange of a test may take before it is called hung.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// zstd level the hand-driven agent packs chunks with (the agent's
-/// default).
+/// zstd level the hand-driven agent packs chunks with. Any level does:
+/// the coordinator checks what a chunk decompresses to, not how it was
+/// packed.
 const ZSTD_LEVEL: i32 = 3;
 
 // ---------------------------------------------------------------------------
@@ -175,6 +176,8 @@ impl HandDrivenAgent {
                     labels,
                     instances,
                     permitted_operations,
+                    // The fixture's `--probe-interval` (not shown by the
+                    // CLI); this host sends no probe reports anyway.
                     probe_interval_seconds: 1,
                 })),
             })
