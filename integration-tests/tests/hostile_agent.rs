@@ -591,16 +591,20 @@ async fn no_key_reaches_the_host_and_a_chunk_that_is_not_its_hash_is_refused() {
         assert!(!path.exists(), "{} exists", path.display());
     }
 
-    // The host says the job went well; the coordinator knows better.
-    host.answer(&command_id, job_done(&job_id)).await;
+    // The refused upload failed the job at once, whatever the host says
+    // afterwards (a hostile host would not report its own failure).
     let job = ended_job(&coordinator, &job_id);
+    host.answer(&command_id, job_done(&job_id)).await;
     assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap_or_default();
     assert!(
-        job["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("manifest was not stored"),
+        error.contains("the agent sent a bad upload") && error.contains(&claimed_hash.to_hex()),
         "{job}"
+    );
+    assert_eq!(
+        ended_job(&coordinator, &job_id)["error"],
+        job["error"],
+        "the host's answer changed the outcome"
     );
     let listed = blocking(|| coordinator.cli_json(&["backups", "list"]));
     assert!(
@@ -718,6 +722,46 @@ async fn offers_confirm_only_large_chunks_and_restore_commands_carry_no_key() {
             small_file_after.mtime_nsec()
         ),
         "the small chunk's object was written again"
+    );
+
+    // Bytes of the wrong length get the same answer whether or not the
+    // repository holds the hash: no way to confirm guessed small content.
+    let mut answers = Vec::new();
+    for (hash, packed) in [(small_hash, &small_packed), (made_up.hash, &made_up)] {
+        let (job_id, backup_id) = start_backup(&coordinator, "db1", "shop");
+        let received = host.next_command().await;
+        let command_id = backup_command(&received, &job_id, &backup_id);
+        let mut upload = host.upload(&job_id, &backup_id).await;
+        assert_eq!(upload.offer(&[hash]).await, vec![hash]);
+        let longer = PackedChunk {
+            plaintext_len: packed.plaintext_len + 1,
+            ..packed.clone()
+        };
+        upload.chunk(hash, &longer, true).await;
+        let refused = upload
+            .finish(finish_uncounted(longer.plaintext_len as u64))
+            .await
+            .expect_err("a chunk of the wrong length");
+        answers.push((
+            refused.code(),
+            // The sizes are the host's own; the rest must not differ.
+            refused
+                .message()
+                .replace(&hash.to_hex(), "HASH")
+                .replace(&packed.plaintext_len.to_string(), "LEN")
+                .replace(&longer.plaintext_len.to_string(), "LEN+1"),
+        ));
+        let job = ended_job(&coordinator, &job_id);
+        assert_eq!(job["status"], "failed", "{job}");
+        host.answer(
+            &command_id,
+            command_result::Outcome::Error("refused upload".into()),
+        )
+        .await;
+    }
+    assert_eq!(
+        answers[0], answers[1],
+        "a stored small chunk and an unknown one were answered differently"
     );
 
     // A restore sent to the host: no key in it either.
