@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_common::chunk::{PackedChunk, pack_chunk};
+use cairn_common::chunk::{CHUNK_MAX_BYTES, PackedChunk, pack_chunk};
 use cairn_common::proto::{
     self, agent_gateway_client::AgentGatewayClient, backup_upload, backup_upload_reply,
 };
@@ -75,6 +75,15 @@ pub async fn run(
             let globals = dump::dump_globals(&connection, command.include_role_passwords, None)
                 .await
                 .map_err(|e| e.to_string())?;
+            // One chunk, as large as any chunk may be.
+            if globals.len() > CHUNK_MAX_BYTES {
+                return Err(format!(
+                    "pg_dumpall --globals-only wrote {} bytes, more than the {} MiB a backup's \
+                     roles and tablespaces may take; back up with fewer roles or report this",
+                    globals.len(),
+                    CHUNK_MAX_BYTES / (1024 * 1024)
+                ));
+            }
             let level = command.zstd_level;
             let packed_globals = tokio::task::spawn_blocking(move || pack_chunk(&globals, level))
                 .await

@@ -227,7 +227,8 @@ async fn read_chunk(
     })
 }
 
-/// "chunk 17 of 40 (id)" or "the globals chunk (id)", as agents name them.
+/// "chunk 17 of 40 (id)" or "the globals chunk (id)": the stored name, so
+/// an operator can find the object (agents name chunks by position only).
 fn which(position: Option<usize>, total: usize, chunk: &ManifestChunk) -> String {
     match position {
         Some(index) => format!("chunk {} of {total} ({})", index + 1, chunk.id),

@@ -228,9 +228,10 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                         tonic::Code::Unavailable if status.message().starts_with("repository:") => {
                             Some(status.message().to_string())
                         }
-                        tonic::Code::InvalidArgument => {
-                            Some(format!("the agent sent a bad upload: {}", status.message()))
-                        }
+                        tonic::Code::InvalidArgument => Some(format!(
+                            "the coordinator refused the upload: {}",
+                            status.message()
+                        )),
                         _ => None,
                     };
                     if let Some(message) = failed {

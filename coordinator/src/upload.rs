@@ -7,10 +7,12 @@
 //! then marks the backup complete.
 //!
 //! Offers: a chunk the repository holds is reported as known only when it
-//! is at least [`CHUNK_MIN_BYTES`] long. Smaller chunks (a dump's last, the
-//! globals) could hold guessable content, so their bytes are always asked
-//! for and checked (with the same answers whether or not the repository
-//! holds them), and stored only if missing. What is left: skipping the
+//! is at least [`CHUNK_MIN_BYTES`] long, or when this upload received its
+//! bytes already (whether or not it was stored before). Smaller chunks (a
+//! dump's last, the globals) could hold guessable content, so their bytes
+//! are asked for and checked (with the same answers whether or not the
+//! repository holds them, a later copy held to the agent's own length),
+//! and stored only if missing. What is left: skipping the
 //! write of a small chunk already stored makes `finish` answer a few
 //! milliseconds sooner, a timing difference an agent could only measure
 //! against a whole upload's noise. An upload refused for what the agent
@@ -99,8 +101,12 @@ pub struct Upload {
     chunks: Vec<ManifestChunk>,
     /// The last offer's chunks still to come.
     expected: VecDeque<Expected>,
-    /// The chunks this upload stored or is storing.
-    stored_here: HashMap<ChunkId, StoredChunk>,
+    /// The chunks whose bytes this upload received (checked, and stored
+    /// if the repository lacked them): the object's size and the length
+    /// the agent gave. Offered again, they are confirmed whether or not
+    /// the repository held them before, so confirming says nothing the
+    /// agent did not send itself.
+    sent_here: HashMap<ChunkId, StoredChunk>,
     /// Chunks being checked and stored.
     in_flight: JoinSet<Result<(), Status>>,
     globals: Option<ManifestChunk>,
@@ -113,8 +119,14 @@ struct Expected {
     id: ChunkId,
     /// The agent must send its bytes.
     must_send: bool,
-    /// What the repository (or this upload) already holds under its name.
-    known: Option<StoredChunk>,
+    /// What the catalog holds under its name, told to the agent or not
+    /// (a chunk already stored is checked, not written again).
+    stored: Option<StoredChunk>,
+    /// What the agent was told is there: a large stored chunk, or one
+    /// this upload received. `None` for a copy of a hash asked for earlier
+    /// in the batch: the first copy's record (the agent's own length)
+    /// answers for it.
+    confirmed: Option<StoredChunk>,
 }
 
 fn protocol(message: impl Into<String>) -> Status {
@@ -139,7 +151,7 @@ impl Upload {
             tags,
             chunks: Vec::new(),
             expected: VecDeque::new(),
-            stored_here: HashMap::new(),
+            sent_here: HashMap::new(),
             in_flight: JoinSet::new(),
             globals: None,
             stats: BackupStats::default(),
@@ -160,13 +172,14 @@ impl Upload {
             Err(first) => {
                 // Whatever was already on its way to storage is finished
                 // (and so recorded). A chunk refused there explains an
-                // upload the agent then ended; otherwise the first error
+                // upload the agent then ended or broke off (and so fails
+                // the job); the coordinator's own refusal or storage error
                 // stands.
+                let ours = first.code() == tonic::Code::InvalidArgument
+                    || (first.code() == tonic::Code::Unavailable
+                        && first.message().starts_with("repository:"));
                 match self.settle().await {
-                    Err(refused)
-                        if first.code() == tonic::Code::Cancelled
-                            && refused.code() == tonic::Code::InvalidArgument =>
-                    {
+                    Err(refused) if !ours && refused.code() == tonic::Code::InvalidArgument => {
                         Err(refused)
                     }
                     _ => Err(first),
@@ -235,8 +248,8 @@ impl Upload {
         ))
     }
 
-    /// What the repository holds of `ids`: the catalog's record, or this
-    /// upload's (stored earlier in it, perhaps not yet in the catalog).
+    /// What the catalog holds of `ids`, or this upload stored (perhaps not
+    /// yet in the catalog).
     async fn known(&self, ids: &[ChunkId]) -> Result<HashMap<ChunkId, StoredChunk>, Status> {
         let hex: Vec<String> = ids.iter().map(ChunkId::to_hex).collect();
         let stored = self.catalog.stored_chunks(&hex).await?;
@@ -245,7 +258,7 @@ impl Upload {
             .filter_map(|id| {
                 let known = stored
                     .get(&id.to_hex())
-                    .or_else(|| self.stored_here.get(id))?;
+                    .or_else(|| self.sent_here.get(id))?;
                 Some((*id, *known))
             })
             .collect())
@@ -275,17 +288,17 @@ impl Upload {
         let mut known = self.known(&ids).await?;
         let mut missing: Vec<Vec<u8>> = Vec::new();
         for (hash, id) in offered {
-            let known = known
-                .remove(&id)
-                .or_else(|| self.stored_here.get(&id).copied());
-            // Known and large enough to say so, or stored by this upload
-            // (the agent sent it itself). An id offered twice in one batch
+            let stored = known.remove(&id);
+            // Sent by the agent earlier in this upload, or stored and
+            // large enough to say so. A hash offered twice in one batch
             // is sent once.
-            let confirmable = known.is_some_and(|k| {
-                k.plaintext_bytes >= CHUNK_MIN_BYTES as u64 || self.stored_here.contains_key(&id)
-            });
+            let confirmed = self
+                .sent_here
+                .get(&id)
+                .copied()
+                .or_else(|| stored.filter(|k| k.plaintext_bytes >= CHUNK_MIN_BYTES as u64));
             let already_asked = missing.iter().any(|m| m.as_slice() == hash.as_bytes());
-            let must_send = !confirmable && !already_asked;
+            let must_send = confirmed.is_none() && !already_asked;
             if must_send {
                 missing.push(hash.as_bytes().to_vec());
             }
@@ -293,7 +306,8 @@ impl Upload {
                 hash,
                 id,
                 must_send,
-                known,
+                stored,
+                confirmed,
             });
         }
         Ok(missing)
@@ -312,15 +326,15 @@ impl Upload {
             if expected.must_send {
                 return Err(protocol(format!("chunk {hash}: send its bytes")));
             }
-            // Known from the offer, or stored earlier in this upload (a
+            // Confirmed by the offer, or sent earlier in this upload (a
             // hash offered twice in one batch).
             let known = expected
-                .known
-                .or_else(|| self.stored_here.get(&id).copied())
+                .confirmed
+                .or_else(|| self.sent_here.get(&id).copied())
                 .ok_or_else(|| protocol(format!("chunk {hash}: send its bytes")))?;
             if known.plaintext_bytes != chunk.plaintext_bytes {
                 return Err(protocol(format!(
-                    "chunk {hash}: plaintext_bytes {} but the stored chunk of that hash holds {}",
+                    "chunk {hash}: plaintext_bytes {} but that hash's chunk holds {}",
                     chunk.plaintext_bytes, known.plaintext_bytes
                 )));
             }
@@ -337,9 +351,7 @@ impl Upload {
                 compression: Compression::from_proto(chunk.compression, "chunk.compression")?,
                 payload: chunk.payload,
             };
-            let known = expected
-                .known
-                .or_else(|| self.stored_here.get(&id).copied());
+            let known = expected.stored.or_else(|| self.sent_here.get(&id).copied());
             self.store(id, packed, known).await?
         };
         self.stats.logical_bytes += entry.plaintext_bytes;
@@ -433,8 +445,15 @@ impl Upload {
         if store {
             self.stats.new_stored_bytes += stored.sealed_bytes;
             self.stats.new_chunk_count += 1;
-            self.stored_here.insert(id, stored);
         }
+        // The agent's own length: what a later copy of this hash is held to.
+        self.sent_here.insert(
+            id,
+            StoredChunk {
+                sealed_bytes: stored.sealed_bytes,
+                plaintext_bytes,
+            },
+        );
         Ok(ManifestChunk {
             id,
             hash: Some(hash),
