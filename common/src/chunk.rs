@@ -84,65 +84,77 @@ impl Compression {
     }
 }
 
+/// A 32-byte hash newtype: bytes, hex (its `Display` and serde form) and a
+/// short `Debug`. `$field` and `$what` name it in errors.
+macro_rules! hash_newtype {
+    ($name:ident, $field:literal, $what:literal) => {
+        impl $name {
+            pub fn as_bytes(&self) -> &[u8; 32] {
+                &self.0
+            }
+
+            pub fn from_bytes(bytes: &[u8]) -> Result<$name, Error> {
+                let hash: [u8; 32] = bytes
+                    .try_into()
+                    .map_err(|_| Error::protocol($field, "must be 32 bytes"))?;
+                Ok($name(hash))
+            }
+
+            pub fn to_hex(&self) -> String {
+                hex::encode(self.0)
+            }
+
+            pub fn from_hex(text: &str) -> Result<$name, Error> {
+                let bytes = hex::decode(text).map_err(|_| Error::invalid($what, "not hex"))?;
+                $name::from_bytes(&bytes)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.to_hex())
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), &self.to_hex()[..16])
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.to_hex())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(deserializer)?;
+                $name::from_hex(&text).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
 /// An unkeyed BLAKE3 hash of a chunk's plaintext: how agents name chunks
 /// (they hold no key) and how a manifest lists them.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ContentHash([u8; 32]);
 
+hash_newtype!(ContentHash, "hash", "content hash");
+
 impl ContentHash {
     pub fn of(plaintext: &[u8]) -> ContentHash {
         ContentHash(*blake3::hash(plaintext).as_bytes())
-    }
-
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    pub fn from_bytes(bytes: &[u8]) -> Result<ContentHash, Error> {
-        let hash: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| Error::protocol("hash", "must be 32 bytes"))?;
-        Ok(ContentHash(hash))
-    }
-
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-
-    pub fn from_hex(text: &str) -> Result<ContentHash, Error> {
-        let bytes = hex::decode(text).map_err(|_| Error::invalid("content hash", "not hex"))?;
-        ContentHash::from_bytes(&bytes)
-    }
-}
-
-impl fmt::Display for ContentHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl fmt::Debug for ContentHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ContentHash({})", &self.to_hex()[..16])
-    }
-}
-
-impl Serialize for ContentHash {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.to_hex())
-    }
-}
-
-impl<'de> Deserialize<'de> for ContentHash {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        ContentHash::from_hex(&text).map_err(serde::de::Error::custom)
     }
 }
 
 /// A stored chunk's name: BLAKE3 keyed with the repository's chunk-id key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChunkId([u8; 32]);
+
+hash_newtype!(ChunkId, "chunk_id", "chunk id");
 
 impl ChunkId {
     /// The name of a format-2 chunk whose plaintext hashes to `hash`.
@@ -156,51 +168,6 @@ impl ChunkId {
     /// The name a format-1 chunk had: the keyed hash of the plaintext.
     pub fn legacy_of(keys: &RepositoryKeys, plaintext: &[u8]) -> ChunkId {
         ChunkId(keys.chunk_id.keyed_hash(plaintext))
-    }
-
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    pub fn from_bytes(bytes: &[u8]) -> Result<ChunkId, Error> {
-        let id: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| Error::protocol("chunk_id", "must be 32 bytes"))?;
-        Ok(ChunkId(id))
-    }
-
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-
-    pub fn from_hex(text: &str) -> Result<ChunkId, Error> {
-        let bytes = hex::decode(text).map_err(|_| Error::invalid("chunk id", "not hex"))?;
-        ChunkId::from_bytes(&bytes)
-    }
-}
-
-impl fmt::Display for ChunkId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl fmt::Debug for ChunkId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ChunkId({})", &self.to_hex()[..16])
-    }
-}
-
-impl Serialize for ChunkId {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.to_hex())
-    }
-}
-
-impl<'de> Deserialize<'de> for ChunkId {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        ChunkId::from_hex(&text).map_err(serde::de::Error::custom)
     }
 }
 
