@@ -2,34 +2,22 @@
 //! agent control streams, Admin API, audit, health and metrics) and the
 //! operator command line (`cli`). `main.rs` only parses arguments and calls
 //! in here, so tests drive the same code.
+//!
+//! Grouped by what each part owns: `api` (the two gRPC services and what
+//! guards them), `audit`, `catalog` (all SQL), `fleet` (agents' sessions
+//! and the fleet CA), `jobs` (the job engine and each kind's data path),
+//! `repository` (backup storage: layout, keys, manifests, checks),
+//! `server` (the process: startup, home, HTTP).
 
-pub mod admin;
+pub mod api;
 pub mod audit;
-pub mod audit_log;
-pub mod auth;
-pub mod authority;
 pub mod catalog;
 pub mod clock;
 pub mod config;
-pub mod download;
 pub mod error;
 pub mod fleet;
-pub mod gateway;
-pub mod home;
-pub mod http;
 pub mod jobs;
-pub mod keys;
-pub mod manifest;
-pub mod rebuild;
-pub mod refusals;
 pub mod repository;
-pub mod repository_check;
-pub mod repository_init;
-pub mod restores;
 pub mod server;
-pub mod unauthenticated;
-pub mod upload;
-pub mod verify;
-pub mod wire;
 
 pub use error::{CoordinatorError, Result};

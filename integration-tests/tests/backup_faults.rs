@@ -223,7 +223,7 @@ impl Fleet {
         );
         // The progress counts chunks received; up to STORE_IN_FLIGHT of
         // them were still on their way to storage when the fault struck.
-        let in_flight = cairn_coordinator::upload::STORE_IN_FLIGHT as u64;
+        let in_flight = cairn_coordinator::jobs::upload::STORE_IN_FLIGHT as u64;
         assert!(
             chunk_count - new_chunk_count >= stored_before_fault.saturating_sub(1 + in_flight),
             "the interrupted job had stored {stored_before_fault} chunks but the next backup \

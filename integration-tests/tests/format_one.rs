@@ -15,7 +15,7 @@ use std::os::unix::fs::PermissionsExt;
 use bytes::Bytes;
 use cairn_common::chunk::seal_legacy_chunk;
 use cairn_common::crypto::SecretKey;
-use cairn_coordinator::manifest::{Manifest, ManifestChunk};
+use cairn_coordinator::repository::manifest::{Manifest, ManifestChunk};
 use cairn_coordinator::repository::{LocalStore, ObjectKey, Repository, Store};
 use cairn_integration_tests::{AgentOptions, Coordinator, PgCluster, TestDir, run};
 

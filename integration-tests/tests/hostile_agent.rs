@@ -28,7 +28,7 @@ use cairn_common::proto::{
     command_result, coordinator_message,
 };
 use cairn_common::tls::{self, CoordinatorUrl};
-use cairn_coordinator::manifest::{Manifest, ManifestChunk};
+use cairn_coordinator::repository::manifest::{Manifest, ManifestChunk};
 use cairn_coordinator::repository::{LocalStore, ObjectKey, Repository, Store};
 use cairn_integration_tests::privileges::create_dir_for_postgres;
 use cairn_integration_tests::{

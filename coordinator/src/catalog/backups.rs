@@ -13,7 +13,7 @@ use sqlx::FromRow;
 
 use super::Catalog;
 use crate::error::{CoordinatorError, Result};
-use crate::manifest::Manifest;
+use crate::repository::manifest::Manifest;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobStatus {

@@ -13,7 +13,7 @@ use tonic::transport::Channel;
 
 use super::client::explain;
 use super::output::{self, bytes, print_json};
-use cairn_coordinator::restores::RestoreReport;
+use cairn_coordinator::jobs::restores::RestoreReport;
 
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 

@@ -19,7 +19,7 @@ use cairn_common::names::OperatorName;
 use cairn_common::pki::generate_key_and_csr;
 use cairn_common::proto;
 use cairn_coordinator::config::CoordinatorConfig;
-use cairn_coordinator::home::{InitOptions, init};
+use cairn_coordinator::server::home::{InitOptions, init};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -951,7 +951,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Repository(RepositoryCommand::Init { config, output }) => {
             let config = CoordinatorConfig::load(&config)?;
-            let report = cairn_coordinator::repository_init::init_repository(&config).await?;
+            let report = cairn_coordinator::repository::init::init_repository(&config).await?;
             if output == OutputFormat::Json {
                 print_json(&report)?;
             } else {
@@ -976,8 +976,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }) => {
             let config = CoordinatorConfig::load(&config)?;
             let recovery_key = master_key.as_deref().map(keys::read_key_file).transpose()?;
-            let report =
-                cairn_coordinator::rebuild::rebuild_catalog(&config, recovery_key.as_ref()).await?;
+            let report = cairn_coordinator::repository::rebuild::rebuild_catalog(
+                &config,
+                recovery_key.as_ref(),
+            )
+            .await?;
             if output == OutputFormat::Json {
                 print_json(&report)?;
             } else {
@@ -1031,7 +1034,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let (ca_pem, certificate_pem) = match config.filter(|_| offline) {
                 Some(config) => {
                     let config = CoordinatorConfig::load(&config)?;
-                    let issued = cairn_coordinator::authority::issue_operator_offline(
+                    let issued = cairn_coordinator::fleet::authority::issue_operator_offline(
                         &config,
                         name.as_str(),
                         role,

@@ -24,6 +24,12 @@
 //! With only the store and any one master key, everything else can be
 //! rebuilt.
 
+pub mod check;
+pub mod init;
+pub mod keys;
+pub mod manifest;
+pub mod rebuild;
+
 mod local;
 mod s3;
 

@@ -13,14 +13,14 @@ use cairn_common::pki::{CertificateAuthority, IssuedCertificate, ca_fingerprint}
 use cairn_common::tls::RevokedSerials;
 use cairn_common::token::EnrollmentToken;
 
+use crate::api::refusals::RefusalAudit;
+use crate::audit::log::AuditLog;
 use crate::audit::{AuditEvent, Outcome};
-use crate::audit_log::AuditLog;
 use crate::catalog::{Catalog, CertificateRecord, TokenRecord, TokenRefusal};
 use crate::clock::now_ms;
 use crate::config::{CoordinatorConfig, FleetConfig, MIN_TOKEN_TTL};
 use crate::error::{CoordinatorError, Result};
 use crate::fleet::Fleet;
-use crate::refusals::RefusalAudit;
 
 #[derive(Debug)]
 pub struct Authority {

@@ -18,7 +18,7 @@ use crate::catalog::{BackupStats, Catalog};
 use crate::clock::now_ms;
 use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result};
-use crate::manifest::Manifest;
+use crate::repository::manifest::Manifest;
 
 #[derive(Debug, Serialize)]
 pub struct RebuildReport {
@@ -44,7 +44,7 @@ pub async fn rebuild_catalog(
 ) -> Result<RebuildReport> {
     // Offline only: refused while `cairn serve` (or another rebuild) runs
     // on this home.
-    crate::keys::lock_key_file(&config.keys.master_key_file)?;
+    crate::repository::keys::lock_key_file(&config.keys.master_key_file)?;
     let catalog = Catalog::open_sqlite(&config.catalog.sqlite_path).await?;
     if catalog.count_backups().await? > 0 {
         return Err(CoordinatorError::Conflict(format!(
@@ -59,7 +59,7 @@ pub async fn rebuild_catalog(
             .await
             .map_err(|e| CoordinatorError::Unavailable(format!("repository: {e}")))?,
         None => {
-            crate::keys::open_repository(
+            crate::repository::keys::open_repository(
                 config.open_store()?,
                 &config.keys.master_key_file,
                 &catalog,
@@ -116,7 +116,7 @@ pub async fn rebuild_catalog(
     }
     let catalog = Arc::new(catalog);
     let check =
-        crate::repository_check::check_repository(catalog.clone(), Arc::new(repository), false)
+        crate::repository::check::check_repository(catalog.clone(), Arc::new(repository), false)
             .await?;
     let report = RebuildReport {
         repository: check.repository,

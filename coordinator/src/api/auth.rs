@@ -9,9 +9,9 @@ use cairn_common::names::AgentName;
 use cairn_common::tls::RevokedSerials;
 use tonic::{Request, Status};
 
+use crate::api::refusals::RefusalAudit;
+use crate::audit::log::AuditLog;
 use crate::audit::{AuditEvent, Outcome};
-use crate::audit_log::AuditLog;
-use crate::refusals::RefusalAudit;
 
 /// The authenticated caller, stored in each request's extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,6 +5,8 @@
 //! Online means: a session exists and its last heartbeat is younger than
 //! three heartbeat intervals.
 
+pub mod authority;
+
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};

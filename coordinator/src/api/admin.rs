@@ -8,15 +8,15 @@ use cairn_common::identity::Role;
 use cairn_common::proto::{self, admin_server::Admin};
 use tonic::{Request, Response, Status};
 
+use crate::api::auth::require_role;
+use crate::api::wire::{backup_to_wire, job_to_wire, key_slot_to_wire};
+use crate::audit::log::AuditLog;
 use crate::audit::{AuditEvent, ChainVerifier, Outcome};
-use crate::audit_log::AuditLog;
-use crate::auth::require_role;
-use crate::authority::Authority;
 use crate::catalog::{AgentRecord, Catalog, PageKey};
+use crate::fleet::authority::Authority;
 use crate::fleet::{CommandOutcome, Fleet};
+use crate::jobs::restores::RestoreRequest;
 use crate::jobs::{BackupRequest, Jobs};
-use crate::restores::RestoreRequest;
-use crate::wire::{backup_to_wire, job_to_wire, key_slot_to_wire};
 
 const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -70,7 +70,7 @@ pub struct AdminService {
     pub audit: AuditLog,
     pub jobs: Arc<Jobs>,
     pub repository: Arc<crate::repository::Repository>,
-    pub keys: crate::keys::MasterKeys,
+    pub keys: crate::repository::keys::MasterKeys,
 }
 
 impl AdminService {
@@ -527,7 +527,7 @@ impl Admin for AdminService {
         let identity = require_role(&request, Role::Operator, &self.audit, "backup.verify").await?;
         let backup_id = request.into_inner().backup_id;
         let report =
-            crate::verify::verify_backup(&self.catalog, &self.repository, &backup_id).await?;
+            crate::jobs::verify::verify_backup(&self.catalog, &self.repository, &backup_id).await?;
         self.audit
             .record(AuditEvent::new(
                 identity.principal.to_string(),
@@ -547,7 +547,9 @@ impl Admin for AdminService {
                 ),
             ))
             .await;
-        Ok(Response::new(crate::wire::verify_report_to_wire(report)))
+        Ok(Response::new(crate::api::wire::verify_report_to_wire(
+            report,
+        )))
     }
 
     async fn check_repository(
@@ -560,7 +562,7 @@ impl Admin for AdminService {
         let started = std::time::Instant::now();
         // Its own task: a caller that goes away does not cut the check (and
         // its catalog updates) halfway.
-        let check = tokio::spawn(crate::repository_check::check_repository(
+        let check = tokio::spawn(crate::repository::check::check_repository(
             self.catalog.clone(),
             self.repository.clone(),
             read_data,
@@ -596,7 +598,7 @@ impl Admin for AdminService {
             ))
             .await;
         let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        Ok(Response::new(crate::wire::check_report_to_wire(
+        Ok(Response::new(crate::api::wire::check_report_to_wire(
             report, millis,
         )))
     }
@@ -635,7 +637,7 @@ impl Admin for AdminService {
             .map_err(|_| Status::invalid_argument("key: must be exactly 32 bytes"))?;
         let slot = self.keys.add(&identity.principal.to_string(), key).await?;
         Ok(Response::new(proto::AddKeySlotResponse {
-            slot: Some(key_slot_to_wire(crate::keys::ListedSlot {
+            slot: Some(key_slot_to_wire(crate::repository::keys::ListedSlot {
                 slot,
                 in_use: false,
             })),

@@ -40,8 +40,8 @@ use cairn_common::config::write_file_atomic;
 use cairn_common::crypto::SecretKey;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::log::AuditLog;
 use crate::audit::{AuditEvent, Outcome};
-use crate::audit_log::AuditLog;
 use crate::catalog::Catalog;
 use crate::error::{CoordinatorError, Result};
 use crate::repository::{KeySlot, Repository, RepositoryError, SlotPurpose, Store};

@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tonic::{Code, Status};
 
 use crate::catalog::{Catalog, JobRecord};
-use crate::manifest::{Manifest, ManifestChunk};
+use crate::repository::manifest::{Manifest, ManifestChunk};
 use crate::repository::{ObjectKey, Repository, RepositoryError};
 
 /// Chunks read from the repository ahead of the agent.

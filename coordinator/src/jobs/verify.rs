@@ -20,7 +20,7 @@ use serde::Serialize;
 use crate::catalog::{Catalog, VerificationRecord};
 use crate::clock::now_ms;
 use crate::error::{CoordinatorError, Result};
-use crate::manifest::{Manifest, ManifestChunk};
+use crate::repository::manifest::{Manifest, ManifestChunk};
 use crate::repository::{ObjectKey, Repository};
 
 /// Chunks read and checked at once.

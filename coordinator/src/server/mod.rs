@@ -3,6 +3,9 @@
 //! down in order on SIGTERM: stop accepting, end agent sessions, wait for
 //! in-flight calls up to `server.shutdown_grace`, close the catalog.
 
+pub mod home;
+pub mod http;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -17,20 +20,20 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::AdminService;
+use crate::api::admin::AdminService;
+use crate::api::auth::{admin_interceptor, agent_interceptor};
+use crate::api::gateway::Gateway;
+use crate::api::refusals::RefusalAudit;
+use crate::api::unauthenticated;
+use crate::audit::log::AuditLog;
 use crate::audit::{AuditEvent, Outcome};
-use crate::audit_log::AuditLog;
-use crate::auth::{admin_interceptor, agent_interceptor};
-use crate::authority::Authority;
 use crate::catalog::Catalog;
 use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result};
 use crate::fleet::Fleet;
-use crate::gateway::Gateway;
-use crate::http::{HttpState, router};
+use crate::fleet::authority::Authority;
 use crate::jobs::Jobs;
-use crate::refusals::RefusalAudit;
-use crate::unauthenticated;
+use crate::server::http::{HttpState, router};
 
 const SERVER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const SERVER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -76,7 +79,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     // The repository must open with the master key before anything is
     // served: a wrong key is a startup error, not a failed backup later.
     let repository = Arc::new(
-        crate::keys::open_repository(
+        crate::repository::keys::open_repository(
             config.open_store()?,
             &config.keys.master_key_file,
             &catalog,
@@ -126,9 +129,10 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
                 _ = ca_watch_shutdown.cancelled() => return,
                 _ = daily.tick() => {}
             }
-            if let Some(warning) =
-                crate::http::ca_expiry_warning(ca_not_after_unix, crate::clock::now_ms() / 1000)
-            {
+            if let Some(warning) = crate::server::http::ca_expiry_warning(
+                ca_not_after_unix,
+                crate::clock::now_ms() / 1000,
+            ) {
                 tracing::warn!("{warning}");
             }
         }
@@ -196,7 +200,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         config: config.backup.clone(),
         tasks: tasks.clone(),
     });
-    let keys = crate::keys::MasterKeys::new(
+    let keys = crate::repository::keys::MasterKeys::new(
         repository.clone(),
         config.keys.master_key_file.clone(),
         audit.clone(),

@@ -40,7 +40,7 @@ use serde::Serialize;
 use crate::catalog::Catalog;
 use crate::clock::now_ms;
 use crate::error::{CoordinatorError, Result};
-use crate::manifest::Manifest;
+use crate::repository::manifest::Manifest;
 use crate::repository::{Listing, ObjectKey, Repository, RepositoryError};
 
 /// Rows read from the catalog at a time.

@@ -1,11 +1,16 @@
 //! The job engine: starts backup jobs on agents, follows them to their end,
 //! and cancels them. A job is a row in the catalog; its live progress is
-//! written there by the upload (see [`crate::upload`]).
+//! written there by the upload (see [`crate::jobs::upload`]).
 //!
 //! A backup job ends `succeeded` only if the agent reports it done *and*
 //! the upload stored the manifest (the backup is complete in the catalog);
 //! every other ending fails or cancels the job, and its backup is never
 //! listed.
+
+pub mod download;
+pub mod restores;
+pub mod upload;
+pub mod verify;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,8 +21,8 @@ use cairn_common::proto::{self, command};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::audit::log::AuditLog;
 use crate::audit::{AuditEvent, Outcome};
-use crate::audit_log::AuditLog;
 use crate::catalog::{AgentRecord, Catalog, JobRecord, JobStatus};
 use crate::clock::now_ms;
 use crate::config::BackupConfig;

@@ -3,8 +3,8 @@
 use cairn_common::proto;
 
 use crate::catalog::{BackupRecord, JobRecord, VerificationRecord};
-use crate::restores::RestoreReport;
-use crate::verify::VerifyReport;
+use crate::jobs::restores::RestoreReport;
+use crate::jobs::verify::VerifyReport;
 
 pub fn job_to_wire(job: JobRecord) -> proto::Job {
     let status = match job.status.as_str() {
@@ -96,7 +96,7 @@ pub fn verify_report_to_wire(report: VerifyReport) -> proto::VerifyBackupRespons
 }
 
 pub fn check_report_to_wire(
-    report: crate::repository_check::CheckReport,
+    report: crate::repository::check::CheckReport,
     millis: u64,
 ) -> proto::CheckRepositoryResponse {
     let problems = |list: Vec<(String, String)>| {
@@ -134,7 +134,7 @@ pub fn check_report_to_wire(
     }
 }
 
-pub fn key_slot_to_wire(listed: crate::keys::ListedSlot) -> proto::KeySlot {
+pub fn key_slot_to_wire(listed: crate::repository::keys::ListedSlot) -> proto::KeySlot {
     proto::KeySlot {
         id: listed.slot.id,
         purpose: listed.slot.purpose.as_str().to_string(),

@@ -6,6 +6,8 @@
 //!
 //! Storage is the catalog's business; this module only hashes and checks.
 
+pub mod log;
+
 use serde::Serialize;
 
 /// The `prev_hash` of the first row.

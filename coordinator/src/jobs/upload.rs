@@ -45,7 +45,7 @@ use tonic::{Status, Streaming};
 
 use crate::catalog::{BackupStats, Catalog, JobRecord, StoredChunk};
 use crate::clock::now_ms;
-use crate::manifest::{Manifest, ManifestChunk};
+use crate::repository::manifest::{Manifest, ManifestChunk};
 use crate::repository::{ObjectKey, Repository};
 
 /// Most chunk ids one offer may carry.

@@ -18,15 +18,15 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::api::auth::{Caller, caller, peer_of};
+use crate::audit::log::AuditLog;
 use crate::audit::{AuditEvent, Outcome};
-use crate::audit_log::AuditLog;
-use crate::auth::{Caller, caller, peer_of};
-use crate::authority::Authority;
 use crate::catalog::{Catalog, JobStatus, Registration};
 use crate::clock::now_ms;
+use crate::fleet::authority::Authority;
 use crate::fleet::{CommandOutcome, Fleet};
+use crate::jobs::upload::{Upload, UploadsInProgress};
 use crate::repository::Repository;
-use crate::upload::{Upload, UploadsInProgress};
 
 /// Commands and acknowledgements queued to one agent.
 const CONTROL_QUEUE_LEN: usize = 32;
@@ -130,11 +130,11 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                     "job {job_id} is not a running restore of agent \"{agent}\""
                 ))
             })?;
-        let manifest = crate::download::manifest_of(&self.repository, &job).await?;
-        let (sender, receiver) = mpsc::channel(crate::download::DOWNLOAD_QUEUE_LEN);
+        let manifest = crate::jobs::download::manifest_of(&self.repository, &job).await?;
+        let (sender, receiver) = mpsc::channel(crate::jobs::download::DOWNLOAD_QUEUE_LEN);
         let span = tracing::info_span!("download", job_id = %job.id, agent = %agent, backup = %job.backup_id);
         self.tasks.spawn(
-            crate::download::stream_chunks(
+            crate::jobs::download::stream_chunks(
                 self.catalog.clone(),
                 self.repository.clone(),
                 job,

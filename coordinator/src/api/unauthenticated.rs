@@ -31,7 +31,7 @@ fn is_enrollment(request: &http::Request<Body>) -> bool {
         .strip_prefix('/')
         .and_then(|path| path.split_once('/'))
         .is_some_and(|(service, method)| {
-            service == <AgentGatewayServer<crate::gateway::Gateway> as NamedService>::NAME
+            service == <AgentGatewayServer<crate::api::gateway::Gateway> as NamedService>::NAME
                 && method == "Enroll"
         })
 }

@@ -24,10 +24,10 @@ use cairn_common::pki::{CertificateAuthority, generate_key_and_csr};
 use cairn_common::crypto::SecretKey;
 
 use crate::audit::{AuditEvent, Outcome};
-use crate::authority::record_operator_certificate;
 use crate::catalog::Catalog;
 use crate::config::FleetConfig;
 use crate::error::{CoordinatorError, Result};
+use crate::fleet::authority::record_operator_certificate;
 use crate::repository::{LocalStore, Repository, Store};
 
 #[derive(Debug, Clone)]

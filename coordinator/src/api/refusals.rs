@@ -28,8 +28,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::log::AuditLog;
 use crate::audit::{AuditEvent, Outcome};
-use crate::audit_log::AuditLog;
 
 /// Rows waiting for the writer.
 const QUEUE_LEN: usize = 256;

@@ -1,6 +1,6 @@
 //! Restore and restore-drill jobs: checked here, sent to the agent, which
 //! restores through a staging database (see `agent/src/restore.rs`) and
-//! reads the backup over `DownloadBackup` (see [`crate::download`]).
+//! reads the backup over `DownloadBackup` (see [`crate::jobs::download`]).
 //!
 //! A drill restores into a scratch database the agent drops afterwards; it
 //! passes only if pg_restore succeeded and every table's row count equals
@@ -22,7 +22,7 @@ use crate::clock::now_ms;
 use crate::error::{CoordinatorError, Result};
 use crate::fleet::CommandOutcome;
 use crate::jobs::{Jobs, check_database_name, ended_short, random_suffix};
-use crate::manifest::Manifest;
+use crate::repository::manifest::Manifest;
 
 /// How long a restore may run before the coordinator gives up on it.
 const RESTORE_COMMAND_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
