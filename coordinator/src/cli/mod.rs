@@ -1,22 +1,25 @@
 //! The `cairn` command line: `init` and `serve` for the coordinator itself,
 //! and the operator commands, which call the Admin API over mTLS.
 
+mod agents;
+mod audit;
 mod backups;
 mod client;
+mod jobs;
 mod keys;
+mod operators;
 mod output;
 mod pages;
 mod repository;
 mod restores;
+mod tokens;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use cairn_common::model::{InstanceProbe, probes_from_wire};
-use cairn_common::names::OperatorName;
-use cairn_common::pki::generate_key_and_csr;
+use anyhow::bail;
+use cairn_common::model::probes_from_wire;
 use cairn_common::proto;
 use cairn_coordinator::config::CoordinatorConfig;
 use cairn_coordinator::server::home::{InitOptions, init};
@@ -24,7 +27,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use client::{connect, explain};
-use output::{AgentView, AuditView, OutputFormat, print_json};
+use output::{OutputFormat, print_json};
 
 /// Cairn: fleet-wide PostgreSQL backups, restores and health, driven from
 /// one coordinator.
@@ -81,10 +84,10 @@ enum Command {
     },
     /// Enrollment tokens.
     #[command(subcommand)]
-    Token(TokenCommand),
+    Token(tokens::TokenCommand),
     /// The fleet's agents.
     #[command(subcommand)]
-    Agents(AgentsCommand),
+    Agents(agents::AgentsCommand),
     /// Probe an agent's PostgreSQL instances now.
     Probe {
         /// Agent name.
@@ -97,10 +100,10 @@ enum Command {
     },
     /// The append-only audit log.
     #[command(subcommand)]
-    Audit(AuditCommand),
+    Audit(audit::AuditCommand),
     /// Operator identities.
     #[command(subcommand)]
-    Operators(OperatorsCommand),
+    Operators(operators::OperatorsCommand),
     /// Run a backup, or verify one (every chunk, or a restore drill).
     #[command(subcommand)]
     Backup(BackupCommand),
@@ -109,7 +112,7 @@ enum Command {
     Backups(BackupsCommand),
     /// Jobs: backups, restores and drills, running and finished.
     #[command(subcommand)]
-    Jobs(JobsCommand),
+    Jobs(jobs::JobsCommand),
     /// The master key and the repository's key slots (recovery keys).
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -309,140 +312,6 @@ enum BackupsCommand {
     },
 }
 
-#[derive(Debug, Subcommand)]
-enum JobsCommand {
-    /// The newest jobs.
-    List {
-        /// How many jobs (0: all of them).
-        #[arg(long, default_value_t = 50)]
-        limit: u32,
-        #[command(flatten)]
-        connection: Connection,
-    },
-    /// One job.
-    Show {
-        id: String,
-        #[command(flatten)]
-        connection: Connection,
-    },
-    /// Follow a job to its end; exit 1 unless it succeeds.
-    Watch {
-        id: String,
-        #[command(flatten)]
-        connection: Connection,
-    },
-    /// Cancel a running job: the agent stops pg_dump and nothing is listed (role: operator).
-    Cancel {
-        id: String,
-        #[command(flatten)]
-        connection: Connection,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum TokenCommand {
-    /// Make a one-time enrollment token for one agent name (role: admin).
-    Create {
-        /// The agent name the token may enroll: [a-z0-9][a-z0-9-]{0,62}.
-        #[arg(long)]
-        agent: String,
-        /// How long the token stays valid (1m to fleet.max_token_ttl).
-        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
-        ttl: Duration,
-        #[command(flatten)]
-        connection: Connection,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum AgentsCommand {
-    /// List enrolled agents with their status.
-    List {
-        #[command(flatten)]
-        connection: Connection,
-    },
-    /// One agent, with its latest probes.
-    Show {
-        name: String,
-        #[command(flatten)]
-        connection: Connection,
-    },
-    /// Revoke an agent's certificate; it is refused from its next call on (role: admin).
-    Revoke {
-        name: String,
-        #[command(flatten)]
-        connection: Connection,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum AuditCommand {
-    /// The newest audit events.
-    List {
-        /// How many events (0: all of them).
-        #[arg(long, default_value_t = 50)]
-        limit: u32,
-        #[command(flatten)]
-        connection: Connection,
-    },
-    /// Recompute the hash chain; exit 1 and name the first bad row if it is broken.
-    Verify {
-        #[command(flatten)]
-        connection: Connection,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum OperatorsCommand {
-    /// Issue an operator identity with a role into a new directory (role: admin).
-    /// The private key is generated here and never sent. With --offline, on
-    /// the coordinator host: signed with the fleet CA on disk, no admin
-    /// identity needed (the break-glass path when none is left); audited.
-    Issue {
-        /// Operator name: [a-z0-9][a-z0-9-]{0,62}.
-        #[arg(long)]
-        name: String,
-        /// viewer (read only), operator (also runs work) or admin (also manages identity).
-        #[arg(long)]
-        role: cairn_common::identity::Role,
-        /// Directory to create for ca.pem, cert.pem and key.pem.
-        #[arg(long)]
-        out: PathBuf,
-        /// Sign with the CA key named by --config instead of asking the
-        /// coordinator (run as the user that can read it); works whether or
-        /// not `cairn serve` runs.
-        #[arg(long, requires = "config")]
-        offline: bool,
-        /// With --offline: the coordinator's coordinator.toml.
-        #[arg(long, requires = "offline")]
-        config: Option<PathBuf>,
-        #[command(flatten)]
-        connection: Connection,
-    },
-    /// Renew your own operator identity (the one --identity names) before it
-    /// expires: a new key generated here, a new certificate for the same
-    /// name and role (fleet.operator_certificate_lifetime). The identity
-    /// directory's key and certificate are replaced together, or with
-    /// --out a new directory is written. The old certificate stays valid
-    /// until it expires.
-    Renew {
-        /// Write the renewed identity into this new directory instead of
-        /// replacing the --identity directory.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        #[command(flatten)]
-        connection: Connection,
-    },
-    /// Revoke every certificate of an operator; refused from its next call on
-    /// (role: admin). The last admin cannot be revoked.
-    Revoke {
-        /// Operator name.
-        name: String,
-        #[command(flatten)]
-        connection: Connection,
-    },
-}
-
 fn parse_ttl(text: &str) -> Result<Duration, String> {
     let ttl = humantime::parse_duration(text)
         .map_err(|e| format!("{e}: use a duration such as 30m, 1h or 2d"))?;
@@ -466,6 +335,17 @@ impl Connection {
 
     fn json(&self) -> bool {
         self.output == OutputFormat::Json
+    }
+
+    /// Prints what a call answered: `value` as JSON with `--output json`,
+    /// otherwise what `human` prints (a table, a sentence).
+    fn show<T: serde::Serialize>(&self, value: &T, human: impl FnOnce()) -> anyhow::Result<()> {
+        if self.json() {
+            print_json(value)
+        } else {
+            human();
+            Ok(())
+        }
     }
 }
 
@@ -540,112 +420,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             cairn_coordinator::server::serve(config, shutdown).await?;
             Ok(0)
         }
-        Command::Token(TokenCommand::Create {
-            agent,
-            ttl,
-            connection,
-        }) => {
-            let agent = cairn_common::names::AgentName::new(agent)?.to_string();
-            let response = connection
-                .admin()
-                .await?
-                .create_enrollment_token(proto::CreateEnrollmentTokenRequest {
-                    agent_name: agent.clone(),
-                    ttl_seconds: ttl.as_secs(),
-                })
-                .await
-                .map_err(explain)?
-                .into_inner();
-            let expires_at = cairn_common::model::time_from_unix_ms(response.expires_at_unix_ms);
-            if connection.json() {
-                print_json(&serde_json::json!({
-                    "agent": agent,
-                    "token": response.token,
-                    "expires_at": expires_at,
-                }))?;
-            } else {
-                println!("{}", response.token);
-                eprintln!(
-                    "One-time token for agent {agent}, valid until {}. On the database host run:\n  cairn-agent enroll --coordinator {} --token <TOKEN> --dir DIR --postgres CONNSTRING",
-                    expires_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
-                    connection.coordinator
-                );
-            }
-            Ok(0)
-        }
-        Command::Agents(AgentsCommand::List { connection }) => {
-            let response = connection
-                .admin()
-                .await?
-                .list_agents(proto::ListAgentsRequest {})
-                .await
-                .map_err(explain)?
-                .into_inner();
-            let agents: Vec<AgentView> = response.agents.into_iter().map(Into::into).collect();
-            if connection.json() {
-                print_json(&agents)?;
-            } else if agents.is_empty() {
-                println!("No agents enrolled yet: cairn token create --agent NAME");
-            } else {
-                println!("{}", output::agents_table(&agents));
-            }
-            Ok(0)
-        }
-        Command::Agents(AgentsCommand::Show { name, connection }) => {
-            let response = connection
-                .admin()
-                .await?
-                .get_agent(proto::GetAgentRequest { agent_name: name })
-                .await
-                .map_err(explain)?
-                .into_inner();
-            let agent: AgentView = response
-                .agent
-                .context("the coordinator sent no agent")?
-                .into();
-            let probes = probes_from_wire(response.probes);
-            if connection.json() {
-                print_json(&serde_json::json!({ "agent": agent, "probes": probes }))?;
-            } else {
-                println!("{}", output::agent_detail(&agent));
-                let mut seen = std::collections::HashSet::new();
-                let latest: Vec<InstanceProbe> = probes
-                    .iter()
-                    .filter(|p| seen.insert(p.instance.clone()))
-                    .cloned()
-                    .collect();
-                if latest.is_empty() {
-                    println!("\nNo probes yet.");
-                } else {
-                    println!(
-                        "\nLatest probe per instance (history: {} probes in all; --output json lists them):",
-                        probes.len()
-                    );
-                    println!("{}", output::probes_table(&latest));
-                }
-            }
-            Ok(0)
-        }
-        Command::Agents(AgentsCommand::Revoke { name, connection }) => {
-            let response = connection
-                .admin()
-                .await?
-                .revoke_agent(proto::RevokeAgentRequest {
-                    agent_name: name.clone(),
-                })
-                .await
-                .map_err(explain)?
-                .into_inner();
-            let revoked_at = cairn_common::model::time_from_unix_ms(response.revoked_at_unix_ms);
-            if connection.json() {
-                print_json(&serde_json::json!({ "agent": name, "revoked_at": revoked_at }))?;
-            } else {
-                println!(
-                    "Revoked agent {name}: its certificate is refused from now on. To enroll it again: cairn token create --agent {name}"
-                );
-            }
-            Ok(0)
-        }
+        Command::Token(command) => tokens::run(command).await,
+        Command::Agents(command) => agents::run(command).await,
+        Command::Audit(command) => audit::run(command).await,
+        Command::Jobs(command) => jobs::run(command).await,
+        Command::Operators(command) => operators::run(command).await,
         Command::Probe {
             name,
             timeout,
@@ -662,66 +441,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .map_err(explain)?
                 .into_inner();
             let probes = probes_from_wire(response.result.map(|r| r.instances).unwrap_or_default());
-            if connection.json() {
-                print_json(&probes)?;
-            } else {
+            connection.show(&probes, || {
                 println!("{}", output::probes_table(&probes));
-            }
+            })?;
             Ok(if probes.iter().all(|p| p.reachable) {
                 0
             } else {
                 1
             })
-        }
-        Command::Audit(AuditCommand::List { limit, connection }) => {
-            let client = connection.admin().await?;
-            let events: Vec<AuditView> =
-                pages::collect((limit > 0).then_some(limit), |page_token, limit| {
-                    let mut client = client.clone();
-                    async move {
-                        let page = client
-                            .list_audit_events(proto::ListAuditEventsRequest { limit, page_token })
-                            .await
-                            .map_err(explain)?
-                            .into_inner();
-                        Ok((
-                            page.events.into_iter().map(Into::into).collect(),
-                            page.next_page_token,
-                        ))
-                    }
-                })
-                .await?;
-            if connection.json() {
-                print_json(&events)?;
-            } else {
-                println!("{}", output::audit_table(&events));
-            }
-            Ok(0)
-        }
-        Command::Audit(AuditCommand::Verify { connection }) => {
-            let report = connection
-                .admin()
-                .await?
-                .verify_audit_log(proto::VerifyAuditLogRequest {})
-                .await
-                .map_err(explain)?
-                .into_inner();
-            if connection.json() {
-                print_json(&serde_json::json!({
-                    "ok": report.ok,
-                    "rows_checked": report.rows_checked,
-                    "first_bad_row": (report.first_bad_row != 0).then_some(report.first_bad_row),
-                    "problem": (!report.problem.is_empty()).then_some(&report.problem),
-                }))?;
-            } else if report.ok {
-                println!("audit log intact: {} rows checked", report.rows_checked);
-            } else {
-                println!(
-                    "audit log BROKEN at row {}: {}",
-                    report.first_bad_row, report.problem
-                );
-            }
-            Ok(if report.ok { 0 } else { 1 })
         }
         Command::Backup(BackupCommand::Run {
             agent,
@@ -857,84 +584,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .map_err(explain)?
                 .into_inner();
             let view = backups::BackupView::from(backup);
-            if connection.json() {
-                print_json(&view)?;
-            } else {
+            connection.show(&view, || {
                 println!("{}", backups::backup_detail(&view));
-            }
-            Ok(0)
-        }
-        Command::Jobs(JobsCommand::List { limit, connection }) => {
-            let client = connection.admin().await?;
-            let views: Vec<backups::JobView> =
-                pages::collect((limit > 0).then_some(limit), |page_token, limit| {
-                    let mut client = client.clone();
-                    async move {
-                        let page = client
-                            .list_jobs(proto::ListJobsRequest { limit, page_token })
-                            .await
-                            .map_err(explain)?
-                            .into_inner();
-                        Ok((
-                            page.jobs.into_iter().map(Into::into).collect(),
-                            page.next_page_token,
-                        ))
-                    }
-                })
-                .await?;
-            if connection.json() {
-                print_json(&views)?;
-            } else {
-                println!("{}", backups::jobs_table(&views));
-            }
-            Ok(0)
-        }
-        Command::Jobs(JobsCommand::Show { id, connection }) => {
-            let job: backups::JobView = connection
-                .admin()
-                .await?
-                .get_job(proto::GetJobRequest { job_id: id })
-                .await
-                .map_err(explain)?
-                .into_inner()
-                .into();
-            if connection.json() {
-                print_json(&job)?;
-            } else {
-                println!("{}", backups::jobs_table(std::slice::from_ref(&job)));
-            }
-            Ok(0)
-        }
-        Command::Jobs(JobsCommand::Watch { id, connection }) => {
-            let mut client = connection.admin().await?;
-            let job = backups::watch(&mut client, &id, connection.json()).await?;
-            if connection.json() {
-                print_json(&job)?;
-            }
-            Ok(if job.status == "succeeded" { 0 } else { 1 })
-        }
-        Command::Jobs(JobsCommand::Cancel { id, connection }) => {
-            let job: backups::JobView = connection
-                .admin()
-                .await?
-                .cancel_job(proto::CancelJobRequest { job_id: id })
-                .await
-                .map_err(explain)?
-                .into_inner()
-                .into();
-            if connection.json() {
-                print_json(&job)?;
-            } else if job.status == "running" {
-                // The agent stops the work itself (kills pg_dump or
-                // pg_restore, drops a staging database); the job ends once
-                // it has.
-                println!(
-                    "Cancel requested for job {id}: the agent is stopping it, and it will end as cancelled. Follow with: cairn jobs watch {id}",
-                    id = job.id
-                );
-            } else {
-                println!("Job {} is {}.", job.id, job.status);
-            }
+            })?;
             Ok(0)
         }
         Command::Keys(KeysCommand::Rotate { connection }) => {
@@ -1009,177 +661,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 },
             )
         }
-        Command::Operators(OperatorsCommand::Revoke { name, connection }) => {
-            revoke_operator(name, connection).await
-        }
-        Command::Operators(OperatorsCommand::Renew { out, connection }) => {
-            renew_operator(out, connection).await
-        }
-        Command::Operators(OperatorsCommand::Issue {
-            name,
-            role,
-            out,
-            offline,
-            config,
-            connection,
-        }) => {
-            let name = OperatorName::new(name)?;
-            if out.exists() {
-                bail!(
-                    "{} already exists: choose a new --out directory",
-                    out.display()
-                );
-            }
-            let request = generate_key_and_csr(name.as_str())?;
-            let (ca_pem, certificate_pem) = match config.filter(|_| offline) {
-                Some(config) => {
-                    let config = CoordinatorConfig::load(&config)?;
-                    let issued = cairn_coordinator::fleet::authority::issue_operator_offline(
-                        &config,
-                        name.as_str(),
-                        role,
-                        &request.csr_pem,
-                    )
-                    .await?;
-                    (issued.ca_pem, issued.certificate.pem)
-                }
-                None => {
-                    let response = connection
-                        .admin()
-                        .await?
-                        .issue_operator_certificate(proto::IssueOperatorCertificateRequest {
-                            name: name.to_string(),
-                            role: proto::OperatorRole::from(role) as i32,
-                            csr_pem: request.csr_pem.clone(),
-                        })
-                        .await
-                        .map_err(explain)?
-                        .into_inner();
-                    (response.ca_pem, response.certificate_pem)
-                }
-            };
-            write_identity(&out, &ca_pem, &certificate_pem, &request.key_pem)?;
-            if connection.json() {
-                print_json(&serde_json::json!({ "name": name, "role": role, "identity": out }))?;
-            } else {
-                println!("Issued {role} identity {name} in {}", out.display());
-            }
-            Ok(0)
-        }
     }
-}
-
-async fn renew_operator(out: Option<PathBuf>, connection: Connection) -> anyhow::Result<i32> {
-    let Some(identity_dir) = connection.identity.clone() else {
-        bail!(
-            "cairn operators renew renews the identity --identity names (or CAIRN_IDENTITY): pass it"
-        );
-    };
-    if let Some(out) = &out
-        && out.exists()
-    {
-        bail!(
-            "{} already exists: choose a new --out directory",
-            out.display()
-        );
-    }
-    let certificate = std::fs::read(identity_dir.join("cert.pem"))
-        .with_context(|| format!("cannot read {}", identity_dir.join("cert.pem").display()))?;
-    let der = cairn_common::tls::parse_certificates(&certificate, "the operator certificate")?;
-    let current = cairn_common::identity::Identity::from_certificate_der(&der[0])?;
-    let request = generate_key_and_csr(current.principal.common_name())?;
-    let response = connection
-        .admin()
-        .await?
-        .renew_operator_certificate(proto::RenewOperatorCertificateRequest {
-            csr_pem: request.csr_pem.clone(),
-        })
-        .await
-        .map_err(explain)?
-        .into_inner();
-    let written = match &out {
-        Some(out) => {
-            write_identity(
-                out,
-                &response.ca_pem,
-                &response.certificate_pem,
-                &request.key_pem,
-            )?;
-            out.clone()
-        }
-        None => {
-            cairn_common::config::replace_directory_files(
-                &identity_dir,
-                &[
-                    ("cert.pem", response.certificate_pem.as_bytes(), 0o644),
-                    ("key.pem", request.key_pem.as_bytes(), 0o600),
-                ],
-            )?;
-            identity_dir
-        }
-    };
-    let valid_until = humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + Duration::from_secs(response.not_after_unix.max(0) as u64),
-    );
-    if connection.json() {
-        print_json(&serde_json::json!({
-            "principal": current.principal.to_string(),
-            "identity": written,
-            "not_after": valid_until.to_string(),
-        }))?;
-    } else {
-        println!(
-            "Renewed {} in {}: valid until {valid_until}.",
-            current.principal,
-            written.display()
-        );
-    }
-    Ok(0)
-}
-
-async fn revoke_operator(name: String, connection: Connection) -> anyhow::Result<i32> {
-    let name = OperatorName::new(name)?;
-    let response = connection
-        .admin()
-        .await?
-        .revoke_operator(proto::RevokeOperatorRequest {
-            name: name.to_string(),
-        })
-        .await
-        .map_err(explain)?
-        .into_inner();
-    if connection.json() {
-        print_json(&serde_json::json!({
-            "operator": name,
-            "revoked_serials": response.revoked_serials,
-        }))?;
-    } else {
-        println!(
-            "Revoked {} certificate(s) of operator {name}: refused from now on.",
-            response.revoked_serials.len()
-        );
-    }
-    Ok(0)
-}
-
-/// Writes an identity directory whole or not at all.
-fn write_identity(
-    out: &std::path::Path,
-    ca: &str,
-    certificate: &str,
-    key: &str,
-) -> anyhow::Result<()> {
-    use cairn_common::config::{StagedDirectory, write_file_atomic};
-    let staged = StagedDirectory::new(out, "--out")?;
-    write_file_atomic(&staged.path().join("ca.pem"), ca.as_bytes(), 0o644)?;
-    write_file_atomic(
-        &staged.path().join("cert.pem"),
-        certificate.as_bytes(),
-        0o644,
-    )?;
-    write_file_atomic(&staged.path().join("key.pem"), key.as_bytes(), 0o600)?;
-    staged.commit()?;
-    Ok(())
 }
 
 async fn wait_for_signal() {
