@@ -98,6 +98,25 @@ impl RevokedSerials {
         let serials = self.serials.read().unwrap_or_else(|e| e.into_inner());
         serials.contains(serial)
     }
+
+    /// Forgets `serials`: only those of certificates past their validity,
+    /// which the verifier refuses anyway, so the set does not grow with
+    /// every renewal for as long as the process runs.
+    pub fn forget_expired(&self, serials: impl IntoIterator<Item = String>) -> usize {
+        let mut set = self.serials.write().unwrap_or_else(|e| e.into_inner());
+        serials
+            .into_iter()
+            .filter(|serial| set.remove(serial))
+            .count()
+    }
+
+    pub fn len(&self) -> usize {
+        self.serials.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The fleet CA's WebPKI verifier (chain, validity period, signatures), plus
@@ -514,5 +533,12 @@ mod tests {
         assert!(!revoked.contains("ca"));
         revoked.insert("01".into());
         assert!(revoked.clone().contains("01"));
+        assert_eq!(revoked.len(), 2);
+        // Forgetting touches only the serials named, and counts them.
+        assert_eq!(
+            revoked.forget_expired(["00ca".to_string(), "ff".to_string()]),
+            1
+        );
+        assert!(!revoked.contains("00ca") && revoked.contains("01"));
     }
 }

@@ -521,12 +521,25 @@ impl Catalog {
         Ok(serials)
     }
 
-    pub async fn revoked_serials(&self) -> Result<Vec<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT serial FROM certificates WHERE revoked_at IS NOT NULL")
-                .fetch_all(&self.pool)
-                .await?,
+    /// Serials of revoked certificates still valid at `cutoff` (ms since
+    /// the epoch; a past certificate is refused for its dates anyway).
+    pub async fn revoked_serials(&self, cutoff: i64) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL AND not_after >= ?",
         )
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Serials of revoked certificates that expired before `cutoff`.
+    pub async fn expired_revoked_serials(&self, cutoff: i64) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL AND not_after < ?",
+        )
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     // ---- probes ----
@@ -980,7 +993,20 @@ mod tests {
         let agent = catalog.get_agent("db1").await.unwrap().unwrap();
         assert_eq!(agent.certificate_serial, "03");
         assert_eq!(agent.revoked_at, None);
-        assert_eq!(catalog.revoked_serials().await.unwrap(), vec!["01"]);
+        assert_eq!(catalog.revoked_serials(0).await.unwrap(), vec!["01"]);
+        // Past its validity, a revoked certificate need not be remembered.
+        assert!(catalog.revoked_serials(11).await.unwrap().is_empty());
+        assert_eq!(
+            catalog.expired_revoked_serials(11).await.unwrap(),
+            vec!["01"]
+        );
+        assert!(
+            catalog
+                .expired_revoked_serials(10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     /// A renewal records the new certificate without moving the agent to
@@ -1035,7 +1061,7 @@ mod tests {
             ),
             ("02", 100_000)
         );
-        assert_eq!(catalog.revoked_serials().await.unwrap(), vec!["01"]);
+        assert_eq!(catalog.revoked_serials(0).await.unwrap(), vec!["01"]);
         // The replaced certificate is done for.
         let old = catalog
             .record_registration("db1", "01", 60_000, &registration, 43_000)

@@ -71,6 +71,12 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
 /// `http::CA_EXPIRY_WARNING`).
 const CA_EXPIRY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
+/// How often revoked serials of expired certificates are forgotten.
+const REVOKED_PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// How long after its expiry a revoked certificate is still remembered.
+const REVOKED_EXPIRY_MARGIN_MS: i64 = 24 * 3600 * 1000;
+
 pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<()> {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
@@ -110,7 +116,40 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         &tasks,
         shutdown.clone(),
     );
-    let revoked = RevokedSerials::new(catalog.revoked_serials().await?);
+    // Revoked certificates past their validity are refused for their dates:
+    // they are left out, and forgotten hourly, so the set does not grow with
+    // every renewal (a day's margin for clocks that disagree).
+    let revoked = RevokedSerials::new(
+        catalog
+            .revoked_serials(crate::clock::now_ms() - REVOKED_EXPIRY_MARGIN_MS)
+            .await?,
+    );
+    let prune_catalog = catalog.clone();
+    let prune_revoked = revoked.clone();
+    let prune_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        let mut hourly = tokio::time::interval(REVOKED_PRUNE_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = prune_shutdown.cancelled() => return,
+                _ = hourly.tick() => {}
+            }
+            let cutoff = crate::clock::now_ms() - REVOKED_EXPIRY_MARGIN_MS;
+            match prune_catalog.expired_revoked_serials(cutoff).await {
+                Ok(expired) => {
+                    let forgotten = prune_revoked.forget_expired(expired);
+                    if forgotten > 0 {
+                        tracing::info!(
+                            forgotten,
+                            remaining = prune_revoked.len(),
+                            "forgot the revoked serials of expired certificates"
+                        );
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "cannot read expired revoked certificates"),
+            }
+        }
+    });
 
     let ca_pem = read(&config.tls.ca_certificate, "the CA certificate")?;
     let ca_key = read(&config.tls.ca_key, "the CA key")?;
