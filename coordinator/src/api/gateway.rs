@@ -569,6 +569,21 @@ const REGISTER_ITEMS_MAX: usize = 64;
 /// Longest hostname or version string kept.
 const REGISTER_TEXT_MAX_CHARS: usize = 255;
 
+/// Whether an agent of version `agent` speaks this coordinator's protocol:
+/// the same major version, and before 1.0 the same minor too (0.x releases
+/// may change the protocol, as 0.2 did when agents gave up the keys).
+fn compatible_versions(agent: &str, coordinator: &str) -> bool {
+    fn parts(version: &str) -> Option<(&str, &str)> {
+        let mut numbers = version.split('.');
+        Some((numbers.next()?, numbers.next()?))
+    }
+    match (parts(agent), parts(coordinator)) {
+        (Some(("0", agent_minor)), Some(("0", minor))) => agent_minor == minor,
+        (Some((agent_major, _)), Some((major, _))) => agent_major == major,
+        _ => false,
+    }
+}
+
 /// Checks everything an agent registers: it reaches the catalog, the audit
 /// log, the CLI and metric labels.
 fn registration_from_wire(register: proto::Register, peer: &str) -> Result<Registration, Status> {
@@ -605,6 +620,15 @@ fn registration_from_wire(register: proto::Register, peer: &str) -> Result<Regis
             ));
         }
     }
+    if !compatible_versions(&register.version, cairn_common::VERSION) {
+        return Err(Status::failed_precondition(format!(
+            "register.version: cairn-agent {:?} cannot work with this coordinator ({}): their \
+             protocols differ; install cairn-agent {} on the host",
+            register.version,
+            cairn_common::VERSION,
+            cairn_common::VERSION
+        )));
+    }
     let permitted_operations = register
         .permitted_operations
         .iter()
@@ -631,7 +655,7 @@ mod tests {
     fn register() -> proto::Register {
         proto::Register {
             agent_name: "db1".into(),
-            version: "0.1.0".into(),
+            version: cairn_common::VERSION.into(),
             hostname: "host".into(),
             labels: [("env".to_string(), "prod".to_string())]
                 .into_iter()
@@ -660,6 +684,26 @@ mod tests {
     }
 
     #[test]
+    fn versions_match_on_major_and_before_one_on_minor() {
+        for (agent, coordinator, compatible) in [
+            ("0.2.0", "0.2.3", true),
+            ("0.2.9-rc1", "0.2.0", true),
+            ("0.1.0", "0.2.0", false),
+            ("0.3.0", "0.2.0", false),
+            ("1.4.0", "1.0.2", true),
+            ("2.0.0", "1.9.0", false),
+            ("", "0.2.0", false),
+            ("garbage", "0.2.0", false),
+        ] {
+            assert_eq!(
+                compatible_versions(agent, coordinator),
+                compatible,
+                "{agent} with {coordinator}"
+            );
+        }
+    }
+
+    #[test]
     fn registrations_are_checked_field_by_field() {
         check(|_| {}, None);
         check(|r| r.instances = vec![], Some("register.instances"));
@@ -679,6 +723,8 @@ mod tests {
         );
         check(|r| r.hostname = "a\nb".into(), Some("register.hostname"));
         check(|r| r.version = "v".repeat(300), Some("register.version"));
+        check(|r| r.version = "0.1.0".into(), Some("register.version"));
+        check(|r| r.version = String::new(), Some("register.version"));
         check(
             |r| r.permitted_operations = vec![1, 99],
             Some("register.permitted_operations[1]"),
