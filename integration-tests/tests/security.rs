@@ -176,7 +176,7 @@ async fn open_control(channel: Channel, agent_name: &str) -> Result<(), tonic::S
     let register = proto::AgentMessage {
         body: Some(proto::agent_message::Body::Register(proto::Register {
             agent_name: agent_name.to_string(),
-            version: "security-test".to_string(),
+            version: cairn_common::VERSION.to_string(),
             ..Default::default()
         })),
     };
@@ -1521,7 +1521,7 @@ async fn probe_reports_naming_unregistered_instances_are_refused_and_audited() {
     };
     send(proto::agent_message::Body::Register(proto::Register {
         agent_name: "db1".into(),
-        version: "security-test".into(),
+        version: cairn_common::VERSION.into(),
         instances: vec!["main".into()],
         ..Default::default()
     }))
