@@ -196,17 +196,7 @@ pub async fn run(
             table_rows: outcome
                 .rows
                 .as_ref()
-                .map(|summary| {
-                    summary
-                        .tables
-                        .iter()
-                        .map(|t| proto::TableRows {
-                            schema: t.schema.clone(),
-                            table: t.table.clone(),
-                            rows: t.rows,
-                        })
-                        .collect()
-                })
+                .map(|summary| summary.tables.iter().cloned().map(Into::into).collect())
                 .unwrap_or_default(),
             rows_not_counted: outcome.rows.as_ref().err().cloned().unwrap_or_default(),
             archive_version: outcome

@@ -71,6 +71,26 @@ pub struct TableRows {
     pub rows: u64,
 }
 
+impl From<TableRows> for crate::proto::TableRows {
+    fn from(t: TableRows) -> Self {
+        crate::proto::TableRows {
+            schema: t.schema,
+            table: t.table,
+            rows: t.rows,
+        }
+    }
+}
+
+impl From<crate::proto::TableRows> for TableRows {
+    fn from(t: crate::proto::TableRows) -> Self {
+        TableRows {
+            schema: t.schema,
+            table: t.table,
+            rows: t.rows,
+        }
+    }
+}
+
 /// What a whole archive holds, as far as counting goes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveSummary {

@@ -892,15 +892,7 @@ async fn a_hand_driven_upload_is_stored_under_keyed_names_and_verifies() {
             dump_bytes: archive.len() as u64,
             pg_dump_version: "hand-driven".into(),
             server_version: "hand-driven".into(),
-            table_rows: summary
-                .tables
-                .iter()
-                .map(|t| proto::TableRows {
-                    schema: t.schema.clone(),
-                    table: t.table.clone(),
-                    rows: t.rows,
-                })
-                .collect(),
+            table_rows: summary.tables.iter().cloned().map(Into::into).collect(),
             archive_version: summary.archive_version.clone(),
             ..Default::default()
         })

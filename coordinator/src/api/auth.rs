@@ -78,6 +78,31 @@ fn identify<T>(
     Ok(Some(identity))
 }
 
+/// Counts a refused call (per client network, `RefusalAudit`) and hands the
+/// status back for the caller to return.
+fn refused(
+    refusals: &RefusalAudit,
+    peer: &str,
+    action: &'static str,
+    target: &'static str,
+    status: Status,
+    kind: &'static str,
+    actor: String,
+) -> Status {
+    refusals.refuse(
+        peer,
+        kind,
+        AuditEvent::new(
+            actor,
+            action,
+            target,
+            Outcome::Refused,
+            status.message().to_string(),
+        ),
+    );
+    status
+}
+
 /// The interceptor for the Admin service: operators only. Refusals are
 /// counted per client network (`RefusalAudit`), never one row per call.
 pub fn admin_interceptor(
@@ -87,18 +112,15 @@ pub fn admin_interceptor(
     move |mut request: Request<()>| {
         let peer = peer_of(&request);
         let refuse = |status: Status, kind: &'static str, actor: String| {
-            refusals.refuse(
+            Err(refused(
+                &refusals,
                 &peer,
+                "admin.call",
+                "admin",
+                status,
                 kind,
-                AuditEvent::new(
-                    actor,
-                    "admin.call",
-                    "admin",
-                    Outcome::Refused,
-                    status.message().to_string(),
-                ),
-            );
-            Err(status)
+                actor,
+            ))
         };
         match identify(&request, &revoked) {
             Err(refusal) => refuse(
@@ -137,18 +159,15 @@ pub fn agent_interceptor(
     move |mut request: Request<()>| {
         let peer = peer_of(&request);
         let refuse = |status: Status, kind: &'static str, actor: String| {
-            refusals.refuse(
+            Err(refused(
+                &refusals,
                 &peer,
+                "agent.call",
+                "agent-gateway",
+                status,
                 kind,
-                AuditEvent::new(
-                    actor,
-                    "agent.call",
-                    "agent-gateway",
-                    Outcome::Refused,
-                    status.message().to_string(),
-                ),
-            );
-            Err(status)
+                actor,
+            ))
         };
         let caller = match identify(&request, &revoked) {
             Err(refusal) => {

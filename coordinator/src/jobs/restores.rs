@@ -74,15 +74,7 @@ impl From<proto::RestoreReport> for RestoreReport {
             previous_dropped: report.previous_dropped,
             terminated_sessions: report.terminated_sessions,
             roles_created: report.roles_created,
-            table_rows: report
-                .table_rows
-                .into_iter()
-                .map(|t| TableRows {
-                    schema: t.schema,
-                    table: t.table,
-                    rows: t.rows,
-                })
-                .collect(),
+            table_rows: report.table_rows.into_iter().map(Into::into).collect(),
             bytes_restored: report.bytes_restored,
             spooled: report.spooled,
             warnings: report.warnings,
@@ -100,15 +92,7 @@ impl From<RestoreReport> for proto::RestoreReport {
             previous_dropped: report.previous_dropped,
             terminated_sessions: report.terminated_sessions,
             roles_created: report.roles_created,
-            table_rows: report
-                .table_rows
-                .into_iter()
-                .map(|t| proto::TableRows {
-                    schema: t.schema,
-                    table: t.table,
-                    rows: t.rows,
-                })
-                .collect(),
+            table_rows: report.table_rows.into_iter().map(Into::into).collect(),
             bytes_restored: report.bytes_restored,
             spooled: report.spooled,
             warnings: report.warnings,

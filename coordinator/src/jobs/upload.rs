@@ -32,7 +32,6 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use cairn_common::archive::TableRows;
 use cairn_common::chunk::{
     CHUNK_MAX_BYTES, CHUNK_MIN_BYTES, ChunkId, Compression, ContentHash, PackedChunk, seal_packed,
     sealed_len, unpack_chunk,
@@ -528,17 +527,10 @@ impl Upload {
             tags: self.tags.clone(),
             chunks: std::mem::take(&mut self.chunks),
             globals: self.globals.clone(),
-            table_rows: finish.rows_not_counted.is_empty().then(|| {
-                finish
-                    .table_rows
-                    .iter()
-                    .map(|t| TableRows {
-                        schema: t.schema.clone(),
-                        table: t.table.clone(),
-                        rows: t.rows,
-                    })
-                    .collect()
-            }),
+            table_rows: finish
+                .rows_not_counted
+                .is_empty()
+                .then(|| finish.table_rows.iter().cloned().map(Into::into).collect()),
             rows_not_counted: finish.rows_not_counted.clone(),
             archive_version: finish.archive_version.clone(),
         };
