@@ -195,26 +195,8 @@ fn is_revocation(status: &tonic::Status) -> bool {
     if status.code() == tonic::Code::Unauthenticated && status.message().contains("is revoked") {
         return true;
     }
-    let revoked_alert = |error: &(dyn std::error::Error + 'static)| {
-        let rustls_error = error.downcast_ref::<rustls::Error>().or_else(|| {
-            error
-                .downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        matches!(
-            rustls_error,
-            Some(rustls::Error::AlertReceived(
-                rustls::AlertDescription::CertificateRevoked
-            ))
-        )
-    };
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(status);
-    while let Some(error) = cause {
-        if revoked_alert(error) {
-            return true;
-        }
-        cause = error.source();
+    if tls::received_alert(status) == Some(rustls::AlertDescription::CertificateRevoked) {
+        return true;
     }
     // Some layers (h2) pass the alert on as text only.
     tls::describe_transport_error(status).contains("fatal alert: CertificateRevoked")
@@ -263,7 +245,17 @@ async fn open_session(
     };
     let channel = tls::connect(url, tls_config, config.source_address)
         .await
-        .map_err(|e| unreachable(e.to_string()))?;
+        .map_err(|e| match e {
+            cairn_common::Error::Refused {
+                reason,
+                revoked: true,
+                ..
+            } => AgentError::Revoked {
+                url: url.to_string(),
+                reason,
+            },
+            other => unreachable(other.to_string()),
+        })?;
     let mut client = AgentGatewayClient::new(channel.clone());
     let (outbound, outbound_receiver) = mpsc::channel(OUTBOUND_QUEUE_LEN);
     outbound

@@ -33,6 +33,14 @@ pub enum Error {
     },
     #[error("cannot connect to the coordinator at {url}: {reason}")]
     Connect { url: String, reason: String },
+    /// The TLS handshake completed on our side, then the coordinator sent
+    /// an alert or closed: it refused this certificate (or a limit).
+    #[error("the coordinator at {url} refused the connection: {reason}")]
+    Refused {
+        url: String,
+        reason: String,
+        revoked: bool,
+    },
 }
 
 impl Error {

@@ -33,6 +33,7 @@ use crate::identity::certificate_serial;
 use crate::pki::ca_fingerprint;
 
 mod incoming;
+mod primed;
 
 pub use incoming::{
     HandshakeRefusedCallback, IncomingLimits, ServerStream, client_network, tls_incoming,
@@ -449,16 +450,64 @@ pub async fn connect(
         async move {
             let tcp = dial(&host, port, source_address).await?;
             let tls = connector.connect(server_name, tcp).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(tls))
+            let primed = primed::Primed::first_bytes(tls).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(primed))
         }
     });
-    endpoint
-        .connect_with_connector(connect)
-        .await
-        .map_err(|e| Error::Connect {
-            url: url.to_string(),
-            reason: describe_transport_error(&e),
-        })
+    endpoint.connect_with_connector(connect).await.map_err(|e| {
+        let reason = describe_transport_error(&e);
+        let closed = find_cause::<std::io::Error>(&e)
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof);
+        match received_alert(&e) {
+            Some(alert) => Error::Refused {
+                url: url.to_string(),
+                reason,
+                revoked: alert == rustls::AlertDescription::CertificateRevoked,
+            },
+            None if closed => Error::Refused {
+                url: url.to_string(),
+                reason,
+                revoked: false,
+            },
+            None => Error::Connect {
+                url: url.to_string(),
+                reason,
+            },
+        }
+    })
+}
+
+/// The first error of type `T` in `error`'s chain, looking inside
+/// `io::Error`s too (TLS errors travel wrapped in them).
+fn find_cause<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if let Some(found) = current.downcast_ref::<T>() {
+            return Some(found);
+        }
+        if let Some(found) = current
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<T>())
+        {
+            return Some(found);
+        }
+        cause = current.source();
+    }
+    None
+}
+
+/// The TLS alert the server sent, if `error` came from one (a refused
+/// client certificate: unknown CA, expired, revoked).
+pub fn received_alert(
+    error: &(dyn std::error::Error + 'static),
+) -> Option<rustls::AlertDescription> {
+    match find_cause::<rustls::Error>(error) {
+        Some(rustls::Error::AlertReceived(alert)) => Some(*alert),
+        _ => None,
+    }
 }
 
 async fn dial(host: &str, port: u16, source: Option<IpAddr>) -> std::io::Result<TcpStream> {

@@ -17,9 +17,14 @@ pub async fn connect(
     let config = tls::IdentityPaths::in_dir(identity_dir)
         .client_config()
         .context("--identity must be a directory with ca.pem, cert.pem and key.pem, e.g. HOME/admin from cairn init")?;
-    let channel = tls::connect(&url, config, None).await.map_err(|e| {
-        anyhow!("{e}: check --coordinator (or CAIRN_COORDINATOR) and that `cairn serve` runs there")
-    })?;
+    let channel = tls::connect(&url, config, None)
+        .await
+        .map_err(|e| match e {
+            cairn_common::Error::Refused { reason, .. } => refused_connection(&reason),
+            other => anyhow!(
+                "{other}: check --coordinator (or CAIRN_COORDINATOR) and that `cairn serve` runs there"
+            ),
+        })?;
     Ok(AdminClient::new(channel))
 }
 
@@ -37,13 +42,16 @@ pub fn explain(status: tonic::Status) -> anyhow::Error {
         || status.message().contains("transport error");
     match status.code() {
         Code::Unknown | Code::Unavailable | Code::Cancelled if transport_failure => {
-            let cause = tls::describe_transport_error(&status);
-            anyhow!(
-                "the coordinator refused the connection ({cause}): check that --identity holds a valid, unrevoked certificate from this fleet's CA"
-            )
+            refused_connection(&tls::describe_transport_error(&status))
         }
         Code::PermissionDenied => anyhow!("permission denied: {}", status.message()),
         Code::Unauthenticated => anyhow!("not authenticated: {}", status.message()),
         _ => anyhow!("{}", status.message()),
     }
+}
+
+fn refused_connection(cause: &str) -> anyhow::Error {
+    anyhow!(
+        "the coordinator refused the connection ({cause}): check that --identity holds a valid, unrevoked certificate from this fleet's CA"
+    )
 }
