@@ -59,7 +59,15 @@ pub async fn run(
     let mut replies = client
         .upload_backup(ReceiverStream::new(outbound_receiver))
         .await
-        .map_err(|status| format!("the coordinator refused the upload: {}", status.message()))?
+        .map_err(|status| {
+            let message = format!("the coordinator refused the upload: {}", status.message());
+            match status.code() {
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+                    JobEnd::Interrupted(message)
+                }
+                _ => JobEnd::Failed(message),
+            }
+        })?
         .into_inner();
 
     // The dump starts at once; the database's facts and the instance's
@@ -162,7 +170,9 @@ pub async fn run(
     // The upload's error explains a dump that stopped because the upload
     // went away; then pg_dump's own message; then the facts' or globals'.
     let (outcome, (facts, globals)) = match (dumped, uploaded, gathered) {
-        (_, Err(upload_error), _) => return Err(JobEnd::Failed(upload_error)),
+        // The upload stream broke: worth another attempt (a refusal by the
+        // coordinator ends the attempt on its side first).
+        (_, Err(upload_error), _) => return Err(JobEnd::Interrupted(upload_error)),
         (Err(DumpError::Cancelled), Ok(()), _) if guard.token.is_cancelled() => {
             return Err(JobEnd::Cancelled("pg_dump was stopped".into()));
         }
@@ -183,7 +193,8 @@ pub async fn run(
             payload: globals.payload,
         }),
     )
-    .await?;
+    .await
+    .map_err(JobEnd::Interrupted)?;
     send(
         &outbound,
         backup_upload::Body::Finish(proto::UploadFinish {
@@ -206,8 +217,12 @@ pub async fn run(
                 .unwrap_or_default(),
         }),
     )
-    .await?;
-    match next_reply(&mut replies).await? {
+    .await
+    .map_err(JobEnd::Interrupted)?;
+    match next_reply(&mut replies)
+        .await
+        .map_err(JobEnd::Interrupted)?
+    {
         backup_upload_reply::Body::Stored(_) => Ok(()),
         _ => Err(JobEnd::Failed(
             "the coordinator did not confirm the backup".into(),

@@ -41,12 +41,25 @@ fn required_operation(kind: &command::Kind) -> Option<Operation> {
 /// Runs one command and returns its result message.
 pub async fn execute(context: &Context, command: proto::Command) -> proto::CommandResult {
     let config = context.config.as_ref();
-    let span = tracing::info_span!("command", command_id = %command.command_id);
+    let span = tracing::info_span!(
+        "command",
+        command_id = %command.command_id,
+        term = command.term,
+        attempt_id = %command.attempt_id
+    );
     let command_id = command.command_id.clone();
     let outcome = async {
         let Some(kind) = command.kind else {
             return command_result::Outcome::Error("the command has no kind".into());
         };
+        if let Err(newest) = context.jobs.accept_term(command.term) {
+            tracing::warn!(term = command.term, newest, "refused a command of an older coordinator term");
+            return command_result::Outcome::Error(format!(
+                "refused: the command carries coordinator term {}, older than term {newest} \
+                 this agent has seen (a coordinator that was replaced sent it)",
+                command.term
+            ));
+        }
         if let Some(operation) = required_operation(&kind)
             && !config.permits(operation)
         {
@@ -136,6 +149,7 @@ fn job_end(job_id: String, end: JobEnd) -> command_result::Outcome {
             command_result::Outcome::Cancelled(proto::JobCancelled { job_id, detail })
         }
         JobEnd::Failed(error) => command_result::Outcome::Error(error),
+        JobEnd::Interrupted(error) => command_result::Outcome::Interrupted(error),
     }
 }
 
@@ -190,6 +204,8 @@ mod tests {
         proto::Command {
             command_id: "c1".into(),
             kind: Some(kind),
+            term: 1,
+            attempt_id: String::new(),
         }
     }
 

@@ -4,17 +4,28 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
-/// Running jobs by id, so that a cancel command can reach them.
+/// Running jobs by id, so that a cancel command can reach them, and the
+/// newest coordinator term seen, which outlives sessions.
 #[derive(Debug, Default)]
 pub struct RunningJobs {
     jobs: Mutex<HashMap<String, CancellationToken>>,
+    newest_term: AtomicU64,
 }
 
 impl RunningJobs {
+    /// Accepts a command of coordinator term `term` unless a newer term
+    /// has been seen (a deposed coordinator's command); the newest seen on
+    /// refusal.
+    pub fn accept_term(&self, term: u64) -> Result<(), u64> {
+        let newest = self.newest_term.fetch_max(term, Ordering::SeqCst);
+        if term < newest { Err(newest) } else { Ok(()) }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -78,6 +89,9 @@ pub enum JobEnd {
     /// One line for the operator: the PostgreSQL tool's own message or the
     /// coordinator's.
     Failed(String),
+    /// The job's data stream to the coordinator broke (network, a
+    /// coordinator restart): another attempt may succeed.
+    Interrupted(String),
 }
 
 impl From<String> for JobEnd {
@@ -89,6 +103,16 @@ impl From<String> for JobEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commands_of_an_older_term_are_refused() {
+        let jobs = RunningJobs::default();
+        assert_eq!(jobs.accept_term(3), Ok(()));
+        assert_eq!(jobs.accept_term(3), Ok(()));
+        assert_eq!(jobs.accept_term(2), Err(3));
+        assert_eq!(jobs.accept_term(4), Ok(()));
+        assert_eq!(jobs.accept_term(3), Err(4));
+    }
 
     #[test]
     fn a_job_id_runs_once_at_a_time() {

@@ -253,7 +253,11 @@ pub async fn run(
             }
             message.push_str(&and_left_behind);
             tracing::warn!(error = %message, "restore failed");
-            Err(JobEnd::Failed(message))
+            if matches!(error, RestoreError::Download(_)) {
+                Err(JobEnd::Interrupted(message))
+            } else {
+                Err(JobEnd::Failed(message))
+            }
         }
     }
 }

@@ -28,6 +28,38 @@ pub struct CoordinatorConfig {
     pub fleet: FleetConfig,
     #[serde(default)]
     pub backup: BackupConfig,
+    #[serde(default)]
+    pub jobs: JobsConfig,
+}
+
+/// `[jobs]`: how many jobs run at once, and how long a running job whose
+/// agent went away is kept for it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Jobs (backups and restores) running at once on one PostgreSQL
+    /// instance.
+    pub max_per_instance: u32,
+    /// Jobs running at once on one agent (the agent also enforces its own
+    /// `jobs.max_concurrent`).
+    pub max_per_agent: u32,
+    /// Jobs running at once on the whole coordinator.
+    pub max_running: u32,
+    /// How long a running job whose agent disconnected (or that was running
+    /// when the coordinator stopped) waits for the agent before it fails.
+    #[serde(with = "humantime_serde")]
+    pub reattach_timeout: Duration,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            max_per_instance: 1,
+            max_per_agent: 4,
+            max_running: 64,
+            reattach_timeout: Duration::from_secs(600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -523,6 +555,21 @@ impl CoordinatorConfig {
             file: file.to_path_buf(),
             message: format!("key `{key}`: {message}"),
         };
+        for (key, value) in [
+            ("jobs.max_per_instance", self.jobs.max_per_instance),
+            ("jobs.max_per_agent", self.jobs.max_per_agent),
+            ("jobs.max_running", self.jobs.max_running),
+        ] {
+            if !(1..=10_000).contains(&value) {
+                return Err(fail(key, "must be between 1 and 10000".into()));
+            }
+        }
+        if self.jobs.reattach_timeout < Duration::from_secs(1) {
+            return Err(fail(
+                "jobs.reattach_timeout",
+                "must be at least 1s (10m is the default)".into(),
+            ));
+        }
         let fleet = &self.fleet;
         if fleet.heartbeat_interval < Duration::from_millis(100)
             || fleet.heartbeat_interval > Duration::from_secs(300)

@@ -43,3 +43,9 @@ pub use process::{Output, Process, ProcessBuilder, run};
 pub use s3::S3Server;
 pub use testdir::TestDir;
 pub use wait::{wait_for, wait_until};
+
+/// Whether a job (as `cairn jobs show --output json` prints it) has not
+/// ended: queued or running.
+pub fn job_is_active(job: &serde_json::Value) -> bool {
+    matches!(job["status"].as_str(), Some("queued" | "running"))
+}

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use cairn_integration_tests::{AgentOptions, Coordinator, PgCluster, TestDir};
+use cairn_integration_tests::{AgentOptions, Coordinator, PgCluster, TestDir, wait_for};
 use serde_json::Value;
 
 fn backups(coordinator: &Coordinator) -> Vec<Value> {
@@ -321,9 +321,41 @@ fn all_databases_offline_agents_and_unreadable_databases() {
     assert_eq!(denied.status_code, Some(1), "{denied}");
     assert!(denied.stderr.contains("permission denied"), "{denied}");
 
-    // An offline agent: the job fails at once and says so.
+    // An offline agent: the job queues and says why it waits; not started
+    // by its deadline, it ends `missed`, still saying why.
     agent.stop();
     coordinator.wait_for_agent_status("db1", "offline", std::time::Duration::from_secs(20));
+    let queued = coordinator
+        .cli(&[
+            "backup",
+            "run",
+            "--agent",
+            "db1",
+            "--database",
+            "shop",
+            "--output",
+            "json",
+        ])
+        .assert_success()
+        .json();
+    let queued_id = queued[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(queued[0]["status"], "queued", "{queued}");
+    let waiting = wait_for(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(200),
+        "the queued job says it waits for the offline agent",
+        || {
+            let shown = coordinator
+                .cli(&["jobs", "show", &queued_id, "--output", "json"])
+                .assert_success()
+                .json();
+            shown["waiting_for"]
+                .as_str()
+                .is_some_and(|w| w.contains("db1 is offline"))
+                .then_some(shown)
+        },
+    );
+    assert_eq!(waiting["status"], "queued", "{waiting}");
     let offline = coordinator.cli(&[
         "backup",
         "run",
@@ -331,12 +363,23 @@ fn all_databases_offline_agents_and_unreadable_databases() {
         "db1",
         "--database",
         "shop",
+        "--deadline",
+        "2s",
+        "--wait",
         "--output",
         "json",
     ]);
     assert_eq!(offline.status_code, Some(1), "{offline}");
     let job = &offline.json()[0];
-    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["status"], "missed", "{job}");
     assert!(job["error"].as_str().unwrap().contains("offline"), "{job}");
+    coordinator
+        .cli(&["jobs", "cancel", &queued_id])
+        .assert_success();
+    let cancelled = coordinator
+        .cli(&["jobs", "show", &queued_id, "--output", "json"])
+        .assert_success()
+        .json();
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
     assert_eq!(backups(&coordinator).len(), 3);
 }

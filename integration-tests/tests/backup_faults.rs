@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use cairn_integration_tests::proxy::{ProxyMode, TcpProxy};
 use cairn_integration_tests::{
-    Agent, AgentOptions, Coordinator, Output, PgCluster, TestDir, run, wait_for, wait_until,
+    Agent, AgentOptions, Coordinator, Output, PgCluster, TestDir, job_is_active, run, wait_for,
+    wait_until,
 };
 use serde_json::Value;
 
@@ -80,12 +81,17 @@ impl Fleet {
 
     /// `cairn backup run` without `--wait`: the new job, running.
     fn start_backup(&self) -> Value {
-        let jobs =
-            self.coordinator
-                .cli_json(&["backup", "run", "--agent", AGENT, "--database", DATABASE]);
+        self.start_backup_with(&[])
+    }
+
+    /// [`Fleet::start_backup`] with more arguments.
+    fn start_backup_with(&self, args: &[&str]) -> Value {
+        let mut all = vec!["backup", "run", "--agent", AGENT, "--database", DATABASE];
+        all.extend_from_slice(args);
+        let jobs = self.coordinator.cli_json(&all);
         assert_eq!(jobs.as_array().map(Vec::len), Some(1), "{jobs}");
         let job = jobs[0].clone();
-        assert_eq!(job["status"], "running", "{job}");
+        assert!(job_is_active(&job), "{job}");
         job
     }
 
@@ -122,8 +128,8 @@ impl Fleet {
             &format!("job {id} has read from pg_dump and stored {CHUNKS_BEFORE_FAULT} chunks"),
             || {
                 let job = self.job(id);
-                assert_eq!(
-                    job["status"], "running",
+                assert!(
+                    job_is_active(&job),
                     "job {id} ended before a fault could be injected in its middle; \
                      make DATABASE_MIB bigger: {job}"
                 );
@@ -144,7 +150,7 @@ impl Fleet {
             &format!("job {id} is no longer running"),
             || {
                 let job = self.job(id);
-                (job["status"] != "running").then_some(job)
+                (!job_is_active(&job)).then_some(job)
             },
         );
         (job, started.elapsed())
@@ -430,6 +436,68 @@ fn an_agent_killed_mid_backup_fails_the_job_and_the_retry_reuses_chunks() {
     fleet.agent.start();
     fleet.coordinator.wait_until_online(&fleet.agent);
     fleet.backup_again_reusing(progress["chunks"].as_u64().unwrap());
+}
+
+#[test]
+fn an_agent_killed_mid_backup_fails_the_attempt_and_a_retry_succeeds() {
+    let mut fleet = Fleet::start("backup_fault_agent_killed_retried");
+    let job = fleet.start_backup_with(&["--retries", "2"]);
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(job["max_attempts"], 3, "{job}");
+    fleet.wait_for_progress(id);
+
+    // The attempt fails with the agent; the job queues for the next one
+    // instead of ending.
+    fleet.agent.kill();
+    let retrying = wait_for(JOB_END_TIMEOUT, POLL, "the job queued for a retry", || {
+        let job = fleet.job(id);
+        assert!(
+            job_is_active(&job),
+            "the job ended instead of retrying: {job}"
+        );
+        (job["status"] == "queued" && job["attempt"] == 1).then_some(job)
+    });
+    assert!(
+        !retrying["waiting_for"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "a queued retry says what it waits for: {retrying}"
+    );
+    fleet.agent.start();
+    fleet.coordinator.wait_until_online(&fleet.agent);
+    let (job, took) = fleet.wait_for_end(id, BACKUP_TIMEOUT);
+    report("agent killed, retried", "the retried job ended", took);
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let attempts = job["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{job}");
+    assert_eq!(attempts[0]["outcome"], "failed", "{job}");
+    assert_eq!(attempts[1]["outcome"], "succeeded", "{job}");
+    assert_ne!(
+        attempts[0]["attempt_id"], attempts[1]["attempt_id"],
+        "{job}"
+    );
+    let backup_id = job["backup_id"].as_str().unwrap();
+    fleet
+        .coordinator
+        .cli(&["backup", "verify", backup_id])
+        .assert_success();
+    let audit = fleet
+        .coordinator
+        .cli_json(&["audit", "list", "--limit", "0"]);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["target"] == id)
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for action in ["job.attempt", "job.retry", "backup.end"] {
+        assert!(
+            actions.contains(&action),
+            "no {action} for {id}: {actions:?}"
+        );
+    }
 }
 
 #[test]

@@ -32,7 +32,7 @@ use cairn_coordinator::repository::manifest::{Manifest, ManifestChunk};
 use cairn_coordinator::repository::{LocalStore, ObjectKey, Repository, Store};
 use cairn_integration_tests::privileges::create_dir_for_postgres;
 use cairn_integration_tests::{
-    Agent, AgentOptions, Coordinator, PgCluster, TestDir, run, wait_for, wait_until,
+    Agent, AgentOptions, Coordinator, PgCluster, TestDir, job_is_active, run, wait_for, wait_until,
 };
 use prost::Message;
 use serde_json::Value;
@@ -460,7 +460,7 @@ fn start_backup(coordinator: &Coordinator, agent: &str, database: &str) -> (Stri
     let jobs = blocking(|| {
         coordinator.cli_json(&["backup", "run", "--agent", agent, "--database", database])
     });
-    assert_eq!(jobs[0]["status"], "running", "{jobs}");
+    assert!(job_is_active(&jobs[0]), "{jobs}");
     (
         jobs[0]["id"].as_str().unwrap().to_string(),
         jobs[0]["backup_id"].as_str().unwrap().to_string(),
@@ -476,7 +476,7 @@ fn ended_job(coordinator: &Coordinator, job_id: &str) -> Value {
             &format!("job {job_id} ends"),
             || {
                 let job = coordinator.cli_json(&["jobs", "show", job_id]);
-                (job["status"] != "running").then_some(job)
+                (!job_is_active(&job)).then_some(job)
             },
         )
     })
@@ -611,7 +611,7 @@ async fn no_key_reaches_the_host_and_a_chunk_that_is_not_its_hash_is_refused() {
             "the job engine to take the host's answer",
             || {
                 coordinator.process().log().lines().any(|line| {
-                    line.contains(&job_id) && line.contains("the job had ended already")
+                    line.contains(&job_id) && line.contains("the attempt had ended already")
                 })
             },
         )

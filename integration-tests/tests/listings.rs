@@ -25,10 +25,10 @@ async fn fill_catalog(path: &std::path::Path) {
     for statement in [
         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
          INSERT INTO jobs (id, kind, agent_name, instance, database, status, backup_id,
-                           created_by, started_at, finished_at)
+                           created_by, created_at, started_at, finished_at)
          SELECT printf('job-%05d', i), 'backup', 'db' || (i % 7), 'main', 'shop' || (i % 5),
                 'succeeded', printf('bk-%05d', i), 'test', 1700000000000 + i / 3,
-                1700000000000 + i / 3 + 10
+                1700000000000 + i / 3, 1700000000000 + i / 3 + 10
          FROM n",
         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
          INSERT INTO backups (id, job_id, agent_name, instance, database, status, started_at,

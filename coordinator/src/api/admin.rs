@@ -9,14 +9,14 @@ use cairn_common::proto::{self, admin_server::Admin};
 use tonic::{Request, Response, Status};
 
 use crate::api::auth::require_role;
-use crate::api::wire::{backup_to_wire, job_to_wire, key_slot_to_wire};
+use crate::api::wire::{attempt_to_wire, backup_to_wire, job_to_wire, key_slot_to_wire};
 use crate::audit::log::AuditLog;
 use crate::audit::{AuditEvent, ChainVerifier, Outcome};
 use crate::catalog::{AgentRecord, Catalog, PageKey};
 use crate::fleet::authority::Authority;
 use crate::fleet::{CommandOutcome, Fleet};
 use crate::jobs::restores::RestoreRequest;
-use crate::jobs::{BackupRequest, Jobs};
+use crate::jobs::{BackupRequest, Jobs, RunOptions};
 
 const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -206,9 +206,11 @@ impl Admin for AdminService {
             }
             Ok(CommandOutcome::Refused { reason, .. }) => (Outcome::Refused, reason.clone()),
             Ok(CommandOutcome::Error(error)) => (Outcome::Failed, error.clone()),
-            Ok(CommandOutcome::JobDone(_) | CommandOutcome::Cancelled(_)) => {
-                (Outcome::Failed, "unexpected answer".to_string())
-            }
+            Ok(
+                CommandOutcome::JobDone(_)
+                | CommandOutcome::Cancelled(_)
+                | CommandOutcome::Interrupted(_),
+            ) => (Outcome::Failed, "unexpected answer".to_string()),
             Err(error) => (Outcome::Failed, error.to_string()),
         };
         self.audit
@@ -228,7 +230,9 @@ impl Admin for AdminService {
             })),
             CommandOutcome::Refused { reason, .. } => Err(Status::permission_denied(reason)),
             CommandOutcome::Error(error) => Err(Status::internal(error)),
-            CommandOutcome::JobDone(_) | CommandOutcome::Cancelled(_) => {
+            CommandOutcome::JobDone(_)
+            | CommandOutcome::Cancelled(_)
+            | CommandOutcome::Interrupted(_) => {
                 Err(Status::internal("the agent answered a probe as a job"))
             }
         }
@@ -361,7 +365,9 @@ impl Admin for AdminService {
                     instance: body.instance,
                     database: (!body.database.is_empty()).then_some(body.database),
                     all_databases: body.all_databases,
+                    databases: body.databases,
                     tags: body.tags.into_iter().collect(),
+                    options: RunOptions::from_proto(body.options)?,
                 },
             )
             .await?;
@@ -438,7 +444,7 @@ impl Admin for AdminService {
         let after = page_key(&body.page_token)?;
         let jobs = self.catalog.list_jobs(after.as_ref(), limit).await?;
         let next_page_token = next_page_token(&jobs, limit, |j| PageKey {
-            started_at: j.started_at,
+            started_at: j.created_at,
             id: j.id.clone(),
         });
         Ok(Response::new(proto::ListJobsResponse {
@@ -458,7 +464,10 @@ impl Admin for AdminService {
             .get_job(&id)
             .await?
             .ok_or_else(|| Status::not_found(format!("no job {id}: see cairn jobs list")))?;
-        Ok(Response::new(job_to_wire(job)))
+        let attempts = self.catalog.job_attempts(&id).await?;
+        let mut job = job_to_wire(job);
+        job.attempts = attempts.into_iter().map(attempt_to_wire).collect();
+        Ok(Response::new(job))
     }
 
     async fn cancel_job(
@@ -496,6 +505,7 @@ impl Admin for AdminService {
                     jobs: body.jobs,
                     tables: body.tables,
                     schemas: body.schemas,
+                    options: RunOptions::from_proto(body.options)?,
                 },
             )
             .await?;
@@ -515,6 +525,7 @@ impl Admin for AdminService {
                 &body.backup_id,
                 &body.agent_name,
                 &body.instance,
+                RunOptions::from_proto(body.options)?,
             )
             .await?;
         Ok(Response::new(job_to_wire(job)))

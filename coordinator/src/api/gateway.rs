@@ -21,10 +21,11 @@ use tracing::Instrument;
 use crate::api::auth::{Caller, caller, peer_of};
 use crate::audit::log::AuditLog;
 use crate::audit::{AuditEvent, Outcome};
-use crate::catalog::{Catalog, JobStatus, Registration};
+use crate::catalog::{Catalog, JobKind, JobState, Registration};
 use crate::clock::now_ms;
 use crate::fleet::authority::Authority;
 use crate::fleet::{CommandOutcome, Fleet};
+use crate::jobs::Jobs;
 use crate::jobs::upload::{Upload, UploadsInProgress};
 use crate::repository::Repository;
 
@@ -46,6 +47,8 @@ pub struct Gateway {
     pub repository: Arc<Repository>,
     /// Open upload streams, one per job.
     pub uploads: UploadsInProgress,
+    /// The job engine, which ends an attempt the upload saw fail.
+    pub jobs: Arc<Jobs>,
 }
 
 type ControlStream = Pin<Box<dyn Stream<Item = Result<proto::CoordinatorMessage, Status>> + Send>>;
@@ -121,9 +124,9 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
             .get_job(&job_id)
             .await?
             .filter(|job| {
-                (job.kind == "restore" || job.kind == "drill")
+                job.kind.reads_a_backup()
                     && job.agent_name == agent.as_str()
-                    && job.status == "running"
+                    && job.status == JobState::Running
             })
             .ok_or_else(|| {
                 Status::permission_denied(format!(
@@ -170,10 +173,10 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
             .get_job(&start.job_id)
             .await?
             .filter(|job| {
-                job.kind == "backup"
+                job.kind == JobKind::Backup
                     && job.agent_name == agent.as_str()
                     && job.backup_id == start.backup_id
-                    && job.status == "running"
+                    && job.status == JobState::Running
             })
             .ok_or_else(|| {
                 Status::permission_denied(format!(
@@ -209,9 +212,7 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
             job.clone(),
             tags,
         );
-        let catalog = self.catalog.clone();
-        let audit = self.audit.clone();
-        let job_id = job.id.clone();
+        let jobs = self.jobs.clone();
         let span = tracing::info_span!("upload", job_id = %job.id, agent = %agent, database = %job.database);
         self.tasks.spawn(
             async move {
@@ -219,40 +220,24 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                 if let Err(status) = upload.run(inbound, replies.clone()).await {
                     tracing::warn!(error = %status.message(), "upload failed");
                     // A storage failure is recorded here, with its own
-                    // words: the agent may only see its stream reset. So is
-                    // an upload refused for what the agent sent: a hostile
+                    // words: the agent may only see its stream reset (and
+                    // the attempt is retried if the job allows). So is an
+                    // upload refused for what the agent sent: a hostile
                     // agent would not report it, and could otherwise open
                     // the job's upload again and again. An upload the agent
                     // ended itself is its to explain (pg_dump's message).
                     let failed = match status.code() {
                         tonic::Code::Unavailable if status.message().starts_with("repository:") => {
-                            Some(status.message().to_string())
+                            Some((status.message().to_string(), true))
                         }
-                        tonic::Code::InvalidArgument => Some(format!(
-                            "the coordinator refused the upload: {}",
-                            status.message()
+                        tonic::Code::InvalidArgument => Some((
+                            format!("the coordinator refused the upload: {}", status.message()),
+                            false,
                         )),
                         _ => None,
                     };
-                    if let Some(message) = failed {
-                        match catalog
-                            .finish_job(&job_id, JobStatus::Failed, &message, now_ms())
-                            .await
-                        {
-                            Ok(true) => {
-                                audit
-                                    .record(AuditEvent::new(
-                                        "coordinator",
-                                        "backup.end",
-                                        job_id.clone(),
-                                        Outcome::Failed,
-                                        format!("failed: {message}"),
-                                    ))
-                                    .await;
-                            }
-                            Ok(false) => {}
-                            Err(error) => tracing::error!(%error, "cannot record the failed job"),
-                        }
+                    if let Some((message, retryable)) = failed {
+                        jobs.fail_attempt(&job, &message, retryable).await;
                     }
                     // The agent gets an incident id, not the storage's
                     // own words (paths, the S3 service's).
@@ -548,6 +533,9 @@ impl Gateway {
             }
             Some(proto::command_result::Outcome::Cancelled(cancelled)) => {
                 CommandOutcome::Cancelled(cancelled.detail.clone())
+            }
+            Some(proto::command_result::Outcome::Interrupted(reason)) => {
+                CommandOutcome::Interrupted(reason.clone())
             }
             None => CommandOutcome::Error("the agent sent an empty command result".into()),
         }

@@ -2,29 +2,30 @@
 
 use cairn_common::proto;
 
-use crate::catalog::{BackupRecord, JobRecord, VerificationRecord};
+use crate::catalog::{AttemptRecord, BackupRecord, JobRecord, JobState, VerificationRecord};
 use crate::jobs::restores::RestoreReport;
 use crate::jobs::verify::VerifyReport;
 
 pub fn job_to_wire(job: JobRecord) -> proto::Job {
-    let status = match job.status.as_str() {
-        "running" => proto::JobStatus::Running,
-        "succeeded" => proto::JobStatus::Succeeded,
-        "failed" => proto::JobStatus::Failed,
-        "cancelled" => proto::JobStatus::Cancelled,
-        _ => proto::JobStatus::Unspecified,
+    let status = match job.status {
+        JobState::Queued => proto::JobStatus::Queued,
+        JobState::Running => proto::JobStatus::Running,
+        JobState::Succeeded => proto::JobStatus::Succeeded,
+        JobState::Failed => proto::JobStatus::Failed,
+        JobState::Cancelled => proto::JobStatus::Cancelled,
+        JobState::Missed => proto::JobStatus::Missed,
     };
     let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
     proto::Job {
         id: job.id,
-        kind: job.kind,
+        kind: job.kind.as_str().to_string(),
         agent_name: job.agent_name,
         instance: job.instance,
         database: job.database,
         status: status as i32,
         error: job.error,
         backup_id: job.backup_id,
-        started_at_unix_ms: job.started_at,
+        started_at_unix_ms: job.started_at.unwrap_or(0),
         finished_at_unix_ms: job.finished_at.unwrap_or(0),
         bytes_read: unsigned(job.bytes_read),
         bytes_uploaded: unsigned(job.bytes_uploaded),
@@ -34,6 +35,26 @@ pub fn job_to_wire(job: JobRecord) -> proto::Job {
         restore: serde_json::from_str::<RestoreReport>(&job.report)
             .ok()
             .map(Into::into),
+        created_at_unix_ms: job.created_at,
+        attempt: u32::try_from(job.attempt).unwrap_or(0),
+        max_attempts: u32::try_from(job.max_attempts).unwrap_or(1),
+        wait_reason: job.wait_reason,
+        deadline_unix_ms: job.deadline_at.unwrap_or(0),
+        timeout_ms: job.timeout_ms.map_or(0, unsigned),
+        not_before_unix_ms: job.not_before,
+        attempts: Vec::new(),
+    }
+}
+
+pub fn attempt_to_wire(attempt: AttemptRecord) -> proto::JobAttempt {
+    proto::JobAttempt {
+        number: u32::try_from(attempt.number).unwrap_or(0),
+        attempt_id: attempt.attempt_id,
+        term: u64::try_from(attempt.term).unwrap_or(0),
+        started_at_unix_ms: attempt.started_at,
+        finished_at_unix_ms: attempt.finished_at.unwrap_or(0),
+        outcome: attempt.outcome,
+        reason: attempt.reason,
     }
 }
 

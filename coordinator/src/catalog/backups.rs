@@ -15,47 +15,6 @@ use super::Catalog;
 use crate::error::{CoordinatorError, Result};
 use crate::repository::manifest::Manifest;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobStatus {
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-impl JobStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobStatus::Running => "running",
-            JobStatus::Succeeded => "succeeded",
-            JobStatus::Failed => "failed",
-            JobStatus::Cancelled => "cancelled",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
-pub struct JobRecord {
-    pub id: String,
-    pub kind: String,
-    pub agent_name: String,
-    pub instance: String,
-    pub database: String,
-    pub status: String,
-    pub error: String,
-    pub backup_id: String,
-    pub created_by: String,
-    pub started_at: i64,
-    pub finished_at: Option<i64>,
-    pub bytes_read: i64,
-    pub bytes_uploaded: i64,
-    pub chunks: i64,
-    /// Restores: the database restored into.
-    pub target_database: String,
-    /// Restores: the agent's report (JSON), once done.
-    pub report: String,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct BackupRecord {
     pub id: String,
@@ -135,132 +94,11 @@ pub struct BackupStats {
     pub database_bytes: u64,
 }
 
-fn i64_of(value: u64) -> i64 {
+pub(super) fn i64_of(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-/// The job's row, as every kind of job starts.
-pub(super) async fn insert_job_row(
-    executor: impl sqlx::SqliteExecutor<'_>,
-    job: &JobRecord,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO jobs (id, kind, agent_name, instance, database, status, error, backup_id,
-                           created_by, started_at, target_database)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&job.id)
-    .bind(&job.kind)
-    .bind(&job.agent_name)
-    .bind(&job.instance)
-    .bind(&job.database)
-    .bind(&job.status)
-    .bind(&job.error)
-    .bind(&job.backup_id)
-    .bind(&job.created_by)
-    .bind(job.started_at)
-    .bind(&job.target_database)
-    .execute(executor)
-    .await?;
-    Ok(())
-}
-
 impl Catalog {
-    /// Records a new running backup job and its (unlisted) backup row.
-    pub async fn insert_backup_job(
-        &self,
-        job: &JobRecord,
-        tags: &BTreeMap<String, String>,
-    ) -> Result<()> {
-        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        insert_job_row(&mut *transaction, job).await?;
-        if !job.backup_id.is_empty() {
-            sqlx::query(
-                "INSERT INTO backups (id, job_id, agent_name, instance, database, status, started_at, tags)
-                 VALUES (?, ?, ?, ?, ?, 'running', ?, ?)",
-            )
-            .bind(&job.backup_id)
-            .bind(&job.id)
-            .bind(&job.agent_name)
-            .bind(&job.instance)
-            .bind(&job.database)
-            .bind(job.started_at)
-            .bind(serde_json::to_string(tags).unwrap_or_else(|_| "{}".into()))
-            .execute(&mut *transaction)
-            .await?;
-        }
-        transaction.commit().await?;
-        Ok(())
-    }
-
-    /// Ends a job; whether it was running (so this call ended it). A
-    /// backup that is not complete by now is marked with the job's outcome
-    /// and never listed.
-    pub async fn finish_job(
-        &self,
-        job_id: &str,
-        status: JobStatus,
-        error: &str,
-        now: i64,
-    ) -> Result<bool> {
-        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let ended = sqlx::query(
-            "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ? AND status = 'running'",
-        )
-        .bind(status.as_str())
-        .bind(error)
-        .bind(now)
-        .bind(job_id)
-        .execute(&mut *transaction)
-        .await?
-        .rows_affected()
-            > 0;
-        let backup_status = match status {
-            JobStatus::Cancelled => "cancelled",
-            _ => "failed",
-        };
-        sqlx::query(
-            "UPDATE backups SET status = ?, error = ?, finished_at = ? WHERE job_id = ? AND status = 'running'",
-        )
-        .bind(backup_status)
-        .bind(if error.is_empty() { "the job ended before the backup was complete" } else { error })
-        .bind(now)
-        .bind(job_id)
-        .execute(&mut *transaction)
-        .await?;
-        transaction.commit().await?;
-        Ok(ended)
-    }
-
-    /// Jobs still running when the coordinator stopped cannot finish: they
-    /// fail, and their backups are never listed.
-    pub async fn fail_orphaned_jobs(&self, reason: &str, now: i64) -> Result<u64> {
-        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM jobs WHERE status = 'running'")
-            .fetch_all(&self.pool)
-            .await?;
-        for id in &ids {
-            self.finish_job(id, JobStatus::Failed, reason, now).await?;
-        }
-        Ok(ids.len() as u64)
-    }
-
-    pub async fn update_job_progress(
-        &self,
-        job_id: &str,
-        bytes_read: u64,
-        bytes_uploaded: u64,
-        chunks: u64,
-    ) -> Result<()> {
-        sqlx::query("UPDATE jobs SET bytes_read = ?, bytes_uploaded = ?, chunks = ? WHERE id = ?")
-            .bind(i64_of(bytes_read))
-            .bind(i64_of(bytes_uploaded))
-            .bind(i64_of(chunks))
-            .bind(job_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     /// Marks a backup complete, with the chunks it references: call only
     /// once its manifest is durable. Only a running backup completes: one
     /// whose job already ended (cancelled, failed, or completed by an
@@ -356,26 +194,6 @@ impl Catalog {
         Ok(())
     }
 
-    pub async fn get_job(&self, id: &str) -> Result<Option<JobRecord>> {
-        Ok(sqlx::query_as("SELECT * FROM jobs WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?)
-    }
-
-    /// Up to `limit` jobs, newest first, after the page `after` ended on.
-    pub async fn list_jobs(&self, after: Option<&PageKey>, limit: u32) -> Result<Vec<JobRecord>> {
-        Ok(sqlx::query_as(
-            "SELECT * FROM jobs WHERE (?1 IS NULL OR (started_at, id) < (?1, ?2))
-             ORDER BY started_at DESC, id DESC LIMIT ?3",
-        )
-        .bind(after.map(|key| key.started_at))
-        .bind(after.map(|key| key.id.as_str()))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
     pub async fn get_backup(&self, id: &str) -> Result<Option<BackupRecord>> {
         Ok(sqlx::query_as("SELECT * FROM backups WHERE id = ?")
             .bind(id)
@@ -457,6 +275,7 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::{AttemptEnd, JobKind, JobRecord, JobState};
 
     async fn catalog() -> (tempfile::TempDir, Catalog) {
         let dir = tempfile::tempdir().unwrap();
@@ -467,24 +286,29 @@ mod tests {
     }
 
     fn job(id: &str, backup: &str) -> JobRecord {
-        JobRecord {
-            id: id.into(),
-            kind: "backup".into(),
-            agent_name: "db1".into(),
-            instance: "main".into(),
-            database: "shop".into(),
-            status: "running".into(),
-            error: String::new(),
-            backup_id: backup.into(),
-            created_by: "admin".into(),
-            started_at: 1,
-            finished_at: None,
-            bytes_read: 0,
-            bytes_uploaded: 0,
-            chunks: 0,
-            target_database: String::new(),
-            report: String::new(),
-        }
+        let mut job = JobRecord::queued(
+            id.into(),
+            JobKind::Backup,
+            "db1",
+            "main",
+            "shop",
+            "admin",
+            1,
+        );
+        job.backup_id = backup.into();
+        job
+    }
+
+    /// Runs one attempt of a queued job and ends the job with `state`.
+    async fn finish(catalog: &Catalog, id: &str, state: JobState, error: &str, now: i64) {
+        let attempt = format!("{id}-1");
+        assert!(catalog.start_attempt(id, &attempt, 1, now).await.unwrap());
+        assert!(
+            catalog
+                .end_attempt(id, &attempt, &AttemptEnd::Final(state), error, now)
+                .await
+                .unwrap()
+        );
     }
 
     #[tokio::test]
@@ -493,7 +317,7 @@ mod tests {
         let tags = BTreeMap::new();
         for (job_id, backup_id) in [("j1", "b1"), ("j2", "b2")] {
             catalog
-                .insert_backup_job(&job(job_id, backup_id), &tags)
+                .insert_job(&job(job_id, backup_id), Some(&tags))
                 .await
                 .unwrap();
         }
@@ -538,11 +362,11 @@ mod tests {
         let (_dir, catalog) = catalog().await;
         let tags = BTreeMap::from([("ticket".to_string(), "OPS-1".to_string())]);
         catalog
-            .insert_backup_job(&job("j1", "b1"), &tags)
+            .insert_job(&job("j1", "b1"), Some(&tags))
             .await
             .unwrap();
         catalog
-            .insert_backup_job(&job("j2", "b2"), &tags)
+            .insert_job(&job("j2", "b2"), Some(&tags))
             .await
             .unwrap();
         assert!(
@@ -558,14 +382,8 @@ mod tests {
             .complete_backup("b1", &BackupStats::default(), &["c1".to_string()], 5)
             .await
             .unwrap();
-        catalog
-            .finish_job("j1", JobStatus::Succeeded, "", 6)
-            .await
-            .unwrap();
-        catalog
-            .finish_job("j2", JobStatus::Cancelled, "cancelled by admin", 6)
-            .await
-            .unwrap();
+        finish(&catalog, "j1", JobState::Succeeded, "", 6).await;
+        finish(&catalog, "j2", JobState::Cancelled, "cancelled by admin", 6).await;
         let listed = catalog
             .list_backups(Some("db1"), Some("shop"), None, 100)
             .await
@@ -612,19 +430,37 @@ mod tests {
                 .is_err()
         );
 
-        // A finished job is not finished again; an orphan fails.
+        // A finished job is not finished again; a queued one that misses
+        // its deadline ends, and its backup with it.
         catalog
-            .insert_backup_job(&job("j3", "b3"), &tags)
+            .insert_job(&job("j3", "b3"), Some(&tags))
             .await
             .unwrap();
-        assert_eq!(catalog.fail_orphaned_jobs("restart", 9).await.unwrap(), 1);
+        assert!(
+            !catalog
+                .end_attempt(
+                    "j1",
+                    "j1-1",
+                    &AttemptEnd::Final(JobState::Failed),
+                    "late",
+                    9
+                )
+                .await
+                .unwrap()
+        );
+        assert!(
+            catalog
+                .end_queued_job("j3", JobState::Missed, "the agent stayed offline", 9)
+                .await
+                .unwrap()
+        );
         assert_eq!(
             catalog.get_job("j1").await.unwrap().unwrap().status,
-            "succeeded"
+            JobState::Succeeded
         );
         assert_eq!(
             catalog.get_job("j3").await.unwrap().unwrap().status,
-            "failed"
+            JobState::Missed
         );
         assert_eq!(
             catalog.get_backup("b3").await.unwrap().unwrap().status,

@@ -10,8 +10,10 @@
 //! - `probes`: a short history of health probes per instance.
 //! - `audit_log`: the append-only, hash-chained record of security-relevant
 //!   events (see [`crate::audit`]).
-//! - `jobs`, `backups`, `chunks` (see [`backups`]): what was asked, what is
-//!   complete, and which chunks the repository holds.
+//! - `jobs`, `job_attempts`, `coordinator_term` (see [`jobs`]): what was
+//!   asked, each attempt at it, and the term every command carries.
+//! - `backups`, `chunks` (see [`backups`]): what is complete, and which
+//!   chunks the repository holds.
 //! - `backup_chunks` (see [`chunks`]): which chunks each complete backup
 //!   references, for `cairn repository check` and garbage collection.
 //!
@@ -19,6 +21,7 @@
 
 mod backups;
 mod chunks;
+mod jobs;
 mod restores;
 
 use std::collections::BTreeMap;
@@ -33,7 +36,8 @@ use tokio::sync::Mutex;
 use crate::audit::{AuditEvent, AuditRow, GENESIS_HASH, HashInput, row_hash};
 use crate::error::{CoordinatorError, Result};
 
-pub use backups::{BackupRecord, BackupStats, JobRecord, JobStatus, PageKey, StoredChunk};
+pub use backups::{BackupRecord, BackupStats, PageKey, StoredChunk};
+pub use jobs::{AttemptEnd, AttemptRecord, JobKind, JobRecord, JobState};
 pub use restores::VerificationRecord;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

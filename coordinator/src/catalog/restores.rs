@@ -9,8 +9,7 @@ use std::collections::HashMap;
 
 use sqlx::FromRow;
 
-use super::backups::insert_job_row;
-use super::{Catalog, JobRecord};
+use super::Catalog;
 use crate::error::Result;
 
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
@@ -28,10 +27,6 @@ pub struct VerificationRecord {
 impl Catalog {
     /// Records a new running job that has no backup row of its own (a
     /// restore or a drill).
-    pub async fn insert_restore_job(&self, job: &JobRecord) -> Result<()> {
-        insert_job_row(&self.pool, job).await
-    }
-
     /// Keeps the agent's report (JSON) on a job.
     pub async fn set_job_report(&self, job_id: &str, report: &str) -> Result<()> {
         sqlx::query("UPDATE jobs SET report = ? WHERE id = ?")

@@ -40,6 +40,38 @@ pub struct JobView {
     /// Restores and drills: what the agent reported once done.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreReport>,
+    pub created_at: Option<DateTime<Utc>>,
+    /// The current (or last) attempt, from 1; 0 before the first.
+    pub attempt: u32,
+    pub max_attempts: u32,
+    /// A queued job: why it waits.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub waiting_for: String,
+    pub deadline: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
+    /// `jobs show`: every attempt.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<AttemptView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AttemptView {
+    pub number: u32,
+    pub attempt_id: String,
+    pub term: u64,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub outcome: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+impl JobView {
+    /// Queued or running: not ended yet.
+    pub fn is_active(&self) -> bool {
+        matches!(self.status, "queued" | "running")
+    }
 }
 
 fn status_name(status: i32) -> &'static str {
@@ -48,6 +80,8 @@ fn status_name(status: i32) -> &'static str {
         Ok(proto::JobStatus::Succeeded) => "succeeded",
         Ok(proto::JobStatus::Failed) => "failed",
         Ok(proto::JobStatus::Cancelled) => "cancelled",
+        Ok(proto::JobStatus::Queued) => "queued",
+        Ok(proto::JobStatus::Missed) => "missed",
         _ => "unknown",
     }
 }
@@ -71,6 +105,25 @@ impl From<proto::Job> for JobView {
             created_by: j.created_by,
             target_database: j.target_database,
             restore: j.restore.map(Into::into),
+            created_at: time_from_unix_ms(j.created_at_unix_ms),
+            attempt: j.attempt,
+            max_attempts: j.max_attempts,
+            waiting_for: j.wait_reason,
+            deadline: time_from_unix_ms(j.deadline_unix_ms),
+            timeout_seconds: (j.timeout_ms > 0).then_some(j.timeout_ms / 1000),
+            attempts: j
+                .attempts
+                .into_iter()
+                .map(|a| AttemptView {
+                    number: a.number,
+                    attempt_id: a.attempt_id,
+                    term: a.term,
+                    started_at: time_from_unix_ms(a.started_at_unix_ms),
+                    finished_at: time_from_unix_ms(a.finished_at_unix_ms),
+                    outcome: a.outcome,
+                    reason: a.reason,
+                })
+                .collect(),
         }
     }
 }
@@ -194,9 +247,10 @@ pub fn parse_tags(tags: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
 pub struct RunBackup {
     pub agent: String,
     pub instance: String,
-    pub database: Option<String>,
+    pub databases: Vec<String>,
     pub all_databases: bool,
     pub tags: Vec<String>,
+    pub options: proto::JobOptions,
     pub wait: bool,
 }
 
@@ -205,17 +259,19 @@ pub async fn run_backup(
     request: RunBackup,
     json: bool,
 ) -> anyhow::Result<i32> {
-    if request.database.is_some() == request.all_databases {
-        bail!("give either --database DB or --all-databases");
+    if request.databases.is_empty() != request.all_databases {
+        bail!("give either --database DB (repeatable) or --all-databases");
     }
     let tags = parse_tags(&request.tags)?;
     let response = client
         .start_backup(proto::StartBackupRequest {
             agent_name: request.agent,
             instance: request.instance,
-            database: request.database.unwrap_or_default(),
+            database: String::new(),
+            databases: request.databases,
             all_databases: request.all_databases,
             tags: tags.into_iter().collect(),
+            options: Some(request.options),
         })
         .await
         .map_err(explain)?
@@ -273,7 +329,9 @@ pub async fn watch(
             .into();
         let seconds = started.elapsed().as_secs_f64().max(0.001);
         let rate = bytes((job.bytes_read as f64 / seconds) as u64);
-        bar.set_message(if job.kind == "backup" {
+        bar.set_message(if job.status == "queued" {
+            format!("{} queued: {}", job.id, job.waiting_for)
+        } else if job.kind == "backup" {
             format!(
                 "{} {}/{}: read {} from pg_dump, uploaded {} ({rate}/s), {} chunks",
                 job.id,
@@ -296,7 +354,7 @@ pub async fn watch(
             )
         });
         bar.tick();
-        if job.status != "running" {
+        if !job.is_active() {
             break job;
         }
         tokio::time::sleep(WATCH_INTERVAL).await;
@@ -409,14 +467,22 @@ fn job_backup(job: &JobView) -> String {
     match job.status {
         _ if job.kind != "backup" => job.backup_id.clone(),
         "succeeded" => job.backup_id.clone(),
-        "running" => "(in progress)".into(),
+        "running" | "queued" => "(in progress)".into(),
         _ => "(not completed)".into(),
     }
 }
 
 pub fn jobs_table(jobs: &[JobView]) -> comfy_table::Table {
     let mut table = output::table(&[
-        "JOB", "KIND", "AGENT", "DATABASE", "STATUS", "STARTED", "READ", "BACKUP", "ERROR",
+        "JOB",
+        "KIND",
+        "AGENT",
+        "DATABASE",
+        "STATUS",
+        "STARTED",
+        "READ",
+        "BACKUP",
+        "ERROR / WAITING FOR",
     ]);
     for j in jobs {
         table.add_row(vec![
@@ -428,11 +494,38 @@ pub fn jobs_table(jobs: &[JobView]) -> comfy_table::Table {
             } else {
                 format!("{} -> {}", j.database, j.target_database)
             },
-            j.status.to_string(),
-            output::ago(j.started_at),
+            if j.max_attempts > 1 && j.attempt > 0 {
+                format!("{} ({}/{})", j.status, j.attempt, j.max_attempts)
+            } else {
+                j.status.to_string()
+            },
+            output::ago(j.started_at.or(j.created_at)),
             bytes(j.bytes_read),
             job_backup(j),
-            j.error.clone(),
+            if j.status == "queued" {
+                j.waiting_for.clone()
+            } else {
+                j.error.clone()
+            },
+        ]);
+    }
+    table
+}
+
+/// A job's attempts, for `jobs show`.
+pub fn attempts_table(attempts: &[AttemptView]) -> comfy_table::Table {
+    let mut table = output::table(&[
+        "ATTEMPT", "ID", "TERM", "STARTED", "ENDED", "OUTCOME", "REASON",
+    ]);
+    for a in attempts {
+        table.add_row(vec![
+            a.number.to_string(),
+            a.attempt_id.clone(),
+            a.term.to_string(),
+            output::ago(a.started_at),
+            output::ago(a.finished_at),
+            a.outcome.clone(),
+            a.reason.clone(),
         ]);
     }
     table

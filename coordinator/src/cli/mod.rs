@@ -158,6 +158,8 @@ enum Command {
         /// Only this schema (repeatable), into the existing target.
         #[arg(long = "schema", value_name = "SCHEMA")]
         schemas: Vec<String>,
+        #[command(flatten)]
+        job: jobs::JobFlags,
         /// Follow the job with a progress display; exit 1 if it fails.
         #[arg(long)]
         wait: bool,
@@ -251,9 +253,10 @@ enum BackupCommand {
         /// The agent whose instance to back up.
         #[arg(long)]
         agent: String,
-        /// The database to back up.
-        #[arg(long, conflicts_with = "all_databases")]
-        database: Option<String>,
+        /// A database to back up (repeatable: each is its own job, queued
+        /// so that the instance runs one at a time by default).
+        #[arg(long = "database", value_name = "DB", conflicts_with = "all_databases")]
+        databases: Vec<String>,
         /// One backup per database of the instance (templates excluded).
         #[arg(long)]
         all_databases: bool,
@@ -265,6 +268,8 @@ enum BackupCommand {
         /// a backup; `cairn-agent enroll --label` describes an agent.
         #[arg(long = "tag")]
         tags: Vec<String>,
+        #[command(flatten)]
+        job: jobs::JobFlags,
         /// Follow the job with a progress display; exit 1 if it fails.
         #[arg(long)]
         wait: bool,
@@ -285,6 +290,9 @@ enum BackupCommand {
         /// The agent's instance for the drill (default: its first).
         #[arg(long, default_value = "", requires = "restore_on")]
         instance: String,
+        /// The drill's job options (with --restore-on).
+        #[command(flatten)]
+        job: jobs::JobFlags,
         #[command(flatten)]
         connection: Connection,
     },
@@ -452,10 +460,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Backup(BackupCommand::Run {
             agent,
-            database,
+            databases,
             all_databases,
             instance,
             tags,
+            job,
             wait,
             connection,
         }) => {
@@ -467,9 +476,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 backups::RunBackup {
                     agent,
                     instance,
-                    database,
+                    databases,
                     all_databases,
                     tags,
+                    options: job.to_proto(),
                     wait,
                 },
                 connection.json(),
@@ -480,6 +490,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             backup_id,
             restore_on,
             instance,
+            job,
             connection,
         }) => {
             let mut client = connection.admin().await?;
@@ -490,6 +501,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                         backup_id,
                         agent,
                         instance,
+                        job.to_proto(),
                         connection.json(),
                     )
                     .await
@@ -509,6 +521,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             jobs,
             tables,
             schemas,
+            job,
             wait,
             connection,
         } => {
@@ -527,6 +540,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                     jobs,
                     tables,
                     schemas,
+                    options: job.to_proto(),
                     wait,
                 },
                 connection.json(),

@@ -20,6 +20,7 @@ pub struct RunRestore {
     pub jobs: u32,
     pub tables: Vec<String>,
     pub schemas: Vec<String>,
+    pub options: proto::JobOptions,
     pub wait: bool,
 }
 
@@ -41,6 +42,7 @@ pub async fn run_restore(
             jobs: request.jobs,
             tables: request.tables,
             schemas: request.schemas,
+            options: Some(request.options),
         })
         .await
         .map_err(explain)?
@@ -57,7 +59,7 @@ async fn finish(
     wait: bool,
     json: bool,
 ) -> anyhow::Result<i32> {
-    if !wait && job.status == "running" {
+    if !wait && job.is_active() {
         if json {
             print_json(&job)?;
         } else {
@@ -66,7 +68,7 @@ async fn finish(
         }
         return Ok(0);
     }
-    let job = if job.status == "running" {
+    let job = if job.is_active() {
         watch(client, &job.id, json).await?
     } else {
         if !json {
@@ -168,6 +170,7 @@ pub async fn verify_by_drill(
     backup_id: String,
     agent: String,
     instance: String,
+    options: proto::JobOptions,
     json: bool,
 ) -> anyhow::Result<i32> {
     let job: JobView = client
@@ -175,6 +178,7 @@ pub async fn verify_by_drill(
             backup_id,
             agent_name: agent,
             instance,
+            options: Some(options),
         })
         .await
         .map_err(explain)?

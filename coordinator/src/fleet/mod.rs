@@ -39,6 +39,8 @@ pub enum CommandOutcome {
         reason: String,
     },
     Error(String),
+    /// A job stopped because its data stream broke: worth a retry.
+    Interrupted(String),
 }
 
 struct Session {
@@ -57,6 +59,8 @@ pub struct Fleet {
     heartbeat_interval: Duration,
     next_id: AtomicU64,
     shutdown: CancellationToken,
+    /// This coordinator's term, on every command.
+    term: u64,
 }
 
 /// Keeps `Session` out of the `Debug` output (it holds channels).
@@ -71,12 +75,13 @@ impl std::fmt::Debug for SessionHandle {
 }
 
 impl Fleet {
-    pub fn new(heartbeat_interval: Duration, shutdown: CancellationToken) -> Self {
+    pub fn new(heartbeat_interval: Duration, shutdown: CancellationToken, term: u64) -> Self {
         Fleet {
             sessions: Mutex::new(HashMap::new()),
             heartbeat_interval,
             next_id: AtomicU64::new(1),
             shutdown,
+            term,
         }
     }
 
@@ -152,6 +157,28 @@ impl Fleet {
         kind: proto::command::Kind,
         timeout: Duration,
     ) -> Result<CommandOutcome> {
+        self.send(agent, kind, String::new(), timeout).await
+    }
+
+    /// Sends the command of a job's attempt and waits for its result.
+    pub async fn send_job_command(
+        &self,
+        agent: &str,
+        attempt_id: &str,
+        kind: proto::command::Kind,
+        timeout: Duration,
+    ) -> Result<CommandOutcome> {
+        self.send(agent, kind, attempt_id.to_string(), timeout)
+            .await
+    }
+
+    async fn send(
+        &self,
+        agent: &str,
+        kind: proto::command::Kind,
+        attempt_id: String,
+        timeout: Duration,
+    ) -> Result<CommandOutcome> {
         let command_id = format!("cmd-{}", self.next_id.fetch_add(1, Ordering::Relaxed));
         let (sender, receiver) = oneshot::channel();
         let stream = {
@@ -174,6 +201,8 @@ impl Fleet {
             body: Some(proto::coordinator_message::Body::Command(proto::Command {
                 command_id: command_id.clone(),
                 kind: Some(kind),
+                term: self.term,
+                attempt_id,
             })),
         };
         let outcome = tokio::time::timeout(timeout, async {
@@ -225,7 +254,7 @@ mod tests {
 
     #[tokio::test]
     async fn reconnect_replaces_and_cancels_the_old_session() {
-        let fleet = Fleet::new(Duration::from_secs(5), CancellationToken::new());
+        let fleet = Fleet::new(Duration::from_secs(5), CancellationToken::new(), 1);
         let (sender, _receiver) = mpsc::channel(1);
         let (first, first_cancel) = fleet.attach("db1", sender.clone());
         let (second, second_cancel) = fleet.attach("db1", sender);
@@ -242,7 +271,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn three_missed_heartbeats_mean_offline() {
-        let fleet = Fleet::new(Duration::from_secs(1), CancellationToken::new());
+        let fleet = Fleet::new(Duration::from_secs(1), CancellationToken::new(), 1);
         let (sender, _receiver) = mpsc::channel(1);
         let (id, _) = fleet.attach("db1", sender);
         tokio::time::advance(Duration::from_millis(2900)).await;

@@ -25,7 +25,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
 
-use crate::catalog::{Catalog, JobRecord};
+use crate::catalog::{Catalog, JobRecord, JobState};
 use crate::repository::manifest::{Manifest, ManifestChunk};
 use crate::repository::{ObjectKey, Repository, RepositoryError};
 
@@ -117,7 +117,10 @@ pub async fn stream_chunks(
                     tracing::warn!(%error, "cannot record the restore's progress");
                 }
                 match catalog.get_job(&job.id).await {
-                    Ok(Some(current)) if current.status != "running" => {
+                    Ok(Some(current))
+                        if current.status != JobState::Running
+                            || current.attempt_id != job.attempt_id =>
+                    {
                         let _ = sender
                             .send(Err(Status::aborted(format!(
                                 "job {} is {}: the download stops",

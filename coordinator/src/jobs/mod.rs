@@ -1,6 +1,9 @@
-//! The job engine: starts backup jobs on agents, follows them to their end,
-//! and cancels them. A job is a row in the catalog; its live progress is
-//! written there by the upload (see [`crate::jobs::upload`]).
+//! The job engine: every job (backup, restore, drill) is a catalog row
+//! that moves `queued → running → succeeded | failed | cancelled | missed`.
+//! Starting a job only queues it; the engine's tick (see [`engine`])
+//! dispatches queued jobs within the limits of `[jobs]`, retries
+//! retryable failures with backoff, stops attempts past their timeout and
+//! ends jobs not started by their deadline. Every change is audited.
 //!
 //! A backup job ends `succeeded` only if the agent reports it done *and*
 //! the upload stored the manifest (the backup is complete in the catalog);
@@ -8,6 +11,7 @@
 //! listed.
 
 pub mod download;
+pub mod engine;
 pub mod restores;
 pub mod upload;
 pub mod verify;
@@ -18,20 +22,18 @@ use std::time::Duration;
 
 use cairn_common::names::validate_label;
 use cairn_common::proto::{self, command};
+use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use crate::audit::log::AuditLog;
 use crate::audit::{AuditEvent, Outcome};
-use crate::catalog::{AgentRecord, Catalog, JobRecord, JobStatus};
-use crate::clock::now_ms;
-use crate::config::BackupConfig;
+use crate::catalog::{AgentRecord, AttemptEnd, Catalog, JobKind, JobRecord, JobState};
+use crate::clock::Clock;
+use crate::config::{BackupConfig, JobsConfig};
 use crate::error::{CoordinatorError, Result};
-use crate::fleet::{CommandOutcome, Fleet};
+use crate::fleet::Fleet;
 use crate::repository::Repository;
 
-/// How long a backup may run before the coordinator gives up on it.
-const BACKUP_COMMAND_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 const CANCEL_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// PostgreSQL's identifier limit (NAMEDATALEN - 1).
 const DATABASE_NAME_MAX_BYTES: usize = 63;
@@ -43,7 +45,58 @@ pub struct Jobs {
     pub audit: AuditLog,
     pub repository: Arc<Repository>,
     pub config: BackupConfig,
+    pub limits: JobsConfig,
     pub tasks: TaskTracker,
+    /// All engine time comes from here (paused in tests).
+    pub clock: Clock,
+    /// This coordinator's term: on every command it sends.
+    pub term: i64,
+    /// Wakes the engine's loop before its next tick (a job queued or
+    /// ended).
+    pub wake: Arc<Notify>,
+}
+
+/// How a job is run, from `--retries`, `--timeout` and `--deadline`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    pub retries: u32,
+    pub timeout: Option<Duration>,
+    pub deadline: Option<Duration>,
+}
+
+/// Most retries a job may ask for.
+pub const MAX_RETRIES: u32 = 20;
+/// How long a job waits to start when no `--deadline` is given.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(3600);
+
+impl RunOptions {
+    pub fn from_proto(options: Option<proto::JobOptions>) -> Result<RunOptions> {
+        let options = options.unwrap_or_default();
+        if options.retries > MAX_RETRIES {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "--retries {}: at most {MAX_RETRIES}",
+                options.retries
+            )));
+        }
+        let millis = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
+        Ok(RunOptions {
+            retries: options.retries,
+            timeout: millis(options.timeout_ms),
+            deadline: millis(options.deadline_ms),
+        })
+    }
+
+    /// Sets a new job's attempts, timeout and deadline.
+    pub(crate) fn apply(&self, job: &mut JobRecord) {
+        job.max_attempts = i64::from(self.retries) + 1;
+        job.timeout_ms = self.timeout.map(duration_ms);
+        job.deadline_at =
+            Some(job.created_at + duration_ms(self.deadline.unwrap_or(DEFAULT_DEADLINE)));
+    }
+}
+
+pub(crate) fn duration_ms(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX / 4)
 }
 
 /// What `cairn backup run` asks for.
@@ -53,24 +106,10 @@ pub struct BackupRequest {
     pub instance: String,
     pub database: Option<String>,
     pub all_databases: bool,
+    /// Further databases (`--database` repeated): each its own job.
+    pub databases: Vec<String>,
     pub tags: BTreeMap<String, String>,
-}
-
-/// How a job ended when the agent did not report it done: refused,
-/// cancelled, failed, or unreachable.
-pub(crate) fn ended_short(outcome: Result<CommandOutcome>) -> (JobStatus, String) {
-    match outcome {
-        Ok(CommandOutcome::Refused { reason, .. }) => (JobStatus::Failed, reason),
-        Ok(CommandOutcome::Cancelled(detail)) => {
-            (JobStatus::Cancelled, format!("cancelled: {detail}"))
-        }
-        Ok(CommandOutcome::Error(error)) => (JobStatus::Failed, error),
-        Ok(CommandOutcome::Probe(_)) => {
-            (JobStatus::Failed, "the agent answered with a probe".into())
-        }
-        Ok(CommandOutcome::JobDone(_)) => (JobStatus::Succeeded, String::new()),
-        Err(error) => (JobStatus::Failed, error.to_string()),
-    }
+    pub options: RunOptions,
 }
 
 pub(crate) fn random_suffix() -> Result<String> {
@@ -102,12 +141,18 @@ impl Jobs {
         let (agent, instance) = self
             .resolve_instance(actor, "backup.start", &request.agent, &request.instance)
             .await?;
-        let databases = match (&request.database, request.all_databases) {
-            (Some(database), false) => vec![database.clone()],
-            (None, true) => self.databases_of(&agent, &instance).await?,
+        let mut named: Vec<String> = request.database.iter().cloned().collect();
+        for database in &request.databases {
+            if !named.contains(database) {
+                named.push(database.clone());
+            }
+        }
+        let databases = match (named.is_empty(), request.all_databases) {
+            (false, false) => named,
+            (true, true) => self.databases_of(&agent, &instance).await?,
             _ => {
                 return Err(CoordinatorError::InvalidArgument(
-                    "give either --database DB or --all-databases".into(),
+                    "give either --database DB (repeatable) or --all-databases".into(),
                 ));
             }
         };
@@ -117,10 +162,11 @@ impl Jobs {
         let mut jobs = Vec::new();
         for database in databases {
             jobs.push(
-                self.start_one(actor, &agent, &instance, &database, &request.tags)
+                self.queue_backup(actor, &agent, &instance, &database, &request)
                     .await?,
             );
         }
+        self.wake.notify_one();
         Ok(jobs)
     }
 
@@ -217,86 +263,38 @@ impl Jobs {
         Ok(latest.databases.iter().map(|d| d.name.clone()).collect())
     }
 
-    async fn start_one(
+    async fn queue_backup(
         &self,
         actor: &str,
         agent: &AgentRecord,
         instance: &str,
         database: &str,
-        tags: &BTreeMap<String, String>,
+        request: &BackupRequest,
     ) -> Result<JobRecord> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let suffix = random_suffix()?;
-        let job = JobRecord {
-            id: format!("job-{now}-{suffix}"),
-            kind: "backup".into(),
-            agent_name: agent.name.clone(),
-            instance: instance.to_string(),
-            database: database.to_string(),
-            status: JobStatus::Running.as_str().into(),
-            error: String::new(),
-            backup_id: format!("bk-{now}-{suffix}"),
-            created_by: actor.to_string(),
-            started_at: now,
-            finished_at: None,
-            bytes_read: 0,
-            bytes_uploaded: 0,
-            chunks: 0,
-            target_database: String::new(),
-            report: String::new(),
-        };
-        self.catalog.insert_backup_job(&job, tags).await?;
+        let mut job = JobRecord::queued(
+            format!("job-{now}-{suffix}"),
+            JobKind::Backup,
+            &agent.name,
+            instance,
+            database,
+            actor,
+            now,
+        );
+        job.backup_id = format!("bk-{now}-{suffix}");
+        request.options.apply(&mut job);
+        self.catalog.insert_job(&job, Some(&request.tags)).await?;
         self.audit
             .record(AuditEvent::new(
                 actor,
                 "backup.start",
                 format!("{}/{}/{}", agent.name, instance, database),
                 Outcome::Success,
-                format!("job {}, backup {}", job.id, job.backup_id),
+                format!("job {} queued, backup {}", job.id, job.backup_id),
             ))
             .await;
-        if !self.fleet.is_online(&agent.name) {
-            let message = format!(
-                "agent \"{}\" is offline: check that cairn-agent runs on its host",
-                agent.name
-            );
-            self.end(&job, JobStatus::Failed, &message).await;
-            return self.reload(&job.id).await;
-        }
-        let command = command::Kind::Backup(proto::BackupCommand {
-            instance: instance.to_string(),
-            database: database.to_string(),
-            job_id: job.id.clone(),
-            backup_id: job.backup_id.clone(),
-            zstd_level: self.config.zstd_level,
-            include_role_passwords: self.config.include_role_passwords,
-        });
-        let engine = self.clone_handle();
-        let running = job.clone();
-        let span =
-            tracing::info_span!("job", job_id = %job.id, agent = %agent.name, database = %database);
-        self.tasks.spawn(
-            async move {
-                let outcome = engine
-                    .fleet
-                    .send_command(&running.agent_name, command, BACKUP_COMMAND_TIMEOUT)
-                    .await;
-                engine.conclude(&running, outcome).await;
-            }
-            .instrument(span),
-        );
         Ok(job)
-    }
-
-    pub(crate) fn clone_handle(&self) -> Arc<Jobs> {
-        Arc::new(Jobs {
-            catalog: self.catalog.clone(),
-            fleet: self.fleet.clone(),
-            audit: self.audit.clone(),
-            repository: self.repository.clone(),
-            config: self.config.clone(),
-            tasks: self.tasks.clone(),
-        })
     }
 
     pub(crate) async fn reload(&self, job_id: &str) -> Result<JobRecord> {
@@ -306,70 +304,14 @@ impl Jobs {
             .ok_or_else(|| CoordinatorError::NotFound(format!("no job {job_id}")))
     }
 
-    /// Decides how a job ended from the agent's answer and the catalog.
-    async fn conclude(&self, job: &JobRecord, outcome: Result<CommandOutcome>) {
-        let (status, message) = match outcome {
-            Ok(CommandOutcome::JobDone(_)) => match self.catalog.get_backup(&job.backup_id).await {
-                Ok(Some(backup)) if backup.status == "complete" => {
-                    (JobStatus::Succeeded, String::new())
-                }
-                _ => (
-                    JobStatus::Failed,
-                    "the agent finished but the backup's manifest was not stored".to_string(),
-                ),
-            },
-            other => ended_short(other),
-        };
-        self.end(job, status, &message).await;
-    }
-
-    /// Ends a running job and audits it; a job that something else ended
-    /// already (an upload refused, a storage failure) keeps that outcome
-    /// and its one audit row.
-    pub(crate) async fn end(&self, job: &JobRecord, status: JobStatus, message: &str) {
-        match self
-            .catalog
-            .finish_job(&job.id, status, message, now_ms())
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::info!(
-                    status = status.as_str(),
-                    error = message,
-                    "the job had ended already"
-                );
-                return;
-            }
-            Err(error) => tracing::error!(%error, "cannot record the end of the job"),
-        }
-        let outcome = match status {
-            JobStatus::Succeeded => Outcome::Success,
-            JobStatus::Cancelled => Outcome::Refused,
-            _ => Outcome::Failed,
-        };
-        tracing::info!(status = status.as_str(), error = message, "job ended");
-        self.audit
-            .record(AuditEvent::new(
-                "coordinator",
-                match job.kind.as_str() {
-                    "restore" => "restore.end",
-                    "drill" => "drill.end",
-                    _ => "backup.end",
-                },
-                job.id.clone(),
-                outcome,
-                format!("{}: {message}", status.as_str()),
-            ))
-            .await;
-    }
-
-    /// Asks the agent to stop a running job.
+    /// Cancels a job: a queued one ends at once; a running one is asked to
+    /// stop, and ends when its agent reports it stopped (or at once if the
+    /// agent cannot be reached).
     pub async fn cancel(&self, actor: &str, job_id: &str) -> Result<JobRecord> {
         let job = self.reload(job_id).await?;
-        if job.status != JobStatus::Running.as_str() {
+        if !job.status.is_active() {
             return Err(CoordinatorError::Conflict(format!(
-                "job {job_id} is {}, not running",
+                "job {job_id} is {}, not queued or running",
                 job.status
             )));
         }
@@ -382,6 +324,18 @@ impl Jobs {
                 "",
             ))
             .await;
+        if job.status == JobState::Queued {
+            let message = format!("cancelled by {actor} before it started");
+            if self
+                .catalog
+                .end_queued_job(job_id, JobState::Cancelled, &message, self.clock.now_ms())
+                .await?
+            {
+                self.audit_end(&job, JobState::Cancelled, &message).await;
+                return self.reload(job_id).await;
+            }
+        }
+        let job = self.reload(job_id).await?;
         let outcome = self
             .fleet
             .send_command(
@@ -395,7 +349,8 @@ impl Jobs {
         if let Err(error) = outcome {
             // The agent is gone: the job cannot go on anyway.
             let message = format!("cancelled by {actor} (agent unreachable: {error})");
-            self.end(&job, JobStatus::Cancelled, &message).await;
+            self.end_attempt(&job, AttemptEnd::Final(JobState::Cancelled), &message)
+                .await;
         }
         self.reload(job_id).await
     }

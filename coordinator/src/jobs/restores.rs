@@ -8,24 +8,18 @@
 //! as a verification of the backup.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use cairn_common::archive::TableRows;
 use cairn_common::names::{parse_qualified_table, parse_schema_name};
-use cairn_common::proto::{self, command};
+use cairn_common::proto;
 use serde::{Deserialize, Serialize};
-use tracing::Instrument;
 
 use crate::audit::{AuditEvent, Outcome};
-use crate::catalog::{BackupRecord, JobRecord, JobStatus, VerificationRecord};
-use crate::clock::now_ms;
+use crate::catalog::{BackupRecord, JobKind, JobRecord, VerificationRecord};
 use crate::error::{CoordinatorError, Result};
-use crate::fleet::CommandOutcome;
-use crate::jobs::{Jobs, check_database_name, ended_short, random_suffix};
+use crate::jobs::{Jobs, RunOptions, check_database_name, random_suffix};
 use crate::repository::manifest::Manifest;
 
-/// How long a restore may run before the coordinator gives up on it.
-const RESTORE_COMMAND_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Most `--jobs` for pg_restore.
 pub const MAX_RESTORE_JOBS: u32 = 64;
 
@@ -44,6 +38,58 @@ pub struct RestoreRequest {
     pub jobs: u32,
     pub tables: Vec<String>,
     pub schemas: Vec<String>,
+    pub options: RunOptions,
+}
+
+/// What a queued restore or drill needs to build its command when it
+/// starts (kept as the job's `spec`): the options asked for and what the
+/// manifest measured.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreSpec {
+    pub replace: bool,
+    pub drop_previous: bool,
+    pub no_owner: bool,
+    pub no_roles: bool,
+    pub jobs: u32,
+    pub tables: Vec<String>,
+    pub schemas: Vec<String>,
+    pub dump_bytes: u64,
+    pub database_bytes: u64,
+    pub chunk_count: u64,
+}
+
+impl RestoreSpec {
+    /// The agent's command for the job (never a key: the chunks come
+    /// opened over `DownloadBackup`).
+    pub fn command(&self, job: &JobRecord) -> proto::RestoreCommand {
+        proto::RestoreCommand {
+            instance: job.instance.clone(),
+            database: job.target_database.clone(),
+            job_id: job.id.clone(),
+            backup_id: job.backup_id.clone(),
+            source_database: job.database.clone(),
+            dump_bytes: self.dump_bytes,
+            database_bytes: self.database_bytes,
+            chunk_count: self.chunk_count,
+            replace: self.replace,
+            drop_previous: self.drop_previous,
+            no_owner: self.no_owner,
+            no_roles: self.no_roles,
+            jobs: self.jobs,
+            tables: self.tables.clone(),
+            schemas: self.schemas.clone(),
+            drill: job.kind == JobKind::Drill,
+        }
+    }
+
+    fn measured(manifest: &Manifest) -> RestoreSpec {
+        RestoreSpec {
+            dump_bytes: manifest.dump_bytes,
+            database_bytes: manifest.database_bytes,
+            chunk_count: manifest.chunks.len() as u64,
+            ..RestoreSpec::default()
+        }
+    }
 }
 
 /// The agent's report of a finished restore, as the catalog keeps it.
@@ -163,10 +209,7 @@ impl Jobs {
         let (agent, instance) = self
             .resolve_instance(actor, "restore.start", &request.agent, &request.instance)
             .await?;
-        let job = self
-            .new_restore_job(actor, "restore", &agent.name, &instance, &backup, &target)
-            .await?;
-        let command = command::Kind::Restore(proto::RestoreCommand {
+        let spec = RestoreSpec {
             replace: request.replace,
             drop_previous: request.drop_previous,
             no_owner: request.no_owner,
@@ -174,9 +217,17 @@ impl Jobs {
             jobs: request.jobs,
             tables: request.tables.clone(),
             schemas: request.schemas.clone(),
-            ..self.restore_command(&job, &manifest)
-        });
-        self.run_restore(job, command).await
+            ..RestoreSpec::measured(&manifest)
+        };
+        self.queue_restore(
+            actor,
+            (JobKind::Restore, request.options),
+            (&agent.name, &instance),
+            &backup,
+            &target,
+            &spec,
+        )
+        .await
     }
 
     /// Starts a restore drill of a backup on an agent and returns the job.
@@ -186,72 +237,54 @@ impl Jobs {
         backup_id: &str,
         agent_name: &str,
         instance: &str,
+        options: RunOptions,
     ) -> Result<JobRecord> {
         let (backup, manifest) = self.complete_backup(backup_id).await?;
         let (agent, instance) = self
             .resolve_instance(actor, "drill.start", agent_name, instance)
             .await?;
         let scratch = format!("cairn_drill_{}", random_suffix()?);
-        let job = self
-            .new_restore_job(actor, "drill", &agent.name, &instance, &backup, &scratch)
-            .await?;
-        let command = command::Kind::Restore(proto::RestoreCommand {
-            drill: true,
-            ..self.restore_command(&job, &manifest)
-        });
-        self.run_restore(job, command).await
+        self.queue_restore(
+            actor,
+            (JobKind::Drill, options),
+            (&agent.name, &instance),
+            &backup,
+            &scratch,
+            &RestoreSpec::measured(&manifest),
+        )
+        .await
     }
 
-    /// The command for a restore job, with what the manifest measured
-    /// (never a key: the chunks come opened over `DownloadBackup`); the
-    /// options are the caller's to add.
-    fn restore_command(&self, job: &JobRecord, manifest: &Manifest) -> proto::RestoreCommand {
-        proto::RestoreCommand {
-            instance: job.instance.clone(),
-            database: job.target_database.clone(),
-            job_id: job.id.clone(),
-            backup_id: job.backup_id.clone(),
-            source_database: job.database.clone(),
-            dump_bytes: manifest.dump_bytes,
-            database_bytes: manifest.database_bytes,
-            chunk_count: manifest.chunks.len() as u64,
-            ..proto::RestoreCommand::default()
-        }
-    }
-
-    async fn new_restore_job(
+    /// Queues a restore or drill job and wakes the engine.
+    async fn queue_restore(
         &self,
         actor: &str,
-        kind: &'static str,
-        agent: &str,
-        instance: &str,
+        (kind, options): (JobKind, RunOptions),
+        (agent, instance): (&str, &str),
         backup: &BackupRecord,
         target: &str,
+        spec: &RestoreSpec,
     ) -> Result<JobRecord> {
-        let now = now_ms();
-        let job = JobRecord {
-            id: format!("job-{now}-{}", random_suffix()?),
-            kind: kind.into(),
-            agent_name: agent.to_string(),
-            instance: instance.to_string(),
-            database: backup.database.clone(),
-            status: JobStatus::Running.as_str().into(),
-            error: String::new(),
-            backup_id: backup.id.clone(),
-            created_by: actor.to_string(),
-            started_at: now,
-            finished_at: None,
-            bytes_read: 0,
-            bytes_uploaded: 0,
-            chunks: 0,
-            target_database: target.to_string(),
-            report: String::new(),
-        };
-        self.catalog.insert_restore_job(&job).await?;
+        let now = self.clock.now_ms();
+        let mut job = JobRecord::queued(
+            format!("job-{now}-{}", random_suffix()?),
+            kind,
+            agent,
+            instance,
+            &backup.database,
+            actor,
+            now,
+        );
+        job.backup_id = backup.id.clone();
+        job.target_database = target.to_string();
+        job.spec = serde_json::to_string(spec)
+            .map_err(|e| CoordinatorError::Internal(format!("cannot encode the job: {e}")))?;
+        options.apply(&mut job);
+        self.catalog.insert_job(&job, None).await?;
         self.audit
             .record(AuditEvent::new(
                 actor,
-                if kind == "drill" {
+                if kind == JobKind::Drill {
                     "drill.start"
                 } else {
                     "restore.start"
@@ -259,81 +292,18 @@ impl Jobs {
                 format!("{agent}/{instance}/{target}"),
                 Outcome::Success,
                 format!(
-                    "job {}, backup {} of {}",
+                    "job {} queued, backup {} of {}",
                     job.id, backup.id, backup.database
                 ),
             ))
             .await;
+        self.wake.notify_one();
         Ok(job)
-    }
-
-    async fn run_restore(&self, job: JobRecord, command: command::Kind) -> Result<JobRecord> {
-        if !self.fleet.is_online(&job.agent_name) {
-            let message = format!(
-                "agent \"{}\" is offline: check that cairn-agent runs on its host",
-                job.agent_name
-            );
-            self.end(&job, JobStatus::Failed, &message).await;
-            if job.kind == "drill" {
-                self.record_drill(&job, false, &message).await;
-            }
-            return self.reload(&job.id).await;
-        }
-        let engine = self.clone_handle();
-        let running = job.clone();
-        let span = tracing::info_span!("job", job_id = %job.id, agent = %job.agent_name, target = %job.target_database);
-        self.tasks.spawn(
-            async move {
-                let outcome = engine
-                    .fleet
-                    .send_command(&running.agent_name, command, RESTORE_COMMAND_TIMEOUT)
-                    .await;
-                engine.conclude_restore(&running, outcome).await;
-            }
-            .instrument(span),
-        );
-        Ok(job)
-    }
-
-    async fn conclude_restore(&self, job: &JobRecord, outcome: Result<CommandOutcome>) {
-        let (status, message) = match outcome {
-            Ok(CommandOutcome::JobDone(report)) => {
-                let report = RestoreReport::from(report.unwrap_or_default());
-                match serde_json::to_string(&report) {
-                    Ok(json) => {
-                        if let Err(error) = self.catalog.set_job_report(&job.id, &json).await {
-                            tracing::error!(%error, "cannot record the restore report");
-                        }
-                    }
-                    Err(error) => tracing::error!(%error, "cannot encode the restore report"),
-                }
-                if job.kind == "drill" {
-                    match self.check_drill(job, &report).await {
-                        Ok(detail) => (JobStatus::Succeeded, detail),
-                        Err(problem) => (JobStatus::Failed, problem),
-                    }
-                } else {
-                    (JobStatus::Succeeded, String::new())
-                }
-            }
-            other => ended_short(other),
-        };
-        // A drill's verdict is its detail whether it passed or not.
-        let error = if status == JobStatus::Succeeded {
-            ""
-        } else {
-            message.as_str()
-        };
-        self.end(job, status, error).await;
-        if job.kind == "drill" {
-            self.record_drill(job, status == JobStatus::Succeeded, &message)
-                .await;
-        }
     }
 
     /// Compares the drill's counts with the manifest's: every table the
     /// backup counted must be there with the same rows.
-    async fn check_drill(
+    pub(crate) async fn check_drill(
         &self,
         job: &JobRecord,
         report: &RestoreReport,
@@ -381,15 +351,15 @@ impl Jobs {
         }
     }
 
-    async fn record_drill(&self, job: &JobRecord, ok: bool, detail: &str) {
-        let now = now_ms();
+    pub(crate) async fn record_drill(&self, job: &JobRecord, ok: bool, detail: &str) {
+        let now = self.clock.now_ms();
         let verification = VerificationRecord {
             backup_id: job.backup_id.clone(),
             at: now,
             method: format!("restore drill on {}", job.agent_name),
             ok,
             detail: detail.to_string(),
-            millis: now - job.started_at,
+            millis: now - job.started_at.unwrap_or(now),
             job_id: job.id.clone(),
         };
         if let Err(error) = self.catalog.record_verification(&verification).await {

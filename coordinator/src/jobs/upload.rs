@@ -518,7 +518,11 @@ impl Upload {
             database: self.job.database.clone(),
             server_version: finish.server_version.clone(),
             pg_dump_version: finish.pg_dump_version.clone(),
-            started_at: self.job.started_at,
+            started_at: self
+                .job
+                .attempt_started_at
+                .or(self.job.started_at)
+                .unwrap_or(now),
             finished_at: now,
             dump_millis: finish.dump_millis,
             dump_bytes: finish.dump_bytes,

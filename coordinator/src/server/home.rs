@@ -170,6 +170,7 @@ fn server_names(options: &InitOptions) -> Vec<String> {
 }
 
 fn config_text(options: &InitOptions, fleet: &FleetConfig) -> String {
+    let jobs = crate::config::JobsConfig::default();
     let duration = cairn_common::config::display_duration;
     format!(
         r#"# Cairn coordinator configuration, written by `cairn init`.
@@ -217,6 +218,15 @@ probe_history = {history}
 agent_certificate_lifetime = "{agent_lifetime}"
 operator_certificate_lifetime = "{operator_lifetime}"
 max_token_ttl = "{max_ttl}"
+
+[jobs]
+# Jobs (backups, restores) running at once on one PostgreSQL instance, on
+# one agent, and on this coordinator; the others queue.
+max_per_instance = {per_instance}
+max_per_agent = {per_agent}
+max_running = {running}
+# How long a running job whose agent went away waits for it.
+reattach_timeout = "{reattach}"
 "#,
         grpc = options.grpc_listen,
         http = options.http_listen,
@@ -225,6 +235,10 @@ max_token_ttl = "{max_ttl}"
         agent_lifetime = duration(fleet.agent_certificate_lifetime),
         operator_lifetime = duration(fleet.operator_certificate_lifetime),
         max_ttl = duration(fleet.max_token_ttl),
+        per_instance = jobs.max_per_instance,
+        per_agent = jobs.max_per_agent,
+        running = jobs.max_running,
+        reattach = duration(jobs.reattach_timeout),
     )
 }
 

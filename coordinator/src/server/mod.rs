@@ -17,6 +17,7 @@ use cairn_common::proto::admin_server::AdminServer;
 use cairn_common::proto::agent_gateway_server::AgentGatewayServer;
 use cairn_common::tls::{self, IncomingLimits, RevokedSerials, ServerTlsMaterial};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -28,6 +29,7 @@ use crate::api::unauthenticated;
 use crate::audit::log::AuditLog;
 use crate::audit::{AuditEvent, Outcome};
 use crate::catalog::Catalog;
+use crate::clock::Clock;
 use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result};
 use crate::fleet::Fleet;
@@ -93,18 +95,9 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         )
         .await?,
     );
-    let orphans = catalog
-        .fail_orphaned_jobs(
-            "the coordinator stopped while the job ran",
-            crate::clock::now_ms(),
-        )
-        .await?;
-    if orphans > 0 {
-        tracing::warn!(
-            orphans,
-            "failed jobs left running by the previous coordinator"
-        );
-    }
+    // This start's term: on every command, so agents can refuse a deposed
+    // coordinator's.
+    let term = catalog.next_term().await?;
     tracing::info!(repository = repository.id(), store = %repository.store.describe(), "repository open");
     // Background work (control-stream loops, the refusal auditor) is
     // tracked so shutdown can wait for it before closing the catalog.
@@ -186,6 +179,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     let fleet = Arc::new(Fleet::new(
         config.fleet.heartbeat_interval,
         shutdown.child_token(),
+        u64::try_from(term).unwrap_or(0),
     ));
     let authority = Arc::new(Authority::new(
         ca,
@@ -220,6 +214,27 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
             )
         })?;
 
+    let jobs = Arc::new(Jobs {
+        catalog: catalog.clone(),
+        fleet: fleet.clone(),
+        audit: audit.clone(),
+        repository: repository.clone(),
+        config: config.backup.clone(),
+        limits: config.jobs.clone(),
+        tasks: tasks.clone(),
+        clock: Clock::System,
+        term,
+        wake: Arc::new(Notify::new()),
+    });
+    let orphans = jobs.recover_orphans().await?;
+    if orphans > 0 {
+        tracing::warn!(
+            orphans,
+            "attempts left running by the previous coordinator failed (retried where their jobs allow)"
+        );
+    }
+    tasks.spawn(jobs.clone().run(shutdown.child_token()));
+    tracing::info!(term, "job engine started");
     let gateway = Gateway {
         authority: authority.clone(),
         catalog: catalog.clone(),
@@ -230,15 +245,8 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         tasks: tasks.clone(),
         repository: repository.clone(),
         uploads: Default::default(),
+        jobs: jobs.clone(),
     };
-    let jobs = Arc::new(Jobs {
-        catalog: catalog.clone(),
-        fleet: fleet.clone(),
-        audit: audit.clone(),
-        repository: repository.clone(),
-        config: config.backup.clone(),
-        tasks: tasks.clone(),
-    });
     let keys = crate::repository::keys::MasterKeys::new(
         repository.clone(),
         config.keys.master_key_file.clone(),

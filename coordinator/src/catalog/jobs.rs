@@ -1,0 +1,504 @@
+//! Jobs and their attempts: the rows the job engine (see [`crate::jobs`])
+//! moves from `queued` through `running` to an end.
+//!
+//! Every transition is one conditional `UPDATE` (on the state, and for a
+//! running job on its attempt id), so that two callers racing to start,
+//! end or retry a job — an agent's report and a timeout, or later two
+//! coordinators — cannot both win: the loser's update matches no row.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sqlx::FromRow;
+
+use super::Catalog;
+use super::backups::i64_of;
+use crate::error::Result;
+
+/// A job's state. `queued` and `running` are active; the others are ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type, Serialize, Deserialize)]
+#[sqlx(type_name = "TEXT", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    /// Never started: its agent stayed offline (or busy) past its deadline,
+    /// or a schedule's fire came too late to catch up.
+    Missed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::Missed => "missed",
+        }
+    }
+
+    pub fn is_active(self) -> bool {
+        matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type, Serialize, Deserialize)]
+#[sqlx(type_name = "TEXT", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    Backup,
+    Restore,
+    Drill,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Backup => "backup",
+            JobKind::Restore => "restore",
+            JobKind::Drill => "drill",
+        }
+    }
+
+    /// Restores and drills read a backup; backups write one.
+    pub fn reads_a_backup(self) -> bool {
+        matches!(self, JobKind::Restore | JobKind::Drill)
+    }
+}
+
+impl std::fmt::Display for JobKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct JobRecord {
+    pub id: String,
+    pub kind: JobKind,
+    pub agent_name: String,
+    pub instance: String,
+    pub database: String,
+    pub status: JobState,
+    pub error: String,
+    pub backup_id: String,
+    pub created_by: String,
+    pub created_at: i64,
+    /// When the first attempt started.
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub bytes_read: i64,
+    pub bytes_uploaded: i64,
+    pub chunks: i64,
+    /// Restores: the database restored into.
+    pub target_database: String,
+    /// Restores: the agent's report (JSON), once done.
+    pub report: String,
+    /// JSON: what the kind needs at dispatch (see [`crate::jobs::spec`]).
+    pub spec: String,
+    /// The current or last attempt's number (0: none yet) and id.
+    pub attempt: i64,
+    pub attempt_id: String,
+    pub attempt_started_at: Option<i64>,
+    pub max_attempts: i64,
+    pub timeout_ms: Option<i64>,
+    pub deadline_at: Option<i64>,
+    pub not_before: i64,
+    pub wait_reason: String,
+    pub term: i64,
+    pub schedule_id: Option<String>,
+    pub fire_at: Option<i64>,
+}
+
+impl JobRecord {
+    /// A new queued job with the engine's defaults (one attempt, no
+    /// timeout, no deadline, due now).
+    pub fn queued(
+        id: String,
+        kind: JobKind,
+        agent_name: &str,
+        instance: &str,
+        database: &str,
+        created_by: &str,
+        now: i64,
+    ) -> JobRecord {
+        JobRecord {
+            id,
+            kind,
+            agent_name: agent_name.to_string(),
+            instance: instance.to_string(),
+            database: database.to_string(),
+            status: JobState::Queued,
+            error: String::new(),
+            backup_id: String::new(),
+            created_by: created_by.to_string(),
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            bytes_read: 0,
+            bytes_uploaded: 0,
+            chunks: 0,
+            target_database: String::new(),
+            report: String::new(),
+            spec: "{}".into(),
+            attempt: 0,
+            attempt_id: String::new(),
+            attempt_started_at: None,
+            max_attempts: 1,
+            timeout_ms: None,
+            deadline_at: None,
+            not_before: now,
+            wait_reason: String::new(),
+            term: 0,
+            schedule_id: None,
+            fire_at: None,
+        }
+    }
+
+    /// `agent/instance`, the unit the per-instance limit counts.
+    pub fn instance_key(&self) -> String {
+        format!("{}/{}", self.agent_name, self.instance)
+    }
+}
+
+/// One attempt of a job, as `jobs show` lists them.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct AttemptRecord {
+    pub job_id: String,
+    pub number: i64,
+    pub attempt_id: String,
+    pub term: i64,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub outcome: String,
+    pub reason: String,
+}
+
+/// How an attempt ended, for [`Catalog::end_attempt`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptEnd {
+    /// The job ends in this state.
+    Final(JobState),
+    /// The attempt failed and the job is queued again, not before this time.
+    Retry { not_before: i64 },
+}
+
+/// The job's row, as every kind of job starts.
+async fn insert_job_row(executor: impl sqlx::SqliteExecutor<'_>, job: &JobRecord) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO jobs (id, kind, agent_name, instance, database, status, error, backup_id,
+                           created_by, created_at, target_database, spec, max_attempts,
+                           timeout_ms, deadline_at, not_before, schedule_id, fire_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&job.id)
+    .bind(job.kind)
+    .bind(&job.agent_name)
+    .bind(&job.instance)
+    .bind(&job.database)
+    .bind(job.status)
+    .bind(&job.error)
+    .bind(&job.backup_id)
+    .bind(&job.created_by)
+    .bind(job.created_at)
+    .bind(&job.target_database)
+    .bind(&job.spec)
+    .bind(job.max_attempts)
+    .bind(job.timeout_ms)
+    .bind(job.deadline_at)
+    .bind(job.not_before)
+    .bind(&job.schedule_id)
+    .bind(job.fire_at)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// Marks the unfinished backup of an ended job with the job's outcome, so
+/// it is never listed.
+async fn end_backup_of(
+    executor: impl sqlx::SqliteExecutor<'_>,
+    job_id: &str,
+    state: JobState,
+    error: &str,
+    now: i64,
+) -> Result<()> {
+    let backup_status = match state {
+        JobState::Cancelled => "cancelled",
+        _ => "failed",
+    };
+    sqlx::query(
+        "UPDATE backups SET status = ?, error = ?, finished_at = ? WHERE job_id = ? AND status = 'running'",
+    )
+    .bind(backup_status)
+    .bind(if error.is_empty() {
+        "the job ended before the backup was complete"
+    } else {
+        error
+    })
+    .bind(now)
+    .bind(job_id)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+impl Catalog {
+    /// Records a new job; a backup job's (unlisted) backup row with it.
+    pub async fn insert_job(
+        &self,
+        job: &JobRecord,
+        tags: Option<&BTreeMap<String, String>>,
+    ) -> Result<()> {
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        insert_job_row(&mut *transaction, job).await?;
+        if job.kind == JobKind::Backup && !job.backup_id.is_empty() {
+            sqlx::query(
+                "INSERT INTO backups (id, job_id, agent_name, instance, database, status, started_at, tags)
+                 VALUES (?, ?, ?, ?, ?, 'running', ?, ?)",
+            )
+            .bind(&job.backup_id)
+            .bind(&job.id)
+            .bind(&job.agent_name)
+            .bind(&job.instance)
+            .bind(&job.database)
+            .bind(job.created_at)
+            .bind(serde_json::to_string(&tags.cloned().unwrap_or_default()).unwrap_or_else(|_| "{}".into()))
+            .execute(&mut *transaction)
+            .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// Every queued or running job, oldest first: what the engine's tick
+    /// looks at.
+    pub async fn active_jobs(&self) -> Result<Vec<JobRecord>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Starts an attempt of a queued job; whether this call started it.
+    pub async fn start_attempt(
+        &self,
+        job_id: &str,
+        attempt_id: &str,
+        term: i64,
+        now: i64,
+    ) -> Result<bool> {
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let number: Option<i64> = sqlx::query_scalar(
+            "UPDATE jobs SET status = 'running', attempt = attempt + 1, attempt_id = ?1, term = ?2,
+                             started_at = COALESCE(started_at, ?3), attempt_started_at = ?3,
+                             wait_reason = ''
+             WHERE id = ?4 AND status = 'queued'
+             RETURNING attempt",
+        )
+        .bind(attempt_id)
+        .bind(term)
+        .bind(now)
+        .bind(job_id)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        let Some(number) = number else {
+            return Ok(false);
+        };
+        sqlx::query(
+            "INSERT INTO job_attempts (job_id, number, attempt_id, term, started_at)
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(job_id)
+        .bind(number)
+        .bind(attempt_id)
+        .bind(term)
+        .bind(now)
+        .execute(&mut *transaction)
+        .await?;
+        // The backup's time is when its dump started, not when it queued.
+        sqlx::query("UPDATE backups SET started_at = ? WHERE job_id = ? AND status = 'running'")
+            .bind(now)
+            .bind(job_id)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(true)
+    }
+
+    /// Ends the running attempt `attempt_id` of a job: the job ends, or is
+    /// queued again for a retry. Whether this call ended it (false: the
+    /// attempt had ended already, or is not the job's current one).
+    pub async fn end_attempt(
+        &self,
+        job_id: &str,
+        attempt_id: &str,
+        end: &AttemptEnd,
+        reason: &str,
+        now: i64,
+    ) -> Result<bool> {
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let ended = match end {
+            AttemptEnd::Final(state) => sqlx::query(
+                "UPDATE jobs SET status = ?, error = ?, finished_at = ?
+                     WHERE id = ? AND status = 'running' AND attempt_id = ?",
+            )
+            .bind(state)
+            .bind(reason)
+            .bind(now)
+            .bind(job_id)
+            .bind(attempt_id)
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected(),
+            AttemptEnd::Retry { not_before } => sqlx::query(
+                "UPDATE jobs SET status = 'queued', error = ?, not_before = ?, wait_reason = ?
+                     WHERE id = ? AND status = 'running' AND attempt_id = ?",
+            )
+            .bind(reason)
+            .bind(not_before)
+            .bind(format!("retry after: {reason}"))
+            .bind(job_id)
+            .bind(attempt_id)
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected(),
+        } > 0;
+        if !ended {
+            return Ok(false);
+        }
+        let outcome = match end {
+            AttemptEnd::Final(state) => state.as_str(),
+            AttemptEnd::Retry { .. } => "failed",
+        };
+        sqlx::query(
+            "UPDATE job_attempts SET finished_at = ?, outcome = ?, reason = ?
+             WHERE attempt_id = ? AND finished_at IS NULL",
+        )
+        .bind(now)
+        .bind(outcome)
+        .bind(reason)
+        .bind(attempt_id)
+        .execute(&mut *transaction)
+        .await?;
+        if let AttemptEnd::Final(state) = end
+            && *state != JobState::Succeeded
+        {
+            end_backup_of(&mut *transaction, job_id, *state, reason, now).await?;
+        }
+        transaction.commit().await?;
+        Ok(ended)
+    }
+
+    /// Ends a job that is not running an attempt (cancelled or missed while
+    /// queued); whether this call ended it.
+    pub async fn end_queued_job(
+        &self,
+        job_id: &str,
+        state: JobState,
+        error: &str,
+        now: i64,
+    ) -> Result<bool> {
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let ended = sqlx::query(
+            "UPDATE jobs SET status = ?, error = ?, finished_at = ?, wait_reason = ''
+             WHERE id = ? AND status = 'queued'",
+        )
+        .bind(state)
+        .bind(error)
+        .bind(now)
+        .bind(job_id)
+        .execute(&mut *transaction)
+        .await?
+        .rows_affected()
+            > 0;
+        if ended {
+            end_backup_of(&mut *transaction, job_id, state, error, now).await?;
+        }
+        transaction.commit().await?;
+        Ok(ended)
+    }
+
+    /// Why a queued job still waits.
+    pub async fn set_wait_reason(&self, job_id: &str, reason: &str) -> Result<()> {
+        sqlx::query("UPDATE jobs SET wait_reason = ? WHERE id = ? AND status = 'queued'")
+            .bind(reason)
+            .bind(job_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The next coordinator term: taken once at each start.
+    pub async fn next_term(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "UPDATE coordinator_term SET term = term + 1 WHERE id = 1 RETURNING term",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub async fn update_job_progress(
+        &self,
+        job_id: &str,
+        bytes_read: u64,
+        bytes_uploaded: u64,
+        chunks: u64,
+    ) -> Result<()> {
+        sqlx::query("UPDATE jobs SET bytes_read = ?, bytes_uploaded = ?, chunks = ? WHERE id = ?")
+            .bind(i64_of(bytes_read))
+            .bind(i64_of(bytes_uploaded))
+            .bind(i64_of(chunks))
+            .bind(job_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn get_job(&self, id: &str) -> Result<Option<JobRecord>> {
+        Ok(sqlx::query_as("SELECT * FROM jobs WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// The attempts of a job, first first.
+    pub async fn job_attempts(&self, job_id: &str) -> Result<Vec<AttemptRecord>> {
+        Ok(
+            sqlx::query_as("SELECT * FROM job_attempts WHERE job_id = ? ORDER BY number")
+                .bind(job_id)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Up to `limit` jobs, newest first, after the page `after` ended on.
+    pub async fn list_jobs(
+        &self,
+        after: Option<&super::PageKey>,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM jobs WHERE (?1 IS NULL OR (created_at, id) < (?1, ?2))
+             ORDER BY created_at DESC, id DESC LIMIT ?3",
+        )
+        .bind(after.map(|key| key.started_at))
+        .bind(after.map(|key| key.id.as_str()))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}

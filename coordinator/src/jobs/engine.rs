@@ -1,0 +1,534 @@
+//! The engine's loop: each tick reads the active jobs from the catalog,
+//! ends those past their deadline or timeout, and starts queued ones in
+//! order of creation while the limits allow. An attempt's command runs in
+//! a task that ends the attempt with the agent's answer; a retryable
+//! failure queues the job again after a backoff.
+//!
+//! The catalog is the engine's whole state: every transition is a
+//! conditional update (see [`crate::catalog::Catalog::start_attempt`]), so
+//! a tick, a late agent report and a cancel cannot both end one attempt,
+//! and the loop can run in any coordinator holding the term.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_common::proto::{self, command};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::audit::{AuditEvent, Outcome};
+use crate::catalog::{AttemptEnd, JobKind, JobRecord, JobState};
+use crate::error::{CoordinatorError, Result};
+use crate::fleet::CommandOutcome;
+use crate::jobs::restores::{RestoreReport, RestoreSpec};
+use crate::jobs::{Jobs, random_suffix};
+
+/// How often the engine looks at its jobs when nothing wakes it.
+pub const TICK: Duration = Duration::from_secs(1);
+/// The first retry waits this long; each further one twice as long.
+const FIRST_RETRY_DELAY_MS: i64 = 5_000;
+/// The longest wait between attempts.
+const MAX_RETRY_DELAY_MS: i64 = 30 * 60 * 1000;
+/// How long an attempt's command may wait for its agent's answer when the
+/// job has no timeout of its own.
+const UNBOUNDED_ATTEMPT: Duration = Duration::from_secs(30 * 24 * 3600);
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What one tick did, for tests and the bench.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TickReport {
+    pub started: usize,
+    pub waiting: usize,
+    pub missed: usize,
+    pub timed_out: usize,
+}
+
+/// The running jobs counted against the limits.
+#[derive(Debug, Default)]
+struct Load {
+    per_instance: HashMap<String, u32>,
+    per_agent: HashMap<String, u32>,
+    total: u32,
+}
+
+impl Load {
+    fn add(&mut self, job: &JobRecord) {
+        *self.per_instance.entry(job.instance_key()).or_default() += 1;
+        *self.per_agent.entry(job.agent_name.clone()).or_default() += 1;
+        self.total += 1;
+    }
+}
+
+/// The delay before attempt `next` (2, 3, ...) of a job.
+fn retry_delay_ms(next: i64) -> i64 {
+    let doublings = u32::try_from((next - 2).clamp(0, 20)).unwrap_or(20);
+    FIRST_RETRY_DELAY_MS
+        .saturating_mul(1_i64 << doublings)
+        .min(MAX_RETRY_DELAY_MS)
+}
+
+/// Whether a failed attempt is worth another: the network, the storage, an
+/// agent restart; never the database's or the tools' own refusal.
+fn retryable(outcome: &Result<CommandOutcome>) -> bool {
+    matches!(
+        outcome,
+        Ok(CommandOutcome::Interrupted(_)) | Err(CoordinatorError::Unavailable(_))
+    )
+}
+
+impl Jobs {
+    /// Runs the engine until `shutdown`: a tick every [`TICK`], or sooner
+    /// when woken.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            if let Err(error) = self.tick().await {
+                tracing::error!(%error, "job engine tick failed");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(TICK) => {}
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// One pass over the active jobs.
+    pub async fn tick(self: &Arc<Self>) -> Result<TickReport> {
+        let now = self.clock.now_ms();
+        let active = self.catalog.active_jobs().await?;
+        let mut report = TickReport::default();
+        let mut load = Load::default();
+        for job in active.iter().filter(|j| j.status == JobState::Running) {
+            if let Some(timeout) = job.timeout_ms
+                && job.attempt_started_at.is_some_and(|at| at + timeout <= now)
+            {
+                report.timed_out += 1;
+                self.time_out(job, timeout).await;
+                continue;
+            }
+            load.add(job);
+        }
+        for job in active.iter().filter(|j| j.status == JobState::Queued) {
+            if job.deadline_at.is_some_and(|deadline| deadline <= now) {
+                report.missed += 1;
+                self.miss(job, now).await?;
+                continue;
+            }
+            match self.wait_reason(job, &load, now) {
+                Some(reason) => {
+                    report.waiting += 1;
+                    if reason != job.wait_reason {
+                        self.catalog.set_wait_reason(&job.id, &reason).await?;
+                    }
+                }
+                None => {
+                    if self.dispatch(job, now).await? {
+                        report.started += 1;
+                        load.add(job);
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Why a queued job cannot start now, or `None` if it can.
+    fn wait_reason(&self, job: &JobRecord, load: &Load, now: i64) -> Option<String> {
+        if job.not_before > now {
+            return Some(if job.attempt > 0 {
+                format!(
+                    "attempt {} of {} starts in {}s (after: {})",
+                    job.attempt + 1,
+                    job.max_attempts,
+                    (job.not_before - now + 999) / 1000,
+                    job.error
+                )
+            } else {
+                format!("starts in {}s", (job.not_before - now + 999) / 1000)
+            });
+        }
+        if !self.fleet.is_online(&job.agent_name) {
+            return Some(format!("agent {} is offline", job.agent_name));
+        }
+        let limits = &self.limits;
+        let on_instance = load
+            .per_instance
+            .get(&job.instance_key())
+            .copied()
+            .unwrap_or(0);
+        if on_instance >= limits.max_per_instance {
+            return Some(format!(
+                "{on_instance} job(s) running on {} (jobs.max_per_instance = {})",
+                job.instance_key(),
+                limits.max_per_instance
+            ));
+        }
+        let on_agent = load.per_agent.get(&job.agent_name).copied().unwrap_or(0);
+        if on_agent >= limits.max_per_agent {
+            return Some(format!(
+                "{on_agent} job(s) running on agent {} (jobs.max_per_agent = {})",
+                job.agent_name, limits.max_per_agent
+            ));
+        }
+        if load.total >= limits.max_running {
+            return Some(format!(
+                "{} job(s) running on the coordinator (jobs.max_running = {})",
+                load.total, limits.max_running
+            ));
+        }
+        None
+    }
+
+    /// Starts the next attempt of a queued job; whether it started here.
+    async fn dispatch(self: &Arc<Self>, job: &JobRecord, now: i64) -> Result<bool> {
+        let attempt_id = format!("at-{}", random_suffix()?);
+        let command = match self.command_for(job).await {
+            Ok(command) => command,
+            Err(error) => {
+                // Nothing to run (the backup to restore went away): the job
+                // cannot start, ever.
+                let message = format!("cannot start: {error}");
+                if self
+                    .catalog
+                    .end_queued_job(&job.id, JobState::Failed, &message, now)
+                    .await?
+                {
+                    self.audit_end(job, JobState::Failed, &message).await;
+                }
+                return Ok(false);
+            }
+        };
+        if !self
+            .catalog
+            .start_attempt(&job.id, &attempt_id, self.term, now)
+            .await?
+        {
+            return Ok(false);
+        }
+        let mut running = job.clone();
+        running.status = JobState::Running;
+        running.attempt += 1;
+        running.attempt_id = attempt_id.clone();
+        running.term = self.term;
+        running.started_at = Some(running.started_at.unwrap_or(now));
+        self.audit
+            .record(AuditEvent::new(
+                "coordinator",
+                "job.attempt",
+                job.id.clone(),
+                Outcome::Success,
+                format!(
+                    "attempt {} of {} ({attempt_id}) started on {}",
+                    running.attempt,
+                    running.max_attempts,
+                    running.instance_key()
+                ),
+            ))
+            .await;
+        let wait = running
+            .timeout_ms
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(Duration::from_millis)
+            // The timeout itself is the tick's to enforce; this only bounds
+            // the wait for an answer that never comes.
+            .map_or(UNBOUNDED_ATTEMPT, |t| t + CANCEL_TIMEOUT * 3);
+        let engine = self.clone();
+        let span = tracing::info_span!(
+            "job",
+            job_id = %running.id,
+            attempt = running.attempt,
+            agent = %running.agent_name,
+            database = %running.database
+        );
+        self.tasks.spawn(
+            async move {
+                let outcome = engine
+                    .fleet
+                    .send_job_command(&running.agent_name, &running.attempt_id, command, wait)
+                    .await;
+                engine.conclude(&running, outcome).await;
+            }
+            .instrument(span),
+        );
+        Ok(true)
+    }
+
+    /// The command for a job's next attempt, built from its row.
+    async fn command_for(&self, job: &JobRecord) -> Result<command::Kind> {
+        match job.kind {
+            JobKind::Backup => Ok(command::Kind::Backup(proto::BackupCommand {
+                instance: job.instance.clone(),
+                database: job.database.clone(),
+                job_id: job.id.clone(),
+                backup_id: job.backup_id.clone(),
+                zstd_level: self.config.zstd_level,
+                include_role_passwords: self.config.include_role_passwords,
+            })),
+            JobKind::Restore | JobKind::Drill => {
+                let spec: RestoreSpec = serde_json::from_str(&job.spec).map_err(|e| {
+                    CoordinatorError::Internal(format!("job {} has a bad spec: {e}", job.id))
+                })?;
+                Ok(command::Kind::Restore(spec.command(job)))
+            }
+        }
+    }
+
+    /// Ends an attempt with its agent's answer.
+    async fn conclude(&self, job: &JobRecord, outcome: Result<CommandOutcome>) {
+        let (state, message) = match &outcome {
+            Ok(CommandOutcome::JobDone(report)) => self.succeeded(job, report.clone()).await,
+            Ok(CommandOutcome::Cancelled(detail)) => {
+                (JobState::Cancelled, format!("cancelled: {detail}"))
+            }
+            Ok(CommandOutcome::Refused { reason, .. }) => (JobState::Failed, reason.clone()),
+            Ok(CommandOutcome::Error(error) | CommandOutcome::Interrupted(error)) => {
+                (JobState::Failed, error.clone())
+            }
+            Ok(CommandOutcome::Probe(_)) => (
+                JobState::Failed,
+                "the agent answered with a probe".to_string(),
+            ),
+            Err(error) => (JobState::Failed, error.to_string()),
+        };
+        let end =
+            if state == JobState::Failed && retryable(&outcome) && job.attempt < job.max_attempts {
+                AttemptEnd::Retry {
+                    not_before: self.clock.now_ms() + retry_delay_ms(job.attempt + 1),
+                }
+            } else {
+                AttemptEnd::Final(state)
+            };
+        if job.kind == JobKind::Drill && end == AttemptEnd::Final(state) {
+            self.record_drill(job, state == JobState::Succeeded, &message)
+                .await;
+        }
+        // A drill's verdict is its detail whether it passed or not.
+        let error = if state == JobState::Succeeded {
+            ""
+        } else {
+            message.as_str()
+        };
+        self.end_attempt(job, end, error).await;
+    }
+
+    /// How a job the agent reported done ended: a backup only if its
+    /// manifest was stored; a drill only if its rows match.
+    async fn succeeded(
+        &self,
+        job: &JobRecord,
+        report: Option<proto::RestoreReport>,
+    ) -> (JobState, String) {
+        match job.kind {
+            JobKind::Backup => match self.catalog.get_backup(&job.backup_id).await {
+                Ok(Some(backup)) if backup.status == "complete" => {
+                    (JobState::Succeeded, String::new())
+                }
+                _ => (
+                    JobState::Failed,
+                    "the agent finished but the backup's manifest was not stored".to_string(),
+                ),
+            },
+            JobKind::Restore | JobKind::Drill => {
+                let report = RestoreReport::from(report.unwrap_or_default());
+                match serde_json::to_string(&report) {
+                    Ok(json) => {
+                        if let Err(error) = self.catalog.set_job_report(&job.id, &json).await {
+                            tracing::error!(%error, "cannot record the restore report");
+                        }
+                    }
+                    Err(error) => tracing::error!(%error, "cannot encode the restore report"),
+                }
+                if job.kind == JobKind::Drill {
+                    match self.check_drill(job, &report).await {
+                        Ok(detail) => (JobState::Succeeded, detail),
+                        Err(problem) => (JobState::Failed, problem),
+                    }
+                } else {
+                    (JobState::Succeeded, String::new())
+                }
+            }
+        }
+    }
+
+    /// Fails the job's current attempt for a reason found on the
+    /// coordinator's side (a storage failure, a refused upload): retried if
+    /// `retryable` and attempts remain.
+    pub(crate) async fn fail_attempt(&self, job: &JobRecord, message: &str, retryable: bool) {
+        let end = if retryable && job.attempt < job.max_attempts {
+            AttemptEnd::Retry {
+                not_before: self.clock.now_ms() + retry_delay_ms(job.attempt + 1),
+            }
+        } else {
+            AttemptEnd::Final(JobState::Failed)
+        };
+        if job.kind == JobKind::Drill && end == AttemptEnd::Final(JobState::Failed) {
+            self.record_drill(job, false, message).await;
+        }
+        self.end_attempt(job, end, message).await;
+    }
+
+    /// At start: the attempts the previous coordinator left running cannot
+    /// be followed (their agents ended them with the stream), so each fails,
+    /// and is retried if its job allows.
+    pub async fn recover_orphans(&self) -> Result<usize> {
+        let running: Vec<JobRecord> = self
+            .catalog
+            .active_jobs()
+            .await?
+            .into_iter()
+            .filter(|job| job.status == JobState::Running)
+            .collect();
+        for job in &running {
+            self.fail_attempt(job, "the coordinator stopped while the attempt ran", true)
+                .await;
+        }
+        Ok(running.len())
+    }
+
+    /// Ends the job's current attempt and audits what happened; an attempt
+    /// something else ended already (an upload refused, a timeout, a
+    /// cancel) keeps that outcome and its one audit row.
+    pub(crate) async fn end_attempt(&self, job: &JobRecord, end: AttemptEnd, message: &str) {
+        let now = self.clock.now_ms();
+        match self
+            .catalog
+            .end_attempt(&job.id, &job.attempt_id, &end, message, now)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(?end, error = message, "the attempt had ended already");
+                return;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot record the end of the attempt");
+                return;
+            }
+        }
+        match end {
+            AttemptEnd::Final(state) => self.audit_end(job, state, message).await,
+            AttemptEnd::Retry { not_before } => {
+                tracing::warn!(
+                    error = message,
+                    attempt = job.attempt,
+                    "attempt failed; retrying"
+                );
+                self.audit
+                    .record(AuditEvent::new(
+                        "coordinator",
+                        "job.retry",
+                        job.id.clone(),
+                        Outcome::Failed,
+                        format!(
+                            "attempt {} of {} failed ({message}); the next starts in {}s",
+                            job.attempt,
+                            job.max_attempts,
+                            (not_before - now).max(0) / 1000
+                        ),
+                    ))
+                    .await;
+            }
+        }
+        // The instance is free: the next queued job need not wait a tick.
+        self.wake.notify_one();
+    }
+
+    /// Audits a job's end under its kind's action.
+    pub(crate) async fn audit_end(&self, job: &JobRecord, state: JobState, message: &str) {
+        let outcome = match state {
+            JobState::Succeeded => Outcome::Success,
+            JobState::Cancelled => Outcome::Refused,
+            _ => Outcome::Failed,
+        };
+        tracing::info!(job_id = %job.id, status = state.as_str(), error = message, "job ended");
+        self.audit
+            .record(AuditEvent::new(
+                "coordinator",
+                match job.kind {
+                    JobKind::Backup => "backup.end",
+                    JobKind::Restore => "restore.end",
+                    JobKind::Drill => "drill.end",
+                },
+                job.id.clone(),
+                outcome,
+                format!("{}: {message}", state.as_str()),
+            ))
+            .await;
+    }
+
+    /// Ends a queued job that did not start by its deadline.
+    async fn miss(&self, job: &JobRecord, now: i64) -> Result<()> {
+        let why = if job.wait_reason.is_empty() {
+            "waiting".to_string()
+        } else {
+            job.wait_reason.clone()
+        };
+        let message = format!("not started by its deadline ({why})");
+        if self
+            .catalog
+            .end_queued_job(&job.id, JobState::Missed, &message, now)
+            .await?
+        {
+            self.audit_end(job, JobState::Missed, &message).await;
+            if job.kind == JobKind::Drill {
+                self.record_drill(job, false, &message).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops an attempt past its timeout: the agent is told to stop (and
+    /// cleans up), and the job fails without a retry.
+    async fn time_out(&self, job: &JobRecord, timeout_ms: i64) {
+        let message = format!(
+            "timed out after {} (--timeout); the agent was told to stop",
+            humantime::format_duration(Duration::from_millis(
+                u64::try_from(timeout_ms).unwrap_or(0)
+            ))
+        );
+        self.end_attempt(job, AttemptEnd::Final(JobState::Failed), &message)
+            .await;
+        if job.kind == JobKind::Drill {
+            self.record_drill(job, false, &message).await;
+        }
+        let fleet = self.fleet.clone();
+        let agent = job.agent_name.clone();
+        let job_id = job.id.clone();
+        self.tasks.spawn(async move {
+            let stop = command::Kind::Cancel(proto::CancelCommand { job_id });
+            if let Err(error) = fleet.send_command(&agent, stop, CANCEL_TIMEOUT).await {
+                tracing::warn!(%error, "cannot tell the agent to stop a timed-out job");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_a_cap() {
+        assert_eq!(retry_delay_ms(2), 5_000);
+        assert_eq!(retry_delay_ms(3), 10_000);
+        assert_eq!(retry_delay_ms(4), 20_000);
+        assert_eq!(retry_delay_ms(40), MAX_RETRY_DELAY_MS);
+    }
+
+    #[test]
+    fn only_interruptions_and_lost_agents_are_retried() {
+        assert!(retryable(&Ok(CommandOutcome::Interrupted("reset".into()))));
+        assert!(retryable(&Err(CoordinatorError::Unavailable(
+            "agent db1 disconnected".into()
+        ))));
+        assert!(!retryable(&Ok(CommandOutcome::Error(
+            "pg_dump: error: database \"nope\" does not exist".into()
+        ))));
+        assert!(!retryable(&Ok(CommandOutcome::Refused {
+            operation: None,
+            reason: "not permitted".into()
+        })));
+        assert!(!retryable(&Err(CoordinatorError::Timeout("late".into()))));
+    }
+}
