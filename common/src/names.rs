@@ -23,6 +23,12 @@ pub struct InstanceName(String);
 #[serde(try_from = "String", into = "String")]
 pub struct OperatorName(String);
 
+/// A schedule's name (`cairn schedule create NAME`); same alphabet as
+/// agents.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ScheduleName(String);
+
 const NAME_MAX_LEN: usize = 63;
 
 fn check_name(field: &str, value: &str) -> Result<(), Error> {
@@ -87,6 +93,7 @@ macro_rules! name_type {
 name_type!(AgentName, "agent name");
 name_type!(InstanceName, "instance name");
 name_type!(OperatorName, "operator name");
+name_type!(ScheduleName, "schedule name");
 
 /// Label keys: `[a-z0-9][a-z0-9_.-]{0,62}`; values: printable, at most 256 bytes.
 pub fn validate_label(key: &str, value: &str) -> std::result::Result<(), String> {

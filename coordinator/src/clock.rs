@@ -1,10 +1,14 @@
 //! Wall-clock time as stored in the catalog: milliseconds since the epoch.
 //!
 //! The job engine and schedules read time only through a [`Clock`], so a
-//! test can run them on tokio's paused time: [`Clock::paused_from`] counts
-//! from a chosen instant as tokio's clock advances.
+//! test can set it: [`Clock::manual`] starts at a chosen instant and moves
+//! only when the test advances it. (Not tokio's paused time: the catalog's
+//! connection pool times its waits on tokio's clock, and paused time jumps
+//! past those timeouts while SQLite works on its own thread.)
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -17,29 +21,28 @@ pub fn now_ms() -> i64 {
 pub enum Clock {
     /// The system's wall clock.
     System,
-    /// `base_ms` plus the time tokio's clock advanced since `start`.
-    Paused {
-        base_ms: i64,
-        start: tokio::time::Instant,
-    },
+    /// A test's clock: moves only by [`Clock::advance`].
+    Manual(Arc<AtomicI64>),
 }
 
 impl Clock {
-    /// A clock that reads `base_ms` now and advances with tokio's time
-    /// (paused in tests).
-    pub fn paused_from(base_ms: i64) -> Clock {
-        Clock::Paused {
-            base_ms,
-            start: tokio::time::Instant::now(),
+    /// A clock that reads `start_ms` until advanced.
+    pub fn manual(start_ms: i64) -> Clock {
+        Clock::Manual(Arc::new(AtomicI64::new(start_ms)))
+    }
+
+    /// Moves a manual clock on (the system clock moves by itself).
+    pub fn advance(&self, by: Duration) {
+        if let Clock::Manual(now) = self {
+            let by = i64::try_from(by.as_millis()).unwrap_or(i64::MAX / 4);
+            now.fetch_add(by, Ordering::SeqCst);
         }
     }
 
     pub fn now_ms(&self) -> i64 {
         match self {
             Clock::System => now_ms(),
-            Clock::Paused { base_ms, start } => {
-                base_ms + i64::try_from(start.elapsed().as_millis()).unwrap_or(i64::MAX / 2)
-            }
+            Clock::Manual(now) => now.load(Ordering::SeqCst),
         }
     }
 }

@@ -9,14 +9,19 @@ use cairn_common::proto::{self, admin_server::Admin};
 use tonic::{Request, Response, Status};
 
 use crate::api::auth::require_role;
-use crate::api::wire::{attempt_to_wire, backup_to_wire, job_to_wire, key_slot_to_wire};
+use crate::api::wire::{
+    attempt_to_wire, backup_to_wire, job_to_wire, key_slot_to_wire, schedule_to_wire,
+};
 use crate::audit::log::AuditLog;
 use crate::audit::{AuditEvent, ChainVerifier, Outcome};
+use crate::catalog::ScheduleRecord;
 use crate::catalog::{AgentRecord, Catalog, PageKey};
 use crate::fleet::authority::Authority;
 use crate::fleet::{CommandOutcome, Fleet};
 use crate::jobs::restores::RestoreRequest;
 use crate::jobs::{BackupRequest, Jobs, RunOptions};
+use crate::schedules::manage::ScheduleRequest;
+use crate::schedules::timing::CronSchedule;
 
 const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -665,5 +670,169 @@ impl Admin for AdminService {
             .remove(&identity.principal.to_string(), &id)
             .await?;
         Ok(Response::new(proto::RemoveKeySlotResponse {}))
+    }
+
+    async fn create_schedule(
+        &self,
+        request: Request<proto::CreateScheduleRequest>,
+    ) -> Result<Response<proto::Schedule>, Status> {
+        let identity =
+            require_role(&request, Role::Operator, &self.audit, "schedule.create").await?;
+        let body = request
+            .into_inner()
+            .schedule
+            .ok_or_else(|| Status::invalid_argument("schedule: missing"))?;
+        let record = self
+            .jobs
+            .create_schedule(&identity.principal.to_string(), schedule_request(body))
+            .await?;
+        Ok(Response::new(self.schedule_summary(record)))
+    }
+
+    async fn list_schedules(
+        &self,
+        request: Request<proto::ListSchedulesRequest>,
+    ) -> Result<Response<proto::ListSchedulesResponse>, Status> {
+        require_role(&request, Role::Viewer, &self.audit, "schedule.list").await?;
+        let schedules = self.catalog.list_schedules().await?;
+        Ok(Response::new(proto::ListSchedulesResponse {
+            schedules: schedules
+                .into_iter()
+                .map(|s| self.schedule_summary(s))
+                .collect(),
+        }))
+    }
+
+    async fn get_schedule(
+        &self,
+        request: Request<proto::GetScheduleRequest>,
+    ) -> Result<Response<proto::ScheduleDetail>, Status> {
+        require_role(&request, Role::Viewer, &self.audit, "schedule.show").await?;
+        let detail = self
+            .jobs
+            .schedule_detail(&request.into_inner().name)
+            .await?;
+        Ok(Response::new(proto::ScheduleDetail {
+            next_fires_unix_ms: detail
+                .next_fires
+                .iter()
+                .map(chrono::DateTime::timestamp_millis)
+                .collect(),
+            targets: detail
+                .targets
+                .into_iter()
+                .map(|(target, offset)| proto::ScheduleTarget {
+                    agent_name: target.agent,
+                    instance: target.instance,
+                    database: target.database,
+                    slot_offset_ms: u64::try_from(offset.as_millis()).unwrap_or(u64::MAX),
+                })
+                .collect(),
+            problems: detail.problems,
+            schedule: Some(self.schedule_summary(detail.schedule)),
+        }))
+    }
+
+    async fn set_schedule_paused(
+        &self,
+        request: Request<proto::SetSchedulePausedRequest>,
+    ) -> Result<Response<proto::Schedule>, Status> {
+        let identity =
+            require_role(&request, Role::Operator, &self.audit, "schedule.pause").await?;
+        let body = request.into_inner();
+        let record = self
+            .jobs
+            .set_schedule_paused(&identity.principal.to_string(), &body.name, body.paused)
+            .await?;
+        Ok(Response::new(self.schedule_summary(record)))
+    }
+
+    async fn delete_schedule(
+        &self,
+        request: Request<proto::DeleteScheduleRequest>,
+    ) -> Result<Response<proto::DeleteScheduleResponse>, Status> {
+        let identity =
+            require_role(&request, Role::Operator, &self.audit, "schedule.delete").await?;
+        self.jobs
+            .delete_schedule(&identity.principal.to_string(), &request.into_inner().name)
+            .await?;
+        Ok(Response::new(proto::DeleteScheduleResponse {}))
+    }
+
+    async fn run_schedule_now(
+        &self,
+        request: Request<proto::RunScheduleNowRequest>,
+    ) -> Result<Response<proto::StartBackupResponse>, Status> {
+        let identity =
+            require_role(&request, Role::Operator, &self.audit, "schedule.run-now").await?;
+        let jobs = self
+            .jobs
+            .run_schedule_now(&identity.principal.to_string(), &request.into_inner().name)
+            .await?;
+        Ok(Response::new(proto::StartBackupResponse {
+            jobs: jobs.into_iter().map(job_to_wire).collect(),
+        }))
+    }
+
+    async fn get_coverage(
+        &self,
+        request: Request<proto::GetCoverageRequest>,
+    ) -> Result<Response<proto::GetCoverageResponse>, Status> {
+        require_role(&request, Role::Viewer, &self.audit, "coverage").await?;
+        let selector = request.into_inner().selector.into_iter().collect();
+        let rows = self.jobs.coverage(&selector).await?;
+        Ok(Response::new(proto::GetCoverageResponse {
+            entries: rows
+                .into_iter()
+                .map(|row| proto::CoverageEntry {
+                    agent_name: row.agent,
+                    instance: row.instance,
+                    database: row.database,
+                    schedules: row.schedules,
+                    last_backup_unix_ms: row
+                        .last_backup
+                        .as_ref()
+                        .and_then(|b| b.finished_at)
+                        .unwrap_or(0),
+                    last_backup_id: row.last_backup.map(|b| b.id).unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// A `cairn schedule create` request as the engine takes it.
+fn schedule_request(body: proto::Schedule) -> ScheduleRequest {
+    let duration = |ms: u64| std::time::Duration::from_millis(ms);
+    ScheduleRequest {
+        name: body.name,
+        agent: (!body.agent_name.is_empty()).then_some(body.agent_name),
+        selector: body.selector.into_iter().collect(),
+        databases: body.databases,
+        all_databases: body.all_databases,
+        cron: body.cron,
+        timezone: body.timezone,
+        spread: duration(body.spread_ms),
+        on_overlap: body.on_overlap,
+        catch_up: duration(body.catch_up_ms),
+        retries: body.retries,
+        timeout: (body.timeout_ms > 0).then(|| duration(body.timeout_ms)),
+        kind: body.kind,
+        drill_agent: (!body.drill_agent.is_empty()).then_some(body.drill_agent),
+    }
+}
+
+impl AdminService {
+    /// A schedule as the API sends it, with its next fire.
+    fn schedule_summary(&self, record: ScheduleRecord) -> proto::Schedule {
+        let next = CronSchedule::parse(&record.cron, &record.timezone)
+            .ok()
+            .and_then(|timing| {
+                let now = chrono::DateTime::from_timestamp_millis(self.jobs.clock.now_ms())?;
+                timing.next_fires(now, 1).first().copied()
+            })
+            .filter(|_| !record.paused)
+            .map_or(0, |at| at.timestamp_millis());
+        schedule_to_wire(record, next)
     }
 }

@@ -2,7 +2,9 @@
 
 use cairn_common::proto;
 
-use crate::catalog::{AttemptRecord, BackupRecord, JobRecord, JobState, VerificationRecord};
+use crate::catalog::{
+    AttemptRecord, BackupRecord, JobRecord, JobState, ScheduleRecord, VerificationRecord,
+};
 use crate::jobs::restores::RestoreReport;
 use crate::jobs::verify::VerifyReport;
 
@@ -43,6 +45,9 @@ pub fn job_to_wire(job: JobRecord) -> proto::Job {
         timeout_ms: job.timeout_ms.map_or(0, unsigned),
         not_before_unix_ms: job.not_before,
         attempts: Vec::new(),
+        schedule_id: job.schedule_id.unwrap_or_default(),
+        fire_at_unix_ms: job.fire_at.unwrap_or(0),
+        target: job.target.unwrap_or_default(),
     }
 }
 
@@ -161,5 +166,30 @@ pub fn key_slot_to_wire(listed: crate::repository::keys::ListedSlot) -> proto::K
         purpose: listed.slot.purpose.as_str().to_string(),
         created_at_unix_ms: listed.slot.created_at_ms,
         in_use: listed.in_use,
+    }
+}
+
+pub fn schedule_to_wire(schedule: ScheduleRecord, next_fire_unix_ms: i64) -> proto::Schedule {
+    let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
+    proto::Schedule {
+        selector: schedule.selector().into_iter().collect(),
+        databases: schedule.databases(),
+        id: schedule.id,
+        name: schedule.name,
+        kind: schedule.kind,
+        agent_name: schedule.agent_name.unwrap_or_default(),
+        all_databases: schedule.all_databases,
+        cron: schedule.cron,
+        timezone: schedule.timezone,
+        spread_ms: unsigned(schedule.spread_ms),
+        on_overlap: schedule.on_overlap,
+        catch_up_ms: unsigned(schedule.catch_up_ms),
+        retries: u32::try_from(schedule.retries).unwrap_or(0),
+        timeout_ms: schedule.timeout_ms.map_or(0, unsigned),
+        drill_agent: schedule.drill_agent.unwrap_or_default(),
+        paused: schedule.paused,
+        created_by: schedule.created_by,
+        created_at_unix_ms: schedule.created_at,
+        next_fire_unix_ms,
     }
 }

@@ -120,6 +120,8 @@ pub struct JobRecord {
     pub term: i64,
     pub schedule_id: Option<String>,
     pub fire_at: Option<i64>,
+    /// A scheduled job: the `agent/instance/database` it protects.
+    pub target: Option<String>,
 }
 
 impl JobRecord {
@@ -164,6 +166,7 @@ impl JobRecord {
             term: 0,
             schedule_id: None,
             fire_at: None,
+            target: None,
         }
     }
 
@@ -195,13 +198,32 @@ pub enum AttemptEnd {
     Retry { not_before: i64 },
 }
 
-/// The job's row, as every kind of job starts.
+/// The job's row, as every kind of job starts (a scheduled fire's missed
+/// ones end at once).
 async fn insert_job_row(executor: impl sqlx::SqliteExecutor<'_>, job: &JobRecord) -> Result<()> {
-    sqlx::query(
+    if insert_job_row_or_ignore(executor, job).await? {
+        Ok(())
+    } else {
+        Err(crate::error::CoordinatorError::Conflict(format!(
+            "job {} exists already",
+            job.id
+        )))
+    }
+}
+
+/// Inserts the job's row; false, and nothing written, if a job of the same
+/// schedule, target and fire time exists (a fire evaluated twice).
+pub(super) async fn insert_job_row_or_ignore(
+    executor: impl sqlx::SqliteExecutor<'_>,
+    job: &JobRecord,
+) -> Result<bool> {
+    let inserted = sqlx::query(
         "INSERT INTO jobs (id, kind, agent_name, instance, database, status, error, backup_id,
-                           created_by, created_at, target_database, spec, max_attempts,
-                           timeout_ms, deadline_at, not_before, schedule_id, fire_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           created_by, created_at, finished_at, target_database, spec,
+                           max_attempts, timeout_ms, deadline_at, not_before, schedule_id,
+                           fire_at, target)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT DO NOTHING",
     )
     .bind(&job.id)
     .bind(job.kind)
@@ -213,6 +235,7 @@ async fn insert_job_row(executor: impl sqlx::SqliteExecutor<'_>, job: &JobRecord
     .bind(&job.backup_id)
     .bind(&job.created_by)
     .bind(job.created_at)
+    .bind(job.finished_at)
     .bind(&job.target_database)
     .bind(&job.spec)
     .bind(job.max_attempts)
@@ -221,9 +244,11 @@ async fn insert_job_row(executor: impl sqlx::SqliteExecutor<'_>, job: &JobRecord
     .bind(job.not_before)
     .bind(&job.schedule_id)
     .bind(job.fire_at)
+    .bind(&job.target)
     .execute(executor)
-    .await?;
-    Ok(())
+    .await?
+    .rows_affected();
+    Ok(inserted > 0)
 }
 
 /// Marks the unfinished backup of an ended job with the job's outcome, so
@@ -432,13 +457,21 @@ impl Catalog {
         Ok(ended)
     }
 
-    /// Why a queued job still waits.
-    pub async fn set_wait_reason(&self, job_id: &str, reason: &str) -> Result<()> {
-        sqlx::query("UPDATE jobs SET wait_reason = ? WHERE id = ? AND status = 'queued'")
-            .bind(reason)
-            .bind(job_id)
-            .execute(&self.pool)
-            .await?;
+    /// Why queued jobs still wait, in one transaction (a fleet-wide fire
+    /// queues thousands at once).
+    pub async fn set_wait_reasons(&self, reasons: &[(String, String)]) -> Result<()> {
+        if reasons.is_empty() {
+            return Ok(());
+        }
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for (job_id, reason) in reasons {
+            sqlx::query("UPDATE jobs SET wait_reason = ? WHERE id = ? AND status = 'queued'")
+                .bind(reason)
+                .bind(job_id)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        transaction.commit().await?;
         Ok(())
     }
 

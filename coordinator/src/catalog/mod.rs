@@ -23,6 +23,7 @@ mod backups;
 mod chunks;
 mod jobs;
 mod restores;
+mod schedules;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -39,6 +40,7 @@ use crate::error::{CoordinatorError, Result};
 pub use backups::{BackupRecord, BackupStats, PageKey, StoredChunk};
 pub use jobs::{AttemptEnd, AttemptRecord, JobKind, JobRecord, JobState};
 pub use restores::VerificationRecord;
+pub use schedules::ScheduleRecord;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 

@@ -53,6 +53,13 @@ pub struct JobView {
     /// `jobs show`: every attempt.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub attempts: Vec<AttemptView>,
+    /// A scheduled job: its schedule's id, fire time and target.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub schedule_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fire_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub target: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -111,6 +118,9 @@ impl From<proto::Job> for JobView {
             waiting_for: j.wait_reason,
             deadline: time_from_unix_ms(j.deadline_unix_ms),
             timeout_seconds: (j.timeout_ms > 0).then_some(j.timeout_ms / 1000),
+            schedule_id: j.schedule_id,
+            fire_at: time_from_unix_ms(j.fire_at_unix_ms),
+            target: j.target,
             attempts: j
                 .attempts
                 .into_iter()

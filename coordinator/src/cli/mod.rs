@@ -12,6 +12,7 @@ mod output;
 mod pages;
 mod repository;
 mod restores;
+mod schedules;
 mod tokens;
 
 use std::net::SocketAddr;
@@ -110,9 +111,21 @@ enum Command {
     /// Complete backups.
     #[command(subcommand)]
     Backups(BackupsCommand),
-    /// Jobs: backups, restores and drills, running and finished.
+    /// Jobs: backups, restores and drills, queued, running and finished.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
+    /// Fleet schedules: backups (or drills) on a cron, by agent or label.
+    #[command(subcommand)]
+    Schedule(schedules::ScheduleCommand),
+    /// Every database the fleet's probes know, the schedules that cover
+    /// it and its last complete backup; exit 1 if one is uncovered.
+    Coverage {
+        /// Only agents whose labels include these: key=value[,key=value].
+        #[arg(long)]
+        selector: Option<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// The master key and the repository's key slots (recovery keys).
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -432,6 +445,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Agents(command) => agents::run(command).await,
         Command::Audit(command) => audit::run(command).await,
         Command::Jobs(command) => jobs::run(command).await,
+        Command::Schedule(command) => schedules::run(command).await,
+        Command::Coverage {
+            selector,
+            connection,
+        } => schedules::coverage(selector, connection).await,
         Command::Operators(command) => operators::run(command).await,
         Command::Probe {
             name,

@@ -38,6 +38,8 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 /// What one tick did, for tests and the bench.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct TickReport {
+    /// Jobs queued by schedule fires.
+    pub fired: usize,
     pub started: usize,
     pub waiting: usize,
     pub missed: usize,
@@ -96,8 +98,13 @@ impl Jobs {
     /// One pass over the active jobs.
     pub async fn tick(self: &Arc<Self>) -> Result<TickReport> {
         let now = self.clock.now_ms();
+        // Fires first: a job due now starts in this same tick.
+        let fired = self.fire_schedules(now).await?;
         let active = self.catalog.active_jobs().await?;
-        let mut report = TickReport::default();
+        let mut report = TickReport {
+            fired: fired.queued,
+            ..TickReport::default()
+        };
         let mut load = Load::default();
         for job in active.iter().filter(|j| j.status == JobState::Running) {
             if let Some(timeout) = job.timeout_ms
@@ -109,6 +116,7 @@ impl Jobs {
             }
             load.add(job);
         }
+        let mut reasons = Vec::new();
         for job in active.iter().filter(|j| j.status == JobState::Queued) {
             if job.deadline_at.is_some_and(|deadline| deadline <= now) {
                 report.missed += 1;
@@ -119,7 +127,7 @@ impl Jobs {
                 Some(reason) => {
                     report.waiting += 1;
                     if reason != job.wait_reason {
-                        self.catalog.set_wait_reason(&job.id, &reason).await?;
+                        reasons.push((job.id.clone(), reason));
                     }
                 }
                 None => {
@@ -130,22 +138,29 @@ impl Jobs {
                 }
             }
         }
+        self.catalog.set_wait_reasons(&reasons).await?;
         Ok(report)
     }
 
     /// Why a queued job cannot start now, or `None` if it can.
     fn wait_reason(&self, job: &JobRecord, load: &Load, now: i64) -> Option<String> {
         if job.not_before > now {
+            // An absolute time, so the reason (and its row) does not change
+            // at every tick.
+            let at = chrono::DateTime::from_timestamp_millis(job.not_before)
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                .unwrap_or_default();
             return Some(if job.attempt > 0 {
                 format!(
-                    "attempt {} of {} starts in {}s (after: {})",
+                    "attempt {} of {} starts at {at} (after: {})",
                     job.attempt + 1,
                     job.max_attempts,
-                    (job.not_before - now + 999) / 1000,
                     job.error
                 )
+            } else if job.schedule_id.is_some() {
+                format!("starts at {at}, its slot within the schedule's --spread")
             } else {
-                format!("starts in {}s", (job.not_before - now + 999) / 1000)
+                format!("starts at {at}")
             });
         }
         if !self.fleet.is_online(&job.agent_name) {

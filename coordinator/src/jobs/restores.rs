@@ -15,10 +15,13 @@ use cairn_common::proto;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{AuditEvent, Outcome};
-use crate::catalog::{BackupRecord, JobKind, JobRecord, VerificationRecord};
+use crate::catalog::{
+    BackupRecord, JobKind, JobRecord, JobState, ScheduleRecord, VerificationRecord,
+};
 use crate::error::{CoordinatorError, Result};
 use crate::jobs::{Jobs, RunOptions, check_database_name, random_suffix};
 use crate::repository::manifest::Manifest;
+use crate::schedules::targets::Target;
 
 /// Most `--jobs` for pg_restore.
 pub const MAX_RESTORE_JOBS: u32 = 64;
@@ -298,6 +301,64 @@ impl Jobs {
             ))
             .await;
         self.wake.notify_one();
+        Ok(job)
+    }
+
+    /// The drill a schedule's fire makes for one target: its newest
+    /// complete, undamaged backup restored into a scratch database on
+    /// `drill_agent` and checked; a target with no such backup gets a job
+    /// recorded `missed` with the reason.
+    pub(crate) async fn drill_job(
+        &self,
+        id: String,
+        schedule: &ScheduleRecord,
+        target: &Target,
+        drill_agent: &str,
+        now: i64,
+    ) -> Result<JobRecord> {
+        let instance = self
+            .catalog
+            .get_agent(drill_agent)
+            .await?
+            .and_then(|agent| agent.instances.first().cloned())
+            .unwrap_or_else(|| "main".into());
+        let latest = self
+            .catalog
+            .list_backups(Some(&target.agent), Some(&target.database), None, 20)
+            .await?
+            .into_iter()
+            .find(|backup| backup.instance == target.instance && backup.damaged_at.is_none());
+        let mut job = JobRecord::queued(
+            id,
+            JobKind::Drill,
+            drill_agent,
+            &instance,
+            &target.database,
+            &format!("schedule:{}", schedule.name),
+            now,
+        );
+        job.target_database = format!("cairn_drill_{}", random_suffix()?);
+        let manifest = match &latest {
+            Some(backup) => Manifest::load(&self.repository, &backup.id).await.ok(),
+            None => None,
+        };
+        match (latest, manifest) {
+            (Some(backup), Some(manifest)) => {
+                job.backup_id = backup.id;
+                job.spec =
+                    serde_json::to_string(&RestoreSpec::measured(&manifest)).map_err(|e| {
+                        CoordinatorError::Internal(format!("cannot encode the job: {e}"))
+                    })?;
+            }
+            (found, _) => {
+                job.status = JobState::Missed;
+                job.error = match found {
+                    None => format!("no complete backup of {} to drill", target.key()),
+                    Some(backup) => format!("the manifest of backup {} cannot be read", backup.id),
+                };
+                job.finished_at = Some(now);
+            }
+        }
         Ok(job)
     }
 

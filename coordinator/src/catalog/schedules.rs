@@ -1,0 +1,197 @@
+//! Schedules, and the job rows their fires become.
+//!
+//! A fire is materialised with `INSERT ... ON CONFLICT DO NOTHING` on the
+//! unique index `jobs_one_per_fire` (schedule, agent, instance, database,
+//! fire time): however often it is evaluated, a fire makes one job per
+//! target.
+
+use std::collections::BTreeMap;
+
+use sqlx::FromRow;
+
+use super::Catalog;
+use super::jobs::{JobKind, JobRecord, JobState, insert_job_row_or_ignore};
+use crate::error::Result;
+
+/// A schedule as stored.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct ScheduleRecord {
+    pub id: String,
+    pub name: String,
+    /// `backup` or `drill`.
+    pub kind: String,
+    pub agent_name: Option<String>,
+    /// JSON object of labels every target agent must carry.
+    pub selector: String,
+    /// JSON array of database names.
+    pub databases: String,
+    pub all_databases: bool,
+    pub cron: String,
+    pub timezone: String,
+    pub spread_ms: i64,
+    /// `skip` or `queue`.
+    pub on_overlap: String,
+    pub catch_up_ms: i64,
+    pub retries: i64,
+    pub timeout_ms: Option<i64>,
+    pub drill_agent: Option<String>,
+    pub paused: bool,
+    pub created_by: String,
+    pub created_at: i64,
+    pub evaluated_until: i64,
+}
+
+impl ScheduleRecord {
+    pub fn selector(&self) -> BTreeMap<String, String> {
+        serde_json::from_str(&self.selector).unwrap_or_default()
+    }
+
+    pub fn databases(&self) -> Vec<String> {
+        serde_json::from_str(&self.databases).unwrap_or_default()
+    }
+}
+
+impl Catalog {
+    /// Stores a new schedule; a taken name is a conflict.
+    pub async fn insert_schedule(&self, schedule: &ScheduleRecord) -> Result<()> {
+        let inserted = sqlx::query(
+            "INSERT INTO schedules (id, name, kind, agent_name, selector, databases, all_databases,
+                                    cron, timezone, spread_ms, on_overlap, catch_up_ms, retries,
+                                    timeout_ms, drill_agent, paused, created_by, created_at,
+                                    evaluated_until)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&schedule.id)
+        .bind(&schedule.name)
+        .bind(&schedule.kind)
+        .bind(&schedule.agent_name)
+        .bind(&schedule.selector)
+        .bind(&schedule.databases)
+        .bind(schedule.all_databases)
+        .bind(&schedule.cron)
+        .bind(&schedule.timezone)
+        .bind(schedule.spread_ms)
+        .bind(&schedule.on_overlap)
+        .bind(schedule.catch_up_ms)
+        .bind(schedule.retries)
+        .bind(schedule.timeout_ms)
+        .bind(&schedule.drill_agent)
+        .bind(schedule.paused)
+        .bind(&schedule.created_by)
+        .bind(schedule.created_at)
+        .bind(schedule.evaluated_until)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(crate::error::CoordinatorError::Conflict(format!(
+                "a schedule named {:?} exists: pick another name, or delete it first",
+                schedule.name
+            )));
+        }
+        Ok(())
+    }
+
+    pub async fn list_schedules(&self) -> Result<Vec<ScheduleRecord>> {
+        Ok(sqlx::query_as("SELECT * FROM schedules ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    pub async fn get_schedule(&self, name: &str) -> Result<Option<ScheduleRecord>> {
+        Ok(sqlx::query_as("SELECT * FROM schedules WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Pauses or resumes; a resumed schedule counts its fires from `now`
+    /// (the fires while paused are not caught up). Whether it exists.
+    pub async fn set_schedule_paused(&self, name: &str, paused: bool, now: i64) -> Result<bool> {
+        Ok(sqlx::query(
+            "UPDATE schedules SET paused = ?1,
+                    evaluated_until = CASE WHEN ?1 = 0 AND paused = 1 THEN ?2 ELSE evaluated_until END
+             WHERE name = ?3",
+        )
+        .bind(paused)
+        .bind(now)
+        .bind(name)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            > 0)
+    }
+
+    /// Deletes a schedule; its jobs stay (queued ones still run). Whether
+    /// it existed.
+    pub async fn delete_schedule(&self, name: &str) -> Result<bool> {
+        Ok(sqlx::query("DELETE FROM schedules WHERE name = ?")
+            .bind(name)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+            > 0)
+    }
+
+    /// Moves a schedule's evaluation mark from `from` to `to`; false if
+    /// another evaluation moved it first (then this one's fires are
+    /// another's to make).
+    pub async fn advance_schedule(&self, id: &str, from: i64, to: i64) -> Result<bool> {
+        Ok(sqlx::query(
+            "UPDATE schedules SET evaluated_until = ? WHERE id = ? AND evaluated_until = ?",
+        )
+        .bind(to)
+        .bind(id)
+        .bind(from)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            > 0)
+    }
+
+    /// Records the jobs of one fire, one per target; a job whose (schedule,
+    /// target, fire time) exists already is left out. The jobs inserted.
+    pub async fn insert_fire_jobs(
+        &self,
+        jobs: &[JobRecord],
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Vec<JobRecord>> {
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut inserted = Vec::new();
+        for job in jobs {
+            if insert_job_row_or_ignore(&mut *transaction, job).await? {
+                if job.kind == JobKind::Backup && job.status == JobState::Queued {
+                    sqlx::query(
+                        "INSERT INTO backups (id, job_id, agent_name, instance, database, status, started_at, tags)
+                         VALUES (?, ?, ?, ?, ?, 'running', ?, ?)",
+                    )
+                    .bind(&job.backup_id)
+                    .bind(&job.id)
+                    .bind(&job.agent_name)
+                    .bind(&job.instance)
+                    .bind(&job.database)
+                    .bind(job.created_at)
+                    .bind(serde_json::to_string(tags).unwrap_or_else(|_| "{}".into()))
+                    .execute(&mut *transaction)
+                    .await?;
+                }
+                inserted.push(job.clone());
+            }
+        }
+        transaction.commit().await?;
+        Ok(inserted)
+    }
+
+    /// The active (queued or running) jobs of a schedule, by target key
+    /// `agent/instance/database`.
+    pub async fn active_schedule_targets(&self, schedule_id: &str) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT agent_name || '/' || instance || '/' || database FROM jobs
+             WHERE schedule_id = ? AND status IN ('queued', 'running')",
+        )
+        .bind(schedule_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
