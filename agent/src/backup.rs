@@ -13,20 +13,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_common::chunk::{CHUNK_MAX_BYTES, PackedChunk, pack_chunk};
-use cairn_common::proto::{
-    self, agent_gateway_client::AgentGatewayClient, backup_upload, backup_upload_reply,
-};
+use cairn_common::proto;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::config::AgentConfig;
 use crate::dump::{self, DumpError, DumpProgress, DumpRequest};
 use crate::jobs::{JobEnd, RunningJobs};
 use crate::postgres;
+use crate::upload::{OFFER_BATCH, UploadError, Uploader};
 
-/// Chunks offered at once (the coordinator accepts at most 8).
-const OFFER_BATCH: usize = 8;
 const FACTS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs one backup to its end.
@@ -34,9 +30,10 @@ pub async fn run(
     config: &AgentConfig,
     channel: Channel,
     jobs: &Arc<RunningJobs>,
+    attempt_id: &str,
     command: proto::BackupCommand,
 ) -> Result<(), JobEnd> {
-    let guard = jobs.register(&command.job_id)?;
+    let guard = jobs.register(&command.job_id, attempt_id)?;
     let instance = config
         .instances
         .iter()
@@ -44,31 +41,17 @@ pub async fn run(
         .ok_or_else(|| format!("this agent has no instance {:?}", command.instance))?;
     let connection = instance.postgres.clone();
 
-    let mut client = AgentGatewayClient::new(channel)
-        .max_decoding_message_size(cairn_common::chunk::MAX_CHUNK_MESSAGE_BYTES)
-        .max_encoding_message_size(cairn_common::chunk::MAX_CHUNK_MESSAGE_BYTES);
-    let (outbound, outbound_receiver) = mpsc::channel(2);
-    send(
-        &outbound,
-        backup_upload::Body::Start(proto::UploadStart {
+    let mut uploader = Uploader::open(
+        jobs,
+        channel,
+        proto::UploadStart {
             job_id: command.job_id.clone(),
             backup_id: command.backup_id.clone(),
-        }),
+            attempt_id: attempt_id.to_string(),
+            resume: false,
+        },
     )
     .await?;
-    let mut replies = client
-        .upload_backup(ReceiverStream::new(outbound_receiver))
-        .await
-        .map_err(|status| {
-            let message = format!("the coordinator refused the upload: {}", status.message());
-            match status.code() {
-                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
-                    JobEnd::Interrupted(message)
-                }
-                _ => JobEnd::Failed(message),
-            }
-        })?
-        .into_inner();
 
     // The dump starts at once; the database's facts and the instance's
     // globals are gathered beside it (they are sent after its chunks).
@@ -124,38 +107,9 @@ pub async fn run(
                     Err(_) => break,
                 }
             }
-            send(
-                &outbound,
-                backup_upload::Body::Offer(proto::ChunkOffer {
-                    hashes: batch.iter().map(|c| c.hash.as_bytes().to_vec()).collect(),
-                }),
-            )
-            .await?;
-            let missing = match next_reply(&mut replies).await? {
-                backup_upload_reply::Body::Missing(missing) => missing.hashes,
-                _ => return Err("the coordinator answered an offer out of turn".to_string()),
-            };
-            for chunk in batch {
-                let send_bytes = missing
-                    .iter()
-                    .any(|hash| hash.as_slice() == chunk.hash.as_bytes());
-                send(
-                    &outbound,
-                    backup_upload::Body::Chunk(proto::UploadChunk {
-                        hash: chunk.hash.as_bytes().to_vec(),
-                        plaintext_bytes: chunk.plaintext_len as u64,
-                        compression: chunk.compression.to_proto(),
-                        payload: if send_bytes {
-                            chunk.payload
-                        } else {
-                            Vec::new()
-                        },
-                    }),
-                )
-                .await?;
-            }
+            uploader.push(batch).await?;
         }
-        Ok::<(), String>(())
+        Ok::<(), UploadError>(())
     };
     // A failed upload must stop pg_dump too: its chunks would wait forever
     // on a channel nobody reads.
@@ -172,7 +126,7 @@ pub async fn run(
     let (outcome, (facts, globals)) = match (dumped, uploaded, gathered) {
         // The upload stream broke: worth another attempt (a refusal by the
         // coordinator ends the attempt on its side first).
-        (_, Err(upload_error), _) => return Err(JobEnd::Interrupted(upload_error)),
+        (_, Err(upload_error), _) => return Err(upload_error.into()),
         (Err(DumpError::Cancelled), Ok(()), _) if guard.token.is_cancelled() => {
             return Err(JobEnd::Cancelled("pg_dump was stopped".into()));
         }
@@ -184,71 +138,34 @@ pub async fn run(
         (Err(error), Ok(()), Ok(_)) => return Err(JobEnd::Failed(error.to_string())),
     };
 
-    send(
-        &outbound,
-        backup_upload::Body::Globals(proto::UploadGlobals {
-            hash: globals.hash.as_bytes().to_vec(),
-            plaintext_bytes: globals.plaintext_len as u64,
-            compression: globals.compression.to_proto(),
-            payload: globals.payload,
-        }),
-    )
-    .await
-    .map_err(JobEnd::Interrupted)?;
-    send(
-        &outbound,
-        backup_upload::Body::Finish(proto::UploadFinish {
-            dump_bytes: outcome.dump_bytes,
-            pg_dump_version: outcome.pg_dump_version,
-            server_version: facts.server_version,
-            database_bytes: facts.size_bytes,
-            row_estimates: facts.row_estimates.into_iter().collect(),
-            dump_millis: outcome.duration.as_millis() as u64,
-            table_rows: outcome
-                .rows
-                .as_ref()
-                .map(|summary| summary.tables.iter().cloned().map(Into::into).collect())
-                .unwrap_or_default(),
-            rows_not_counted: outcome.rows.as_ref().err().cloned().unwrap_or_default(),
-            archive_version: outcome
-                .rows
-                .as_ref()
-                .map(|summary| summary.archive_version.clone())
-                .unwrap_or_default(),
-        }),
-    )
-    .await
-    .map_err(JobEnd::Interrupted)?;
-    match next_reply(&mut replies)
-        .await
-        .map_err(JobEnd::Interrupted)?
-    {
-        backup_upload_reply::Body::Stored(_) => Ok(()),
-        _ => Err(JobEnd::Failed(
-            "the coordinator did not confirm the backup".into(),
-        )),
-    }
-}
-
-async fn send(
-    outbound: &mpsc::Sender<proto::BackupUpload>,
-    body: backup_upload::Body,
-) -> Result<(), String> {
-    outbound
-        .send(proto::BackupUpload { body: Some(body) })
-        .await
-        .map_err(|_| "the upload stream to the coordinator closed".to_string())
-}
-
-async fn next_reply(
-    replies: &mut tonic::Streaming<proto::BackupUploadReply>,
-) -> Result<backup_upload_reply::Body, String> {
-    match replies.message().await {
-        Ok(Some(proto::BackupUploadReply { body: Some(body) })) => Ok(body),
-        Ok(_) => Err("the coordinator ended the upload".into()),
-        Err(status) => Err(format!(
-            "the coordinator stopped the upload: {}",
-            status.message()
-        )),
-    }
+    uploader
+        .finish(
+            proto::UploadGlobals {
+                hash: globals.hash.as_bytes().to_vec(),
+                plaintext_bytes: globals.plaintext_len as u64,
+                compression: globals.compression.to_proto(),
+                payload: globals.payload,
+            },
+            proto::UploadFinish {
+                dump_bytes: outcome.dump_bytes,
+                pg_dump_version: outcome.pg_dump_version,
+                server_version: facts.server_version,
+                database_bytes: facts.size_bytes,
+                row_estimates: facts.row_estimates.into_iter().collect(),
+                dump_millis: outcome.duration.as_millis() as u64,
+                table_rows: outcome
+                    .rows
+                    .as_ref()
+                    .map(|summary| summary.tables.iter().cloned().map(Into::into).collect())
+                    .unwrap_or_default(),
+                rows_not_counted: outcome.rows.as_ref().err().cloned().unwrap_or_default(),
+                archive_version: outcome
+                    .rows
+                    .as_ref()
+                    .map(|summary| summary.archive_version.clone())
+                    .unwrap_or_default(),
+            },
+        )
+        .await?;
+    Ok(())
 }

@@ -81,6 +81,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<()>
     // exits.
     let tasks = TaskTracker::new();
     let outcome = sessions(&config, &url, &shutdown, &jobs, &tasks).await;
+    // Jobs outlive sessions, not the process: each stops (pg_dump or
+    // pg_restore killed, a staging database dropped) before it exits.
+    jobs.cancel_all();
     tasks.close();
     if !tasks.is_empty() {
         tracing::info!(jobs = tasks.len(), "waiting for running jobs to stop");
@@ -202,7 +205,7 @@ fn is_revocation(status: &tonic::Status) -> bool {
     tls::describe_transport_error(status).contains("fatal alert: CertificateRevoked")
 }
 
-fn register_message(config: &AgentConfig) -> proto::AgentMessage {
+fn register_message(config: &AgentConfig, jobs: &RunningJobs) -> proto::AgentMessage {
     proto::AgentMessage {
         body: Some(agent_message::Body::Register(proto::Register {
             agent_name: config.name.to_string(),
@@ -224,6 +227,7 @@ fn register_message(config: &AgentConfig) -> proto::AgentMessage {
                 .map(|op| proto::Operation::from(*op) as i32)
                 .collect(),
             probe_interval_seconds: config.probe_interval.as_secs() as u32,
+            held_attempts: jobs.held(),
         })),
     }
 }
@@ -233,6 +237,7 @@ async fn open_session(
     config: &AgentConfig,
     url: &tls::CoordinatorUrl,
     tls_config: Arc<rustls::ClientConfig>,
+    jobs: &RunningJobs,
 ) -> Result<(
     Channel,
     Streaming<proto::CoordinatorMessage>,
@@ -259,7 +264,7 @@ async fn open_session(
     let mut client = AgentGatewayClient::new(channel.clone());
     let (outbound, outbound_receiver) = mpsc::channel(OUTBOUND_QUEUE_LEN);
     outbound
-        .send(register_message(config))
+        .send(register_message(config, jobs))
         .await
         .map_err(|_| AgentError::Protocol("outbound queue closed".into()))?;
     let mut inbound = client
@@ -311,7 +316,7 @@ async fn session(
     }
     let opened = tokio::select! {
         _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-        opened = tokio::time::timeout(SESSION_SETUP_TIMEOUT, open_session(config, url, tls_config)) => opened,
+        opened = tokio::time::timeout(SESSION_SETUP_TIMEOUT, open_session(config, url, tls_config, jobs)) => opened,
     };
     let (channel, mut inbound, outbound, heartbeat_interval) = opened.map_err(|_| {
         unreachable(format!(
@@ -320,6 +325,8 @@ async fn session(
         ))
     })??;
     *registered_at = Some(Instant::now());
+    // Jobs whose streams broke while there was no session go on over it.
+    jobs.set_channel(channel.clone());
     tracing::info!(
         coordinator = %url,
         heartbeat = %humantime::format_duration(heartbeat_interval),
@@ -352,9 +359,18 @@ async fn session(
     // session only waits for its commands to finish.
     let mut renewed: Option<HeldCertificate> = None;
     let mut switch_check = tokio::time::interval(SWITCH_CHECK_INTERVAL);
+    // Results of jobs that ended while no session was up go first.
+    if !send_results(jobs, &outbound).await {
+        return Ok(SessionEnd::Closed);
+    }
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+            () = jobs.result_posted() => {
+                if !send_results(jobs, &outbound).await {
+                    return Ok(SessionEnd::Closed);
+                }
+            }
             _ = tokio::time::sleep(HeldCertificate::until(renew_at)), if !renewal_running => {
                 renewal_running = true;
                 let config = config.clone();
@@ -440,6 +456,24 @@ async fn session(
     }
 }
 
+/// Sends the job results waiting in the outbox; false if the session
+/// closed (what was not sent goes back, for the next session).
+async fn send_results(jobs: &RunningJobs, outbound: &mpsc::Sender<proto::AgentMessage>) -> bool {
+    let mut waiting = jobs.take_results().into_iter();
+    while let Some(posted) = waiting.next() {
+        let message = proto::AgentMessage {
+            body: Some(agent_message::Body::CommandResult(posted.result.clone())),
+        };
+        if outbound.send(message).await.is_err() {
+            let mut unsent = vec![posted];
+            unsent.extend(waiting);
+            jobs.put_back(unsent);
+            return false;
+        }
+    }
+    true
+}
+
 /// Runs `work` off the session loop (a slow probe never delays a
 /// heartbeat) and sends its message, unless the session ends first.
 fn send_in_background(
@@ -460,11 +494,11 @@ fn send_in_background(
     });
 }
 
-/// Runs a command off the session loop and sends its result. When the
-/// session ends first, a job (backup, restore) is not dropped mid-step: it
-/// is cancelled through its own token, so it stops pg_dump or pg_restore
-/// and drops its staging database itself; its result has nowhere to go
-/// (the coordinator fails the job when the session ends).
+/// Runs a command off the session loop and sends its result. A job
+/// (backup, restore) outlives the session: it goes on when the stream ends
+/// (its upload resumes over the next session's channel), and its result
+/// goes through the outbox to whichever session is up when it ends. Other
+/// commands end with their session.
 fn run_command_in_background(
     tasks: &TaskTracker,
     cancel: &CancellationToken,
@@ -485,22 +519,14 @@ fn run_command_in_background(
     tasks.spawn(async move {
         let _running = running;
         let jobs = context.jobs.clone();
-        let work = dispatch::execute(&context, command);
-        let mut work = std::pin::pin!(work);
-        // The work first: a job registers its cancellation token on its
-        // first poll, and a session that ended before that must still
-        // reach it.
+        if let Some(job_id) = job_id {
+            let result = dispatch::execute(&context, command).await;
+            jobs.post_result(&job_id, result);
+            return;
+        }
         let result = tokio::select! {
-            biased;
-            result = &mut work => result,
-            _ = cancel.cancelled() => {
-                if let Some(job_id) = job_id {
-                    tracing::warn!(job_id, "the control session ended: cancelling the job");
-                    jobs.cancel(&job_id);
-                    let _ = work.await;
-                }
-                return;
-            }
+            result = dispatch::execute(&context, command) => result,
+            _ = cancel.cancelled() => return,
         };
         let _ = outbound
             .send(proto::AgentMessage {

@@ -48,6 +48,7 @@ pub async fn execute(context: &Context, command: proto::Command) -> proto::Comma
         attempt_id = %command.attempt_id
     );
     let command_id = command.command_id.clone();
+    let attempt_id = command.attempt_id.clone();
     let outcome = async {
         let Some(kind) = command.kind else {
             return command_result::Outcome::Error("the command has no kind".into());
@@ -87,7 +88,7 @@ pub async fn execute(context: &Context, command: proto::Command) -> proto::Comma
             command::Kind::Backup(backup_command) => {
                 let job_id = backup_command.job_id.clone();
                 let span = tracing::info_span!("job", job_id = %job_id, database = %backup_command.database);
-                match backup::run(config, context.channel.clone(), &context.jobs, backup_command)
+                match backup::run(config, context.channel.clone(), &context.jobs, &attempt_id, backup_command)
                     .instrument(span)
                     .await
                 {
@@ -106,7 +107,7 @@ pub async fn execute(context: &Context, command: proto::Command) -> proto::Comma
                     database = %restore_command.database,
                     drill = restore_command.drill
                 );
-                match restore::run(config, context.channel.clone(), &context.jobs, restore_command)
+                match restore::run(config, context.channel.clone(), &context.jobs, &attempt_id, restore_command)
                     .instrument(span)
                     .await
                 {
@@ -138,6 +139,7 @@ pub async fn execute(context: &Context, command: proto::Command) -> proto::Comma
     .await;
     proto::CommandResult {
         command_id,
+        attempt_id,
         outcome: Some(outcome),
     }
 }
@@ -245,7 +247,7 @@ mod tests {
     #[tokio::test]
     async fn a_command_for_a_job_already_running_here_is_refused() {
         let context = context("\"backup\", \"restore\"");
-        let running = context.jobs.register("j1").unwrap();
+        let running = context.jobs.register("j1", "a1").unwrap();
         for kind in [
             command::Kind::Backup(proto::BackupCommand {
                 job_id: "j1".into(),

@@ -1,23 +1,129 @@
 //! What every job (backup, restore, drill) shares: the registry of running
 //! jobs that a cancel command reaches them through, how a job ends short of
-//! done.
+//! done, and what lets jobs outlive a control session: the attempts held
+//! (named at each registration), the results waiting for a session (the
+//! outbox), and the current channel to the coordinator, which a job's
+//! broken upload waits for to resume.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use cairn_common::proto;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// A running job: its attempt, and the token a cancel fires.
+#[derive(Debug)]
+struct Running {
+    attempt_id: String,
+    token: CancellationToken,
+}
+
+/// A job's result waiting to be sent, with the job it is of.
+#[derive(Debug, Clone)]
+pub struct Posted {
+    pub job_id: String,
+    pub result: proto::CommandResult,
+}
+
+/// The current channel to the coordinator, numbered: a broken upload waits
+/// for a newer one.
+pub type CurrentChannel = (u64, Option<Channel>);
 
 /// Running jobs by id, so that a cancel command can reach them, and the
 /// newest coordinator term seen, which outlives sessions.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RunningJobs {
-    jobs: Mutex<HashMap<String, CancellationToken>>,
+    jobs: Mutex<HashMap<String, Running>>,
     newest_term: AtomicU64,
+    /// Job results not yet sent (no session, or not yet its turn).
+    outbox: Mutex<VecDeque<Posted>>,
+    outbox_ready: Notify,
+    channel: watch::Sender<CurrentChannel>,
+}
+
+impl Default for RunningJobs {
+    fn default() -> Self {
+        RunningJobs {
+            jobs: Mutex::default(),
+            newest_term: AtomicU64::new(0),
+            outbox: Mutex::default(),
+            outbox_ready: Notify::new(),
+            channel: watch::Sender::new((0, None)),
+        }
+    }
 }
 
 impl RunningJobs {
+    /// The attempts this agent runs or holds a result of, for registration.
+    pub fn held(&self) -> Vec<proto::HeldAttempt> {
+        let mut held: Vec<proto::HeldAttempt> = self
+            .lock()
+            .iter()
+            .filter(|(_, running)| !running.attempt_id.is_empty())
+            .map(|(job_id, running)| proto::HeldAttempt {
+                job_id: job_id.clone(),
+                attempt_id: running.attempt_id.clone(),
+            })
+            .collect();
+        for posted in self.lock_outbox().iter() {
+            if !posted.result.attempt_id.is_empty() {
+                held.push(proto::HeldAttempt {
+                    job_id: posted.job_id.clone(),
+                    attempt_id: posted.result.attempt_id.clone(),
+                });
+            }
+        }
+        held
+    }
+
+    fn lock_outbox(&self) -> std::sync::MutexGuard<'_, VecDeque<Posted>> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a job's result for the current or next session.
+    pub fn post_result(&self, job_id: &str, result: proto::CommandResult) {
+        self.lock_outbox().push_back(Posted {
+            job_id: job_id.to_string(),
+            result,
+        });
+        self.outbox_ready.notify_one();
+    }
+
+    /// The results waiting, oldest first (put back what cannot be sent).
+    pub fn take_results(&self) -> Vec<Posted> {
+        self.lock_outbox().drain(..).collect()
+    }
+
+    /// Puts unsent results back, ahead of newer ones.
+    pub fn put_back(&self, results: Vec<Posted>) {
+        let mut outbox = self.lock_outbox();
+        for result in results.into_iter().rev() {
+            outbox.push_front(result);
+        }
+    }
+
+    /// Fires when a result is posted.
+    pub async fn result_posted(&self) {
+        self.outbox_ready.notified().await;
+    }
+
+    /// A new session's channel, for jobs whose streams broke.
+    pub fn set_channel(&self, channel: Channel) {
+        self.channel.send_modify(|(generation, current)| {
+            *generation += 1;
+            *current = Some(channel);
+        });
+    }
+
+    /// The current channel and its successors.
+    pub fn channels(&self) -> watch::Receiver<CurrentChannel> {
+        self.channel.subscribe()
+    }
+
     /// Accepts a command of coordinator term `term` unless a newer term
     /// has been seen (a deposed coordinator's command); the newest seen on
     /// refusal.
@@ -26,7 +132,7 @@ impl RunningJobs {
         if term < newest { Err(newest) } else { Ok(()) }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -35,7 +141,11 @@ impl RunningJobs {
     /// of one job would write one backup or one target twice, and the
     /// first to end would unregister the other (a cancel would then miss
     /// it).
-    pub(crate) fn register(self: &Arc<Self>, job_id: &str) -> Result<JobGuard, JobEnd> {
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        job_id: &str,
+        attempt_id: &str,
+    ) -> Result<JobGuard, JobEnd> {
         let token = CancellationToken::new();
         match self.lock().entry(job_id.to_string()) {
             Entry::Occupied(_) => {
@@ -45,7 +155,10 @@ impl RunningJobs {
                 )));
             }
             Entry::Vacant(slot) => {
-                slot.insert(token.clone());
+                slot.insert(Running {
+                    attempt_id: attempt_id.to_string(),
+                    token: token.clone(),
+                });
             }
         }
         Ok(JobGuard {
@@ -55,11 +168,18 @@ impl RunningJobs {
         })
     }
 
+    /// Cancels every running job (the agent is stopping).
+    pub fn cancel_all(&self) {
+        for running in self.lock().values() {
+            running.token.cancel();
+        }
+    }
+
     /// Cancels a running job; false if there is none by that id.
     pub fn cancel(&self, job_id: &str) -> bool {
         match self.lock().get(job_id) {
-            Some(token) => {
-                token.cancel();
+            Some(running) => {
+                running.token.cancel();
                 true
             }
             None => false,
@@ -117,8 +237,8 @@ mod tests {
     #[test]
     fn a_job_id_runs_once_at_a_time() {
         let jobs = Arc::new(RunningJobs::default());
-        let first = jobs.register("j1").expect("the first command runs");
-        let Err(JobEnd::Failed(refusal)) = jobs.register("j1") else {
+        let first = jobs.register("j1", "a1").expect("the first command runs");
+        let Err(JobEnd::Failed(refusal)) = jobs.register("j1", "a1") else {
             panic!("a second command for a running job must be refused");
         };
         assert!(
@@ -129,11 +249,13 @@ mod tests {
         // still reaches it.
         assert!(jobs.cancel("j1"));
         assert!(first.token.is_cancelled());
-        let other = jobs.register("j2").expect("another job runs beside it");
+        let other = jobs
+            .register("j2", "a2")
+            .expect("another job runs beside it");
         drop(first);
         assert!(!jobs.cancel("j1"));
         let again = jobs
-            .register("j1")
+            .register("j1", "a3")
             .expect("the id is free once the job ended");
         drop((other, again));
     }

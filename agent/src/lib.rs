@@ -15,5 +15,6 @@ pub mod postgres;
 pub mod renew;
 pub mod restore;
 pub mod spool;
+pub mod upload;
 
 pub use error::{AgentError, Result};

@@ -115,9 +115,13 @@ pub enum RestoreError {
     /// A chunk did not open or check out.
     #[error("{which} {problem}")]
     Chunk { which: String, problem: String },
-    /// The download stream failed or ended short.
+    /// The download stream went wrong (ended short, out of order, refused).
     #[error("{0}")]
     Download(String),
+    /// The download's connection broke (the network, a coordinator
+    /// restart): another attempt may succeed.
+    #[error("{0}")]
+    Interrupted(String),
     /// `pg_restore` ran and failed; its own message.
     #[error("pg_restore failed ({status}): {message}")]
     PgRestore { status: ExitStatus, message: String },
@@ -136,10 +140,14 @@ pub enum RestoreError {
 impl RestoreError {
     /// The coordinator ended the download with this status.
     fn coordinator(status: &tonic::Status) -> RestoreError {
-        RestoreError::Download(format!(
-            "the coordinator stopped the download: {}",
-            status.message()
-        ))
+        let message = format!("the coordinator stopped the download: {}", status.message());
+        match status.code() {
+            tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded => RestoreError::Interrupted(message),
+            _ => RestoreError::Download(message),
+        }
     }
 }
 
@@ -175,9 +183,10 @@ pub async fn run(
     config: &AgentConfig,
     channel: Channel,
     jobs: &Arc<RunningJobs>,
+    attempt_id: &str,
     command: proto::RestoreCommand,
 ) -> Result<proto::RestoreReport, JobEnd> {
-    let guard = jobs.register(&command.job_id)?;
+    let guard = jobs.register(&command.job_id, attempt_id)?;
     let started = Instant::now();
     let request = Request::new(config, command)?;
     tracing::info!(
@@ -247,13 +256,15 @@ pub async fn run(
             let mut message = error.to_string();
             if matches!(
                 error,
-                RestoreError::Chunk { .. } | RestoreError::Download(_)
+                RestoreError::Chunk { .. }
+                    | RestoreError::Download(_)
+                    | RestoreError::Interrupted(_)
             ) {
                 message.push_str(&format!("; {}", request.untouched()));
             }
             message.push_str(&and_left_behind);
             tracing::warn!(error = %message, "restore failed");
-            if matches!(error, RestoreError::Download(_)) {
+            if matches!(error, RestoreError::Interrupted(_)) {
                 Err(JobEnd::Interrupted(message))
             } else {
                 Err(JobEnd::Failed(message))

@@ -40,8 +40,7 @@ pub struct JobsConfig {
     /// Jobs (backups and restores) running at once on one PostgreSQL
     /// instance.
     pub max_per_instance: u32,
-    /// Jobs running at once on one agent (the agent also enforces its own
-    /// `jobs.max_concurrent`).
+    /// Jobs running at once on one agent.
     pub max_per_agent: u32,
     /// Jobs running at once on the whole coordinator.
     pub max_running: u32,

@@ -179,6 +179,7 @@ impl HandDrivenAgent {
                     // The fixture's `--probe-interval` (not shown by the
                     // CLI); this host sends no probe reports anyway.
                     probe_interval_seconds: 1,
+                    held_attempts: vec![],
                 })),
             })
             .await
@@ -251,13 +252,14 @@ impl HandDrivenAgent {
         }
     }
 
-    /// Answers `command_id` with `outcome`, whatever really happened.
-    async fn answer(&self, command_id: &str, outcome: command_result::Outcome) {
+    /// Answers `command` with `outcome`, whatever really happened.
+    async fn answer(&self, command: &proto::Command, outcome: command_result::Outcome) {
         self.outbound
             .send(proto::AgentMessage {
                 body: Some(proto::agent_message::Body::CommandResult(
                     proto::CommandResult {
-                        command_id: command_id.to_string(),
+                        command_id: command.command_id.clone(),
+                        attempt_id: command.attempt_id.clone(),
                         outcome: Some(outcome),
                     },
                 )),
@@ -274,6 +276,7 @@ impl HandDrivenAgent {
                 body: Some(backup_upload::Body::Start(proto::UploadStart {
                     job_id: job_id.to_string(),
                     backup_id: backup_id.to_string(),
+                    ..Default::default()
                 })),
             })
             .await
@@ -483,7 +486,7 @@ fn ended_job(coordinator: &Coordinator, job_id: &str) -> Value {
 }
 
 /// The backup command of job `job_id`, which must be the command received.
-fn backup_command(received: &ReceivedCommand, job_id: &str, backup_id: &str) -> String {
+fn backup_command(received: &ReceivedCommand, job_id: &str, backup_id: &str) -> proto::Command {
     match &received.command.kind {
         Some(proto::command::Kind::Backup(backup)) => {
             assert_eq!(backup.job_id, job_id);
@@ -491,7 +494,7 @@ fn backup_command(received: &ReceivedCommand, job_id: &str, backup_id: &str) -> 
         }
         other => panic!("expected the backup command of job {job_id}, got {other:?}"),
     }
-    received.command.command_id.clone()
+    received.command.clone()
 }
 
 fn job_done(job_id: &str) -> command_result::Outcome {
@@ -547,7 +550,7 @@ async fn no_key_reaches_the_host_and_a_chunk_that_is_not_its_hash_is_refused() {
 
     let (job_id, backup_id) = start_backup(&coordinator, "db1", "shop");
     let received = host.next_command().await;
-    let command_id = backup_command(&received, &job_id, &backup_id);
+    let command = backup_command(&received, &job_id, &backup_id);
     assert_no_key_material(&received.wire_bytes, keys, "the backup command");
 
     // The host offers the hash of A, then sends B (as long as A) under it.
@@ -594,7 +597,7 @@ async fn no_key_reaches_the_host_and_a_chunk_that_is_not_its_hash_is_refused() {
     // The refused upload failed the job at once, whatever the host says
     // afterwards (a hostile host would not report its own failure).
     let job = ended_job(&coordinator, &job_id);
-    host.answer(&command_id, job_done(&job_id)).await;
+    host.answer(&command, job_done(&job_id)).await;
     assert_eq!(job["status"], "failed", "{job}");
     let error = job["error"].as_str().unwrap_or_default();
     assert!(
@@ -691,7 +694,7 @@ async fn offers_confirm_only_large_chunks_and_restore_commands_carry_no_key() {
     let mut host = HandDrivenAgent::take_over(&coordinator, &mut db1).await;
     let (job_id, backup_id) = start_backup(&coordinator, "db1", "shop");
     let received = host.next_command().await;
-    let command_id = backup_command(&received, &job_id, &backup_id);
+    let command = backup_command(&received, &job_id, &backup_id);
     assert_no_key_material(&received.wire_bytes, keys, "the backup command");
 
     let mut upload = host.upload(&job_id, &backup_id).await;
@@ -711,7 +714,7 @@ async fn offers_confirm_only_large_chunks_and_restore_commands_carry_no_key() {
         .await
         .expect("the upload is stored");
     assert_eq!(stored, backup_id);
-    host.answer(&command_id, job_done(&job_id)).await;
+    host.answer(&command, job_done(&job_id)).await;
     assert_eq!(ended_job(&coordinator, &job_id)["status"], "succeeded");
 
     // Only the made-up chunk is new; the small one was not written again.
@@ -752,7 +755,7 @@ async fn offers_confirm_only_large_chunks_and_restore_commands_carry_no_key() {
     for (hash, packed) in [(small_hash, &small_packed), (unknown.hash, &unknown)] {
         let (job_id, backup_id) = start_backup(&coordinator, "db1", "shop");
         let received = host.next_command().await;
-        let command_id = backup_command(&received, &job_id, &backup_id);
+        let command = backup_command(&received, &job_id, &backup_id);
         let mut upload = host.upload(&job_id, &backup_id).await;
         assert_eq!(upload.offer(&[hash, hash]).await, vec![hash]);
         let longer = PackedChunk {
@@ -778,7 +781,7 @@ async fn offers_confirm_only_large_chunks_and_restore_commands_carry_no_key() {
         let job = ended_job(&coordinator, &job_id);
         assert_eq!(job["status"], "failed", "{job}");
         host.answer(
-            &command_id,
+            &command,
             command_result::Outcome::Error("refused upload".into()),
         )
         .await;
@@ -793,7 +796,7 @@ async fn offers_confirm_only_large_chunks_and_restore_commands_carry_no_key() {
     let fresh = pack_chunk(b"sent in this upload for the first time", ZSTD_LEVEL).unwrap();
     let (job_id, backup_id) = start_backup(&coordinator, "db1", "shop");
     let received = host.next_command().await;
-    let command_id = backup_command(&received, &job_id, &backup_id);
+    let command = backup_command(&received, &job_id, &backup_id);
     let mut upload = host.upload(&job_id, &backup_id).await;
     let both = [small_hash, fresh.hash];
     assert_eq!(upload.offer(&both).await, both.to_vec());
@@ -811,7 +814,7 @@ async fn offers_confirm_only_large_chunks_and_restore_commands_carry_no_key() {
         .finish(finish_uncounted(dump_bytes))
         .await
         .expect("the upload is stored");
-    host.answer(&command_id, job_done(&job_id)).await;
+    host.answer(&command, job_done(&job_id)).await;
     assert_eq!(ended_job(&coordinator, &job_id)["status"], "succeeded");
 
     // A restore sent to the host: no key in it either.
@@ -832,7 +835,7 @@ async fn offers_confirm_only_large_chunks_and_restore_commands_carry_no_key() {
     assert_eq!(command.backup_id, stored_backup, "{restore}");
     assert_no_key_material(&received.wire_bytes, keys, "the restore command");
     host.answer(
-        &received.command.command_id,
+        &received.command,
         command_result::Outcome::Error("not restored: the test only read the command".into()),
     )
     .await;
@@ -879,7 +882,7 @@ async fn a_hand_driven_upload_is_stored_under_keyed_names_and_verifies() {
     let mut host = HandDrivenAgent::take_over(&coordinator, &mut db1).await;
     let (job_id, backup_id) = start_backup(&coordinator, "db1", "shop");
     let received = host.next_command().await;
-    let command_id = backup_command(&received, &job_id, &backup_id);
+    let command = backup_command(&received, &job_id, &backup_id);
     let mut upload = host.upload(&job_id, &backup_id).await;
     let hashes: Vec<ContentHash> = pieces.iter().map(|p| p.hash).collect();
     assert_eq!(upload.offer(&hashes).await, hashes, "a fresh repository");
@@ -899,7 +902,7 @@ async fn a_hand_driven_upload_is_stored_under_keyed_names_and_verifies() {
         .await
         .expect("the upload is stored");
     assert_eq!(stored, backup_id);
-    host.answer(&command_id, job_done(&job_id)).await;
+    host.answer(&command, job_done(&job_id)).await;
     assert_eq!(ended_job(&coordinator, &job_id)["status"], "succeeded");
 
     let object_names: BTreeSet<String> = coordinator

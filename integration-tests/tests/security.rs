@@ -1393,6 +1393,7 @@ async fn only_a_running_restore_jobs_own_agent_may_download_and_no_restore_may_u
         body: Some(proto::backup_upload::Body::Start(proto::UploadStart {
             job_id: restore_job_id.to_string(),
             backup_id: backup_id.clone(),
+            ..Default::default()
         })),
     };
     let mut client = AgentGatewayClient::new(channel);
@@ -1454,6 +1455,7 @@ async fn a_second_upload_stream_for_one_job_is_refused() {
         body: Some(proto::backup_upload::Body::Start(proto::UploadStart {
             job_id: job_id.clone(),
             backup_id: backup_id.clone(),
+            ..Default::default()
         })),
     };
     let mut client = AgentGatewayClient::new(channel);

@@ -177,6 +177,7 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                     && job.agent_name == agent.as_str()
                     && job.backup_id == start.backup_id
                     && job.status == JobState::Running
+                    && (start.attempt_id.is_empty() || job.attempt_id == start.attempt_id)
             })
             .ok_or_else(|| {
                 Status::permission_denied(format!(
@@ -186,10 +187,23 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
             })?;
         // Its backup must still be open: a backup that a finished upload
         // completed is never written again.
-        let backup = self
-            .catalog
-            .get_backup(&job.backup_id)
-            .await?
+        let backup = self.catalog.get_backup(&job.backup_id).await?;
+        if start.resume && backup.as_ref().is_some_and(|b| b.status == "complete") {
+            // The upload finished and only its answer was lost with the
+            // stream: say so again.
+            let (replies, receiver) = mpsc::channel(1);
+            let _ = replies
+                .send(Ok(proto::BackupUploadReply {
+                    body: Some(proto::backup_upload_reply::Body::Stored(
+                        proto::BackupStored {
+                            backup_id: job.backup_id.clone(),
+                        },
+                    )),
+                }))
+                .await;
+            return Ok(Response::new(Box::pin(ReceiverStream::new(receiver))));
+        }
+        let backup = backup
             .filter(|backup| backup.status == "running")
             .ok_or_else(|| {
                 Status::failed_precondition(format!(
@@ -206,12 +220,28 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
             ))
         })?;
         let (replies, receiver) = mpsc::channel(UPLOAD_REPLY_QUEUE_LEN);
-        let upload = Upload::new(
+        let mut upload = Upload::new(
             self.catalog.clone(),
             self.repository.clone(),
             job.clone(),
             tags,
         );
+        if start.resume {
+            // The attempt's stream broke (the network, this coordinator's
+            // restart): it goes on from what was recorded.
+            let next_position = upload.resume().await?;
+            tracing::info!(job_id = %job.id, %agent, next_position, "upload resumed");
+            replies
+                .send(Ok(proto::BackupUploadReply {
+                    body: Some(proto::backup_upload_reply::Body::Resumed(
+                        proto::UploadResumed { next_position },
+                    )),
+                }))
+                .await
+                .map_err(|_| Status::cancelled("the agent went away"))?;
+        } else {
+            upload.start_fresh().await?;
+        }
         let jobs = self.jobs.clone();
         let span = tracing::info_span!("upload", job_id = %job.id, agent = %agent, database = %job.database);
         self.tasks.spawn(
@@ -240,9 +270,11 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                         jobs.fail_attempt(&job, &message, retryable).await;
                     }
                     // The agent gets an incident id, not the storage's
-                    // own words (paths, the S3 service's).
+                    // own words (paths, the S3 service's); `aborted`, as
+                    // the attempt is over (a retry is a new attempt), so
+                    // it stops pg_dump instead of resuming.
                     let status = if status.code() == tonic::Code::Unavailable {
-                        incident_status(tonic::Code::Unavailable, &status.message())
+                        incident_status(tonic::Code::Aborted, &status.message())
                     } else {
                         status
                     };
@@ -290,6 +322,12 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                 .refuse_connect(&agent, Status::permission_denied(message))
                 .await);
         }
+        let held: Vec<(String, String)> = register
+            .held_attempts
+            .iter()
+            .map(|h| (h.job_id.clone(), h.attempt_id.clone()))
+            .collect();
+        let registered_at = now_ms();
         let registration = registration_from_wire(register, &peer)?;
         let switched = self
             .catalog
@@ -353,6 +391,11 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                 ),
             ))
             .await;
+        // Its running jobs: re-attached if it still holds them, failed (and
+        // retried where allowed) if it lost them.
+        self.jobs
+            .agent_registered(agent.as_str(), &held, registered_at)
+            .await;
 
         let gateway = self.clone();
         let mut stream = StreamState {
@@ -380,7 +423,11 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                         }
                     }
                 }
-                gateway.fleet.detach(agent.as_str(), session);
+                if gateway.fleet.detach(agent.as_str(), session) {
+                    // Its jobs go on without the stream: they wait for the
+                    // agent to come back.
+                    gateway.jobs.agent_disconnected(agent.as_str()).await;
+                }
                 if let Err(error) = gateway.catalog.touch_agent(agent.as_str(), now_ms()).await {
                     tracing::warn!(%error, "cannot record last-seen time");
                 }
@@ -425,8 +472,21 @@ impl Gateway {
             }
             Some(agent_message::Body::CommandResult(result)) => {
                 let outcome = self.outcome_from_wire(agent, stream, &result).await;
-                self.fleet
+                let unclaimed = self
+                    .fleet
                     .complete(agent, session, &result.command_id, outcome);
+                match unclaimed {
+                    Some(outcome) if !result.attempt_id.is_empty() => {
+                        self.jobs
+                            .attempt_reported(agent, &result.attempt_id, outcome)
+                            .await;
+                    }
+                    Some(_) => tracing::debug!(
+                        command_id = %result.command_id,
+                        "result for an unknown or expired command"
+                    ),
+                    None => {}
+                }
             }
             Some(agent_message::Body::Register(_)) => {
                 tracing::warn!("ignoring a second register on one stream");
@@ -651,6 +711,7 @@ mod tests {
             instances: vec!["main".into()],
             permitted_operations: vec![proto::Operation::Backup as i32],
             probe_interval_seconds: 15,
+            held_attempts: vec![],
         }
     }
 

@@ -303,11 +303,12 @@ mod tests {
     async fn finish(catalog: &Catalog, id: &str, state: JobState, error: &str, now: i64) {
         let attempt = format!("{id}-1");
         assert!(catalog.start_attempt(id, &attempt, 1, now).await.unwrap());
-        assert!(
+        assert_eq!(
             catalog
                 .end_attempt(id, &attempt, &AttemptEnd::Final(state), error, now)
                 .await
-                .unwrap()
+                .unwrap(),
+            Some(state)
         );
     }
 
@@ -437,7 +438,7 @@ mod tests {
             .await
             .unwrap();
         assert!(
-            !catalog
+            catalog
                 .end_attempt(
                     "j1",
                     "j1-1",
@@ -447,6 +448,7 @@ mod tests {
                 )
                 .await
                 .unwrap()
+                .is_none()
         );
         assert!(
             catalog

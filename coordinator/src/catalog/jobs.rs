@@ -112,6 +112,11 @@ pub struct JobRecord {
     pub attempt: i64,
     pub attempt_id: String,
     pub attempt_started_at: Option<i64>,
+    /// Running, but its agent's stream ended (or the coordinator
+    /// restarted) at this time: waiting for the agent to come back.
+    pub detached_at: Option<i64>,
+    /// An operator cancelled it while it ran.
+    pub cancel_requested: bool,
     pub max_attempts: i64,
     pub timeout_ms: Option<i64>,
     pub deadline_at: Option<i64>,
@@ -158,6 +163,8 @@ impl JobRecord {
             attempt: 0,
             attempt_id: String::new(),
             attempt_started_at: None,
+            detached_at: None,
+            cancel_requested: false,
             max_attempts: 1,
             timeout_ms: None,
             deadline_at: None,
@@ -223,7 +230,7 @@ pub(super) async fn insert_job_row_or_ignore(
                            max_attempts, timeout_ms, deadline_at, not_before, schedule_id,
                            fire_at, target)
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT DO NOTHING",
+         ON CONFLICT (schedule_id, target, fire_at) WHERE schedule_id IS NOT NULL DO NOTHING",
     )
     .bind(&job.id)
     .bind(job.kind)
@@ -331,7 +338,7 @@ impl Catalog {
             "UPDATE jobs SET status = 'running', attempt = attempt + 1, attempt_id = ?1, term = ?2,
                              started_at = COALESCE(started_at, ?3), attempt_started_at = ?3,
                              wait_reason = ''
-             WHERE id = ?4 AND status = 'queued'
+             WHERE id = ?4 AND status = 'queued' AND cancel_requested = 0
              RETURNING attempt",
         )
         .bind(attempt_id)
@@ -365,8 +372,9 @@ impl Catalog {
     }
 
     /// Ends the running attempt `attempt_id` of a job: the job ends, or is
-    /// queued again for a retry. Whether this call ended it (false: the
-    /// attempt had ended already, or is not the job's current one).
+    /// queued again for a retry. The job's state after, if this call ended
+    /// the attempt (`None`: it had ended already, or is not the job's
+    /// current one); a cancel requested meanwhile makes it `cancelled`.
     pub async fn end_attempt(
         &self,
         job_id: &str,
@@ -374,40 +382,62 @@ impl Catalog {
         end: &AttemptEnd,
         reason: &str,
         now: i64,
-    ) -> Result<bool> {
+    ) -> Result<Option<JobState>> {
         let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let ended = match end {
-            AttemptEnd::Final(state) => sqlx::query(
-                "UPDATE jobs SET status = ?, error = ?, finished_at = ?
-                     WHERE id = ? AND status = 'running' AND attempt_id = ?",
+        // A cancel requested while the attempt ran wins over a failure or a
+        // retry (not over a success: the backup exists).
+        let final_update = |state: JobState, reason: String| {
+            sqlx::query(
+                "UPDATE jobs SET status = CASE WHEN cancel_requested = 1 AND ?1 <> 'succeeded'
+                                               THEN 'cancelled' ELSE ?1 END,
+                                 error = ?2, finished_at = ?3
+                 WHERE id = ?4 AND status = 'running' AND attempt_id = ?5",
             )
             .bind(state)
             .bind(reason)
             .bind(now)
-            .bind(job_id)
-            .bind(attempt_id)
-            .execute(&mut *transaction)
-            .await?
-            .rows_affected(),
-            AttemptEnd::Retry { not_before } => sqlx::query(
-                "UPDATE jobs SET status = 'queued', error = ?, not_before = ?, wait_reason = ?
-                     WHERE id = ? AND status = 'running' AND attempt_id = ?",
-            )
-            .bind(reason)
-            .bind(not_before)
-            .bind(format!("retry after: {reason}"))
-            .bind(job_id)
-            .bind(attempt_id)
-            .execute(&mut *transaction)
-            .await?
-            .rows_affected(),
+            .bind(job_id.to_string())
+            .bind(attempt_id.to_string())
+        };
+        let ended = match end {
+            AttemptEnd::Final(state) => final_update(*state, reason.to_string())
+                .execute(&mut *transaction)
+                .await?
+                .rows_affected(),
+            AttemptEnd::Retry { not_before } => {
+                let retried = sqlx::query(
+                    "UPDATE jobs SET status = 'queued', error = ?, not_before = ?, wait_reason = ?
+                     WHERE id = ? AND status = 'running' AND attempt_id = ? AND cancel_requested = 0",
+                )
+                .bind(reason)
+                .bind(not_before)
+                .bind(format!("retry after: {reason}"))
+                .bind(job_id)
+                .bind(attempt_id)
+                .execute(&mut *transaction)
+                .await?
+                .rows_affected();
+                if retried > 0 {
+                    retried
+                } else {
+                    final_update(JobState::Cancelled, format!("cancelled ({reason})"))
+                        .execute(&mut *transaction)
+                        .await?
+                        .rows_affected()
+                }
+            }
         } > 0;
         if !ended {
-            return Ok(false);
+            return Ok(None);
         }
-        let outcome = match end {
-            AttemptEnd::Final(state) => state.as_str(),
-            AttemptEnd::Retry { .. } => "failed",
+        let state: Option<JobState> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?")
+            .bind(job_id)
+            .fetch_optional(&mut *transaction)
+            .await?;
+        let outcome = match (end, state) {
+            (_, Some(JobState::Cancelled)) => "cancelled",
+            (AttemptEnd::Final(state), _) => state.as_str(),
+            (AttemptEnd::Retry { .. }, _) => "failed",
         };
         sqlx::query(
             "UPDATE job_attempts SET finished_at = ?, outcome = ?, reason = ?
@@ -419,13 +449,19 @@ impl Catalog {
         .bind(attempt_id)
         .execute(&mut *transaction)
         .await?;
-        if let AttemptEnd::Final(state) = end
-            && *state != JobState::Succeeded
+        if let Some(state) = state
+            && !state.is_active()
+            && state != JobState::Succeeded
         {
-            end_backup_of(&mut *transaction, job_id, *state, reason, now).await?;
+            end_backup_of(&mut *transaction, job_id, state, reason, now).await?;
         }
+        // A next attempt uploads from the start (what is stored is reused).
+        sqlx::query("DELETE FROM upload_chunks WHERE attempt_id = ?")
+            .bind(attempt_id)
+            .execute(&mut *transaction)
+            .await?;
         transaction.commit().await?;
-        Ok(ended)
+        Ok(state)
     }
 
     /// Ends a job that is not running an attempt (cancelled or missed while
@@ -473,6 +509,67 @@ impl Catalog {
         }
         transaction.commit().await?;
         Ok(())
+    }
+
+    /// Records an operator's cancel of a running job; whether it runs.
+    pub async fn request_cancel(&self, job_id: &str) -> Result<bool> {
+        Ok(
+            sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'running'")
+                .bind(job_id)
+                .execute(&self.pool)
+                .await?
+                .rows_affected()
+                > 0,
+        )
+    }
+
+    /// Marks the running jobs of `agent` (all agents: `None`) as waiting
+    /// for their agent since `now`; the number marked.
+    pub async fn detach_running_jobs(&self, agent: Option<&str>, now: i64) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE jobs SET detached_at = ?1
+             WHERE status = 'running' AND detached_at IS NULL AND (?2 IS NULL OR agent_name = ?2)",
+        )
+        .bind(now)
+        .bind(agent)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// The agent holds the job's attempt again; whether it was running.
+    pub async fn reattach_job(&self, job_id: &str, attempt_id: &str) -> Result<bool> {
+        Ok(sqlx::query(
+            "UPDATE jobs SET detached_at = NULL
+             WHERE id = ? AND attempt_id = ? AND status = 'running'",
+        )
+        .bind(job_id)
+        .bind(attempt_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            > 0)
+    }
+
+    /// The running jobs of one agent.
+    pub async fn running_jobs_of(&self, agent: &str) -> Result<Vec<JobRecord>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM jobs WHERE status = 'running' AND agent_name = ? ORDER BY created_at",
+        )
+        .bind(agent)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The job an attempt id belongs to (its current or an earlier one).
+    pub async fn job_of_attempt(&self, attempt_id: &str) -> Result<Option<JobRecord>> {
+        Ok(sqlx::query_as(
+            "SELECT j.* FROM jobs j JOIN job_attempts a ON a.job_id = j.id
+             WHERE a.attempt_id = ?",
+        )
+        .bind(attempt_id)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     /// The next coordinator term: taken once at each start.

@@ -24,6 +24,7 @@ mod chunks;
 mod jobs;
 mod restores;
 mod schedules;
+mod uploads;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -41,6 +42,7 @@ pub use backups::{BackupRecord, BackupStats, PageKey, StoredChunk};
 pub use jobs::{AttemptEnd, AttemptRecord, JobKind, JobRecord, JobState};
 pub use restores::VerificationRecord;
 pub use schedules::ScheduleRecord;
+pub use uploads::RecordedChunk;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 

@@ -1,9 +1,8 @@
 //! Schedules, and the job rows their fires become.
 //!
 //! A fire is materialised with `INSERT ... ON CONFLICT DO NOTHING` on the
-//! unique index `jobs_one_per_fire` (schedule, agent, instance, database,
-//! fire time): however often it is evaluated, a fire makes one job per
-//! target.
+//! unique index `jobs_one_per_fire` (schedule, target, fire time): however
+//! often it is evaluated, a fire makes one job per target.
 
 use std::collections::BTreeMap;
 
@@ -187,8 +186,8 @@ impl Catalog {
     /// `agent/instance/database`.
     pub async fn active_schedule_targets(&self, schedule_id: &str) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT agent_name || '/' || instance || '/' || database FROM jobs
-             WHERE schedule_id = ? AND status IN ('queued', 'running')",
+            "SELECT target FROM jobs
+             WHERE schedule_id = ? AND status IN ('queued', 'running') AND target IS NOT NULL",
         )
         .bind(schedule_id)
         .fetch_all(&self.pool)

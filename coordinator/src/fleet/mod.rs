@@ -21,6 +21,9 @@ use tonic::Status;
 
 use crate::error::{CoordinatorError, Result};
 
+/// How long a job's command may wait for room in its agent's queue.
+const JOB_COMMAND_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Heartbeats an agent may miss before it is shown offline.
 pub const MISSED_HEARTBEATS_OFFLINE: u32 = 3;
 
@@ -116,11 +119,15 @@ impl Fleet {
         (id, cancel)
     }
 
-    /// Removes the session if it is still the current one.
-    pub fn detach(&self, agent: &str, id: u64) {
+    /// Removes the session if it is still the current one; whether it was
+    /// (false: a newer session of the agent replaced it).
+    pub fn detach(&self, agent: &str, id: u64) -> bool {
         let mut sessions = self.lock();
         if sessions.get(agent).is_some_and(|s| s.0.id == id) {
             sessions.remove(agent);
+            true
+        } else {
+            false
         }
     }
 
@@ -160,16 +167,49 @@ impl Fleet {
         self.send(agent, kind, String::new(), timeout).await
     }
 
-    /// Sends the command of a job's attempt and waits for its result.
+    /// Sends the command of a job's attempt without waiting: its result
+    /// comes back by attempt id, on whichever session the agent has then
+    /// (see [`Fleet::complete`]).
     pub async fn send_job_command(
         &self,
         agent: &str,
         attempt_id: &str,
         kind: proto::command::Kind,
-        timeout: Duration,
-    ) -> Result<CommandOutcome> {
-        self.send(agent, kind, attempt_id.to_string(), timeout)
-            .await
+    ) -> Result<()> {
+        let stream = {
+            let sessions = self.lock();
+            sessions
+                .get(agent)
+                .filter(|s| {
+                    s.0.last_heartbeat.elapsed()
+                        < self.heartbeat_interval * MISSED_HEARTBEATS_OFFLINE
+                })
+                .map(|s| s.0.sender.clone())
+                .ok_or_else(|| {
+                    CoordinatorError::Unavailable(format!(
+                        "agent {agent:?} is offline: check that cairn-agent runs on its host"
+                    ))
+                })?
+        };
+        let command_id = format!("cmd-{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+        let message = proto::CoordinatorMessage {
+            body: Some(proto::coordinator_message::Body::Command(proto::Command {
+                command_id,
+                kind: Some(kind),
+                term: self.term,
+                attempt_id: attempt_id.to_string(),
+            })),
+        };
+        // Bounded: a session whose queue stays full is as good as gone.
+        match tokio::time::timeout(JOB_COMMAND_SEND_TIMEOUT, stream.send(Ok(message))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(CoordinatorError::Unavailable(format!(
+                "agent {agent:?} disconnected"
+            ))),
+            Err(_) => Err(CoordinatorError::Unavailable(format!(
+                "agent {agent:?} does not read its commands"
+            ))),
+        }
     }
 
     async fn send(
@@ -229,7 +269,15 @@ impl Fleet {
     }
 
     /// Delivers a command result from the agent's stream.
-    pub fn complete(&self, agent: &str, id: u64, command_id: &str, outcome: CommandOutcome) {
+    /// Delivers a command's result to whoever waits for it; the outcome
+    /// back if nobody does (a job's result, which goes by attempt id).
+    pub fn complete(
+        &self,
+        agent: &str,
+        id: u64,
+        command_id: &str,
+        outcome: CommandOutcome,
+    ) -> Option<CommandOutcome> {
         let waiter = self
             .lock()
             .get_mut(agent)
@@ -238,12 +286,9 @@ impl Fleet {
         match waiter {
             Some(waiter) => {
                 let _ = waiter.send(outcome);
+                None
             }
-            None => tracing::debug!(
-                agent,
-                command_id,
-                "result for an unknown or expired command"
-            ),
+            None => Some(outcome),
         }
     }
 }

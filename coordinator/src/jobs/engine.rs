@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use cairn_common::proto::{self, command};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::audit::{AuditEvent, Outcome};
 use crate::catalog::{AttemptEnd, JobKind, JobRecord, JobState};
@@ -30,9 +29,6 @@ pub const TICK: Duration = Duration::from_secs(1);
 const FIRST_RETRY_DELAY_MS: i64 = 5_000;
 /// The longest wait between attempts.
 const MAX_RETRY_DELAY_MS: i64 = 30 * 60 * 1000;
-/// How long an attempt's command may wait for its agent's answer when the
-/// job has no timeout of its own.
-const UNBOUNDED_ATTEMPT: Duration = Duration::from_secs(30 * 24 * 3600);
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What one tick did, for tests and the bench.
@@ -44,6 +40,8 @@ pub struct TickReport {
     pub waiting: usize,
     pub missed: usize,
     pub timed_out: usize,
+    /// Attempts failed because their agent did not come back in time.
+    pub lost: usize,
 }
 
 /// The running jobs counted against the limits.
@@ -106,7 +104,21 @@ impl Jobs {
             ..TickReport::default()
         };
         let mut load = Load::default();
+        let reattach_ms = crate::jobs::duration_ms(self.limits.reattach_timeout);
         for job in active.iter().filter(|j| j.status == JobState::Running) {
+            if job
+                .detached_at
+                .is_some_and(|since| since + reattach_ms <= now)
+            {
+                report.lost += 1;
+                let message = format!(
+                    "its agent {} did not come back within jobs.reattach_timeout ({})",
+                    job.agent_name,
+                    humantime::format_duration(self.limits.reattach_timeout)
+                );
+                self.fail_attempt(job, &message, true).await;
+                continue;
+            }
             if let Some(timeout) = job.timeout_ms
                 && job.attempt_started_at.is_some_and(|at| at + timeout <= now)
             {
@@ -118,7 +130,9 @@ impl Jobs {
         }
         let mut reasons = Vec::new();
         for job in active.iter().filter(|j| j.status == JobState::Queued) {
-            if job.deadline_at.is_some_and(|deadline| deadline <= now) {
+            // The deadline is to start by: a retry is bounded by its
+            // attempts instead.
+            if job.attempt == 0 && job.deadline_at.is_some_and(|deadline| deadline <= now) {
                 report.missed += 1;
                 self.miss(job, now).await?;
                 continue;
@@ -241,31 +255,16 @@ impl Jobs {
                 ),
             ))
             .await;
-        let wait = running
-            .timeout_ms
-            .and_then(|ms| u64::try_from(ms).ok())
-            .map(Duration::from_millis)
-            // The timeout itself is the tick's to enforce; this only bounds
-            // the wait for an answer that never comes.
-            .map_or(UNBOUNDED_ATTEMPT, |t| t + CANCEL_TIMEOUT * 3);
-        let engine = self.clone();
-        let span = tracing::info_span!(
-            "job",
-            job_id = %running.id,
-            attempt = running.attempt,
-            agent = %running.agent_name,
-            database = %running.database
-        );
-        self.tasks.spawn(
-            async move {
-                let outcome = engine
-                    .fleet
-                    .send_job_command(&running.agent_name, &running.attempt_id, command, wait)
-                    .await;
-                engine.conclude(&running, outcome).await;
-            }
-            .instrument(span),
-        );
+        // The result comes back by attempt id (see `attach`), on this
+        // session or a later one: nothing waits for it here.
+        if let Err(error) = self
+            .fleet
+            .send_job_command(&running.agent_name, &running.attempt_id, command)
+            .await
+        {
+            let message = format!("the command did not reach the agent: {error}");
+            self.fail_attempt(&running, &message, true).await;
+        }
         Ok(true)
     }
 
@@ -290,7 +289,7 @@ impl Jobs {
     }
 
     /// Ends an attempt with its agent's answer.
-    async fn conclude(&self, job: &JobRecord, outcome: Result<CommandOutcome>) {
+    pub(crate) async fn conclude(&self, job: &JobRecord, outcome: Result<CommandOutcome>) {
         let (state, message) = match &outcome {
             Ok(CommandOutcome::JobDone(report)) => self.succeeded(job, report.clone()).await,
             Ok(CommandOutcome::Cancelled(detail)) => {
@@ -314,17 +313,24 @@ impl Jobs {
             } else {
                 AttemptEnd::Final(state)
             };
-        if job.kind == JobKind::Drill && end == AttemptEnd::Final(state) {
-            self.record_drill(job, state == JobState::Succeeded, &message)
-                .await;
-        }
         // A drill's verdict is its detail whether it passed or not.
         let error = if state == JobState::Succeeded {
             ""
         } else {
             message.as_str()
         };
-        self.end_attempt(job, end, error).await;
+        let final_end = end == AttemptEnd::Final(state);
+        let ended = self.end_attempt(job, end, error).await;
+        // Only a drill that ran to a result says something of its backup
+        // (not one cancelled, timed out or cut off).
+        let ran = matches!(
+            &outcome,
+            Ok(CommandOutcome::JobDone(_) | CommandOutcome::Error(_))
+        );
+        if job.kind == JobKind::Drill && ended && final_end && ran {
+            self.record_drill(job, state == JobState::Succeeded, &message)
+                .await;
+        }
     }
 
     /// How a job the agent reported done ended: a backup only if its
@@ -377,53 +383,46 @@ impl Jobs {
         } else {
             AttemptEnd::Final(JobState::Failed)
         };
-        if job.kind == JobKind::Drill && end == AttemptEnd::Final(JobState::Failed) {
-            self.record_drill(job, false, message).await;
-        }
         self.end_attempt(job, end, message).await;
-    }
-
-    /// At start: the attempts the previous coordinator left running cannot
-    /// be followed (their agents ended them with the stream), so each fails,
-    /// and is retried if its job allows.
-    pub async fn recover_orphans(&self) -> Result<usize> {
-        let running: Vec<JobRecord> = self
-            .catalog
-            .active_jobs()
-            .await?
-            .into_iter()
-            .filter(|job| job.status == JobState::Running)
-            .collect();
-        for job in &running {
-            self.fail_attempt(job, "the coordinator stopped while the attempt ran", true)
-                .await;
-        }
-        Ok(running.len())
     }
 
     /// Ends the job's current attempt and audits what happened; an attempt
     /// something else ended already (an upload refused, a timeout, a
     /// cancel) keeps that outcome and its one audit row.
-    pub(crate) async fn end_attempt(&self, job: &JobRecord, end: AttemptEnd, message: &str) {
+    /// Whether this call ended it.
+    pub(crate) async fn end_attempt(
+        &self,
+        job: &JobRecord,
+        end: AttemptEnd,
+        message: &str,
+    ) -> bool {
         let now = self.clock.now_ms();
-        match self
+        let state = match self
             .catalog
             .end_attempt(&job.id, &job.attempt_id, &end, message, now)
             .await
         {
-            Ok(true) => {}
-            Ok(false) => {
+            Ok(Some(state)) => state,
+            Ok(None) => {
                 tracing::info!(?end, error = message, "the attempt had ended already");
-                return;
+                return false;
             }
             Err(error) => {
                 tracing::error!(%error, "cannot record the end of the attempt");
-                return;
+                return false;
             }
-        }
-        match end {
-            AttemptEnd::Final(state) => self.audit_end(job, state, message).await,
-            AttemptEnd::Retry { not_before } => {
+        };
+        match (end, state) {
+            (_, JobState::Cancelled) => {
+                let message = if message.starts_with("cancelled") {
+                    message.to_string()
+                } else {
+                    format!("cancelled ({message})")
+                };
+                self.audit_end(job, JobState::Cancelled, &message).await;
+            }
+            (AttemptEnd::Final(_), state) => self.audit_end(job, state, message).await,
+            (AttemptEnd::Retry { not_before }, _) => {
                 tracing::warn!(
                     error = message,
                     attempt = job.attempt,
@@ -447,6 +446,7 @@ impl Jobs {
         }
         // The instance is free: the next queued job need not wait a tick.
         self.wake.notify_one();
+        true
     }
 
     /// Audits a job's end under its kind's action.
@@ -486,9 +486,6 @@ impl Jobs {
             .await?
         {
             self.audit_end(job, JobState::Missed, &message).await;
-            if job.kind == JobKind::Drill {
-                self.record_drill(job, false, &message).await;
-            }
         }
         Ok(())
     }
@@ -504,9 +501,6 @@ impl Jobs {
         );
         self.end_attempt(job, AttemptEnd::Final(JobState::Failed), &message)
             .await;
-        if job.kind == JobKind::Drill {
-            self.record_drill(job, false, &message).await;
-        }
         let fleet = self.fleet.clone();
         let agent = job.agent_name.clone();
         let job_id = job.id.clone();

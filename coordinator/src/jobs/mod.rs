@@ -10,6 +10,7 @@
 //! every other ending fails or cancels the job, and its backup is never
 //! listed.
 
+pub mod attach;
 pub mod download;
 pub mod engine;
 pub mod restores;
@@ -113,7 +114,7 @@ pub struct BackupRequest {
 }
 
 pub(crate) fn random_suffix() -> Result<String> {
-    Ok(hex::encode(cairn_common::pki::random_bytes(4)?))
+    Ok(hex::encode(cairn_common::pki::random_bytes(8)?))
 }
 
 /// Checks a database name before it reaches pg_dump (as an argument, never
@@ -335,6 +336,9 @@ impl Jobs {
                 return self.reload(job_id).await;
             }
         }
+        // However its attempt now ends (short of success), the job ends
+        // cancelled and is not retried.
+        self.catalog.request_cancel(job_id).await?;
         let job = self.reload(job_id).await?;
         let outcome = self
             .fleet

@@ -28,7 +28,7 @@
 //! mid-upload loses no record of what is stored; the manifest is written
 //! only once every chunk is.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -42,7 +42,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tonic::{Status, Streaming};
 
-use crate::catalog::{BackupStats, Catalog, JobRecord, StoredChunk};
+use crate::catalog::{BackupStats, Catalog, JobRecord, RecordedChunk, StoredChunk};
 use crate::clock::now_ms;
 use crate::repository::manifest::{Manifest, ManifestChunk};
 use crate::repository::{ObjectKey, Repository};
@@ -106,8 +106,15 @@ pub struct Upload {
     /// the repository held them before, so confirming says nothing the
     /// agent did not send itself.
     sent_here: HashMap<ChunkId, StoredChunk>,
-    /// Chunks being checked and stored.
-    in_flight: JoinSet<Result<(), Status>>,
+    /// Chunks being checked and stored; each task answers the dump
+    /// position it stored (none for the globals).
+    in_flight: JoinSet<Result<Option<u64>, Status>>,
+    /// Dump positions still on their way to storage.
+    pending: BTreeSet<u64>,
+    /// Per dump position: the sealed bytes this attempt stored new.
+    new_bytes: Vec<u64>,
+    /// Dump positions recorded in the catalog for a resume.
+    persisted: u64,
     globals: Option<ManifestChunk>,
     stats: BackupStats,
 }
@@ -152,9 +159,70 @@ impl Upload {
             expected: VecDeque::new(),
             sent_here: HashMap::new(),
             in_flight: JoinSet::new(),
+            pending: BTreeSet::new(),
+            new_bytes: Vec::new(),
+            persisted: 0,
             globals: None,
             stats: BackupStats::default(),
         }
+    }
+
+    /// Continues the attempt's upload from what it recorded; the position
+    /// the agent sends from.
+    pub async fn resume(&mut self) -> Result<u64, Status> {
+        let recorded = self.catalog.upload_chunks(&self.job.attempt_id).await?;
+        for entry in recorded {
+            self.stats.logical_bytes += entry.chunk.plaintext_bytes;
+            self.stats.referenced_bytes += entry.chunk.sealed_bytes;
+            self.stats.chunk_count += 1;
+            if entry.new_bytes > 0 {
+                self.stats.new_stored_bytes += entry.new_bytes;
+                self.stats.new_chunk_count += 1;
+            }
+            self.new_bytes.push(entry.new_bytes);
+            self.chunks.push(entry.chunk);
+        }
+        self.persisted = self.chunks.len() as u64;
+        Ok(self.persisted)
+    }
+
+    /// Starts the attempt's upload from the beginning.
+    pub async fn start_fresh(&mut self) -> Result<(), Status> {
+        self.catalog
+            .forget_upload_chunks(&self.job.attempt_id)
+            .await?;
+        Ok(())
+    }
+
+    /// The dump positions before this one are durable.
+    fn recorded_through(&self) -> u64 {
+        self.pending
+            .first()
+            .copied()
+            .unwrap_or(self.chunks.len() as u64)
+    }
+
+    /// Records the durable positions not yet in the catalog; the position
+    /// a resume would continue from.
+    async fn persist(&mut self) -> Result<u64, Status> {
+        let through = self.recorded_through();
+        if through > self.persisted {
+            let first = usize::try_from(self.persisted).unwrap_or(usize::MAX);
+            let last = usize::try_from(through).unwrap_or(usize::MAX);
+            let entries: Vec<RecordedChunk> = self.chunks[first..last]
+                .iter()
+                .zip(&self.new_bytes[first..last])
+                .map(|(chunk, new_bytes)| RecordedChunk {
+                    chunk: chunk.clone(),
+                    new_bytes: *new_bytes,
+                })
+                .collect();
+            self.catalog
+                .record_upload_chunks(&self.job.attempt_id, self.persisted, &entries)
+                .await?;
+            self.persisted = through;
+        }
+        Ok(self.persisted)
     }
 
     /// Runs the upload to its end; an error fails the upload (the job
@@ -195,10 +263,26 @@ impl Upload {
         while let Some(message) = inbound.message().await? {
             match message.body {
                 Some(backup_upload::Body::Offer(offer)) => {
-                    let missing = self.offer(offer).await?;
+                    let missing = if offer.hashes.is_empty() {
+                        // A sync: everything sent so far, recorded.
+                        if !self.expected.is_empty() {
+                            return Err(protocol(
+                                "offer before the previous offer's chunks were sent",
+                            ));
+                        }
+                        self.settle().await?;
+                        Vec::new()
+                    } else {
+                        self.reap(false).await?;
+                        self.offer(offer).await?
+                    };
+                    let recorded_through = self.persist().await?;
                     reply(
                         &replies,
-                        backup_upload_reply::Body::Missing(proto::ChunkMissing { hashes: missing }),
+                        backup_upload_reply::Body::Missing(proto::ChunkMissing {
+                            hashes: missing,
+                            recorded_through,
+                        }),
                     )
                     .await?;
                 }
@@ -221,7 +305,7 @@ impl Upload {
                         )?,
                         payload: globals.payload,
                     };
-                    let entry = self.store(id, packed, known).await?;
+                    let (entry, _) = self.store(id, packed, known, None).await?;
                     self.stats.referenced_bytes += entry.sealed_bytes;
                     self.stats.chunk_count += 1;
                     self.globals = Some(entry);
@@ -269,9 +353,9 @@ impl Upload {
                 "offer before the previous offer's chunks were sent",
             ));
         }
-        if offer.hashes.is_empty() || offer.hashes.len() > OFFER_MAX_CHUNKS {
+        if offer.hashes.len() > OFFER_MAX_CHUNKS {
             return Err(protocol(format!(
-                "offer.hashes: 1 to {OFFER_MAX_CHUNKS} hashes"
+                "offer.hashes: at most {OFFER_MAX_CHUNKS} hashes"
             )));
         }
         let keys = self.repository.keys();
@@ -321,7 +405,8 @@ impl Upload {
             return Err(protocol("chunks must come in the order they were offered"));
         }
         let id = expected.id;
-        let entry = if chunk.payload.is_empty() {
+        let position = self.chunks.len() as u64;
+        let (entry, new_bytes) = if chunk.payload.is_empty() {
             if expected.must_send {
                 return Err(protocol(format!("chunk {hash}: send its bytes")));
             }
@@ -337,12 +422,15 @@ impl Upload {
                     chunk.plaintext_bytes, known.plaintext_bytes
                 )));
             }
-            ManifestChunk {
-                id,
-                hash: Some(hash),
-                plaintext_bytes: known.plaintext_bytes,
-                sealed_bytes: known.sealed_bytes,
-            }
+            (
+                ManifestChunk {
+                    id,
+                    hash: Some(hash),
+                    plaintext_bytes: known.plaintext_bytes,
+                    sealed_bytes: known.sealed_bytes,
+                },
+                0,
+            )
         } else {
             let packed = PackedChunk {
                 hash,
@@ -351,12 +439,13 @@ impl Upload {
                 payload: chunk.payload,
             };
             let known = expected.stored.or_else(|| self.sent_here.get(&id).copied());
-            self.store(id, packed, known).await?
+            self.store(id, packed, known, Some(position)).await?
         };
         self.stats.logical_bytes += entry.plaintext_bytes;
         self.stats.referenced_bytes += entry.sealed_bytes;
         self.stats.chunk_count += 1;
         self.chunks.push(entry);
+        self.new_bytes.push(new_bytes);
         // Progress once per batch, not per chunk (each write is an
         // fsync); its chunk count is of chunks stored or already there, not
         // of those still on their way.
@@ -377,13 +466,15 @@ impl Upload {
 
     /// Starts checking a packed chunk against its hash, then sealing and
     /// storing it unless `known` says the repository holds it; waits first
-    /// while [`STORE_IN_FLIGHT`] chunks are on their way.
+    /// while [`STORE_IN_FLIGHT`] chunks are on their way. Its entry, and
+    /// the sealed bytes stored new.
     async fn store(
         &mut self,
         id: ChunkId,
         packed: PackedChunk,
         known: Option<StoredChunk>,
-    ) -> Result<ManifestChunk, Status> {
+        position: Option<u64>,
+    ) -> Result<(ManifestChunk, u64), Status> {
         while self.in_flight.len() >= STORE_IN_FLIGHT {
             self.reap_one().await?;
         }
@@ -428,7 +519,7 @@ impl Upload {
             .await
             .map_err(|e| internal_status(&format!("chunk check: {e}")))??;
             let Some(sealed) = sealed else {
-                return Ok(());
+                return Ok(position);
             };
             let sealed_bytes = sealed.bytes.len() as u64;
             repository
@@ -439,8 +530,11 @@ impl Upload {
             catalog
                 .insert_chunk(&id.to_hex(), sealed_bytes, plaintext_bytes, now_ms())
                 .await?;
-            Ok(())
+            Ok(position)
         });
+        if let Some(position) = position {
+            self.pending.insert(position);
+        }
         if store {
             self.stats.new_stored_bytes += stored.sealed_bytes;
             self.stats.new_chunk_count += 1;
@@ -453,18 +547,24 @@ impl Upload {
                 plaintext_bytes,
             },
         );
-        Ok(ManifestChunk {
-            id,
-            hash: Some(hash),
-            plaintext_bytes,
-            sealed_bytes: stored.sealed_bytes,
-        })
+        Ok((
+            ManifestChunk {
+                id,
+                hash: Some(hash),
+                plaintext_bytes,
+                sealed_bytes: stored.sealed_bytes,
+            },
+            if store { stored.sealed_bytes } else { 0 },
+        ))
     }
 
     /// Waits for the next chunk in flight to be stored (or fail).
     async fn reap_one(&mut self) -> Result<(), Status> {
         if let Some(joined) = self.in_flight.join_next().await {
-            joined.map_err(|e| internal_status(&format!("chunk store: {e}")))??;
+            let position = joined.map_err(|e| internal_status(&format!("chunk store: {e}")))??;
+            if let Some(position) = position {
+                self.pending.remove(&position);
+            }
         }
         Ok(())
     }
@@ -483,8 +583,14 @@ impl Upload {
             let result = joined
                 .map_err(|error| internal_status(&format!("chunk store: {error}")))
                 .and_then(|stored| stored);
-            if let Err(status) = result {
-                first_error.get_or_insert(status);
+            match result {
+                Ok(Some(position)) => {
+                    self.pending.remove(&position);
+                }
+                Ok(None) => {}
+                Err(status) => {
+                    first_error.get_or_insert(status);
+                }
             }
         }
         match first_error {

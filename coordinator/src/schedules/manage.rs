@@ -120,6 +120,13 @@ impl ScheduleRequest {
         };
         let kind = match (self.kind.as_str(), &self.drill_agent) {
             ("" | "backup", None) => "backup",
+            ("drill", Some(_)) if !self.selector.is_empty() => {
+                return Err(invalid(
+                    "--kind drill takes --agent, not --selector: a drill runs a backup's SQL on \
+                     the drill agent, so whose backups are drilled is named, not chosen by labels \
+                     the agents report themselves",
+                ));
+            }
             ("drill", Some(_)) => "drill",
             ("drill", None) => return Err(invalid("--kind drill needs --drill-agent NAME")),
             ("" | "backup", Some(_)) => {

@@ -226,11 +226,13 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         term,
         wake: Arc::new(Notify::new()),
     });
-    let orphans = jobs.recover_orphans().await?;
-    if orphans > 0 {
-        tracing::warn!(
-            orphans,
-            "attempts left running by the previous coordinator failed (retried where their jobs allow)"
+    // Jobs left running go on: their agents re-attach them when they
+    // reconnect, or they fail after jobs.reattach_timeout.
+    let detached = jobs.detach_all().await?;
+    if detached > 0 {
+        tracing::info!(
+            detached,
+            "jobs left running wait for their agents to reconnect"
         );
     }
     tasks.spawn(jobs.clone().run(shutdown.child_token()));
