@@ -14,30 +14,56 @@
 //!
 //! # Daylight saving time
 //!
-//! The classic cron rule: a fire in the skipped hour runs at the jump, a
-//! fire in the repeated hour runs once. Precisely, fires are wall-clock
-//! times in the schedule's zone, and each becomes an instant thus:
-//! - a wall-clock time that does not exist (spring forward) fires at the
-//!   first instant after the gap, the jump; several such times, or such a
-//!   time and the first wall-clock time after the gap, are one fire;
-//! - a wall-clock time that occurs twice (fall back) fires once, at its
-//!   first occurrence. So `0 * * * *` in Europe/Berlin on 2026-10-25 fires
-//!   at 02:00 CEST and next at 03:00 CET, two hours later.
+//! Fires are wall-clock times in the schedule's zone. Where the zone's
+//! offset changes, they follow ISC cron 4.1 (Vixie cron; `cron.c`, the
+//! `timeRunning`/`virtualTime` loop of `main` and `find_jobs(vtime, db,
+//! doWild, doNonWild)`, `entry.c` `load_entry`, github.com/vixie/cron
+//! since commit bd04834 "handle clock jumps", 2003). That cron tells two
+//! kinds of job apart:
+//! - a *wildcard* job has a minute or an hour field whose first character
+//!   is `*` (the `MIN_STAR` and `HR_STAR` flags), or is `@hourly`:
+//!   `0 * * * *`, `*/5 * * * *`, `15 * * * *`, `* 2 * * *`,
+//!   `30 */2 * * *`;
+//! - every other job is *fixed-time*, lists and ranges included:
+//!   `30 2 * * *`, `0,30 2 * * *`, `0 1-5 * * *`, `0-59 2 * * *`,
+//!   `@daily`.
 //!
-//! `croner` 4 searching in a `DateTime<Tz>` does this for fixed-time
-//! patterns (one minute of one hour) only. For all others it follows the
-//! real clock instead (tested): `0 * * * *` fires at both 02:00 CEST and
-//! 02:00 CET, and `15 * * * *` does not fire at the jump at all. So
+//! It then sorts the step its wall clock takes at a change, in minutes
+//! (`timeDiff`, one when nothing happened), into four cases:
+//! - a skip of 5 to 179 minutes (DST begins, "medium"): wildcard jobs run
+//!   on the real clock, so a wildcard time in the skipped span does not
+//!   fire at all, while every fixed-time time in it fires at the jump (the
+//!   first instant after the gap): `30 2 * * *` in Europe/Berlin on
+//!   2026-03-29 fires at 03:00 CEST, `15 * * * *` fires at 01:15 CET and
+//!   next at 03:15 CEST, and `*/5` has no burst at the jump;
+//! - a repeat of up to 181 minutes (DST ends, "negative"): the first pass
+//!   runs every job, the second pass only wildcard jobs, so a fixed-time
+//!   time in the repeated span fires once, at its first occurrence, and a
+//!   wildcard one at both: `30 2 * * *` on 2026-10-25 fires at 02:30 CEST
+//!   only, `0 * * * *` at 02:00 CEST and again at 02:00 CET, an hour
+//!   later;
+//! - a skip of under 5 minutes ("small", a late wake-up to cron): every
+//!   time in it fires at the jump;
+//! - a skip of 180 minutes or more, or a repeat of 182 or more ("large",
+//!   taken for a clock set by hand): nothing in a skipped span fires, and
+//!   a repeated span fires twice, for every job.
+//!
+//! Where ISC cron would start a job once for each of several times that
+//! land on the same jump (`0,30 2 * * *`, or `30 2 * * *` together with
+//! its 03:00 CEST), a fire here is an instant, so they are one fire.
+//!
 //! `croner` searches here in naive wall-clock time, where no time is
-//! skipped or repeated, and [`CronSchedule`] maps each match to an instant
-//! itself.
+//! skipped or repeated, and [`CronSchedule`] maps each match to its
+//! instants by the rule above itself (`croner` 4 searching in a
+//! `DateTime<Tz>` has a rule of its own, by its own notion of a fixed
+//! time).
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{
-    DateTime, Datelike, LocalResult, NaiveDate, NaiveDateTime, SubsecRound, TimeDelta, TimeZone,
-    Utc,
+    DateTime, Datelike, LocalResult, NaiveDate, NaiveDateTime, Offset, SubsecRound, TimeDelta,
+    TimeZone, Utc,
 };
 use chrono_tz::Tz;
 use croner::Cron;
@@ -60,8 +86,23 @@ pub const MISSED_CAP: usize = 100;
 /// any zone has skipped.
 const GAP_MINUTES_MAX: i64 = 24 * 60 + 1;
 
+/// ISC cron's bounds on its wall clock's step, `timeDiff` in `cron.c`, as
+/// the minutes a change skips or repeats: a skip of fewer minutes than
+/// this is "small" (every job catches up at the jump)...
+const SMALL_SKIP_MINUTES: i64 = 5;
+/// ...a skip of at least this many is "large" (`timeDiff > 3*MINUTE_COUNT`:
+/// nothing skipped fires)...
+const LARGE_SKIP_MINUTES: i64 = 180;
+/// ...and so is a repeat of at least this many (`timeDiff <
+/// -(3*MINUTE_COUNT)`: every job fires on both passes).
+const LARGE_REPEAT_MINUTES: i64 = 182;
+
 /// How many fires [`CronSchedule::interval_hint`] looks at.
 const INTERVAL_HINT_FIRES: usize = 10;
+
+/// Years from 1970 in which every date falls on every weekday (see
+/// [`matches_a_date`]).
+const CALENDAR_CYCLE_YEARS: i32 = 28;
 
 const CRON_FIELDS: [&str; 5] = ["minute", "hour", "day-of-month", "month", "day-of-week"];
 
@@ -73,6 +114,9 @@ const CRON_FORM: &str =
 pub struct CronSchedule {
     cron: Cron,
     zone: Tz,
+    /// ISC cron's wildcard job (see the module doc): its times run on the
+    /// real clock at a DST change.
+    wildcard: bool,
     expression: String,
     timezone: String,
 }
@@ -81,6 +125,9 @@ impl CronSchedule {
     /// Parses a 5-field cron expression (`--cron`) and an IANA time zone
     /// name (`--timezone`). Errors name the flag and the fix. An
     /// expression that matches no date at all (`0 0 30 2 *`) is refused.
+    /// Cheap enough to call at every evaluation tick: the date check
+    /// visits only the months the pattern allows, and for an ordinary
+    /// pattern stops at its first day.
     pub fn parse(expression: &str, timezone: &str) -> Result<Self> {
         let zone = Tz::from_str(timezone).map_err(|_| {
             CoordinatorError::InvalidArgument(format!(
@@ -136,23 +183,7 @@ impl CronSchedule {
                 "--cron {expression:?}: {found}; {CRON_FORM}"
             ))
         })?;
-        // Without a year field a pattern that matches no date in 28 years
-        // matches none ever, like the 30th of February: from 1970 on, 28
-        // years hold every date on every weekday, leap days included (2000
-        // is a leap year, so no century year breaks the cycle). Checked day
-        // by day, because a search for the next fire of such a pattern only
-        // gives up in the year 5000.
-        let since_1970 = NaiveDate::default().iter_days();
-        let matches_a_date = since_1970.take(28 * 366).any(|date| {
-            let weekday =
-                croner::Weekday::from_days_from_sunday(date.weekday().num_days_from_sunday());
-            cron.pattern.month_match(date.month()).unwrap_or(false)
-                && cron
-                    .pattern
-                    .day_match(date.year(), date.month(), date.day(), weekday)
-                    .unwrap_or(false)
-        });
-        if !matches_a_date {
+        if !matches_a_date(&cron) {
             return Err(CoordinatorError::InvalidArgument(format!(
                 "--cron {expression:?}: matches no date; check the day-of-month, month \
                  and day-of-week fields"
@@ -161,6 +192,7 @@ impl CronSchedule {
         Ok(CronSchedule {
             cron,
             zone,
+            wildcard: is_wildcard(expression),
             expression: expression.to_string(),
             timezone: timezone.to_string(),
         })
@@ -225,10 +257,25 @@ impl CronSchedule {
 
     /// Fire instants strictly after `after`, in order, without repeats.
     fn fires_after(&self, after: DateTime<Utc>) -> Fires<'_> {
+        let wall = self.wall_clock(after);
+        // Starting in the first pass of a repeated span whose times fire
+        // on the second pass too, that second pass is still ahead, even if
+        // no time of the first pass is.
+        let pass = match self.zone.from_local_datetime(&wall) {
+            LocalResult::Ambiguous(first, second) => self
+                .repeat_of(first.with_timezone(&Utc), second.with_timezone(&Utc))
+                .filter(|repeat| repeat.fires_twice && after < repeat.change)
+                .map_or(Pass::Normal, |repeat| Pass::First {
+                    start: repeat.start,
+                    end: repeat.end,
+                }),
+            _ => Pass::Normal,
+        };
         Fires {
             schedule: self,
             after,
-            wall: self.wall_clock(after),
+            wall,
+            pass,
             last: None,
         }
     }
@@ -242,23 +289,64 @@ impl CronSchedule {
             .trunc_subsecs(0)
     }
 
-    /// The instant a wall-clock fire time runs at, and the wall-clock time
-    /// the search for the next fire continues after. `None` only for a gap
-    /// longer than any real zone has.
-    fn instant_of(&self, wall: NaiveDateTime) -> Option<(DateTime<Utc>, NaiveDateTime)> {
-        match self.zone.from_local_datetime(&wall) {
-            LocalResult::Single(instant) => Some((instant.with_timezone(&Utc), wall)),
-            // Fall back: the first occurrence. The search goes on from this
-            // wall-clock time, so the second occurrence is never visited.
-            LocalResult::Ambiguous(first, _) => Some((first.with_timezone(&Utc), wall)),
-            LocalResult::None => {
-                let (gap_end, jump) = self.end_of_gap(wall)?;
-                // Every fire time left in the gap runs at the same jump;
-                // continue from just before the gap's end, so a fire at
-                // the end itself is still found (and merged with this one).
-                Some((jump, gap_end - TimeDelta::seconds(1)))
+    /// The zone's offset from UTC at `instant`, in seconds.
+    fn offset_seconds(&self, instant: DateTime<Utc>) -> i64 {
+        i64::from(
+            self.zone
+                .offset_from_utc_datetime(&instant.naive_utc())
+                .fix()
+                .local_minus_utc(),
+        )
+    }
+
+    /// The span of wall-clock time repeated by the change between the two
+    /// instants of one repeated wall-clock time, and whether this
+    /// schedule's times in it fire on both passes (ISC cron: a wildcard
+    /// job, or any job when the repeat is large). `None` if the offsets
+    /// do not say a clock went back (not for any real zone).
+    fn repeat_of(&self, first: DateTime<Utc>, second: DateTime<Utc>) -> Option<Repeat> {
+        let before = self.offset_seconds(first);
+        let after = self.offset_seconds(second);
+        let repeated = before - after;
+        if repeated <= 0 {
+            return None;
+        }
+        // The change is in (first, second]; find its second.
+        let (mut old, mut new) = (first, second);
+        while new - old > TimeDelta::seconds(1) {
+            let middle = old + (new - old) / 2;
+            if self.offset_seconds(middle) == before {
+                old = middle;
+            } else {
+                new = middle;
             }
         }
+        let start = self.wall_clock(new);
+        Some(Repeat {
+            change: new,
+            start,
+            end: start + TimeDelta::seconds(repeated),
+            fires_twice: self.wildcard || repeated / 60 >= LARGE_REPEAT_MINUTES,
+        })
+    }
+
+    /// Where a wall-clock time skipped by a change fires: at the jump, or
+    /// (`None`) not at all, by ISC cron's rule; and the wall-clock time the
+    /// search for the next fire continues after, just before the gap's
+    /// end, so a fire at the end itself is still found (and merged with
+    /// the jump). `None` also for a gap longer than any zone has.
+    fn skipped(&self, in_gap: NaiveDateTime) -> Option<(Option<DateTime<Utc>>, NaiveDateTime)> {
+        let (gap_end, jump) = self.end_of_gap(in_gap)?;
+        let skipped_minutes =
+            (self.offset_seconds(jump) - self.offset_seconds(jump - TimeDelta::seconds(1))) / 60;
+        let fires = if skipped_minutes < SMALL_SKIP_MINUTES {
+            true
+        } else if skipped_minutes < LARGE_SKIP_MINUTES {
+            !self.wildcard
+        } else {
+            false
+        };
+        Some((fires.then_some(jump), gap_end - TimeDelta::seconds(1)))
     }
 
     /// For a wall-clock time in a spring-forward gap: the first wall-clock
@@ -292,6 +380,61 @@ impl CronSchedule {
         }
         Some((end, jump.with_timezone(&Utc)))
     }
+}
+
+/// Whether an expression is ISC cron's wildcard job: its minute or hour
+/// field begins with `*` (`entry.c` sets `MIN_STAR`/`HR_STAR` from the
+/// field's first character, before parsing it), or it is `@hourly` (which
+/// sets `HR_STAR`); the other nicknames are fixed-time.
+fn is_wildcard(expression: &str) -> bool {
+    let mut fields = expression.split_whitespace();
+    match fields.next() {
+        Some(nickname) if nickname.starts_with('@') => nickname.eq_ignore_ascii_case("@hourly"),
+        Some(minute) => {
+            minute.starts_with('*') || fields.next().is_some_and(|hour| hour.starts_with('*'))
+        }
+        None => false,
+    }
+}
+
+/// Whether a pattern matches any date. Without a year field a pattern that
+/// matches no date in 28 years matches none ever, like the 30th of
+/// February: from 1970 on, 28 years hold every date on every weekday, leap
+/// days included (2000 is a leap year, so no century year breaks the
+/// cycle). Checked here because a search for the next fire of such a
+/// pattern only gives up in the year 5000. Months the pattern excludes are
+/// passed over whole, so `0 0 30 2 *` costs 28 Februaries, and an ordinary
+/// pattern stops at its first matching day.
+fn matches_a_date(cron: &Cron) -> bool {
+    let months = (1970..1970 + CALENDAR_CYCLE_YEARS)
+        .flat_map(|year| (1..=12).map(move |month| (year, month)))
+        .filter(|&(_, month)| cron.pattern.month_match(month).unwrap_or(false));
+    months
+        .filter_map(|(year, month)| NaiveDate::from_ymd_opt(year, month, 1))
+        .any(|first| {
+            first
+                .iter_days()
+                .take_while(|date| date.month() == first.month())
+                .any(|date| {
+                    let weekday = croner::Weekday::from_days_from_sunday(
+                        date.weekday().num_days_from_sunday(),
+                    );
+                    cron.pattern
+                        .day_match(date.year(), date.month(), date.day(), weekday)
+                        .unwrap_or(false)
+                })
+        })
+}
+
+/// A span of wall-clock time that a change of offset repeats.
+struct Repeat {
+    /// The change: the first instant of the second pass.
+    change: DateTime<Utc>,
+    /// The span, `[start, end)` in wall-clock time.
+    start: NaiveDateTime,
+    end: NaiveDateTime,
+    /// Whether this schedule's times in the span fire on the second pass.
+    fires_twice: bool,
 }
 
 /// A stable start offset in `[0, spread)` for one target of one schedule,
@@ -376,14 +519,33 @@ pub fn due_fires(
     due
 }
 
+/// Where a [`Fires`] search is relative to a repeated span whose times
+/// fire on both passes.
+#[derive(Debug, Clone, Copy)]
+enum Pass {
+    /// Not in such a span: each wall-clock time is its (first) instant.
+    Normal,
+    /// In the first pass of `[start, end)`: when the search leaves it, it
+    /// goes back to `start` for the second pass.
+    First {
+        start: NaiveDateTime,
+        end: NaiveDateTime,
+    },
+    /// In the second pass: times before `end` are their second instant.
+    Second { end: NaiveDateTime },
+}
+
 /// Fire instants after a starting instant, in order, without repeats (a
-/// gap's fire times share one instant).
+/// gap's fire times share one instant). Wall-clock order is instant order
+/// except in a repeated span, whose first pass is all earlier than its
+/// second: such a span is searched twice.
 struct Fires<'a> {
     schedule: &'a CronSchedule,
     /// Only fires strictly after this are yielded.
     after: DateTime<Utc>,
     /// The search continues strictly after this wall-clock time.
     wall: NaiveDateTime,
+    pass: Pass,
     last: Option<DateTime<Utc>>,
 }
 
@@ -391,22 +553,59 @@ impl Iterator for Fires<'_> {
     type Item = DateTime<Utc>;
 
     fn next(&mut self) -> Option<DateTime<Utc>> {
+        let schedule = self.schedule;
         loop {
             // An error means no match before the year 5000.
-            let wall = self
-                .schedule
-                .cron
-                .find_next_occurrence(&self.wall, false)
-                .ok()?;
-            let Some((instant, resume)) = self.schedule.instant_of(wall) else {
-                self.wall = wall;
+            let found = schedule.cron.find_next_occurrence(&self.wall, false).ok();
+            if let Pass::First { start, end } = self.pass
+                && found.is_none_or(|wall| wall >= end)
+            {
+                self.pass = Pass::Second { end };
+                self.wall = start - TimeDelta::seconds(1);
                 continue;
+            }
+            let wall = found?;
+            let instant = match (self.pass, schedule.zone.from_local_datetime(&wall)) {
+                (Pass::Second { end }, LocalResult::Ambiguous(_, second)) if wall < end => {
+                    self.wall = wall;
+                    second.with_timezone(&Utc)
+                }
+                (_, LocalResult::Single(instant)) => {
+                    self.pass = Pass::Normal;
+                    self.wall = wall;
+                    instant.with_timezone(&Utc)
+                }
+                (_, LocalResult::Ambiguous(first, second)) => {
+                    let first = first.with_timezone(&Utc);
+                    self.wall = wall;
+                    self.pass = match schedule.repeat_of(first, second.with_timezone(&Utc)) {
+                        Some(repeat) if repeat.fires_twice => Pass::First {
+                            start: repeat.start,
+                            end: repeat.end,
+                        },
+                        _ => Pass::Normal,
+                    };
+                    first
+                }
+                (_, LocalResult::None) => {
+                    self.pass = Pass::Normal;
+                    let Some((jump, resume)) = schedule.skipped(wall) else {
+                        self.wall = wall;
+                        continue;
+                    };
+                    // The rest of the gap fires at the same jump, or not
+                    // at all: the search goes on from its end.
+                    self.wall = resume;
+                    let Some(jump) = jump else {
+                        continue;
+                    };
+                    jump
+                }
             };
-            self.wall = resume;
-            // Instants never go backwards in wall-clock order, so what is
-            // skipped here is a gap's fire already yielded or, for a start
-            // in the second pass of a repeated hour, that hour's wall-clock
-            // times, which fired on the first pass.
+            // Instants never go backwards in this order, so what is
+            // skipped here is a gap's fire already yielded or a time at or
+            // before the start (in a repeated span, a pass the start is
+            // past).
             if instant <= self.after || Some(instant) == self.last {
                 continue;
             }
@@ -461,9 +660,40 @@ mod tests {
 
     // Europe/Berlin in 2026: 2026-03-29 02:00 CET (01:00Z) jumps to 03:00
     // CEST; 2026-10-25 03:00 CEST (01:00Z) goes back to 02:00 CET.
+    // America/New_York in 2026: 2026-03-08 02:00 EST (07:00Z) jumps to
+    // 03:00 EDT; 2026-11-01 02:00 EDT (06:00Z) goes back to 01:00 EST.
 
     #[test]
-    fn a_fire_in_the_skipped_hour_runs_at_the_jump() {
+    fn wildcard_jobs_are_told_apart_by_the_first_character_of_minute_and_hour() {
+        for (expression, wildcard) in [
+            ("0 * * * *", true),
+            ("*/5 * * * *", true),
+            ("15 * * * *", true),
+            ("* 2 * * *", true),
+            ("30 */2 * * *", true),
+            ("* * * * *", true),
+            ("@hourly", true),
+            ("@HOURLY", true),
+            ("30 2 * * *", false),
+            ("0,30 2 * * *", false),
+            ("0 1-5 * * *", false),
+            // Every minute, but ISC cron looks at the first character.
+            ("0-59 2 * * *", false),
+            ("0 3 * * *", false),
+            ("@daily", false),
+            ("@weekly", false),
+            ("@yearly", false),
+        ] {
+            assert_eq!(
+                schedule(expression, "UTC").wildcard,
+                wildcard,
+                "{expression}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_fixed_time_fire_in_the_skipped_hour_runs_at_the_jump() {
         check(&[
             Case {
                 expression: "30 2 * * *",
@@ -491,8 +721,58 @@ mod tests {
                 ],
             },
             Case {
-                // 02:00 and 02:30 are skipped: both run at the jump, which
-                // is also 03:00's fire, so one fire.
+                // A list is fixed-time: 02:00 and 02:30 both run at the
+                // jump, one fire.
+                expression: "0,30 2 * * *",
+                timezone: "Europe/Berlin",
+                after: "2026-03-28T12:00:00Z",
+                until: "2026-03-30T12:00:00Z",
+                fires: &[
+                    "2026-03-29T01:00:00Z",
+                    "2026-03-30T00:00:00Z",
+                    "2026-03-30T00:30:00Z",
+                ],
+            },
+            Case {
+                // So is a range: 02:30 runs at the jump, 03:30 CEST half
+                // an hour later.
+                expression: "30 2-3 * * *",
+                timezone: "Europe/Berlin",
+                after: "2026-03-28T12:00:00Z",
+                until: "2026-03-29T12:00:00Z",
+                fires: &["2026-03-29T01:00:00Z", "2026-03-29T01:30:00Z"],
+            },
+            Case {
+                expression: "30 2 * * *",
+                timezone: "America/New_York",
+                after: "2026-03-06T12:00:00Z",
+                until: "2026-03-09T12:00:00Z",
+                fires: &[
+                    "2026-03-07T07:30:00Z",
+                    "2026-03-08T07:00:00Z",
+                    "2026-03-09T06:30:00Z",
+                ],
+            },
+        ]);
+    }
+
+    #[test]
+    fn a_wildcard_fire_in_the_skipped_hour_does_not_run() {
+        check(&[
+            Case {
+                // 01:00 CET, 03:00 CEST, 04:00 CEST: every real hour.
+                expression: "0 * * * *",
+                timezone: "Europe/Berlin",
+                after: "2026-03-28T23:30:00Z",
+                until: "2026-03-29T02:30:00Z",
+                fires: &[
+                    "2026-03-29T00:00:00Z",
+                    "2026-03-29T01:00:00Z",
+                    "2026-03-29T02:00:00Z",
+                ],
+            },
+            Case {
+                // 01:30 CET, then 03:00 CEST: no burst at the jump.
                 expression: "*/30 * * * *",
                 timezone: "Europe/Berlin",
                 after: "2026-03-28T23:45:00Z",
@@ -505,59 +785,46 @@ mod tests {
                 ],
             },
             Case {
-                // 02:15 does not exist and runs at the jump (03:00 CEST),
-                // a quarter of an hour before 03:15 CEST. (croner alone
-                // would skip it.)
+                // 01:15 CET, then 03:15 CEST: 02:15 does not exist and
+                // does not run.
                 expression: "15 * * * *",
                 timezone: "Europe/Berlin",
                 after: "2026-03-28T23:30:00Z",
-                until: "2026-03-29T01:30:00Z",
+                until: "2026-03-29T02:30:00Z",
                 fires: &[
                     "2026-03-29T00:15:00Z",
-                    "2026-03-29T01:00:00Z",
                     "2026-03-29T01:15:00Z",
+                    "2026-03-29T02:15:00Z",
                 ],
             },
             Case {
-                // Every skipped minute runs at the jump: one fire.
+                // A `*` minute makes a wildcard job: no fire that day.
                 expression: "* 2 * * *",
                 timezone: "Europe/Berlin",
-                after: "2026-03-29T00:00:00Z",
-                until: "2026-03-29T23:59:59Z",
-                fires: &["2026-03-29T01:00:00Z"],
+                after: "2026-03-28T23:00:00Z",
+                until: "2026-03-30T00:00:30Z",
+                fires: &["2026-03-30T00:00:00Z"],
             },
             Case {
-                // America/New_York: 2026-03-08 02:00 EST (07:00Z) jumps to
-                // 03:00 EDT.
-                expression: "30 2 * * *",
+                expression: "@hourly",
+                timezone: "Europe/Berlin",
+                after: "2026-03-29T00:30:00Z",
+                until: "2026-03-29T02:00:00Z",
+                fires: &["2026-03-29T01:00:00Z", "2026-03-29T02:00:00Z"],
+            },
+            Case {
+                // 01:15 EST, then 03:15 EDT.
+                expression: "15 * * * *",
                 timezone: "America/New_York",
-                after: "2026-03-06T12:00:00Z",
-                until: "2026-03-09T12:00:00Z",
-                fires: &[
-                    "2026-03-07T07:30:00Z",
-                    "2026-03-08T07:00:00Z",
-                    "2026-03-09T06:30:00Z",
-                ],
-            },
-            Case {
-                // Pacific/Apia skipped all of 2011-12-30 (UTC-10 to
-                // UTC+14): that day's noon runs at the jump, 00:00 on the
-                // 31st.
-                expression: "0 12 * * *",
-                timezone: "Pacific/Apia",
-                after: "2011-12-29T12:00:00Z",
-                until: "2011-12-31T12:00:00Z",
-                fires: &[
-                    "2011-12-29T22:00:00Z",
-                    "2011-12-30T10:00:00Z",
-                    "2011-12-30T22:00:00Z",
-                ],
+                after: "2026-03-08T06:00:00Z",
+                until: "2026-03-08T08:00:00Z",
+                fires: &["2026-03-08T06:15:00Z", "2026-03-08T07:15:00Z"],
             },
         ]);
     }
 
     #[test]
-    fn a_fire_in_the_repeated_hour_runs_once_at_its_first_occurrence() {
+    fn a_fixed_time_fire_in_the_repeated_hour_runs_once_at_its_first_occurrence() {
         check(&[
             Case {
                 expression: "30 2 * * *",
@@ -584,36 +851,14 @@ mod tests {
                 ],
             },
             Case {
-                // 02:00 and 02:30 CEST run; the repeated 02:00 and 02:30
-                // CET (01:00Z, 01:30Z) do not.
-                expression: "*/30 * * * *",
+                expression: "0,30 2 * * *",
                 timezone: "Europe/Berlin",
-                after: "2026-10-24T23:45:00Z",
-                until: "2026-10-25T02:45:00Z",
-                fires: &[
-                    "2026-10-25T00:00:00Z",
-                    "2026-10-25T00:30:00Z",
-                    "2026-10-25T02:00:00Z",
-                    "2026-10-25T02:30:00Z",
-                ],
+                after: "2026-10-24T12:00:00Z",
+                until: "2026-10-25T12:00:00Z",
+                fires: &["2026-10-25T00:00:00Z", "2026-10-25T00:30:00Z"],
             },
             Case {
-                // Hourly: 01:00 CEST, 02:00 CEST, then 03:00 CET two hours
-                // later; the repeated 02:00 runs once.
-                expression: "0 * * * *",
-                timezone: "Europe/Berlin",
-                after: "2026-10-24T22:30:00Z",
-                until: "2026-10-25T03:30:00Z",
-                fires: &[
-                    "2026-10-24T23:00:00Z",
-                    "2026-10-25T00:00:00Z",
-                    "2026-10-25T02:00:00Z",
-                    "2026-10-25T03:00:00Z",
-                ],
-            },
-            Case {
-                // America/New_York: 2026-11-01 02:00 EDT (06:00Z) goes back
-                // to 01:00 EST; 01:30 runs at 01:30 EDT only.
+                // 01:30 runs at 01:30 EDT only.
                 expression: "30 1 * * *",
                 timezone: "America/New_York",
                 after: "2026-10-31T00:00:00Z",
@@ -622,6 +867,129 @@ mod tests {
                     "2026-10-31T05:30:00Z",
                     "2026-11-01T05:30:00Z",
                     "2026-11-02T06:30:00Z",
+                ],
+            },
+        ]);
+    }
+
+    #[test]
+    fn a_wildcard_fire_in_the_repeated_hour_runs_on_both_passes() {
+        check(&[
+            Case {
+                // 01:00 CEST, 02:00 CEST, 02:00 CET, 03:00 CET: every real
+                // hour.
+                expression: "0 * * * *",
+                timezone: "Europe/Berlin",
+                after: "2026-10-24T22:30:00Z",
+                until: "2026-10-25T02:30:00Z",
+                fires: &[
+                    "2026-10-24T23:00:00Z",
+                    "2026-10-25T00:00:00Z",
+                    "2026-10-25T01:00:00Z",
+                    "2026-10-25T02:00:00Z",
+                ],
+            },
+            Case {
+                expression: "*/30 * * * *",
+                timezone: "Europe/Berlin",
+                after: "2026-10-24T23:45:00Z",
+                until: "2026-10-25T02:45:00Z",
+                fires: &[
+                    "2026-10-25T00:00:00Z",
+                    "2026-10-25T00:30:00Z",
+                    "2026-10-25T01:00:00Z",
+                    "2026-10-25T01:30:00Z",
+                    "2026-10-25T02:00:00Z",
+                    "2026-10-25T02:30:00Z",
+                ],
+            },
+            Case {
+                // 02:15 CEST, 02:15 CET, 03:15 CET.
+                expression: "15 * * * *",
+                timezone: "Europe/Berlin",
+                after: "2026-10-24T23:30:00Z",
+                until: "2026-10-25T02:30:00Z",
+                fires: &[
+                    "2026-10-25T00:15:00Z",
+                    "2026-10-25T01:15:00Z",
+                    "2026-10-25T02:15:00Z",
+                ],
+            },
+            Case {
+                // 01:00 EDT, 01:00 EST, 02:00 EST.
+                expression: "0 * * * *",
+                timezone: "America/New_York",
+                after: "2026-11-01T04:30:00Z",
+                until: "2026-11-01T07:30:00Z",
+                fires: &[
+                    "2026-11-01T05:00:00Z",
+                    "2026-11-01T06:00:00Z",
+                    "2026-11-01T07:00:00Z",
+                ],
+            },
+        ]);
+        // Every minute of the repeated hour, on both passes.
+        let both_passes = schedule("* 2 * * *", "Europe/Berlin").fires_between(
+            at("2026-10-24T12:00:00Z"),
+            at("2026-10-25T12:00:00Z"),
+            1000,
+        );
+        assert_eq!(both_passes.len(), 120);
+        assert_eq!(both_passes.first(), Some(&at("2026-10-25T00:00:00Z")));
+        assert_eq!(both_passes.last(), Some(&at("2026-10-25T01:59:00Z")));
+        assert!(both_passes.windows(2).all(|pair| pair[0] < pair[1]));
+    }
+
+    #[test]
+    fn a_skip_of_under_five_minutes_fires_every_job_at_the_jump() {
+        // Asia/Yerevan left local mean time (+02:58) for +03:00 at the
+        // start of 1924-05-02: 00:00 and 00:01 were skipped. To ISC cron
+        // that is a late wake-up, so even a wildcard job catches up.
+        check(&[
+            Case {
+                expression: "0 * * * *",
+                timezone: "Asia/Yerevan",
+                after: "1924-05-01T20:30:00Z",
+                until: "1924-05-01T22:00:00Z",
+                fires: &["1924-05-01T21:02:00Z", "1924-05-01T22:00:00Z"],
+            },
+            Case {
+                expression: "0 0 * * *",
+                timezone: "Asia/Yerevan",
+                after: "1924-05-01T20:30:00Z",
+                until: "1924-05-01T22:00:00Z",
+                fires: &["1924-05-01T21:02:00Z"],
+            },
+        ]);
+    }
+
+    #[test]
+    fn a_change_of_three_hours_or_more_is_a_clock_set_by_hand() {
+        check(&[
+            Case {
+                // Pacific/Apia skipped all of 2011-12-30 (UTC-10 to
+                // UTC+14): a large skip, so that day's noon does not run,
+                // though the job is fixed-time.
+                expression: "0 12 * * *",
+                timezone: "Pacific/Apia",
+                after: "2011-12-29T12:00:00Z",
+                until: "2011-12-31T12:00:00Z",
+                fires: &["2011-12-29T22:00:00Z", "2011-12-30T22:00:00Z"],
+            },
+            Case {
+                // America/Sitka went from Russian to American time on
+                // 1867-10-19 at 15:30 local mean time (+14:58:47 to
+                // -09:01:13): a day repeated, so even a fixed-time job
+                // runs on both passes.
+                expression: "0 12 * * *",
+                timezone: "America/Sitka",
+                after: "1867-10-17T00:00:00Z",
+                until: "1867-10-21T00:00:00Z",
+                fires: &[
+                    "1867-10-17T21:01:13Z",
+                    "1867-10-18T21:01:13Z",
+                    "1867-10-19T21:01:13Z",
+                    "1867-10-20T21:01:13Z",
                 ],
             },
         ]);
@@ -731,27 +1099,49 @@ mod tests {
                     "2026-03-29T02:30:00Z",
                 ],
             ),
-            // From inside the gap's merged fires (02:15 ran at the jump).
+            // From just before the jump: the skipped 02:15 does not run.
             (
                 "15 * * * *",
                 "Europe/Berlin",
                 "2026-03-29T00:59:00Z",
                 &[
-                    "2026-03-29T01:00:00Z",
                     "2026-03-29T01:15:00Z",
                     "2026-03-29T02:15:00Z",
+                    "2026-03-29T03:15:00Z",
                 ],
             ),
-            // From 02:10 CET, the second pass of the repeated hour: its
-            // wall-clock times ran on the first pass.
+            // From 02:10 CEST, the first pass of the repeated hour, with no
+            // fire left in it: the second pass is still ahead.
+            (
+                "0 * * * *",
+                "Europe/Berlin",
+                "2026-10-25T00:10:00Z",
+                &[
+                    "2026-10-25T01:00:00Z",
+                    "2026-10-25T02:00:00Z",
+                    "2026-10-25T03:00:00Z",
+                ],
+            ),
+            // From 02:10 CET, the second pass: its earlier times are past.
             (
                 "*/30 * * * *",
                 "Europe/Berlin",
                 "2026-10-25T01:10:00Z",
                 &[
+                    "2026-10-25T01:30:00Z",
                     "2026-10-25T02:00:00Z",
                     "2026-10-25T02:30:00Z",
-                    "2026-10-25T03:00:00Z",
+                ],
+            ),
+            // A fixed time from the second pass: it ran on the first.
+            (
+                "30 2 * * *",
+                "Europe/Berlin",
+                "2026-10-25T01:10:00Z",
+                &[
+                    "2026-10-26T01:30:00Z",
+                    "2026-10-27T01:30:00Z",
+                    "2026-10-28T01:30:00Z",
                 ],
             ),
             // Every four years, and not in 2100.
@@ -1093,14 +1483,25 @@ mod tests {
 
     #[test]
     fn consecutive_windows_see_every_fire_exactly_once() {
-        // Ticks at uneven steps across both 2026 changes in Berlin; each
-        // tick's window starts where the last one ended.
+        // Ticks at uneven steps across both 2026 changes in Berlin and New
+        // York; each tick's window starts where the last one ended.
         let steps = [7, 61, 1, 29, 180, 59, 3, 240];
-        for expression in ["*/30 * * * *", "30 2 * * *", "15 * * * *", "0 * * * *"] {
-            let schedule = schedule(expression, "Europe/Berlin");
+        for (expression, timezone) in [
+            ("*/30 * * * *", "Europe/Berlin"),
+            ("30 2 * * *", "Europe/Berlin"),
+            ("0,30 2 * * *", "Europe/Berlin"),
+            ("15 * * * *", "Europe/Berlin"),
+            ("0 * * * *", "Europe/Berlin"),
+            ("* 2 * * *", "Europe/Berlin"),
+            ("0 * * * *", "America/New_York"),
+            ("30 1 * * *", "America/New_York"),
+        ] {
+            let schedule = schedule(expression, timezone);
             for (start, end) in [
+                ("2026-03-06T00:00:00Z", "2026-03-10T00:00:00Z"),
                 ("2026-03-27T00:00:00Z", "2026-03-31T00:00:00Z"),
                 ("2026-10-23T00:00:00Z", "2026-10-27T00:00:00Z"),
+                ("2026-10-30T00:00:00Z", "2026-11-03T00:00:00Z"),
             ] {
                 let (start, end) = (at(start), at(end));
                 let mut seen = Vec::new();
@@ -1117,7 +1518,8 @@ mod tests {
                 }
                 let all = schedule.fires_between(start, end, usize::MAX);
                 assert!(!all.is_empty());
-                assert_eq!(seen, all, "{expression} from {start}");
+                assert!(all.windows(2).all(|pair| pair[0] < pair[1]));
+                assert_eq!(seen, all, "{expression} in {timezone} from {start}");
             }
         }
     }
