@@ -58,7 +58,9 @@
 //! `DateTime<Tz>` has a rule of its own, by its own notion of a fixed
 //! time).
 
+use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::{LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{
@@ -97,6 +99,14 @@ const LARGE_SKIP_MINUTES: i64 = 180;
 /// -(3*MINUTE_COUNT)`: every job fires on both passes).
 const LARGE_REPEAT_MINUTES: i64 = 182;
 
+/// Schedules already parsed, by expression and time zone as given (see
+/// [`CronSchedule::parse`]).
+static PARSED: LazyLock<Mutex<HashMap<(String, String), CronSchedule>>> =
+    LazyLock::new(Mutex::default);
+
+/// At most this many pairs are kept in [`PARSED`].
+const PARSED_MAX: usize = 4096;
+
 /// How many fires [`CronSchedule::interval_hint`] looks at.
 const INTERVAL_HINT_FIRES: usize = 10;
 
@@ -125,10 +135,36 @@ impl CronSchedule {
     /// Parses a 5-field cron expression (`--cron`) and an IANA time zone
     /// name (`--timezone`). Errors name the flag and the fix. An
     /// expression that matches no date at all (`0 0 30 2 *`) is refused.
-    /// Cheap enough to call at every evaluation tick: the date check
-    /// visits only the months the pattern allows, and for an ordinary
-    /// pattern stops at its first day.
+    ///
+    /// The engine parses every schedule at every evaluation tick, and
+    /// `croner`'s parse costs far more than a lookup (hundreds of
+    /// microseconds unoptimised), so a valid pair is parsed once per
+    /// process and then cloned from [`PARSED`]. Errors are not kept: they
+    /// come only from `schedule create`, not from the tick.
     pub fn parse(expression: &str, timezone: &str) -> Result<Self> {
+        let key = (expression.to_string(), timezone.to_string());
+        let cached = PARSED
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+            .cloned();
+        if let Some(schedule) = cached {
+            return Ok(schedule);
+        }
+        let schedule = Self::parse_uncached(expression, timezone)?;
+        let mut parsed = PARSED.lock().unwrap_or_else(PoisonError::into_inner);
+        if parsed.len() >= PARSED_MAX {
+            // More pairs than a fleet has schedules: start over rather
+            // than grow without bound.
+            parsed.clear();
+        }
+        parsed.insert(key, schedule.clone());
+        Ok(schedule)
+    }
+
+    fn parse_uncached(expression: &str, timezone: &str) -> Result<Self> {
+        #[cfg(test)]
+        tests::UNCACHED_PARSES.with(|count| count.set(count.get() + 1));
         let zone = Tz::from_str(timezone).map_err(|_| {
             CoordinatorError::InvalidArgument(format!(
                 "--timezone {timezone:?}: not an IANA time zone; \
@@ -406,24 +442,33 @@ fn is_wildcard(expression: &str) -> bool {
 /// passed over whole, so `0 0 30 2 *` costs 28 Februaries, and an ordinary
 /// pattern stops at its first matching day.
 fn matches_a_date(cron: &Cron) -> bool {
-    let months = (1970..1970 + CALENDAR_CYCLE_YEARS)
-        .flat_map(|year| (1..=12).map(move |month| (year, month)))
-        .filter(|&(_, month)| cron.pattern.month_match(month).unwrap_or(false));
-    months
-        .filter_map(|(year, month)| NaiveDate::from_ymd_opt(year, month, 1))
-        .any(|first| {
-            first
-                .iter_days()
-                .take_while(|date| date.month() == first.month())
-                .any(|date| {
-                    let weekday = croner::Weekday::from_days_from_sunday(
-                        date.weekday().num_days_from_sunday(),
-                    );
-                    cron.pattern
-                        .day_match(date.year(), date.month(), date.day(), weekday)
-                        .unwrap_or(false)
-                })
-        })
+    for year in 1970..1970 + CALENDAR_CYCLE_YEARS {
+        for month in 1..=12 {
+            if !cron.pattern.month_match(month).unwrap_or(false) {
+                continue;
+            }
+            let Some(first) = NaiveDate::from_ymd_opt(year, month, 1) else {
+                continue;
+            };
+            let mut weekday = first.weekday().num_days_from_sunday();
+            for date in first.iter_days().take_while(|date| date.month() == month) {
+                let matches = cron
+                    .pattern
+                    .day_match(
+                        year,
+                        month,
+                        date.day(),
+                        croner::Weekday::from_days_from_sunday(weekday),
+                    )
+                    .unwrap_or(false);
+                if matches {
+                    return true;
+                }
+                weekday = (weekday + 1) % 7;
+            }
+        }
+    }
+    false
 }
 
 /// A span of wall-clock time that a change of offset repeats.
@@ -617,7 +662,14 @@ impl Iterator for Fires<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+
     use super::*;
+
+    thread_local! {
+        /// Parses on this thread that missed [`PARSED`].
+        pub(super) static UNCACHED_PARSES: Cell<u64> = const { Cell::new(0) };
+    }
 
     fn at(rfc3339: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(rfc3339)
@@ -1338,6 +1390,57 @@ mod tests {
                  day-of-week, e.g. \"0 3 * * *\""
             ),
             other => panic!("@never: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_schedule_is_parsed_once_per_expression_and_zone() {
+        // An expression no other test uses, so no other thread has cached
+        // it first.
+        let expression = "17 4 * * 3";
+        let uncached = || UNCACHED_PARSES.with(Cell::get);
+        let before = uncached();
+        let berlin = schedule(expression, "Europe/Berlin");
+        assert_eq!(uncached(), before + 1);
+        for _ in 0..3 {
+            let again = schedule(expression, "Europe/Berlin");
+            assert_eq!(again.expression(), expression);
+            assert_eq!(again.timezone(), "Europe/Berlin");
+            assert_eq!(
+                again.next_fires(at("2026-01-01T00:00:00Z"), 2),
+                berlin.next_fires(at("2026-01-01T00:00:00Z"), 2)
+            );
+        }
+        assert_eq!(uncached(), before + 1);
+        // Another zone is another schedule.
+        let utc = schedule(expression, "UTC");
+        assert_eq!(uncached(), before + 2);
+        assert_eq!(utc.timezone(), "UTC");
+        assert_ne!(
+            utc.next_fires(at("2026-01-01T00:00:00Z"), 1),
+            berlin.next_fires(at("2026-01-01T00:00:00Z"), 1)
+        );
+        // An error is not kept: asked again, it is worked out again.
+        for attempt in 1..=2 {
+            assert!(CronSchedule::parse("17 4 30 2 *", "UTC").is_err());
+            assert_eq!(uncached(), before + 2 + attempt);
+        }
+    }
+
+    #[test]
+    fn parse_accepts_a_pattern_whose_only_dates_are_rare() {
+        for expression in [
+            "0 0 29 2 *",
+            "0 0 31 12 *",
+            // A fifth Monday in February: only in a leap year that starts
+            // February on a Monday (1988, then 2016).
+            "0 0 * 2 MON#5",
+            "0 0 L 2 *",
+        ] {
+            assert!(
+                CronSchedule::parse(expression, "UTC").is_ok(),
+                "{expression}"
+            );
         }
     }
 
