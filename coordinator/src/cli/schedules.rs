@@ -44,8 +44,11 @@ pub(super) struct CreateSchedule {
     #[arg(long)]
     all_databases: bool,
     /// Five fields: minute hour day-of-month month day-of-week, e.g.
-    /// "0 3 * * *". A fire in an hour skipped by a DST change runs at the
-    /// jump; one in a repeated hour runs once.
+    /// "0 3 * * *". At a DST change, as in ISC cron: with a fixed minute
+    /// and hour (neither starts with *), a time in the skipped hour runs
+    /// at the jump and one in the repeated hour once; otherwise ("0 * * *
+    /// *", "*/15 * * * *") the real clock: no fire in the skipped hour,
+    /// both passes of the repeated one.
     #[arg(long)]
     cron: String,
     /// An IANA time zone for --cron, e.g. Europe/Berlin.
