@@ -17,9 +17,9 @@
 //! Fires are wall-clock times in the schedule's zone. Where the zone's
 //! offset changes, they follow ISC cron 4.1 (Vixie cron; `cron.c`, the
 //! `timeRunning`/`virtualTime` loop of `main` and `find_jobs(vtime, db,
-//! doWild, doNonWild)`, `entry.c` `load_entry`, github.com/vixie/cron
-//! since commit bd04834 "handle clock jumps", 2003). That cron tells two
-//! kinds of job apart:
+//! doWild, doNonWild)`, `entry.c` `load_entry`; github.com/vixie/cron,
+//! read at 9cc8ab1, the rule unchanged since bd04834 "handle clock
+//! jumps", 2003). That cron tells two kinds of job apart:
 //! - a *wildcard* job has a minute or an hour field whose first character
 //!   is `*` (the `MIN_STAR` and `HR_STAR` flags), or is `@hourly`:
 //!   `0 * * * *`, `*/5 * * * *`, `15 * * * *`, `* 2 * * *`,
@@ -28,8 +28,9 @@
 //!   `30 2 * * *`, `0,30 2 * * *`, `0 1-5 * * *`, `0-59 2 * * *`,
 //!   `@daily`.
 //!
-//! It then sorts the step its wall clock takes at a change, in minutes
-//! (`timeDiff`, one when nothing happened), into four cases:
+//! It then sorts the step its wall clock takes at a change (`timeDiff`,
+//! in minutes: one when nothing happened, so a skip of N minutes is N + 1
+//! and a repeat of N is 1 - N) into four cases:
 //! - a skip of 5 to 179 minutes (DST begins, "medium"): wildcard jobs run
 //!   on the real clock, so a wildcard time in the skipped span does not
 //!   fire at all, while every fixed-time time in it fires at the jump (the
@@ -49,8 +50,8 @@
 //!   a repeated span fires twice, for every job.
 //!
 //! Where ISC cron would start a job once for each of several times that
-//! land on the same jump (`0,30 2 * * *`, or `30 2 * * *` together with
-//! its 03:00 CEST), a fire here is an instant, so they are one fire.
+//! land on the same jump (`0,30 2 * * *`, or `0 2-3 * * *`, whose 03:00
+//! CEST is the jump too), a fire here is an instant, so they are one fire.
 //!
 //! `croner` searches here in naive wall-clock time, where no time is
 //! skipped or repeated, and [`CronSchedule`] maps each match to its
