@@ -50,6 +50,7 @@ pub async fn run(
             attempt_id: attempt_id.to_string(),
             resume: false,
         },
+        guard.token.clone(),
     )
     .await?;
 

@@ -119,7 +119,7 @@ pub async fn execute(context: &Context, command: proto::Command) -> proto::Comma
                 }
             }
             command::Kind::Cancel(cancel) => {
-                if context.jobs.cancel(&cancel.job_id) {
+                if context.jobs.cancel_attempt(&cancel.job_id, &cancel.attempt_id) {
                     command_result::Outcome::JobDone(proto::JobDone {
                         job_id: cancel.job_id,
                         restore: None,
@@ -259,7 +259,8 @@ mod tests {
             }),
         ] {
             let result = execute(&context, command(kind)).await;
-            let Some(command_result::Outcome::Error(error)) = &result.outcome else {
+            // Refused as retryable: the attempt still here winds down.
+            let Some(command_result::Outcome::Interrupted(error)) = &result.outcome else {
                 panic!("expected a refusal: {result:?}");
             };
             assert!(error.contains("job j1 is already running"), "{error}");

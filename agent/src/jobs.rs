@@ -149,7 +149,9 @@ impl RunningJobs {
         let token = CancellationToken::new();
         match self.lock().entry(job_id.to_string()) {
             Entry::Occupied(_) => {
-                return Err(JobEnd::Failed(format!(
+                // Retryable: an earlier attempt still winding down here
+                // will be gone by the next one.
+                return Err(JobEnd::Interrupted(format!(
                     "job {job_id} is already running on this agent: a second command for it \
                      is refused"
                 )));
@@ -177,7 +179,17 @@ impl RunningJobs {
 
     /// Cancels a running job; false if there is none by that id.
     pub fn cancel(&self, job_id: &str) -> bool {
-        match self.lock().get(job_id) {
+        self.cancel_attempt(job_id, "")
+    }
+
+    /// Cancels a running job if it runs `attempt_id` (any attempt when
+    /// empty): a stop meant for an old attempt leaves a newer one alone.
+    pub fn cancel_attempt(&self, job_id: &str, attempt_id: &str) -> bool {
+        match self
+            .lock()
+            .get(job_id)
+            .filter(|running| attempt_id.is_empty() || running.attempt_id == attempt_id)
+        {
             Some(running) => {
                 running.token.cancel();
                 true
@@ -238,7 +250,7 @@ mod tests {
     fn a_job_id_runs_once_at_a_time() {
         let jobs = Arc::new(RunningJobs::default());
         let first = jobs.register("j1", "a1").expect("the first command runs");
-        let Err(JobEnd::Failed(refusal)) = jobs.register("j1", "a1") else {
+        let Err(JobEnd::Interrupted(refusal)) = jobs.register("j1", "a1") else {
             panic!("a second command for a running job must be refused");
         };
         assert!(

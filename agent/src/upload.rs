@@ -22,6 +22,7 @@ use cairn_common::proto::{
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::jobs::{CurrentChannel, JobEnd, RunningJobs};
@@ -29,7 +30,7 @@ use crate::jobs::{CurrentChannel, JobEnd, RunningJobs};
 /// Chunks offered at once (the coordinator accepts at most 8).
 pub const OFFER_BATCH: usize = 8;
 /// Chunks sent and not yet recorded that the agent keeps to send again.
-pub const WINDOW_MAX: usize = 16;
+pub const WINDOW_MAX: usize = 8;
 /// How long a broken upload waits for the coordinator to be reachable
 /// again (a little more than the coordinator's default
 /// `jobs.reattach_timeout`, after which it fails the attempt anyway).
@@ -64,7 +65,10 @@ impl UploadError {
             | tonic::Code::Unauthenticated
             | tonic::Code::NotFound
             | tonic::Code::FailedPrecondition
-            | tonic::Code::Aborted => UploadError::Refused(message),
+            | tonic::Code::Aborted
+            | tonic::Code::Internal
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::OutOfRange => UploadError::Refused(message),
             _ => UploadError::Broken(message),
         }
     }
@@ -77,6 +81,8 @@ struct Stream {
 
 /// One job attempt's upload.
 pub struct Uploader {
+    /// The job's token: a cancel or a shutdown stops a resume too.
+    cancel: CancellationToken,
     channels: watch::Receiver<CurrentChannel>,
     /// The channel in use and its number.
     channel: (u64, Channel),
@@ -117,10 +123,12 @@ impl Uploader {
         jobs: &Arc<RunningJobs>,
         channel: Channel,
         start: proto::UploadStart,
+        cancel: CancellationToken,
     ) -> Result<Uploader, UploadError> {
         let channels = jobs.channels();
         let generation = channels.borrow().0;
         let mut uploader = Uploader {
+            cancel,
             channels,
             channel: (generation, channel),
             start,
@@ -317,8 +325,13 @@ impl Uploader {
                 )));
             }
             // A newer session's channel if one comes, else the same one
-            // again after a pause.
-            let _ = tokio::time::timeout(RESUME_RETRY, self.channels.changed()).await;
+            // again after a pause; a cancel or shutdown ends the wait.
+            tokio::select! {
+                () = self.cancel.cancelled() => {
+                    return Err(UploadError::Refused("the upload was stopped".into()));
+                }
+                _ = tokio::time::timeout(RESUME_RETRY, self.channels.changed()) => {}
+            }
             let (generation, channel) = self.channels.borrow().clone();
             if let Some(channel) = channel
                 && generation != self.channel.0

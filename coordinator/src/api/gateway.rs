@@ -52,6 +52,9 @@ pub struct Gateway {
 }
 
 type ControlStream = Pin<Box<dyn Stream<Item = Result<proto::CoordinatorMessage, Status>> + Send>>;
+/// The most held attempts a registration may name.
+const MAX_HELD_ATTEMPTS: usize = 1000;
+
 type UploadStream = Pin<Box<dyn Stream<Item = Result<proto::BackupUploadReply, Status>> + Send>>;
 type DownloadStream = Pin<Box<dyn Stream<Item = Result<proto::DownloadMessage, Status>> + Send>>;
 
@@ -185,6 +188,15 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                     start.job_id
                 ))
             })?;
+        // One stream per job; claimed first, so that a resume sees the
+        // backup as the previous stream left it.
+        let claim = self.uploads.claim(&job.id).ok_or_else(|| {
+            tracing::warn!(job_id = %job.id, %agent, "refused a second upload stream for one job");
+            Status::failed_precondition(format!(
+                "job {} already has an upload in progress: one upload stream per job",
+                job.id
+            ))
+        })?;
         // Its backup must still be open: a backup that a finished upload
         // completed is never written again.
         let backup = self.catalog.get_backup(&job.backup_id).await?;
@@ -212,13 +224,6 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                 ))
             })?;
         let tags = backup.tags();
-        let claim = self.uploads.claim(&job.id).ok_or_else(|| {
-            tracing::warn!(job_id = %job.id, %agent, "refused a second upload stream for one job");
-            Status::failed_precondition(format!(
-                "job {} already has an upload in progress: one upload stream per job",
-                job.id
-            ))
-        })?;
         let (replies, receiver) = mpsc::channel(UPLOAD_REPLY_QUEUE_LEN);
         let mut upload = Upload::new(
             self.catalog.clone(),
@@ -322,12 +327,15 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                 .refuse_connect(&agent, Status::permission_denied(message))
                 .await);
         }
-        let held: Vec<(String, String)> = register
+        // Bounded: a host cannot make the coordinator chase a long list.
+        let mut held: Vec<(String, String)> = register
             .held_attempts
             .iter()
+            .take(MAX_HELD_ATTEMPTS)
             .map(|h| (h.job_id.clone(), h.attempt_id.clone()))
             .collect();
-        let registered_at = now_ms();
+        held.sort();
+        held.dedup();
         let registration = registration_from_wire(register, &peer)?;
         let switched = self
             .catalog
@@ -363,10 +371,15 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
             .await
             .map_err(|_| Status::cancelled("agent went away"))?;
         let (session, cancel) = self.fleet.attach(agent.as_str(), sender);
+        // After `attach`: a command sent before this went on an older
+        // session, and one the agent does not hold is lost.
+        let registered_at = now_ms();
         // A revocation that ran between the checks above and `attach` found
         // no session to close; close it here instead.
         if self.revoked.contains(&serial) {
-            self.fleet.detach(agent.as_str(), session);
+            if self.fleet.detach(agent.as_str(), session) {
+                self.jobs.agent_disconnected(agent.as_str()).await;
+            }
             let message = format!("certificate {serial} of agent \"{agent}\" is revoked");
             return Err(self
                 .refuse_connect(&agent, Status::unauthenticated(message))
@@ -472,20 +485,23 @@ impl Gateway {
             }
             Some(agent_message::Body::CommandResult(result)) => {
                 let outcome = self.outcome_from_wire(agent, stream, &result).await;
-                let unclaimed = self
-                    .fleet
-                    .complete(agent, session, &result.command_id, outcome);
-                match unclaimed {
-                    Some(outcome) if !result.attempt_id.is_empty() => {
-                        self.jobs
-                            .attempt_reported(agent, &result.attempt_id, outcome)
-                            .await;
+                if result.attempt_id.is_empty() {
+                    if self
+                        .fleet
+                        .complete(agent, session, &result.command_id, outcome)
+                        .is_some()
+                    {
+                        tracing::debug!(
+                            command_id = %result.command_id,
+                            "result for an unknown or expired command"
+                        );
                     }
-                    Some(_) => tracing::debug!(
-                        command_id = %result.command_id,
-                        "result for an unknown or expired command"
-                    ),
-                    None => {}
+                } else {
+                    // A job's result goes by its attempt, never to a waiter
+                    // (command ids start again with each coordinator).
+                    self.jobs
+                        .attempt_reported(agent, &result.attempt_id, outcome)
+                        .await;
                 }
             }
             Some(agent_message::Body::Register(_)) => {

@@ -337,7 +337,7 @@ impl Catalog {
         let number: Option<i64> = sqlx::query_scalar(
             "UPDATE jobs SET status = 'running', attempt = attempt + 1, attempt_id = ?1, term = ?2,
                              started_at = COALESCE(started_at, ?3), attempt_started_at = ?3,
-                             wait_reason = ''
+                             wait_reason = '', detached_at = NULL
              WHERE id = ?4 AND status = 'queued' AND cancel_requested = 0
              RETURNING attempt",
         )
@@ -390,7 +390,7 @@ impl Catalog {
             sqlx::query(
                 "UPDATE jobs SET status = CASE WHEN cancel_requested = 1 AND ?1 <> 'succeeded'
                                                THEN 'cancelled' ELSE ?1 END,
-                                 error = ?2, finished_at = ?3
+                                 error = ?2, finished_at = ?3, detached_at = NULL
                  WHERE id = ?4 AND status = 'running' AND attempt_id = ?5",
             )
             .bind(state)
@@ -406,7 +406,8 @@ impl Catalog {
                 .rows_affected(),
             AttemptEnd::Retry { not_before } => {
                 let retried = sqlx::query(
-                    "UPDATE jobs SET status = 'queued', error = ?, not_before = ?, wait_reason = ?
+                    "UPDATE jobs SET status = 'queued', error = ?, not_before = ?, wait_reason = ?,
+                                     detached_at = NULL
                      WHERE id = ? AND status = 'running' AND attempt_id = ? AND cancel_requested = 0",
                 )
                 .bind(reason)
@@ -532,6 +533,20 @@ impl Catalog {
         )
         .bind(now)
         .bind(agent)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// Undoes a detach made at `at` for `agent` (a newer session came up
+    /// meanwhile).
+    pub async fn undetach_jobs(&self, agent: &str, at: i64) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE jobs SET detached_at = NULL
+             WHERE agent_name = ? AND status = 'running' AND detached_at = ?",
+        )
+        .bind(agent)
+        .bind(at)
         .execute(&self.pool)
         .await?
         .rows_affected())

@@ -119,16 +119,23 @@ impl Fleet {
         (id, cancel)
     }
 
-    /// Removes the session if it is still the current one; whether it was
-    /// (false: a newer session of the agent replaced it).
+    /// Removes the session if it is still the current one; whether the
+    /// agent is now without a session (false: a newer one replaced it).
     pub fn detach(&self, agent: &str, id: u64) -> bool {
         let mut sessions = self.lock();
-        if sessions.get(agent).is_some_and(|s| s.0.id == id) {
-            sessions.remove(agent);
-            true
-        } else {
-            false
+        match sessions.get(agent) {
+            Some(session) if session.0.id == id => {
+                sessions.remove(agent);
+                true
+            }
+            Some(_) => false,
+            None => true,
         }
+    }
+
+    /// Whether the agent has a session (online or not yet timed out).
+    pub fn has_session(&self, agent: &str) -> bool {
+        self.lock().contains_key(agent)
     }
 
     pub fn heartbeat(&self, agent: &str, id: u64) {

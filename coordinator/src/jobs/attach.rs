@@ -28,12 +28,16 @@ impl Jobs {
 
     /// An agent's stream ended: its running jobs wait for it.
     pub async fn agent_disconnected(&self, agent: &str) {
-        match self
-            .catalog
-            .detach_running_jobs(Some(agent), self.clock.now_ms())
-            .await
-        {
+        let at = self.clock.now_ms();
+        match self.catalog.detach_running_jobs(Some(agent), at).await {
             Ok(0) => {}
+            // A newer session came up while this one ended: its
+            // registration decides about the jobs, not this stale end.
+            Ok(_) if self.fleet.has_session(agent) => {
+                if let Err(error) = self.catalog.undetach_jobs(agent, at).await {
+                    tracing::error!(agent, %error, "cannot undo a stale detach");
+                }
+            }
             Ok(count) => tracing::info!(
                 agent,
                 count,
@@ -70,7 +74,13 @@ impl Jobs {
                 }
             } else if job.attempt_started_at.unwrap_or(0) < registered_at {
                 // Sent before this session began, and not held: the agent
-                // restarted (or never got the command).
+                // restarted (or never got the command), or its result was
+                // lost with a stream — a backup whose manifest was stored
+                // is done whatever became of its answer.
+                if self.backup_complete(job).await {
+                    self.conclude(job, Ok(CommandOutcome::JobDone(None))).await;
+                    continue;
+                }
                 let message = format!(
                     "the agent no longer runs attempt {} ({}): it restarted",
                     job.attempt, job.attempt_id
@@ -86,6 +96,14 @@ impl Jobs {
                 self.stop_stray(agent, job_id, attempt_id);
             }
         }
+    }
+
+    async fn backup_complete(&self, job: &JobRecord) -> bool {
+        job.kind == crate::catalog::JobKind::Backup
+            && matches!(
+                self.catalog.get_backup(&job.backup_id).await,
+                Ok(Some(backup)) if backup.status == "complete"
+            )
     }
 
     async fn reattach(&self, job: &JobRecord) {
@@ -122,8 +140,9 @@ impl Jobs {
         let fleet = self.fleet.clone();
         let agent = agent.to_string();
         let job_id = job_id.to_string();
+        let attempt_id = attempt_id.to_string();
         self.tasks.spawn(async move {
-            let stop = command::Kind::Cancel(proto::CancelCommand { job_id });
+            let stop = command::Kind::Cancel(proto::CancelCommand { job_id, attempt_id });
             if let Err(error) = fleet.send_command(&agent, stop, STOP_TIMEOUT).await {
                 tracing::warn!(%error, "cannot stop the stray attempt");
             }

@@ -228,6 +228,9 @@ impl Jobs {
                 return Ok(false);
             }
         };
+        // The attempt's start is when its command leaves, not when this
+        // tick began (an agent registering meanwhile compares with it).
+        let now = self.clock.now_ms().max(now);
         if !self
             .catalog
             .start_attempt(&job.id, &attempt_id, self.term, now)
@@ -256,15 +259,19 @@ impl Jobs {
             ))
             .await;
         // The result comes back by attempt id (see `attach`), on this
-        // session or a later one: nothing waits for it here.
-        if let Err(error) = self
-            .fleet
-            .send_job_command(&running.agent_name, &running.attempt_id, command)
-            .await
-        {
-            let message = format!("the command did not reach the agent: {error}");
-            self.fail_attempt(&running, &message, true).await;
-        }
+        // session or a later one: nothing waits for it here, and the send
+        // runs apart so that one slow agent does not hold up the tick.
+        let engine = self.clone();
+        self.tasks.spawn(async move {
+            if let Err(error) = engine
+                .fleet
+                .send_job_command(&running.agent_name, &running.attempt_id, command)
+                .await
+            {
+                let message = format!("the command did not reach the agent: {error}");
+                engine.fail_attempt(&running, &message, true).await;
+            }
+        });
         Ok(true)
     }
 
@@ -504,8 +511,9 @@ impl Jobs {
         let fleet = self.fleet.clone();
         let agent = job.agent_name.clone();
         let job_id = job.id.clone();
+        let attempt_id = job.attempt_id.clone();
         self.tasks.spawn(async move {
-            let stop = command::Kind::Cancel(proto::CancelCommand { job_id });
+            let stop = command::Kind::Cancel(proto::CancelCommand { job_id, attempt_id });
             if let Err(error) = fleet.send_command(&agent, stop, CANCEL_TIMEOUT).await {
                 tracing::warn!(%error, "cannot tell the agent to stop a timed-out job");
             }

@@ -338,7 +338,19 @@ impl Jobs {
         }
         // However its attempt now ends (short of success), the job ends
         // cancelled and is not retried.
-        self.catalog.request_cancel(job_id).await?;
+        if !self.catalog.request_cancel(job_id).await? {
+            // It moved on meanwhile: queued again for a retry (ends it
+            // now), or ended.
+            let message = format!("cancelled by {actor} before its next attempt");
+            if self
+                .catalog
+                .end_queued_job(job_id, JobState::Cancelled, &message, self.clock.now_ms())
+                .await?
+            {
+                self.audit_end(&job, JobState::Cancelled, &message).await;
+            }
+            return self.reload(job_id).await;
+        }
         let job = self.reload(job_id).await?;
         let outcome = self
             .fleet
@@ -346,6 +358,7 @@ impl Jobs {
                 &job.agent_name,
                 command::Kind::Cancel(proto::CancelCommand {
                     job_id: job_id.to_string(),
+                    attempt_id: String::new(),
                 }),
                 CANCEL_COMMAND_TIMEOUT,
             )

@@ -207,6 +207,7 @@ impl Upload {
     async fn persist(&mut self) -> Result<u64, Status> {
         let through = self.recorded_through();
         if through > self.persisted {
+            self.still_current().await?;
             let first = usize::try_from(self.persisted).unwrap_or(usize::MAX);
             let last = usize::try_from(through).unwrap_or(usize::MAX);
             let entries: Vec<RecordedChunk> = self.chunks[first..last]
@@ -223,6 +224,23 @@ impl Upload {
             self.persisted = through;
         }
         Ok(self.persisted)
+    }
+
+    /// Refuses to go on for an attempt that is no longer its job's current
+    /// one (ended, or replaced by a retry while this stream lived).
+    async fn still_current(&self) -> Result<(), Status> {
+        match self.catalog.get_job(&self.job.id).await? {
+            Some(job)
+                if job.status == crate::catalog::JobState::Running
+                    && job.attempt_id == self.job.attempt_id =>
+            {
+                Ok(())
+            }
+            _ => Err(Status::aborted(format!(
+                "attempt {} of job {} is no longer running: the upload stops",
+                self.job.attempt_id, self.job.id
+            ))),
+        }
     }
 
     /// Runs the upload to its end; an error fails the upload (the job
@@ -647,6 +665,7 @@ impl Upload {
         // Chunks first (durable once settled), then the manifest, then the
         // catalog.
         self.settle().await?;
+        self.still_current().await?;
         // A job that ended while its chunks came (cancelled, failed) gets
         // no manifest; `complete_backup` refuses it too, for one that ends
         // from here on.

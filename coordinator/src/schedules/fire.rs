@@ -474,4 +474,20 @@ mod tests {
             vec![(at("2026-06-01T03:00:00Z"), JobState::Queued)]
         );
     }
+
+    #[tokio::test]
+    async fn a_spread_as_long_as_the_interval_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = engine(dir.path(), "2026-06-01T00:00:00Z").await;
+        let mut hourly = request("0 * * * *", "UTC", Duration::ZERO);
+        hourly.spread = Duration::from_secs(2 * 3600);
+        let refused = jobs.create_schedule("admin", hourly).await.unwrap_err();
+        assert!(
+            refused.to_string().contains("--spread 2h") && refused.to_string().contains("1h"),
+            "{refused}"
+        );
+        let mut daily = request("0 3 * * *", "UTC", Duration::ZERO);
+        daily.spread = Duration::from_secs(2 * 3600);
+        jobs.create_schedule("admin", daily).await.unwrap();
+    }
 }

@@ -89,7 +89,18 @@ impl ScheduleRequest {
         } else {
             self.timezone.clone()
         };
-        CronSchedule::parse(&self.cron, &timezone)?;
+        let timing = CronSchedule::parse(&self.cron, &timezone)?;
+        let interval =
+            timing.interval_hint(Utc.timestamp_millis_opt(now).single().unwrap_or_default());
+        if !self.spread.is_zero() && self.spread >= interval {
+            return Err(invalid(format!(
+                "--spread {} is not shorter than the time between the schedule's fires ({}): \
+                 each target's start would fall after the next fire; spread less, or fire less \
+                 often",
+                humantime::format_duration(self.spread),
+                humantime::format_duration(interval)
+            )));
+        }
         if self.spread > MAX_SPREAD {
             return Err(invalid(format!(
                 "--spread {}: at most 24h",
