@@ -338,6 +338,40 @@ fn pg_dumps_of(parent: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Where the agent's upload resumed (the `next_position` of each "upload
+/// resumed" line in its log): a resume past 0 reused what was recorded.
+fn resumed_positions(agent: &Agent) -> Vec<u64> {
+    strip_ansi(&agent.process().log())
+        .lines()
+        .filter(|line| line.contains("upload resumed"))
+        .filter_map(|line| {
+            let rest = line.split("next_position=").nth(1)?;
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Without terminal colours.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Whether `pid` is still a running pg_dump.
 fn the_pg_dumps_alive(pid: u32) -> bool {
     ProcStat::read(pid).is_some_and(|p| p.is_live_pg_dump())
@@ -554,6 +588,11 @@ fn a_coordinator_killed_mid_backup_comes_back_and_the_same_job_succeeds() {
         Some(1),
         "re-attached, not retried: {job}"
     );
+    let resumed = resumed_positions(&fleet.agent);
+    assert!(
+        resumed.iter().any(|position| *position > 0),
+        "the upload did not resume past its start (positions {resumed:?})"
+    );
     let backup_id = job["backup_id"].as_str().unwrap();
     fleet
         .coordinator
@@ -631,7 +670,13 @@ fn network_fault_mid_backup(test_name: &str, fault: ProxyMode, job_end_timeout: 
         Some(1),
         "resumed, not retried: {job}"
     );
-    let _ = progress;
+    let resumed = resumed_positions(&fleet.agent);
+    assert!(
+        resumed.iter().any(|position| *position > 0),
+        "the upload did not resume past its start (positions {resumed:?}; {} chunks were \
+         stored before the fault)",
+        progress["chunks"]
+    );
     let backup_id = job["backup_id"].as_str().unwrap();
     fleet
         .coordinator
