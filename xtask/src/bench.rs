@@ -50,6 +50,11 @@
 //! the ratios, and the issue's targets with PASS/MISS.
 //! `--quick` uses tiny sizes (scale 2, 30 MB) to check the bench itself.
 //!
+//! Last, a separate case without PostgreSQL ([`engine`]): the wall time of
+//! the job engine's tick with one schedule over 10,000 targets (idle, at
+//! the fire, and while the jobs wait), against the 50 ms target with
+//! PASS/OVER. `--engine` runs only that case.
+//!
 //! Everything (clusters, coordinators, agents, the S3 server, files) lives
 //! in one `/tmp/cairn-bench-*` directory that is removed at the end, also on
 //! error and on Ctrl-C (`CAIRN_KEEP_TEST_DIRS=1` keeps it).
@@ -72,23 +77,29 @@ use crate::cargo;
 use crate::interrupt::Interrupts;
 use restore::Restores;
 
+mod engine;
 mod restore;
 
-const USAGE: &str = "usage: cargo xtask bench [--quick]
+const USAGE: &str = "usage: cargo xtask bench [--quick] [--engine]
 
 Per dataset, backups: (s) pg_dump -Fc -Z0 > /dev/null, (a) pg_dump -Fc,
 (b) pg_dump -Z0 | zstd -1 | openssl enc, (c) cairn backup into a local and
 (d) into an S3 repository, (e) (f) later backups after small changes; then
 restores, each checked: (g) pg_restore -d from a file, (h) openssl enc -d |
 zstd -d | pg_restore -d, (i) cairn restore, (j) pg_restore -j 2 from a file,
-(k) cairn restore --jobs 2.
+(k) cairn restore --jobs 2. Then, in process, the job engine's tick with one
+schedule over 10,000 targets: before the fire, at the fire, and while the jobs
+wait (target: under 50 ms each).
 
-  --quick   tiny datasets (pgbench scale 2, 30 MB), to check the bench itself
+  --quick   tiny datasets (pgbench scale 2, 30 MB, 1,000 targets), to check the bench itself
+  --engine  only the engine tick case (no PostgreSQL)
 
 environment:
   CAIRN_BENCH_PGBENCH_SCALE   pgbench -i -s SCALE (default 64, about 1 GB)
   CAIRN_BENCH_REALISTIC_MB    size of the realistic dataset in MB (default 300)
   CAIRN_BENCH_RUNS            interleaved runs per case, median reported (default 3)
+  CAIRN_BENCH_ENGINE_TARGETS  targets of the engine case's schedule (default 10000)
+  CAIRN_BENCH_ENGINE_TICKS    ticks measured before and after the fire (default 20)
   CAIRN_KEEP_TEST_DIRS=1      keep the bench directory and its logs
 ";
 
@@ -109,22 +120,25 @@ const MB: f64 = 1e6;
 const MIB: f64 = 1024.0 * 1024.0;
 
 pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
-    let quick = match args {
-        [] => false,
-        [flag] if flag == "--quick" => true,
-        [flag] if flag == "--help" || flag == "-h" => {
-            print!("{USAGE}");
-            return Ok(ExitCode::SUCCESS);
+    let (mut quick, mut engine_only) = (false, false);
+    for arg in args {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "--engine" => engine_only = true,
+            "--help" | "-h" => {
+                print!("{USAGE}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            _ => {
+                eprint!("{USAGE}");
+                return Ok(ExitCode::from(2));
+            }
         }
-        _ => {
-            eprint!("{USAGE}");
-            return Ok(ExitCode::from(2));
-        }
-    };
+    }
     if std::env::var_os(BUILT_ENV).is_none() {
         return build_and_reexec(args);
     }
-    let settings = Settings::from_env(quick)?;
+    let settings = Settings::from_env(quick, engine_only)?;
 
     // As in the demo: a Ctrl-C reaches only this process, which stops the
     // fleet and the clusters in order.
@@ -203,6 +217,8 @@ fn build_and_reexec(args: &[String]) -> anyhow::Result<ExitCode> {
 #[derive(Debug)]
 struct Settings {
     quick: bool,
+    /// `--engine`: only the engine tick case, no PostgreSQL.
+    engine_only: bool,
     pgbench_scale: u32,
     realistic_mb: u32,
     runs: usize,
@@ -212,10 +228,11 @@ struct Settings {
 }
 
 impl Settings {
-    fn from_env(quick: bool) -> anyhow::Result<Settings> {
+    fn from_env(quick: bool, engine_only: bool) -> anyhow::Result<Settings> {
         let (scale, megabytes) = if quick { (2, 30) } else { (64, 300) };
         Ok(Settings {
             quick,
+            engine_only,
             pgbench_scale: env_number("CAIRN_BENCH_PGBENCH_SCALE", scale)?,
             realistic_mb: env_number("CAIRN_BENCH_REALISTIC_MB", megabytes)?,
             runs: env_number("CAIRN_BENCH_RUNS", 3)?,
@@ -389,15 +406,20 @@ fn run_bench(
     settings: &Settings,
 ) -> anyhow::Result<()> {
     print_machine(settings);
-    let s3 = S3Server::start();
-    s3.create_bucket(BUCKET);
     let mut reports = Vec::new();
-    for dataset in [Dataset::Pgbench, Dataset::Realistic] {
-        interrupts.check()?;
-        let report = bench_dataset(test_dir, interrupts, settings, dataset, &s3)?;
-        print_report(&report);
-        reports.push(report);
+    if !settings.engine_only {
+        let s3 = S3Server::start();
+        s3.create_bucket(BUCKET);
+        for dataset in [Dataset::Pgbench, Dataset::Realistic] {
+            interrupts.check()?;
+            let report = bench_dataset(test_dir, interrupts, settings, dataset, &s3)?;
+            print_report(&report);
+            reports.push(report);
+        }
     }
+    interrupts.check()?;
+    let engine = engine::bench_engine(&test_dir.path().join("engine"), interrupts, settings.quick)?;
+    engine.print();
     println!("\n==> Summary of the targets");
     for report in &reports {
         for target in &report.targets {
@@ -409,6 +431,15 @@ fn run_bench(
                 verdict(target.passed)
             );
         }
+    }
+    for target in engine.targets() {
+        println!(
+            "  {:<10} {:<48} {:>22}  {}",
+            "engine",
+            target.what,
+            target.measured,
+            engine::verdict(target.passed)
+        );
     }
     Ok(())
 }

@@ -5,9 +5,10 @@
 //!   ARGS` (installing cargo-nextest first if it is missing).
 //! - `demo [--keep]`: a throwaway fleet of one coordinator, one agent and one
 //!   PostgreSQL cluster, and the operator commands that look at it.
-//! - `bench [--quick]`: builds the release binaries and measures backups
-//!   against plain pg_dump and restores against plain pg_restore (MB/s,
-//!   CPU, memory, stored bytes, the targets).
+//! - `bench [--quick] [--engine]`: builds the release binaries and
+//!   measures backups against plain pg_dump and restores against plain
+//!   pg_restore (MB/s, CPU, memory, stored bytes, the targets), then the
+//!   job engine's tick with one schedule over 10,000 targets.
 
 mod bench;
 mod cargo;
@@ -24,10 +25,12 @@ commands:
   test [ARGS...]   build the binaries, then `cargo nextest run --workspace ARGS...`
   demo [--keep]    start PostgreSQL, a coordinator and an agent, and show the CLI;
                    --keep leaves them running and prints how to stop them
-  bench [--quick]  build the release binaries, then time pg_dump and cairn backups,
-                   and pg_restore and cairn restores, of two throwaway databases
-                   and check the performance targets;
-                   --quick uses tiny datasets (see `cargo xtask bench --help`)
+  bench [--quick] [--engine]
+                   build the release binaries, then time pg_dump and cairn backups,
+                   and pg_restore and cairn restores, of two throwaway databases,
+                   and the job engine's tick over 10,000 schedule targets, and
+                   check the performance targets; --quick uses tiny datasets,
+                   --engine runs only the engine tick (see `cargo xtask bench --help`)
 ";
 
 fn main() -> ExitCode {
