@@ -196,6 +196,29 @@ pub struct AttemptRecord {
     pub reason: String,
 }
 
+/// The wait reason a failed attempt leaves until the engine writes its own
+/// (when the next attempt starts).
+pub const RETRY_REASON_PREFIX: &str = "retry after: ";
+
+/// The engine's wait reason for a due job whose agent is offline: one text
+/// for the engine to write and for [`Catalog::tick_jobs`] to recognise.
+pub fn offline_reason(agent: &str) -> String {
+    format!("{}{agent}{}", OFFLINE_REASON.0, OFFLINE_REASON.1)
+}
+
+/// What [`offline_reason`] puts before and after the agent's name.
+const OFFLINE_REASON: (&str, &str) = ("agent ", " is offline");
+
+/// What one engine tick looks at: see [`Catalog::tick_jobs`].
+#[derive(Debug, Default)]
+pub struct TickJobs {
+    /// The running jobs and the queued ones that may start, end or need a
+    /// new wait reason, oldest first.
+    pub jobs: Vec<JobRecord>,
+    /// The queued jobs left out: waiting, their reasons still true.
+    pub still_waiting: usize,
+}
+
 /// How an attempt ended, for [`Catalog::end_attempt`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttemptEnd {
@@ -325,6 +348,52 @@ impl Catalog {
         .await?)
     }
 
+    /// The active jobs the engine's tick at `now` must look at, oldest
+    /// first: every running job, and every queued one except those whose
+    /// wait reason cannot have changed since the engine wrote it (reading
+    /// 10,000 waiting rows at every tick would take longer than the tick
+    /// may): a job not yet due (`not_before` is later; its reason names
+    /// that time, and only a retry, which resets the reason, moves it), or
+    /// a due job waiting for its agent, which is still not in `online`.
+    /// A job past its deadline is always looked at. The rest are counted.
+    pub async fn tick_jobs(&self, now: i64, online: &[String]) -> Result<TickJobs> {
+        let online = serde_json::to_string(online).unwrap_or_else(|_| "[]".into());
+        // One read transaction: the count and the rows see the same jobs.
+        let mut transaction = self.pool.begin().await?;
+        let jobs: Vec<JobRecord> = sqlx::query_as(
+            "SELECT * FROM jobs
+             WHERE status IN ('queued', 'running')
+               AND NOT (status = 'queued'
+                        AND (deadline_at IS NULL OR deadline_at > ?1)
+                        AND ((not_before > ?1 AND wait_reason != ''
+                              AND substr(wait_reason, 1, length(?2)) != ?2)
+                             OR (not_before <= ?1 AND wait_reason = ?3 || agent_name || ?4
+                                 AND agent_name NOT IN (SELECT value FROM json_each(?5)))))
+             ORDER BY created_at, id",
+        )
+        .bind(now)
+        .bind(RETRY_REASON_PREFIX)
+        .bind(OFFLINE_REASON.0)
+        .bind(OFFLINE_REASON.1)
+        .bind(online)
+        .fetch_all(&mut *transaction)
+        .await?;
+        let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'queued'")
+            .fetch_one(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        let looked_at = jobs
+            .iter()
+            .filter(|job| job.status == JobState::Queued)
+            .count();
+        Ok(TickJobs {
+            still_waiting: usize::try_from(queued)
+                .unwrap_or(0)
+                .saturating_sub(looked_at),
+            jobs,
+        })
+    }
+
     /// Starts an attempt of a queued job; whether this call started it.
     pub async fn start_attempt(
         &self,
@@ -412,7 +481,7 @@ impl Catalog {
                 )
                 .bind(reason)
                 .bind(not_before)
-                .bind(format!("retry after: {reason}"))
+                .bind(format!("{RETRY_REASON_PREFIX}{reason}"))
                 .bind(job_id)
                 .bind(attempt_id)
                 .execute(&mut *transaction)

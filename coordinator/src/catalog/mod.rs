@@ -39,7 +39,10 @@ use crate::audit::{AuditEvent, AuditRow, GENESIS_HASH, HashInput, row_hash};
 use crate::error::{CoordinatorError, Result};
 
 pub use backups::{BackupRecord, BackupStats, PageKey, StoredChunk};
-pub use jobs::{AttemptEnd, AttemptRecord, JobKind, JobRecord, JobState};
+pub use jobs::{
+    AttemptEnd, AttemptRecord, JobKind, JobRecord, JobState, RETRY_REASON_PREFIX, TickJobs,
+    offline_reason,
+};
 pub use restores::VerificationRecord;
 pub use schedules::ScheduleRecord;
 pub use uploads::RecordedChunk;
@@ -796,6 +799,61 @@ mod tests {
             .await
             .unwrap();
         (dir, catalog)
+    }
+
+    #[tokio::test]
+    async fn a_tick_leaves_out_only_waiting_jobs_whose_reason_still_holds() {
+        let (_dir, catalog) = catalog().await;
+        let now = 1_000_000;
+        let queued = |id: &str, agent: &str, not_before: i64, reason: &str| {
+            let mut job =
+                JobRecord::queued(id.into(), JobKind::Backup, agent, "main", "shop", "t", 0);
+            job.not_before = not_before;
+            job.deadline_at = Some(now + 3_600_000);
+            (job, reason.to_string())
+        };
+        let jobs = [
+            // Left out: not due, the engine's reason written.
+            queued("slot", "db1", now + 1, "starts at 1970-01-01 00:16:40 UTC"),
+            // Left out: due, its agent offline and still not online.
+            queued("offline", "db2", now, &offline_reason("db2")),
+            // Looked at: not due but never given a reason, or only a
+            // retry's; due with an agent now online; due and waiting for
+            // something else; past its deadline.
+            queued("new", "db1", now + 1, ""),
+            queued(
+                "retried",
+                "db1",
+                now + 1,
+                &format!("{RETRY_REASON_PREFIX}reset"),
+            ),
+            queued("back", "db3", now, &offline_reason("db3")),
+            queued("busy", "db1", now, "1 job(s) running on db1/main"),
+            {
+                let (mut job, reason) = queued("late", "db2", now + 1, "starts at later");
+                job.deadline_at = Some(now);
+                (job, reason)
+            },
+        ];
+        for (job, reason) in &jobs {
+            catalog.insert_job(job, None).await.unwrap();
+            catalog
+                .set_wait_reasons(&[(job.id.clone(), reason.clone())])
+                .await
+                .unwrap();
+        }
+        let tick = catalog.tick_jobs(now, &["db3".to_string()]).await.unwrap();
+        let mut looked_at: Vec<&str> = tick.jobs.iter().map(|job| job.id.as_str()).collect();
+        looked_at.sort_unstable();
+        assert_eq!(looked_at, ["back", "busy", "late", "new", "retried"]);
+        assert_eq!(tick.still_waiting, 2);
+        // With db2 online, its job is looked at too.
+        let tick = catalog
+            .tick_jobs(now, &["db2".to_string(), "db3".to_string()])
+            .await
+            .unwrap();
+        assert_eq!(tick.jobs.len(), 6);
+        assert_eq!(tick.still_waiting, 1);
     }
 
     #[tokio::test]

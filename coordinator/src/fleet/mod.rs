@@ -150,6 +150,16 @@ impl Fleet {
         self.lock().get(agent).map(|s| s.0.last_heartbeat_ms)
     }
 
+    /// The agents [`Fleet::is_online`] says are online now.
+    pub fn online_agents(&self) -> Vec<String> {
+        let limit = self.heartbeat_interval * MISSED_HEARTBEATS_OFFLINE;
+        self.lock()
+            .iter()
+            .filter(|(_, s)| s.0.last_heartbeat.elapsed() < limit)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     pub fn is_online(&self, agent: &str) -> bool {
         let limit = self.heartbeat_interval * MISSED_HEARTBEATS_OFFLINE;
         self.lock()

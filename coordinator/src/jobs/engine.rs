@@ -1,6 +1,8 @@
-//! The engine's loop: each tick reads the active jobs from the catalog,
-//! ends those past their deadline or timeout, and starts queued ones in
-//! order of creation while the limits allow. An attempt's command runs in
+//! The engine's loop: each tick reads the active jobs from the catalog
+//! (leaving out waiting ones whose reason still holds, see
+//! [`crate::catalog::Catalog::tick_jobs`]), ends those past their deadline
+//! or timeout, and starts queued ones in order of creation while the
+//! limits allow. An attempt's command runs in
 //! a task that ends the attempt with the agent's answer; a retryable
 //! failure queues the job again after a backoff.
 //!
@@ -17,7 +19,7 @@ use cairn_common::proto::{self, command};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditEvent, Outcome};
-use crate::catalog::{AttemptEnd, JobKind, JobRecord, JobState};
+use crate::catalog::{AttemptEnd, JobKind, JobRecord, JobState, TickJobs, offline_reason};
 use crate::error::{CoordinatorError, Result};
 use crate::fleet::CommandOutcome;
 use crate::jobs::restores::{RestoreReport, RestoreSpec};
@@ -98,9 +100,16 @@ impl Jobs {
         let now = self.clock.now_ms();
         // Fires first: a job due now starts in this same tick.
         let fired = self.fire_schedules(now).await?;
-        let active = self.catalog.active_jobs().await?;
+        let TickJobs {
+            jobs: active,
+            still_waiting,
+        } = self
+            .catalog
+            .tick_jobs(now, &self.fleet.online_agents())
+            .await?;
         let mut report = TickReport {
             fired: fired.queued,
+            waiting: still_waiting,
             ..TickReport::default()
         };
         let mut load = Load::default();
@@ -178,7 +187,7 @@ impl Jobs {
             });
         }
         if !self.fleet.is_online(&job.agent_name) {
-            return Some(format!("agent {} is offline", job.agent_name));
+            return Some(offline_reason(&job.agent_name));
         }
         let limits = &self.limits;
         let on_instance = load
