@@ -75,7 +75,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<()>
     // Fail at startup, not in the reconnection loop, on a missing identity.
     config.identity().client_config()?;
     let url = config.coordinator_url()?;
-    let jobs = Arc::new(RunningJobs::default());
+    // The newest coordinator term, kept beside agent.toml.
+    let jobs = Arc::new(RunningJobs::with_term_file(
+        config.config_dir.join(TERM_FILE_NAME),
+    ));
     // Job tasks, so that a shutdown waits for them to clean up (kill
     // pg_dump or pg_restore, drop a staging database) before the process
     // exits.
@@ -99,6 +102,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<()>
     }
     outcome
 }
+
+/// The file beside `agent.toml` that keeps the newest coordinator term.
+pub const TERM_FILE_NAME: &str = "coordinator-term";
 
 /// How long a shutdown waits for running jobs to clean up.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);

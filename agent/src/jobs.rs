@@ -7,6 +7,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -39,6 +40,8 @@ pub type CurrentChannel = (u64, Option<Channel>);
 pub struct RunningJobs {
     jobs: Mutex<HashMap<String, Running>>,
     newest_term: AtomicU64,
+    /// Where the newest term is kept across restarts (none in tests).
+    term_file: Option<PathBuf>,
     /// Job results not yet sent (no session, or not yet its turn).
     outbox: Mutex<VecDeque<Posted>>,
     outbox_ready: Notify,
@@ -50,6 +53,7 @@ impl Default for RunningJobs {
         RunningJobs {
             jobs: Mutex::default(),
             newest_term: AtomicU64::new(0),
+            term_file: None,
             outbox: Mutex::default(),
             outbox_ready: Notify::new(),
             channel: watch::Sender::new((0, None)),
@@ -58,6 +62,28 @@ impl Default for RunningJobs {
 }
 
 impl RunningJobs {
+    /// A registry that keeps the newest coordinator term in `term_file`
+    /// (read now), so a restarted agent still refuses a deposed
+    /// coordinator's commands.
+    pub fn with_term_file(term_file: PathBuf) -> RunningJobs {
+        let newest = match std::fs::read_to_string(&term_file) {
+            Ok(text) => text.trim().parse().unwrap_or_else(|_| {
+                tracing::warn!(file = %term_file.display(), "the coordinator term file is not a number; starting from 0");
+                0
+            }),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(error) => {
+                tracing::warn!(file = %term_file.display(), %error, "cannot read the coordinator term file; starting from 0");
+                0
+            }
+        };
+        RunningJobs {
+            newest_term: AtomicU64::new(newest),
+            term_file: Some(term_file),
+            ..RunningJobs::default()
+        }
+    }
+
     /// The attempts this agent runs or holds a result of, for registration.
     pub fn held(&self) -> Vec<proto::HeldAttempt> {
         let mut held: Vec<proto::HeldAttempt> = self
@@ -129,7 +155,22 @@ impl RunningJobs {
     /// refusal.
     pub fn accept_term(&self, term: u64) -> Result<(), u64> {
         let newest = self.newest_term.fetch_max(term, Ordering::SeqCst);
-        if term < newest { Err(newest) } else { Ok(()) }
+        if term < newest {
+            return Err(newest);
+        }
+        if term > newest
+            && let Some(file) = &self.term_file
+        {
+            // Written aside then renamed: a crash leaves the old or the
+            // new number, never half of one.
+            let staged = file.with_extension("new");
+            let written = std::fs::write(&staged, format!("{term}\n"))
+                .and_then(|()| std::fs::rename(&staged, file));
+            if let Err(error) = written {
+                tracing::warn!(file = %file.display(), %error, "cannot keep the coordinator term");
+            }
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
@@ -244,6 +285,17 @@ mod tests {
         assert_eq!(jobs.accept_term(2), Err(3));
         assert_eq!(jobs.accept_term(4), Ok(()));
         assert_eq!(jobs.accept_term(3), Err(4));
+    }
+
+    #[test]
+    fn the_newest_term_outlives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("coordinator-term");
+        let before = RunningJobs::with_term_file(file.clone());
+        assert_eq!(before.accept_term(7), Ok(()));
+        let after = RunningJobs::with_term_file(file);
+        assert_eq!(after.accept_term(6), Err(7));
+        assert_eq!(after.accept_term(7), Ok(()));
     }
 
     #[test]
