@@ -49,3 +49,22 @@ pub use wait::{wait_for, wait_until};
 pub fn job_is_active(job: &serde_json::Value) -> bool {
     matches!(job["status"].as_str(), Some("queued" | "running"))
 }
+
+/// `text` without the ANSI colour sequences `tracing` writes.
+pub fn strip_ansi(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-letter.
+            for next in chars.by_ref() {
+                if next.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}

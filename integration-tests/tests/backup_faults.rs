@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use cairn_integration_tests::proxy::{ProxyMode, TcpProxy};
 use cairn_integration_tests::{
-    Agent, AgentOptions, Coordinator, Output, PgCluster, TestDir, job_is_active, run, wait_for,
-    wait_until,
+    Agent, AgentOptions, Coordinator, Output, PgCluster, TestDir, job_is_active, run, strip_ansi,
+    wait_for, wait_until,
 };
 use serde_json::Value;
 
@@ -114,6 +114,14 @@ impl Fleet {
             ],
             BACKUP_TIMEOUT,
         )
+    }
+
+    /// `cairn backup verify` of the job's backup succeeds.
+    fn assert_verifies(&self, job: &Value) {
+        let backup_id = job["backup_id"].as_str().unwrap();
+        self.coordinator
+            .cli(&["backup", "verify", backup_id])
+            .assert_success();
     }
 
     fn job(&self, id: &str) -> Value {
@@ -354,24 +362,6 @@ fn resumed_positions(agent: &Agent) -> Vec<u64> {
         .collect()
 }
 
-/// Without terminal colours.
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Whether `pid` is still a running pg_dump.
 fn the_pg_dumps_alive(pid: u32) -> bool {
     ProcStat::read(pid).is_some_and(|p| p.is_live_pg_dump())
@@ -535,11 +525,7 @@ fn an_agent_killed_mid_backup_fails_the_attempt_and_a_retry_succeeds() {
         attempts[0]["attempt_id"], attempts[1]["attempt_id"],
         "{job}"
     );
-    let backup_id = job["backup_id"].as_str().unwrap();
-    fleet
-        .coordinator
-        .cli(&["backup", "verify", backup_id])
-        .assert_success();
+    fleet.assert_verifies(&job);
     let audit = fleet
         .coordinator
         .cli_json(&["audit", "list", "--limit", "0"]);
@@ -593,11 +579,7 @@ fn a_coordinator_killed_mid_backup_comes_back_and_the_same_job_succeeds() {
         resumed.iter().any(|position| *position > 0),
         "the upload did not resume past its start (positions {resumed:?})"
     );
-    let backup_id = job["backup_id"].as_str().unwrap();
-    fleet
-        .coordinator
-        .cli(&["backup", "verify", backup_id])
-        .assert_success();
+    fleet.assert_verifies(&job);
     let audit = fleet
         .coordinator
         .cli_json(&["audit", "list", "--limit", "1000"]);
@@ -677,11 +659,7 @@ fn network_fault_mid_backup(test_name: &str, fault: ProxyMode, job_end_timeout: 
          stored before the fault)",
         progress["chunks"]
     );
-    let backup_id = job["backup_id"].as_str().unwrap();
-    fleet
-        .coordinator
-        .cli(&["backup", "verify", backup_id])
-        .assert_success();
+    fleet.assert_verifies(&job);
 }
 
 #[test]

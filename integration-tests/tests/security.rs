@@ -20,7 +20,7 @@ use cairn_common::token::EnrollmentToken;
 use cairn_integration_tests::cluster::AGENT_ONLINE_TIMEOUT;
 use cairn_integration_tests::{
     AgentOptions, Coordinator, CoordinatorOptions, Output, PgCluster, Process, ProcessBuilder,
-    TestDir, binaries, job_is_active, run, wait_for, wait_until,
+    TestDir, binaries, job_is_active, run, strip_ansi, wait_for, wait_until,
 };
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -206,25 +206,6 @@ fn file_len(path: &Path) -> usize {
     std::fs::metadata(path)
         .map(|m| m.len() as usize)
         .unwrap_or(0)
-}
-
-/// `text` without the ANSI colour sequences `tracing` writes.
-fn strip_ansi(text: &str) -> String {
-    let mut plain = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters final-letter.
-            for next in chars.by_ref() {
-                if next.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    plain
 }
 
 /// `cairn audit list --output json` (every event) as an array.

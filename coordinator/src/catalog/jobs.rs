@@ -281,6 +281,29 @@ pub(super) async fn insert_job_row_or_ignore(
     Ok(inserted > 0)
 }
 
+/// A backup job's backup row: `running`, so never listed until its
+/// manifest is durable.
+pub(super) async fn insert_backup_row(
+    executor: impl sqlx::SqliteExecutor<'_>,
+    job: &JobRecord,
+    tags: &BTreeMap<String, String>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO backups (id, job_id, agent_name, instance, database, status, started_at, tags)
+         VALUES (?, ?, ?, ?, ?, 'running', ?, ?)",
+    )
+    .bind(&job.backup_id)
+    .bind(&job.id)
+    .bind(&job.agent_name)
+    .bind(&job.instance)
+    .bind(&job.database)
+    .bind(job.created_at)
+    .bind(serde_json::to_string(tags).unwrap_or_else(|_| "{}".into()))
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
 /// Marks the unfinished backup of an ended job with the job's outcome, so
 /// it is never listed.
 async fn end_backup_of(
@@ -320,19 +343,7 @@ impl Catalog {
         let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         insert_job_row(&mut *transaction, job).await?;
         if job.kind == JobKind::Backup && !job.backup_id.is_empty() {
-            sqlx::query(
-                "INSERT INTO backups (id, job_id, agent_name, instance, database, status, started_at, tags)
-                 VALUES (?, ?, ?, ?, ?, 'running', ?, ?)",
-            )
-            .bind(&job.backup_id)
-            .bind(&job.id)
-            .bind(&job.agent_name)
-            .bind(&job.instance)
-            .bind(&job.database)
-            .bind(job.created_at)
-            .bind(serde_json::to_string(&tags.cloned().unwrap_or_default()).unwrap_or_else(|_| "{}".into()))
-            .execute(&mut *transaction)
-            .await?;
+            insert_backup_row(&mut *transaction, job, &tags.cloned().unwrap_or_default()).await?;
         }
         transaction.commit().await?;
         Ok(())

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use sqlx::FromRow;
 
 use super::Catalog;
-use super::jobs::{JobKind, JobRecord, JobState, insert_job_row_or_ignore};
+use super::jobs::{JobKind, JobRecord, JobState, insert_backup_row, insert_job_row_or_ignore};
 use crate::error::Result;
 
 /// A schedule as stored.
@@ -161,19 +161,7 @@ impl Catalog {
         for job in jobs {
             if insert_job_row_or_ignore(&mut *transaction, job).await? {
                 if job.kind == JobKind::Backup && job.status == JobState::Queued {
-                    sqlx::query(
-                        "INSERT INTO backups (id, job_id, agent_name, instance, database, status, started_at, tags)
-                         VALUES (?, ?, ?, ?, ?, 'running', ?, ?)",
-                    )
-                    .bind(&job.backup_id)
-                    .bind(&job.id)
-                    .bind(&job.agent_name)
-                    .bind(&job.instance)
-                    .bind(&job.database)
-                    .bind(job.created_at)
-                    .bind(serde_json::to_string(tags).unwrap_or_else(|_| "{}".into()))
-                    .execute(&mut *transaction)
-                    .await?;
+                    insert_backup_row(&mut *transaction, job, tags).await?;
                 }
                 inserted.push(job.clone());
             }

@@ -174,14 +174,42 @@ impl Fleet {
         }
     }
 
-    /// Sends a command and waits for its result.
-    pub async fn send_command(
+    /// The live session of `agent` (its last heartbeat recent enough), or
+    /// why there is none.
+    fn live_session<'a>(
         &self,
+        sessions: &'a mut HashMap<String, SessionHandle>,
         agent: &str,
+    ) -> Result<&'a mut Session> {
+        sessions
+            .get_mut(agent)
+            .filter(|s| {
+                s.0.last_heartbeat.elapsed() < self.heartbeat_interval * MISSED_HEARTBEATS_OFFLINE
+            })
+            .map(|s| &mut s.0)
+            .ok_or_else(|| {
+                CoordinatorError::Unavailable(format!(
+                    "agent {agent:?} is offline: check that cairn-agent runs on its host"
+                ))
+            })
+    }
+
+    /// A command message with a fresh id and this coordinator's term.
+    fn command_message(
+        &self,
         kind: proto::command::Kind,
-        timeout: Duration,
-    ) -> Result<CommandOutcome> {
-        self.send(agent, kind, String::new(), timeout).await
+        attempt_id: String,
+    ) -> (String, proto::CoordinatorMessage) {
+        let command_id = format!("cmd-{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+        let message = proto::CoordinatorMessage {
+            body: Some(proto::coordinator_message::Body::Command(proto::Command {
+                command_id: command_id.clone(),
+                kind: Some(kind),
+                term: self.term,
+                attempt_id,
+            })),
+        };
+        (command_id, message)
     }
 
     /// Sends the command of a job's attempt without waiting: its result
@@ -193,30 +221,8 @@ impl Fleet {
         attempt_id: &str,
         kind: proto::command::Kind,
     ) -> Result<()> {
-        let stream = {
-            let sessions = self.lock();
-            sessions
-                .get(agent)
-                .filter(|s| {
-                    s.0.last_heartbeat.elapsed()
-                        < self.heartbeat_interval * MISSED_HEARTBEATS_OFFLINE
-                })
-                .map(|s| s.0.sender.clone())
-                .ok_or_else(|| {
-                    CoordinatorError::Unavailable(format!(
-                        "agent {agent:?} is offline: check that cairn-agent runs on its host"
-                    ))
-                })?
-        };
-        let command_id = format!("cmd-{}", self.next_id.fetch_add(1, Ordering::Relaxed));
-        let message = proto::CoordinatorMessage {
-            body: Some(proto::coordinator_message::Body::Command(proto::Command {
-                command_id,
-                kind: Some(kind),
-                term: self.term,
-                attempt_id: attempt_id.to_string(),
-            })),
-        };
+        let stream = self.live_session(&mut self.lock(), agent)?.sender.clone();
+        let (_, message) = self.command_message(kind, attempt_id.to_string());
         // Bounded: a session whose queue stays full is as good as gone.
         match tokio::time::timeout(JOB_COMMAND_SEND_TIMEOUT, stream.send(Ok(message))).await {
             Ok(Ok(())) => Ok(()),
@@ -229,38 +235,21 @@ impl Fleet {
         }
     }
 
-    async fn send(
+    /// Sends a command (not a job's: probes, cancels) and waits for its
+    /// result.
+    pub async fn send_command(
         &self,
         agent: &str,
         kind: proto::command::Kind,
-        attempt_id: String,
         timeout: Duration,
     ) -> Result<CommandOutcome> {
-        let command_id = format!("cmd-{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+        let (command_id, message) = self.command_message(kind, String::new());
         let (sender, receiver) = oneshot::channel();
         let stream = {
             let mut sessions = self.lock();
-            let session = sessions
-                .get_mut(agent)
-                .filter(|s| {
-                    s.0.last_heartbeat.elapsed()
-                        < self.heartbeat_interval * MISSED_HEARTBEATS_OFFLINE
-                })
-                .ok_or_else(|| {
-                    CoordinatorError::Unavailable(format!(
-                        "agent {agent:?} is offline: check that cairn-agent runs on its host"
-                    ))
-                })?;
-            session.0.pending.insert(command_id.clone(), sender);
-            session.0.sender.clone()
-        };
-        let message = proto::CoordinatorMessage {
-            body: Some(proto::coordinator_message::Body::Command(proto::Command {
-                command_id: command_id.clone(),
-                kind: Some(kind),
-                term: self.term,
-                attempt_id,
-            })),
+            let session = self.live_session(&mut sessions, agent)?;
+            session.pending.insert(command_id.clone(), sender);
+            session.sender.clone()
         };
         let outcome = tokio::time::timeout(timeout, async {
             stream.send(Ok(message)).await.map_err(|_| {
@@ -285,7 +274,6 @@ impl Fleet {
         }
     }
 
-    /// Delivers a command result from the agent's stream.
     /// Delivers a command's result to whoever waits for it; the outcome
     /// back if nobody does (a job's result, which goes by attempt id).
     pub fn complete(

@@ -353,6 +353,25 @@ mod tests {
         made
     }
 
+    /// A schedule `30 2 * * *` in Europe/Berlin made at `start`, ticked
+    /// every minute for the eight hours after.
+    async fn nightly_at_half_past_two_in_berlin(dir: &std::path::Path, start: &str) -> Arc<Jobs> {
+        let jobs = engine(dir, start).await;
+        jobs.create_schedule(
+            "admin",
+            request("30 2 * * *", "Europe/Berlin", Duration::ZERO),
+        )
+        .await
+        .unwrap();
+        run_for(
+            &jobs,
+            Duration::from_secs(8 * 3600),
+            Duration::from_secs(60),
+        )
+        .await;
+        jobs
+    }
+
     /// Ticks every `step` for `span` of the manual clock.
     async fn run_for(jobs: &Jobs, span: Duration, step: Duration) {
         let mut elapsed = Duration::ZERO;
@@ -366,19 +385,7 @@ mod tests {
     #[tokio::test]
     async fn a_fire_in_the_skipped_hour_runs_once_at_the_jump() {
         let dir = tempfile::tempdir().unwrap();
-        let jobs = engine(dir.path(), "2026-03-28T22:00:00Z").await;
-        jobs.create_schedule(
-            "admin",
-            request("30 2 * * *", "Europe/Berlin", Duration::ZERO),
-        )
-        .await
-        .unwrap();
-        run_for(
-            &jobs,
-            Duration::from_secs(8 * 3600),
-            Duration::from_secs(60),
-        )
-        .await;
+        let jobs = nightly_at_half_past_two_in_berlin(dir.path(), "2026-03-28T22:00:00Z").await;
         // 02:30 does not exist on 2026-03-29 in Berlin: it fires at 03:00
         // CEST, 01:00 UTC, once.
         assert_eq!(
@@ -390,19 +397,7 @@ mod tests {
     #[tokio::test]
     async fn a_fire_in_the_repeated_hour_runs_once() {
         let dir = tempfile::tempdir().unwrap();
-        let jobs = engine(dir.path(), "2026-10-24T22:00:00Z").await;
-        jobs.create_schedule(
-            "admin",
-            request("30 2 * * *", "Europe/Berlin", Duration::ZERO),
-        )
-        .await
-        .unwrap();
-        run_for(
-            &jobs,
-            Duration::from_secs(8 * 3600),
-            Duration::from_secs(60),
-        )
-        .await;
+        let jobs = nightly_at_half_past_two_in_berlin(dir.path(), "2026-10-24T22:00:00Z").await;
         // 02:30 happens twice on 2026-10-25 in Berlin: the first, CEST.
         assert_eq!(
             fires(&jobs).await,
