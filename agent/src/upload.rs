@@ -96,12 +96,41 @@ pub struct Uploader {
     stored: bool,
 }
 
-async fn send(stream: &Stream, body: backup_upload::Body) -> Result<(), UploadError> {
-    stream
+/// How long a closed upload stream waits for the coordinator's last word.
+const CLOSE_REASON_WAIT: Duration = Duration::from_secs(5);
+
+async fn send(stream: &mut Stream, body: backup_upload::Body) -> Result<(), UploadError> {
+    if stream
         .outbound
         .send(proto::BackupUpload { body: Some(body) })
         .await
-        .map_err(|_| UploadError::Broken("the upload stream to the coordinator closed".into()))
+        .is_ok()
+    {
+        return Ok(());
+    }
+    // The coordinator stopped reading: its status says whether the attempt
+    // is over (a storage failure, a refusal: stop pg_dump) or the stream
+    // merely broke (resume). Without it a refused upload would wait to
+    // resume while pg_dump runs on.
+    let closed = "the upload stream to the coordinator closed";
+    let last_word = tokio::time::timeout(CLOSE_REASON_WAIT, async {
+        loop {
+            match stream.replies.message().await {
+                // A reply still queued before the close: read past it.
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await;
+    match last_word {
+        Ok(Some(status)) => Err(UploadError::of(
+            &status,
+            "the coordinator stopped the upload",
+        )),
+        _ => Err(UploadError::Broken(closed.into())),
+    }
 }
 
 async fn next_reply(stream: &mut Stream) -> Result<backup_upload_reply::Body, UploadError> {
@@ -229,7 +258,7 @@ impl Uploader {
             .map(|(_, chunk)| chunk.hash.as_bytes().to_vec())
             .collect();
         send(
-            stream,
+            &mut *stream,
             backup_upload::Body::Offer(proto::ChunkOffer { hashes }),
         )
         .await?;
