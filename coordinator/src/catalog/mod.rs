@@ -44,7 +44,7 @@ pub use jobs::{
     offline_reason,
 };
 pub use restores::VerificationRecord;
-pub use schedules::ScheduleRecord;
+pub use schedules::{FireProgress, ScheduleRecord};
 pub use uploads::RecordedChunk;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -38,9 +38,27 @@ pub struct ScheduleRecord {
     pub created_by: String,
     pub created_at: i64,
     pub evaluated_until: i64,
+    /// While a fire is part-made: the (fire time, target) of the last job
+    /// made (see [`FireProgress`]).
+    pub fire_cursor_at: Option<i64>,
+    pub fire_cursor_target: Option<String>,
+}
+
+/// Where a batch of a schedule's fire leaves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FireProgress {
+    /// More of the due fires' jobs remain after this (fire time, target).
+    PartMade { fire_at: i64, target: String },
+    /// Every due fire is made: the mark moves to this time.
+    Done { evaluated_until: i64 },
 }
 
 impl ScheduleRecord {
+    /// The (fire time, target) of the last job made of a part-made fire.
+    pub fn fire_cursor(&self) -> Option<(i64, &str)> {
+        Some((self.fire_cursor_at?, self.fire_cursor_target.as_deref()?))
+    }
+
     pub fn selector(&self) -> BTreeMap<String, String> {
         serde_json::from_str(&self.selector).unwrap_or_default()
     }
@@ -149,23 +167,62 @@ impl Catalog {
             > 0)
     }
 
-    /// Records the jobs of one fire, one per target; a job whose (schedule,
-    /// target, fire time) exists already is left out. The jobs inserted.
+    /// Records a batch of a schedule's fire jobs, one per (target, fire);
+    /// a job whose (schedule, target, fire time) exists already is left
+    /// out. In the same transaction the schedule moves to `progress`, if
+    /// its mark is still `evaluated_until` and its cursor still `cursor`:
+    /// otherwise another evaluation made these jobs first, nothing is
+    /// written and `None` comes back. The jobs inserted.
+    pub async fn insert_fire_batch(
+        &self,
+        schedule: &ScheduleRecord,
+        jobs: &[JobRecord],
+        tags: &BTreeMap<String, String>,
+        progress: &FireProgress,
+    ) -> Result<Option<Vec<JobRecord>>> {
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (mark, cursor_at, cursor_target) = match progress {
+            FireProgress::PartMade { fire_at, target } => (
+                schedule.evaluated_until,
+                Some(*fire_at),
+                Some(target.as_str()),
+            ),
+            FireProgress::Done { evaluated_until } => (*evaluated_until, None, None),
+        };
+        let moved = sqlx::query(
+            "UPDATE schedules SET evaluated_until = ?, fire_cursor_at = ?, fire_cursor_target = ?
+             WHERE id = ? AND evaluated_until = ?
+               AND fire_cursor_at IS ? AND fire_cursor_target IS ?",
+        )
+        .bind(mark)
+        .bind(cursor_at)
+        .bind(cursor_target)
+        .bind(&schedule.id)
+        .bind(schedule.evaluated_until)
+        .bind(schedule.fire_cursor_at)
+        .bind(&schedule.fire_cursor_target)
+        .execute(&mut *transaction)
+        .await?
+        .rows_affected();
+        if moved == 0 {
+            transaction.rollback().await?;
+            return Ok(None);
+        }
+        let inserted = insert_jobs(&mut transaction, jobs, tags).await?;
+        transaction.commit().await?;
+        Ok(Some(inserted))
+    }
+
+    /// Records the jobs of a fire outside the cron (`run-now`), as
+    /// [`Catalog::insert_fire_batch`] does but leaving the schedule as it
+    /// is. The jobs inserted.
     pub async fn insert_fire_jobs(
         &self,
         jobs: &[JobRecord],
         tags: &BTreeMap<String, String>,
     ) -> Result<Vec<JobRecord>> {
         let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut inserted = Vec::new();
-        for job in jobs {
-            if insert_job_row_or_ignore(&mut *transaction, job).await? {
-                if job.kind == JobKind::Backup && job.status == JobState::Queued {
-                    insert_backup_row(&mut *transaction, job, tags).await?;
-                }
-                inserted.push(job.clone());
-            }
-        }
+        let inserted = insert_jobs(&mut transaction, jobs, tags).await?;
         transaction.commit().await?;
         Ok(inserted)
     }
@@ -181,4 +238,23 @@ impl Catalog {
         .fetch_all(&self.pool)
         .await?)
     }
+}
+
+/// Inserts each job not made already (and the backup row of a queued
+/// backup); the jobs inserted.
+async fn insert_jobs(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    jobs: &[JobRecord],
+    tags: &BTreeMap<String, String>,
+) -> Result<Vec<JobRecord>> {
+    let mut inserted = Vec::new();
+    for job in jobs {
+        if insert_job_row_or_ignore(&mut **transaction, job).await? {
+            if job.kind == JobKind::Backup && job.status == JobState::Queued {
+                insert_backup_row(&mut **transaction, job, tags).await?;
+            }
+            inserted.push(job.clone());
+        }
+    }
+    Ok(inserted)
 }

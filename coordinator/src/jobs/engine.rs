@@ -27,6 +27,10 @@ use crate::jobs::{Jobs, random_suffix};
 
 /// How often the engine looks at its jobs when nothing wakes it.
 pub const TICK: Duration = Duration::from_secs(1);
+/// Most wait reasons one tick rewrites (10,000 jobs whose spread slots
+/// all pass at once would otherwise hold the catalog for a third of a
+/// second).
+pub const WAIT_REASON_BATCH: usize = 1000;
 /// The first retry waits this long; each further one twice as long.
 const FIRST_RETRY_DELAY_MS: i64 = 5_000;
 /// The longest wait between attempts.
@@ -44,6 +48,10 @@ pub struct TickReport {
     pub timed_out: usize,
     /// Attempts failed because their agent did not come back in time.
     pub lost: usize,
+    /// Wait reasons rewritten (at most [`WAIT_REASON_BATCH`]).
+    pub reasons_written: usize,
+    /// A schedule's fire is part-made: the next tick goes on with it.
+    pub firing: bool,
 }
 
 /// The running jobs counted against the limits.
@@ -109,6 +117,7 @@ impl Jobs {
             .await?;
         let mut report = TickReport {
             fired: fired.queued,
+            firing: fired.unfinished,
             waiting: still_waiting,
             ..TickReport::default()
         };
@@ -161,7 +170,11 @@ impl Jobs {
                 }
             }
         }
+        // Reasons are for people reading `jobs list`: a tick writes a
+        // bounded number, and the next tick the rest (they still differ).
+        reasons.truncate(WAIT_REASON_BATCH);
         self.catalog.set_wait_reasons(&reasons).await?;
+        report.reasons_written = reasons.len();
         Ok(report)
     }
 

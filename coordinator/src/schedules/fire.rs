@@ -18,15 +18,23 @@ use chrono::{DateTime, TimeZone, Utc};
 use super::targets::{Target, targets};
 use super::timing::{CronSchedule, due_fires, spread_offset};
 use crate::audit::{AuditEvent, Outcome};
-use crate::catalog::{JobKind, JobRecord, JobState, ScheduleRecord};
+use crate::catalog::{FireProgress, JobKind, JobRecord, JobState, ScheduleRecord};
 use crate::error::Result;
 use crate::jobs::{DEFAULT_DEADLINE, Jobs, duration_ms, random_suffix};
+
+/// Most jobs the schedules make in one tick. A fire over a larger fleet is
+/// made over several ticks (the engine ticks again at once while one is
+/// part-made), so that no tick holds the catalog for long: measured by
+/// `cargo xtask bench --engine`.
+pub const FIRE_BATCH: usize = 1000;
 
 /// What one evaluation of the schedules made.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct FireReport {
     pub queued: usize,
     pub missed: usize,
+    /// A fire is part-made: the next tick goes on with it.
+    pub unfinished: bool,
 }
 
 fn millis(ms: i64) -> DateTime<Utc> {
@@ -37,28 +45,67 @@ fn duration_of(ms: i64) -> Duration {
     Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
+/// What a due fire makes for one target.
+#[derive(Debug, Clone, Copy)]
+enum Planned {
+    /// A queued job (missed if skipped for an overlap); the next fire
+    /// bounds how long it may wait.
+    Run { next_fire: Option<i64> },
+    /// A `missed` row: a newer fire caught up after a stop runs instead.
+    Superseded,
+    /// A `missed` row: older than `--catch-up`.
+    TooOld,
+}
+
+/// One job of a due fire, in the order batches make them.
+struct Row<'a> {
+    fire_at: i64,
+    key: String,
+    target: &'a Target,
+    planned: Planned,
+}
+
 impl Jobs {
-    /// Evaluates every schedule up to `now`.
+    /// Evaluates every schedule up to `now`, making at most
+    /// [`FIRE_BATCH`] jobs.
     pub async fn fire_schedules(&self, now: i64) -> Result<FireReport> {
         let mut report = FireReport::default();
+        let mut budget = FIRE_BATCH;
         for schedule in self.catalog.list_schedules().await? {
             if schedule.paused {
                 continue;
             }
-            match self.fire_schedule(&schedule, now).await {
-                Ok(made) => {
+            if budget == 0 {
+                // Whatever is left is for the next tick.
+                report.unfinished = true;
+                break;
+            }
+            match self.fire_schedule(&schedule, now, budget).await {
+                Ok((made, rows)) => {
+                    budget = budget.saturating_sub(rows);
                     report.queued += made.queued;
                     report.missed += made.missed;
+                    report.unfinished |= made.unfinished;
                 }
                 Err(error) => {
                     tracing::error!(schedule = %schedule.name, %error, "cannot fire the schedule");
                 }
             }
         }
+        if report.queued > 0 || report.unfinished {
+            self.wake.notify_one();
+        }
         Ok(report)
     }
 
-    async fn fire_schedule(&self, schedule: &ScheduleRecord, now: i64) -> Result<FireReport> {
+    /// Makes up to `budget` jobs of the schedule's due fires; what it made
+    /// and how many rows it wrote.
+    async fn fire_schedule(
+        &self,
+        schedule: &ScheduleRecord,
+        now: i64,
+        budget: usize,
+    ) -> Result<(FireReport, usize)> {
         let timing = CronSchedule::parse(&schedule.cron, &schedule.timezone)?;
         let due = due_fires(
             &timing,
@@ -66,92 +113,137 @@ impl Jobs {
             millis(now),
             duration_of(schedule.catch_up_ms),
         );
-        if due.run.is_empty() && due.missed.is_empty() && due.missed_beyond_cap == 0 {
-            return Ok(FireReport::default());
+        let cursor = schedule.fire_cursor();
+        if due.run.is_empty()
+            && due.missed.is_empty()
+            && due.missed_beyond_cap == 0
+            && cursor.is_none()
+        {
+            return Ok((FireReport::default(), 0));
         }
         let (targets, problems) = targets(&self.catalog, schedule).await?;
-        for problem in &problems {
-            tracing::warn!(schedule = %schedule.name, %problem, "a target of the schedule is left out");
+        if cursor.is_none() {
+            for problem in &problems {
+                tracing::warn!(schedule = %schedule.name, %problem, "a target of the schedule is left out");
+            }
         }
-        let mut jobs = Vec::new();
         // Fires caught up after a stop run once: as the newest of them.
         let (superseded, to_run) = due.run.split_at(due.run.len().saturating_sub(1));
-        for fire in to_run {
-            let active: HashSet<String> = if schedule.on_overlap == "skip" {
-                self.catalog
-                    .active_schedule_targets(&schedule.id)
-                    .await?
-                    .into_iter()
-                    .collect()
-            } else {
-                HashSet::new()
-            };
-            let next_fire = timing
+        let mut rows = Vec::new();
+        let mut plan = |fires: &[DateTime<Utc>], planned: &dyn Fn(&DateTime<Utc>) -> Planned| {
+            for fire in fires {
+                for target in &targets {
+                    rows.push(Row {
+                        fire_at: fire.timestamp_millis(),
+                        key: target.key(),
+                        target,
+                        planned: planned(fire),
+                    });
+                }
+            }
+        };
+        plan(to_run, &|fire| Planned::Run {
+            next_fire: timing
                 .next_fires(*fire, 1)
                 .first()
-                .map(DateTime::timestamp_millis);
-            for target in &targets {
-                let mut job = self
-                    .scheduled_job(schedule, target, fire.timestamp_millis(), now)
-                    .await?;
-                let offset = duration_ms(spread_offset(
-                    &schedule.id,
-                    &target.key(),
-                    duration_of(schedule.spread_ms),
-                ));
-                job.not_before = fire.timestamp_millis() + offset;
-                // A fire still waiting when the next one comes is missed:
-                // at most one fire per target waits.
-                job.deadline_at = Some(
-                    next_fire.map_or(job.not_before + duration_ms(DEFAULT_DEADLINE), |next| {
-                        next + offset
-                    }),
-                );
-                if active.contains(&target.key()) {
+                .map(DateTime::timestamp_millis),
+        });
+        plan(superseded, &|_| Planned::Superseded);
+        plan(&due.missed, &|_| Planned::TooOld);
+        rows.sort_by(|a, b| (a.fire_at, &a.key).cmp(&(b.fire_at, &b.key)));
+        // What earlier batches made is behind the cursor.
+        let made_before = cursor.map_or(0, |(fire_at, target)| {
+            rows.partition_point(|row| (row.fire_at, row.key.as_str()) <= (fire_at, target))
+        });
+        let batch_end = rows.len().min(made_before + budget.max(1));
+        let batch = &rows[made_before..batch_end];
+        let progress = match batch.last() {
+            Some(last) if batch_end < rows.len() => FireProgress::PartMade {
+                fire_at: last.fire_at,
+                target: last.key.clone(),
+            },
+            _ => FireProgress::Done {
+                evaluated_until: now,
+            },
+        };
+
+        let active: HashSet<String> = if schedule.on_overlap == "skip"
+            && batch
+                .iter()
+                .any(|row| matches!(row.planned, Planned::Run { .. }))
+        {
+            self.catalog
+                .active_schedule_targets(&schedule.id)
+                .await?
+                .into_iter()
+                .collect()
+        } else {
+            HashSet::new()
+        };
+        let newest = to_run
+            .first()
+            .map(|newest| newest.to_rfc3339())
+            .unwrap_or_default();
+        let mut jobs = Vec::with_capacity(batch.len());
+        for row in batch {
+            let mut job = self
+                .scheduled_job(schedule, row.target, row.fire_at, now)
+                .await?;
+            match row.planned {
+                Planned::Run { next_fire } => {
+                    let offset = duration_ms(spread_offset(
+                        &schedule.id,
+                        &row.key,
+                        duration_of(schedule.spread_ms),
+                    ));
+                    job.not_before = row.fire_at + offset;
+                    // A fire still waiting when the next one comes is
+                    // missed: at most one fire per target waits.
+                    job.deadline_at = Some(
+                        next_fire.map_or(job.not_before + duration_ms(DEFAULT_DEADLINE), |next| {
+                            next + offset
+                        }),
+                    );
+                    if active.contains(&row.key) {
+                        job.status = JobState::Missed;
+                        job.error = "skipped: the job of an earlier fire is still queued or \
+                                     running (--on-overlap skip)"
+                            .into();
+                        job.finished_at = Some(now);
+                    }
+                }
+                Planned::Superseded => {
                     job.status = JobState::Missed;
-                    job.error = "skipped: the job of an earlier fire is still queued or running \
-                                 (--on-overlap skip)"
-                        .into();
+                    job.error = format!(
+                        "caught up once: the coordinator was not running at the fire time, and \
+                         the fires since run once, as the newest ({newest})"
+                    );
                     job.finished_at = Some(now);
                 }
-                jobs.push(job);
+                Planned::TooOld => {
+                    job.status = JobState::Missed;
+                    job.error = format!(
+                        "not run: the coordinator was not running at the fire time, more than \
+                         --catch-up ({}) ago",
+                        humantime::format_duration(duration_of(schedule.catch_up_ms))
+                    );
+                    job.finished_at = Some(now);
+                }
             }
-        }
-        for fire in superseded {
-            for target in &targets {
-                let mut job = self
-                    .scheduled_job(schedule, target, fire.timestamp_millis(), now)
-                    .await?;
-                job.status = JobState::Missed;
-                job.error = format!(
-                    "caught up once: the coordinator was not running at the fire time, and \
-                     the fires since run once, as the newest ({})",
-                    to_run
-                        .first()
-                        .map(|newest| newest.to_rfc3339())
-                        .unwrap_or_default()
-                );
-                job.finished_at = Some(now);
-                jobs.push(job);
-            }
-        }
-        for fire in &due.missed {
-            for target in &targets {
-                let mut job = self
-                    .scheduled_job(schedule, target, fire.timestamp_millis(), now)
-                    .await?;
-                job.status = JobState::Missed;
-                job.error = format!(
-                    "not run: the coordinator was not running at the fire time, more than \
-                     --catch-up ({}) ago",
-                    humantime::format_duration(duration_of(schedule.catch_up_ms))
-                );
-                job.finished_at = Some(now);
-                jobs.push(job);
-            }
+            jobs.push(job);
         }
         let tags = [("schedule".to_string(), schedule.name.clone())].into();
-        let inserted = self.catalog.insert_fire_jobs(&jobs, &tags).await?;
+        // The schedule moves in the same transaction: a crash before it
+        // makes this batch again (the unique key leaves out what exists);
+        // another evaluation that moved it first made these itself.
+        let Some(inserted) = self
+            .catalog
+            .insert_fire_batch(schedule, &jobs, &tags, &progress)
+            .await?
+        else {
+            return Ok((FireReport::default(), 0));
+        };
+        let unfinished = matches!(progress, FireProgress::PartMade { .. });
         let report = FireReport {
             queued: inserted
                 .iter()
@@ -161,8 +253,19 @@ impl Jobs {
                 .iter()
                 .filter(|j| j.status == JobState::Missed)
                 .count(),
+            unfinished,
         };
-        if !inserted.is_empty() || due.missed_beyond_cap > 0 {
+        let beyond_cap = if unfinished || due.missed_beyond_cap == 0 {
+            0
+        } else {
+            due.missed_beyond_cap
+        };
+        if !inserted.is_empty() || beyond_cap > 0 {
+            let made_so_far = if unfinished || made_before > 0 {
+                format!(" ({batch_end} of the {} made so far)", rows.len())
+            } else {
+                String::new()
+            };
             self.audit
                 .record(AuditEvent::new(
                     "coordinator",
@@ -174,20 +277,17 @@ impl Jobs {
                         Outcome::Failed
                     },
                     format!(
-                        "{} fire(s) over {} target(s): {} job(s) queued, {} missed{}{}",
+                        "{} fire(s) over {} target(s): {} job(s) queued, {} missed{made_so_far}{}{}",
                         due.run.len() + due.missed.len(),
                         targets.len(),
                         report.queued,
                         report.missed,
-                        if due.missed_beyond_cap > 0 {
-                            format!(
-                                ", and {} older fire(s) not recorded one by one",
-                                due.missed_beyond_cap
-                            )
+                        if beyond_cap > 0 {
+                            format!(", and {beyond_cap} older fire(s) not recorded one by one")
                         } else {
                             String::new()
                         },
-                        if problems.is_empty() {
+                        if problems.is_empty() || made_before > 0 {
                             String::new()
                         } else {
                             format!("; left out: {}", problems.join("; "))
@@ -196,15 +296,7 @@ impl Jobs {
                 ))
                 .await;
         }
-        // Only now: a crash before this re-evaluates the same fires, which
-        // the unique key makes harmless.
-        self.catalog
-            .advance_schedule(&schedule.id, schedule.evaluated_until, now)
-            .await?;
-        if report.queued > 0 {
-            self.wake.notify_one();
-        }
-        Ok(report)
+        Ok((report, batch.len()))
     }
 
     /// The job one fire makes for one target (queued; the caller sets its
@@ -467,6 +559,52 @@ mod tests {
         assert_eq!(
             fires(&jobs).await,
             vec![(at("2026-06-01T03:00:00Z"), JobState::Queued)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fire_larger_than_a_batch_is_made_over_ticks_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = engine(dir.path(), "2026-06-01T02:59:00Z").await;
+        let count = FIRE_BATCH + FIRE_BATCH / 2;
+        let mut many = request("0 3 * * *", "UTC", Duration::ZERO);
+        many.databases = (0..count).map(|i| format!("db{i:05}")).collect();
+        jobs.create_schedule("admin", many).await.unwrap();
+        jobs.clock.advance(Duration::from_secs(120));
+        let now = jobs.clock.now_ms();
+        let before = jobs.catalog.get_schedule("nightly").await.unwrap().unwrap();
+
+        let first = jobs.fire_schedules(now).await.unwrap();
+        assert_eq!((first.queued, first.unfinished), (FIRE_BATCH, true));
+        let part_made = jobs.catalog.get_schedule("nightly").await.unwrap().unwrap();
+        assert_eq!(part_made.evaluated_until, before.evaluated_until);
+        assert!(part_made.fire_cursor().is_some(), "{part_made:?}");
+        // An evaluation that read the schedule before that batch (a second
+        // coordinator) makes nothing: the batch moved the schedule.
+        assert_eq!(
+            jobs.fire_schedule(&before, now, FIRE_BATCH).await.unwrap(),
+            (FireReport::default(), 0)
+        );
+
+        let second = jobs.fire_schedules(now).await.unwrap();
+        assert_eq!(
+            (second.queued, second.unfinished),
+            (count - FIRE_BATCH, false)
+        );
+        let done = jobs.catalog.get_schedule("nightly").await.unwrap().unwrap();
+        assert_eq!((done.evaluated_until, done.fire_cursor()), (now, None));
+        assert_eq!(
+            jobs.fire_schedules(now).await.unwrap(),
+            FireReport::default()
+        );
+
+        let made = jobs.catalog.list_jobs(None, 10_000).await.unwrap();
+        let targets: HashSet<String> = made.iter().filter_map(|j| j.target.clone()).collect();
+        assert_eq!((made.len(), targets.len()), (count, count));
+        assert!(
+            made.iter()
+                .all(|j| j.status == JobState::Queued
+                    && j.fire_at == Some(at("2026-06-01T03:00:00Z")))
         );
     }
 

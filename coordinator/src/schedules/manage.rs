@@ -170,6 +170,8 @@ impl ScheduleRequest {
             created_at: now,
             // Fires from now on; none before the schedule existed.
             evaluated_until: now,
+            fire_cursor_at: None,
+            fire_cursor_target: None,
         })
     }
 }
