@@ -7,8 +7,8 @@
 //! guards them), `audit`, `catalog` (all SQL), `fleet` (agents' sessions
 //! and the fleet CA), `jobs` (the job engine and each kind's data path),
 //! `repository` (backup storage: layout, keys, manifests, checks),
-//! `schedules` (when fleet schedules fire), `server` (the process:
-//! startup, home, HTTP).
+//! `retention` (which backups a policy keeps), `schedules` (when fleet
+//! schedules fire), `server` (the process: startup, home, HTTP).
 
 pub mod api;
 pub mod audit;
@@ -19,6 +19,7 @@ pub mod error;
 pub mod fleet;
 pub mod jobs;
 pub mod repository;
+pub mod retention;
 pub mod schedules;
 pub mod server;
 

@@ -120,6 +120,17 @@ const CRON_FIELDS: [&str; 5] = ["minute", "hour", "day-of-month", "month", "day-
 const CRON_FORM: &str =
     "use 5 fields: minute hour day-of-month month day-of-week, e.g. \"0 3 * * *\"";
 
+/// Reads an IANA time zone name as given to `--timezone` (schedules,
+/// `cairn retention simulate`); the error names the flag and the fix.
+pub fn parse_timezone(timezone: &str) -> Result<Tz> {
+    Tz::from_str(timezone).map_err(|_| {
+        CoordinatorError::InvalidArgument(format!(
+            "--timezone {timezone:?}: not an IANA time zone; \
+             use a name like Europe/Berlin or UTC"
+        ))
+    })
+}
+
 /// A parsed cron expression in an IANA time zone.
 #[derive(Debug, Clone)]
 pub struct CronSchedule {
@@ -166,12 +177,7 @@ impl CronSchedule {
     fn parse_uncached(expression: &str, timezone: &str) -> Result<Self> {
         #[cfg(test)]
         tests::UNCACHED_PARSES.with(|count| count.set(count.get() + 1));
-        let zone = Tz::from_str(timezone).map_err(|_| {
-            CoordinatorError::InvalidArgument(format!(
-                "--timezone {timezone:?}: not an IANA time zone; \
-                 use a name like Europe/Berlin or UTC"
-            ))
-        })?;
+        let zone = parse_timezone(timezone)?;
         let fields = expression.split_whitespace().count();
         let nickname = expression.trim_start().starts_with('@');
         if !nickname && fields != 5 {
