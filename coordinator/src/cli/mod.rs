@@ -12,6 +12,7 @@ mod output;
 mod pages;
 mod repository;
 mod restores;
+mod retention;
 mod schedules;
 mod tokens;
 
@@ -117,6 +118,10 @@ enum Command {
     /// Fleet schedules: backups (or drills) on a cron, by agent or label.
     #[command(subcommand)]
     Schedule(schedules::ScheduleCommand),
+    /// Retention policies: which backups to keep, by restic's forget
+    /// rules. `simulate` tries a policy offline on a list of times.
+    #[command(subcommand)]
+    Retention(retention::RetentionCommand),
     /// Every database the fleet's probes know, the schedules that cover
     /// it and its last complete backup; exit 1 if one is uncovered.
     Coverage {
@@ -446,6 +451,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Audit(command) => audit::run(command).await,
         Command::Jobs(command) => jobs::run(command).await,
         Command::Schedule(command) => schedules::run(command).await,
+        Command::Retention(command) => retention::run(command),
         Command::Coverage {
             selector,
             connection,
