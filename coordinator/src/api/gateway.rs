@@ -119,9 +119,15 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                 "downloads need an agent certificate",
             ));
         };
-        let job_id = request.into_inner().job_id;
+        let proto::DownloadRequest {
+            job_id,
+            from_chunk,
+            attempt_id,
+        } = request.into_inner();
         // Only the agent a running restore (or drill) job was sent to may
-        // read its backup, and only while the job runs.
+        // read its backup, and only while the job runs: a resumed download
+        // only while its attempt is the job's current one (the engine may
+        // have ended it, for a re-attach timeout, while the agent was away).
         let job = self
             .catalog
             .get_job(&job_id)
@@ -130,6 +136,7 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                 job.kind.reads_a_backup()
                     && job.agent_name == agent.as_str()
                     && job.status == JobState::Running
+                    && (attempt_id.is_empty() || job.attempt_id == attempt_id)
             })
             .ok_or_else(|| {
                 Status::permission_denied(format!(
@@ -137,6 +144,10 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                 ))
             })?;
         let manifest = crate::jobs::download::manifest_of(&self.repository, &job).await?;
+        let from_chunk = crate::jobs::download::check_from_chunk(&manifest, from_chunk)?;
+        if from_chunk > 0 {
+            tracing::info!(job_id = %job.id, %agent, from_chunk, "download resumed");
+        }
         let (sender, receiver) = mpsc::channel(crate::jobs::download::DOWNLOAD_QUEUE_LEN);
         let span = tracing::info_span!("download", job_id = %job.id, agent = %agent, backup = %job.backup_id);
         self.tasks.spawn(
@@ -145,6 +156,7 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
                 self.repository.clone(),
                 job,
                 manifest,
+                from_chunk,
                 sender,
             )
             .instrument(span),

@@ -14,6 +14,12 @@
 //!
 //! A few chunks are read and authenticated ahead; the stream's queue is
 //! short and flow-controlled, so a slow pg_restore slows the reads down.
+//!
+//! A download resumes: when its stream broke (the network, this
+//! coordinator's restart) the agent asks again with the number of chunks it
+//! already has (`from_chunk`), and the list and the chunks start after
+//! them; each page says where it starts (`first_chunk`), which the agent
+//! checks.
 
 use std::sync::Arc;
 
@@ -58,19 +64,45 @@ pub async fn manifest_of(repository: &Repository, job: &JobRecord) -> Result<Man
         })
 }
 
-/// Sends the backup's list and chunks to `sender` until done, the agent
-/// goes away, or a chunk cannot be read or authenticated (then the error is
-/// the stream's last item).
+/// `from_chunk` of a download request, checked against the backup's chunk
+/// count (globals included).
+pub fn check_from_chunk(manifest: &Manifest, from_chunk: u64) -> Result<usize, Status> {
+    let count = usize::from(manifest.globals.is_some()) + manifest.chunks.len();
+    usize::try_from(from_chunk)
+        .ok()
+        .filter(|from| *from <= count)
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "from_chunk is {from_chunk}, but the backup has {count} chunks (globals \
+                 included): resume at most at the end"
+            ))
+        })
+}
+
+/// Sends the backup's list and chunks, from chunk `from_chunk` on (see
+/// [`check_from_chunk`]), to `sender` until done, the agent goes away, or a
+/// chunk cannot be read or authenticated (then the error is the stream's
+/// last item).
 pub async fn stream_chunks(
     catalog: Arc<Catalog>,
     repository: Arc<Repository>,
     job: JobRecord,
     manifest: Manifest,
+    from_chunk: usize,
     sender: ChunkSender,
 ) {
-    let chunks = manifest.chunks_in_order();
+    let mut chunks = manifest.chunks_in_order();
     let total = manifest.chunks.len();
-    let reads = futures::stream::iter(listed_pages(chunks))
+    let from_chunk = from_chunk.min(chunks.len());
+    // The chunks the agent already has were sent by an earlier stream of
+    // this attempt: counted, so that the job's progress stays true.
+    let (mut sent_bytes, mut sent_chunks) = chunks
+        .drain(..from_chunk)
+        .filter(|(position, _)| position.is_some())
+        .fold((0u64, 0u64), |(bytes, count), (_, chunk)| {
+            (bytes + chunk.plaintext_bytes, count + 1)
+        });
+    let reads = futures::stream::iter(listed_pages(chunks, from_chunk))
         .map(|item| {
             let repository = repository.clone();
             async move {
@@ -85,8 +117,6 @@ pub async fn stream_chunks(
         })
         .buffered(READ_AHEAD);
     let mut reads = std::pin::pin!(reads);
-    let mut sent_bytes = 0u64;
-    let mut sent_chunks = 0u64;
     while let Some(read) = reads.next().await {
         let (body, position, chunk) = match read {
             Read::List(list) => (download_message::Body::List(list), None, None),
@@ -153,9 +183,10 @@ enum Read {
     ),
 }
 
-/// Each page of the list followed by its chunks; one empty last page for a
-/// backup without chunks.
-fn listed_pages(chunks: Vec<(Option<usize>, ManifestChunk)>) -> Vec<Item> {
+/// Each page of the list followed by its chunks, the first of which is
+/// chunk `first_chunk` of the backup; one empty last page when there are
+/// no chunks (left).
+fn listed_pages(chunks: Vec<(Option<usize>, ManifestChunk)>, first_chunk: usize) -> Vec<Item> {
     let pages = chunks.len().div_ceil(LIST_PAGE).max(1);
     let mut items = Vec::with_capacity(chunks.len() + pages);
     let mut chunks = chunks.into_iter();
@@ -175,6 +206,7 @@ fn listed_pages(chunks: Vec<(Option<usize>, ManifestChunk)>) -> Vec<Item> {
                 })
                 .collect(),
             last: page + 1 == pages,
+            first_chunk: (first_chunk + page * LIST_PAGE) as u64,
         }));
         items.extend(
             entries
@@ -305,11 +337,11 @@ mod tests {
 
     #[test]
     fn each_page_of_the_list_comes_before_its_chunks() {
-        assert_eq!(shape(&listed_pages(Vec::new())), ["list 0 true"]);
+        assert_eq!(shape(&listed_pages(Vec::new(), 0)), ["list 0 true"]);
 
         let mut chunks = vec![(None, chunk(0))];
         chunks.extend((0..LIST_PAGE).map(|i| (Some(i), chunk(i + 1))));
-        let items = listed_pages(chunks);
+        let items = listed_pages(chunks, 0);
         let shape = shape(&items);
         assert_eq!(shape.len(), LIST_PAGE + 1 + 2);
         assert_eq!(shape[0], format!("list {LIST_PAGE} false"));
@@ -322,5 +354,37 @@ mod tests {
         };
         assert!(first.chunks[0].globals && !first.chunks[1].globals);
         assert_eq!(first.chunks[1].hash, chunk(1).hash.unwrap().as_bytes());
+        let Item::List(second) = &items[LIST_PAGE + 1] else {
+            panic!("a second page")
+        };
+        assert_eq!(
+            (first.first_chunk, second.first_chunk),
+            (0, LIST_PAGE as u64)
+        );
+    }
+
+    #[test]
+    fn a_resumed_download_lists_from_where_the_agent_is() {
+        // The rest of a backup whose first 5 chunks the agent has.
+        let rest: Vec<(Option<usize>, ManifestChunk)> =
+            (4..7).map(|i| (Some(i), chunk(i + 1))).collect();
+        let items = listed_pages(rest, 5);
+        assert_eq!(
+            shape(&items),
+            ["list 3 true", "chunk 4", "chunk 5", "chunk 6"]
+        );
+        let Item::List(page) = &items[0] else {
+            panic!("a list first")
+        };
+        assert_eq!(page.first_chunk, 5);
+        assert!(page.chunks.iter().all(|entry| !entry.globals));
+        // At the end: one empty last page, where the agent is.
+        let Item::List(page) = &listed_pages(Vec::new(), 8)[0] else {
+            panic!("a list")
+        };
+        assert_eq!(
+            (page.chunks.len(), page.last, page.first_chunk),
+            (0, true, 8)
+        );
     }
 }
