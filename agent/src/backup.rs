@@ -21,7 +21,8 @@ use crate::config::AgentConfig;
 use crate::dump::{self, DumpError, DumpProgress, DumpRequest};
 use crate::jobs::{JobEnd, RunningJobs};
 use crate::postgres;
-use crate::upload::{OFFER_BATCH, UploadError, Uploader};
+use crate::resume::StreamError;
+use crate::upload::{OFFER_BATCH, Uploader};
 
 const FACTS_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -110,7 +111,7 @@ pub async fn run(
             }
             uploader.push(batch).await?;
         }
-        Ok::<(), UploadError>(())
+        Ok::<(), StreamError>(())
     };
     // A failed upload must stop pg_dump too: its chunks would wait forever
     // on a channel nobody reads.

@@ -14,6 +14,7 @@ pub mod jobs;
 pub mod postgres;
 pub mod renew;
 pub mod restore;
+pub mod resume;
 pub mod spool;
 pub mod upload;
 

@@ -75,7 +75,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_common::archive::{ArchiveHead, ArchiveSummary};
-use cairn_common::proto::{self, agent_gateway_client::AgentGatewayClient};
+use cairn_common::proto;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -84,6 +84,7 @@ use crate::config::AgentConfig;
 use crate::jobs::{JobEnd, RunningJobs};
 use crate::postgres::target::{DatabaseContents, Instance};
 use crate::postgres::{PgRestoreOptions, PgTools, PostgresError};
+use crate::resume::{Link, StreamError};
 use download::Chunks;
 use feed::{Archive, Run};
 use request::{Mode, Request};
@@ -139,14 +140,11 @@ pub enum RestoreError {
 
 impl RestoreError {
     /// The coordinator ended the download with this status.
+    /// A break is `Interrupted` (the download resumes), a refusal final.
     fn coordinator(status: &tonic::Status) -> RestoreError {
-        let message = format!("the coordinator stopped the download: {}", status.message());
-        match status.code() {
-            tonic::Code::Unavailable
-            | tonic::Code::Unknown
-            | tonic::Code::Cancelled
-            | tonic::Code::DeadlineExceeded => RestoreError::Interrupted(message),
-            _ => RestoreError::Download(message),
+        match StreamError::of(status, "the coordinator stopped the download") {
+            StreamError::Broken(message) => RestoreError::Interrupted(message),
+            StreamError::Refused(message) => RestoreError::Download(message),
         }
     }
 }
@@ -211,7 +209,12 @@ pub async fn run(
         Ok(_) => {}
         Err(error) => tracing::debug!(%error, "cannot look for leftover staging databases"),
     }
-    let outcome = execute(&request, &instance, &mut state, channel, &guard.token).await;
+    let download = download::Redownload {
+        link: Link::new(jobs, channel, guard.token.clone()),
+        job_id: request.job_id.clone(),
+        attempt_id: attempt_id.to_string(),
+    };
+    let outcome = execute(&request, &instance, &mut state, download, &guard.token).await;
     let left_behind = staging::clean_up(&request, &instance, &mut state).await;
     let and_left_behind = left_behind
         .as_ref()
@@ -278,13 +281,13 @@ async fn execute(
     request: &Request,
     instance: &Instance,
     state: &mut State,
-    channel: Channel,
+    download: download::Redownload,
     cancel: &CancellationToken,
 ) -> Result<(), RestoreError> {
     let restored = tokio::select! {
         biased;
         () = cancel.cancelled() => return Err(RestoreError::Cancelled),
-        restored = check_and_restore(request, instance, state, channel) => restored?,
+        restored = check_and_restore(request, instance, state, download) => restored?,
     };
     match request.mode {
         // Not cancellable: see the module documentation.
@@ -316,7 +319,7 @@ async fn check_and_restore(
     request: &Request,
     instance: &Instance,
     state: &mut State,
-    channel: Channel,
+    download: download::Redownload,
 ) -> Result<Restored, RestoreError> {
     if instance.in_recovery().await? {
         return Err(RestoreError::Refused(format!(
@@ -327,17 +330,21 @@ async fn check_and_restore(
     let target = checks::check_target(request, instance).await?;
     let spool = checks::check_space(request, instance, state).await?;
 
-    let mut client = AgentGatewayClient::new(channel)
-        .max_decoding_message_size(cairn_common::chunk::MAX_CHUNK_MESSAGE_BYTES)
-        .max_encoding_message_size(cairn_common::chunk::MAX_CHUNK_MESSAGE_BYTES);
-    let messages = client
-        .download_backup(proto::DownloadRequest {
-            job_id: request.job_id.clone(),
-        })
-        .await
-        .map_err(|status| RestoreError::coordinator(&status))?
-        .into_inner();
-    let mut chunks: Chunks<'_> = Box::pin(download::opened_chunks(messages, request.chunk_count));
+    // The first stream from the chunk 0; a break later resumes it
+    // (`download::Redownload`).
+    let messages = download::open(
+        download.link.channel(),
+        &download.job_id,
+        &download.attempt_id,
+        0,
+    )
+    .await
+    .map_err(|status| RestoreError::coordinator(&status))?;
+    let mut chunks: Chunks<'_> = Box::pin(download::opened_chunks(
+        messages,
+        download,
+        request.chunk_count,
+    ));
     let beginning = download::read_beginning(&mut chunks).await?;
     let head = match &beginning.scanner {
         Ok(scanner) => scanner.head().cloned(),

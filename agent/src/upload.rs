@@ -9,7 +9,8 @@
 //! (the network, a coordinator restart), the upload waits for the agent's
 //! next session channel, resumes the attempt from the position the
 //! coordinator recorded, and sends the window again from there; it gives
-//! up after [`REATTACH_LIMIT`]. A refusal by the coordinator is final.
+//! up after [`REATTACH_LIMIT`] ([`crate::resume`]). A refusal by the
+//! coordinator is final.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -19,61 +20,20 @@ use cairn_common::chunk::PackedChunk;
 use cairn_common::proto::{
     self, agent_gateway_client::AgentGatewayClient, backup_upload, backup_upload_reply,
 };
-use tokio::sync::{mpsc, watch};
-use tokio::time::Instant;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::jobs::{CurrentChannel, JobEnd, RunningJobs};
+use crate::jobs::RunningJobs;
+#[cfg(doc)]
+use crate::resume::REATTACH_LIMIT;
+use crate::resume::{Link, StreamError};
 
 /// Chunks offered at once (the coordinator accepts at most 8).
 pub const OFFER_BATCH: usize = 8;
 /// Chunks sent and not yet recorded that the agent keeps to send again.
 pub const WINDOW_MAX: usize = 8;
-/// How long a broken upload waits for the coordinator to be reachable
-/// again (a little more than the coordinator's default
-/// `jobs.reattach_timeout`, after which it fails the attempt anyway).
-pub const REATTACH_LIMIT: Duration = Duration::from_secs(11 * 60);
-/// Between two tries to resume.
-const RESUME_RETRY: Duration = Duration::from_secs(2);
-
-/// Why a step of the upload failed.
-#[derive(Debug)]
-pub enum UploadError {
-    /// The stream broke: resume.
-    Broken(String),
-    /// The coordinator refused: final.
-    Refused(String),
-}
-
-impl From<UploadError> for JobEnd {
-    fn from(error: UploadError) -> Self {
-        match error {
-            UploadError::Broken(message) => JobEnd::Interrupted(message),
-            UploadError::Refused(message) => JobEnd::Failed(message),
-        }
-    }
-}
-
-impl UploadError {
-    fn of(status: &tonic::Status, what: &str) -> UploadError {
-        let message = format!("{what}: {}", status.message());
-        match status.code() {
-            tonic::Code::InvalidArgument
-            | tonic::Code::PermissionDenied
-            | tonic::Code::Unauthenticated
-            | tonic::Code::NotFound
-            | tonic::Code::FailedPrecondition
-            | tonic::Code::Aborted
-            | tonic::Code::Internal
-            | tonic::Code::ResourceExhausted
-            | tonic::Code::OutOfRange => UploadError::Refused(message),
-            _ => UploadError::Broken(message),
-        }
-    }
-}
-
 struct Stream {
     outbound: mpsc::Sender<proto::BackupUpload>,
     replies: tonic::Streaming<proto::BackupUploadReply>,
@@ -81,11 +41,8 @@ struct Stream {
 
 /// One job attempt's upload.
 pub struct Uploader {
-    /// The job's token: a cancel or a shutdown stops a resume too.
-    cancel: CancellationToken,
-    channels: watch::Receiver<CurrentChannel>,
-    /// The channel in use and its number.
-    channel: (u64, Channel),
+    /// The way to the coordinator, a newer session's after a break.
+    link: Link,
     start: proto::UploadStart,
     stream: Option<Stream>,
     /// Chunks sent (or about to be) and not yet recorded, with their
@@ -99,7 +56,7 @@ pub struct Uploader {
 /// How long a closed upload stream waits for the coordinator's last word.
 const CLOSE_REASON_WAIT: Duration = Duration::from_secs(5);
 
-async fn send(stream: &mut Stream, body: backup_upload::Body) -> Result<(), UploadError> {
+async fn send(stream: &mut Stream, body: backup_upload::Body) -> Result<(), StreamError> {
     if stream
         .outbound
         .send(proto::BackupUpload { body: Some(body) })
@@ -125,21 +82,21 @@ async fn send(stream: &mut Stream, body: backup_upload::Body) -> Result<(), Uplo
     })
     .await;
     match last_word {
-        Ok(Some(status)) => Err(UploadError::of(
+        Ok(Some(status)) => Err(StreamError::of(
             &status,
             "the coordinator stopped the upload",
         )),
-        _ => Err(UploadError::Broken(closed.into())),
+        _ => Err(StreamError::Broken(closed.into())),
     }
 }
 
-async fn next_reply(stream: &mut Stream) -> Result<backup_upload_reply::Body, UploadError> {
+async fn next_reply(stream: &mut Stream) -> Result<backup_upload_reply::Body, StreamError> {
     match stream.replies.message().await {
         Ok(Some(proto::BackupUploadReply { body: Some(body) })) => Ok(body),
-        Ok(_) => Err(UploadError::Broken(
+        Ok(_) => Err(StreamError::Broken(
             "the coordinator ended the upload".into(),
         )),
-        Err(status) => Err(UploadError::of(
+        Err(status) => Err(StreamError::of(
             &status,
             "the coordinator stopped the upload",
         )),
@@ -153,13 +110,9 @@ impl Uploader {
         channel: Channel,
         start: proto::UploadStart,
         cancel: CancellationToken,
-    ) -> Result<Uploader, UploadError> {
-        let channels = jobs.channels();
-        let generation = channels.borrow().0;
+    ) -> Result<Uploader, StreamError> {
         let mut uploader = Uploader {
-            cancel,
-            channels,
-            channel: (generation, channel),
+            link: Link::new(jobs, channel, cancel),
             start,
             stream: None,
             window: VecDeque::new(),
@@ -172,9 +125,9 @@ impl Uploader {
 
     /// Opens a stream; with `resume`, continues the attempt and drops the
     /// window's chunks the coordinator recorded.
-    async fn connect(&mut self, resume: bool) -> Result<(), UploadError> {
+    async fn connect(&mut self, resume: bool) -> Result<(), StreamError> {
         self.stream = None;
-        let mut client = AgentGatewayClient::new(self.channel.1.clone())
+        let mut client = AgentGatewayClient::new(self.link.channel())
             .max_decoding_message_size(cairn_common::chunk::MAX_CHUNK_MESSAGE_BYTES)
             .max_encoding_message_size(cairn_common::chunk::MAX_CHUNK_MESSAGE_BYTES);
         let (outbound, receiver) = mpsc::channel(2);
@@ -187,11 +140,11 @@ impl Uploader {
                 body: Some(backup_upload::Body::Start(stream_start)),
             })
             .await
-            .map_err(|_| UploadError::Broken("the upload stream closed".into()))?;
+            .map_err(|_| StreamError::Broken("the upload stream closed".into()))?;
         let replies = client
             .upload_backup(ReceiverStream::new(receiver))
             .await
-            .map_err(|status| UploadError::of(&status, "the coordinator refused the upload"))?
+            .map_err(|status| StreamError::of(&status, "the coordinator refused the upload"))?
             .into_inner();
         let mut stream = Stream { outbound, replies };
         if resume {
@@ -209,7 +162,7 @@ impl Uploader {
                     self.window.clear();
                 }
                 backup_upload_reply::Body::Missing(_) => {
-                    return Err(UploadError::Refused(
+                    return Err(StreamError::Refused(
                         "the coordinator answered a resume out of turn".into(),
                     ));
                 }
@@ -221,9 +174,9 @@ impl Uploader {
 
     /// The coordinator recorded the dump before `through`: those chunks
     /// need not be kept.
-    fn recorded(&mut self, through: u64) -> Result<(), UploadError> {
+    fn recorded(&mut self, through: u64) -> Result<(), StreamError> {
         if through > self.next_position {
-            return Err(UploadError::Refused(format!(
+            return Err(StreamError::Refused(format!(
                 "the coordinator says {through} chunks are recorded, but {} were sent",
                 self.next_position
             )));
@@ -238,7 +191,7 @@ impl Uploader {
         if let Some((first, _)) = self.window.front()
             && *first > through
         {
-            return Err(UploadError::Refused(format!(
+            return Err(StreamError::Refused(format!(
                 "cannot resume at chunk {through}: chunks from {through} to {first} were \
                  dropped as recorded"
             )));
@@ -248,9 +201,9 @@ impl Uploader {
 
     /// Sends one batch of chunks already in the window (offer, answer,
     /// chunks).
-    async fn send_batch(&mut self, from: usize, to: usize) -> Result<(), UploadError> {
+    async fn send_batch(&mut self, from: usize, to: usize) -> Result<(), StreamError> {
         let Some(stream) = self.stream.as_mut() else {
-            return Err(UploadError::Broken("no upload stream".into()));
+            return Err(StreamError::Broken("no upload stream".into()));
         };
         let hashes: Vec<Vec<u8>> = self
             .window
@@ -267,7 +220,7 @@ impl Uploader {
                 (missing.hashes, missing.recorded_through)
             }
             _ => {
-                return Err(UploadError::Refused(
+                return Err(StreamError::Refused(
                     "the coordinator answered an offer out of turn".into(),
                 ));
             }
@@ -299,9 +252,9 @@ impl Uploader {
 
     /// Asks the coordinator to record everything sent; drops it from the
     /// window.
-    async fn sync(&mut self) -> Result<(), UploadError> {
+    async fn sync(&mut self) -> Result<(), StreamError> {
         let Some(stream) = self.stream.as_mut() else {
-            return Err(UploadError::Broken("no upload stream".into()));
+            return Err(StreamError::Broken("no upload stream".into()));
         };
         send(
             stream,
@@ -310,7 +263,7 @@ impl Uploader {
         .await?;
         match next_reply(stream).await? {
             backup_upload_reply::Body::Missing(missing) => self.recorded(missing.recorded_through),
-            _ => Err(UploadError::Refused(
+            _ => Err(StreamError::Refused(
                 "the coordinator answered a sync out of turn".into(),
             )),
         }
@@ -318,7 +271,7 @@ impl Uploader {
 
     /// Sends a batch of new chunks from the dump, resuming as often as the
     /// stream breaks.
-    pub async fn push(&mut self, batch: Vec<PackedChunk>) -> Result<(), UploadError> {
+    pub async fn push(&mut self, batch: Vec<PackedChunk>) -> Result<(), StreamError> {
         let from = self.window.len();
         for chunk in batch {
             self.window.push_back((self.next_position, chunk));
@@ -327,14 +280,14 @@ impl Uploader {
         let to = self.window.len();
         let sent = match self.send_batch(from, to).await {
             Ok(()) => Ok(()),
-            Err(UploadError::Broken(reason)) => self.resume(&reason).await,
+            Err(StreamError::Broken(reason)) => self.resume(&reason).await,
             Err(refused) => Err(refused),
         };
         sent?;
         if self.window.len() >= WINDOW_MAX {
             match self.sync().await {
                 Ok(()) => {}
-                Err(UploadError::Broken(reason)) => self.resume(&reason).await?,
+                Err(StreamError::Broken(reason)) => self.resume(&reason).await?,
                 Err(refused) => return Err(refused),
             }
         }
@@ -342,31 +295,10 @@ impl Uploader {
     }
 
     /// Resumes after a broken stream and sends the window again.
-    async fn resume(&mut self, reason: &str) -> Result<(), UploadError> {
-        tracing::warn!(%reason, "the upload stream broke; resuming when the coordinator is back");
-        let deadline = Instant::now() + REATTACH_LIMIT;
-        let mut last = reason.to_string();
+    async fn resume(&mut self, reason: &str) -> Result<(), StreamError> {
+        let mut resuming = self.link.resuming("upload", reason);
         loop {
-            if Instant::now() >= deadline {
-                return Err(UploadError::Broken(format!(
-                    "the upload could not resume within {}: {last}",
-                    humantime::format_duration(REATTACH_LIMIT)
-                )));
-            }
-            // A newer session's channel if one comes, else the same one
-            // again after a pause; a cancel or shutdown ends the wait.
-            tokio::select! {
-                () = self.cancel.cancelled() => {
-                    return Err(UploadError::Refused("the upload was stopped".into()));
-                }
-                _ = tokio::time::timeout(RESUME_RETRY, self.channels.changed()) => {}
-            }
-            let (generation, channel) = self.channels.borrow().clone();
-            if let Some(channel) = channel
-                && generation != self.channel.0
-            {
-                self.channel = (generation, channel);
-            }
+            resuming.next_try(&mut self.link).await?;
             let attempt = async {
                 self.connect(true).await?;
                 if self.stored {
@@ -380,17 +312,16 @@ impl Uploader {
                     // Recorded chunks left the window's front.
                     from = to - (before - self.window.len());
                 }
-                Ok::<(), UploadError>(())
+                Ok::<(), StreamError>(())
             };
             match attempt.await {
                 Ok(()) => return Ok(()),
-                Err(UploadError::Broken(reason)) => last = reason,
                 // A coordinator that has not yet seen the old stream die
                 // refuses a second one for the job: try again.
-                Err(UploadError::Refused(reason)) if reason.contains("already has an upload") => {
-                    last = reason;
+                Err(StreamError::Refused(reason)) if reason.contains("already has an upload") => {
+                    resuming.try_again(reason);
                 }
-                Err(refused) => return Err(refused),
+                Err(error) => resuming.failed(error)?,
             }
         }
     }
@@ -401,14 +332,14 @@ impl Uploader {
         &mut self,
         globals: proto::UploadGlobals,
         finish: proto::UploadFinish,
-    ) -> Result<(), UploadError> {
+    ) -> Result<(), StreamError> {
         loop {
             if self.stored {
                 return Ok(());
             }
             match self.finish_once(&globals, &finish).await {
                 Ok(()) => return Ok(()),
-                Err(UploadError::Broken(reason)) => self.resume(&reason).await?,
+                Err(StreamError::Broken(reason)) => self.resume(&reason).await?,
                 Err(refused) => return Err(refused),
             }
         }
@@ -418,9 +349,9 @@ impl Uploader {
         &mut self,
         globals: &proto::UploadGlobals,
         finish: &proto::UploadFinish,
-    ) -> Result<(), UploadError> {
+    ) -> Result<(), StreamError> {
         let Some(stream) = self.stream.as_mut() else {
-            return Err(UploadError::Broken("no upload stream".into()));
+            return Err(StreamError::Broken("no upload stream".into()));
         };
         send(stream, backup_upload::Body::Globals(globals.clone())).await?;
         send(stream, backup_upload::Body::Finish(finish.clone())).await?;
@@ -429,7 +360,7 @@ impl Uploader {
                 self.stored = true;
                 Ok(())
             }
-            _ => Err(UploadError::Refused(
+            _ => Err(StreamError::Refused(
                 "the coordinator did not confirm the backup".into(),
             )),
         }

@@ -10,16 +10,26 @@
 //!
 //! Chunks are named by position only ("chunk 17 of 40"): their content
 //! hashes are the agent's business, their stored names the coordinator's.
+//!
+//! The download resumes: when the stream breaks (the network, a
+//! coordinator restart), [`Reopen`] asks for it again from the chunks
+//! already received (`from_chunk`), and the list entries still waiting for
+//! their bytes are dropped, to come again in the re-sent list, whose first
+//! page must start exactly there (`first_chunk`): no chunk is skipped or
+//! fed twice, and each is still checked against its entry. Meanwhile
+//! `pg_restore` waits on backpressure.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
 
 use cairn_common::archive::ArchiveScanner;
 use cairn_common::chunk::{CHUNK_MAX_BYTES, Compression, ContentHash, UnpackError, unpack_chunk};
-use cairn_common::proto::{self, download_message};
+use cairn_common::proto::{self, agent_gateway_client::AgentGatewayClient, download_message};
 use futures::{Stream, StreamExt};
+use tonic::transport::Channel;
 
 use super::RestoreError;
+use crate::resume::{Link, StreamError};
 
 /// The opened chunks, in order.
 pub(super) type Chunks<'a> =
@@ -66,25 +76,59 @@ struct Listed {
     plaintext_bytes: u64,
 }
 
-type Messages = Pin<Box<dyn Stream<Item = Result<proto::DownloadMessage, tonic::Status>> + Send>>;
+/// One `DownloadBackup` stream's messages.
+pub(super) type Messages =
+    Pin<Box<dyn Stream<Item = Result<proto::DownloadMessage, tonic::Status>> + Send>>;
+
+/// How a broken download is asked for again.
+pub(super) trait Reopen: Send {
+    /// The download again from chunk `from_chunk` (the chunks already
+    /// received, globals included), after it broke for `reason`; or why
+    /// not (the coordinator refused, or stayed out of reach too long).
+    fn reopen(
+        &mut self,
+        from_chunk: u64,
+        reason: String,
+    ) -> impl Future<Output = Result<Messages, RestoreError>> + Send;
+}
 
 /// Reads the list pages and pairs each chunk's bytes with its entry.
-struct Listing {
+struct Listing<R> {
     messages: Messages,
+    reopen: R,
+    /// Entries listed whose bytes have not come yet.
     list: VecDeque<Listed>,
     list_done: bool,
+    /// Entries listed so far, globals included (those received and those
+    /// in `list`).
     listed: u64,
+    /// The dump index of the next dump chunk listed.
     next_index: u64,
+    /// The stream's first page is still to come.
+    first_page: bool,
     finished: bool,
 }
 
-impl Listing {
+impl<R: Reopen> Listing<R> {
     fn add_page(&mut self, page: proto::ChunkList) -> Result<(), RestoreError> {
         if self.list_done {
             return Err(RestoreError::Download(
                 "the chunk list came again after its last page".into(),
             ));
         }
+        // A stream's first page starts where the agent is (a fresh
+        // download at 0, a resumed one at `from_chunk`); a later one where
+        // the previous ended. (A coordinator that predates
+        // `first_chunk` sends 0 on every page: only a first page, and
+        // only a resumed one, can tell it apart.)
+        if page.first_chunk != self.listed && (self.first_page || page.first_chunk != 0) {
+            return Err(RestoreError::Download(format!(
+                "the chunk list went on at chunk {} where chunk {} was due; a coordinator \
+                 that cannot resume downloads must be upgraded",
+                page.first_chunk, self.listed
+            )));
+        }
+        self.first_page = false;
         if self.list.len() + page.chunks.len() > LIST_MAX_PENDING {
             return Err(RestoreError::Download(format!(
                 "the chunk list runs more than {LIST_MAX_PENDING} chunks ahead of their bytes"
@@ -123,53 +167,58 @@ impl Listing {
         Ok(())
     }
 
+    /// The stream broke for `reason`: asks for the rest again, and forgets
+    /// the entries whose bytes did not come (the new list names them
+    /// again).
+    async fn resume(&mut self, reason: String) -> Result<(), RestoreError> {
+        let unsent_dump_chunks = self
+            .list
+            .iter()
+            .filter(|listed| matches!(listed.position, Position::Dump(_)))
+            .count() as u64;
+        let received = self.listed - self.list.len() as u64;
+        self.messages = self.reopen.reopen(received, reason).await?;
+        self.list.clear();
+        self.list_done = false;
+        self.listed = received;
+        self.next_index -= unsent_dump_chunks;
+        self.first_page = true;
+        Ok(())
+    }
+
     /// The next chunk with its entry; `None` at the end.
     async fn next_chunk(&mut self) -> Option<Result<(Listed, proto::ChunkData), RestoreError>> {
         if self.finished {
             return None;
         }
         let result = loop {
-            let message = match self.messages.next().await {
+            // A stream that ends before the list does, or breaks, is
+            // resumed; one the coordinator ends with a refusal is not.
+            let broken = match self.messages.next().await {
                 None if self.list_done && self.list.is_empty() => {
                     self.finished = true;
                     return None;
                 }
                 None if !self.list_done => {
-                    break Err(RestoreError::Download(
-                        "the coordinator ended the download before the end of the chunk list"
-                            .into(),
-                    ));
+                    "the coordinator ended the download before the end of the chunk list".into()
                 }
-                None => {
-                    break Err(RestoreError::Download(format!(
-                        "the coordinator ended the download with {} of {} listed chunks unsent",
-                        self.list.len(),
-                        self.listed
-                    )));
-                }
-                Some(Err(status)) => break Err(RestoreError::coordinator(&status)),
-                Some(Ok(message)) => message,
-            };
-            match message.body {
-                Some(download_message::Body::List(page)) => {
-                    if let Err(error) = self.add_page(page) {
-                        break Err(error);
-                    }
-                }
-                Some(download_message::Body::Chunk(data)) => match self.list.pop_front() {
-                    Some(listed) => break Ok((listed, data)),
-                    None if self.list_done => {
-                        break Err(RestoreError::Download(
-                            "more chunks came than the list names".into(),
-                        ));
-                    }
-                    None => {
-                        break Err(RestoreError::Download(
-                            "a chunk came before its entry in the chunk list".into(),
-                        ));
-                    }
+                None => format!(
+                    "the coordinator ended the download with {} of {} listed chunks unsent",
+                    self.list.len(),
+                    self.listed
+                ),
+                Some(Err(status)) => match RestoreError::coordinator(&status) {
+                    RestoreError::Interrupted(reason) => reason,
+                    refused => break Err(refused),
                 },
-                None => break Err(RestoreError::Download("an empty download message".into())),
+                Some(Ok(message)) => match self.take(message) {
+                    Ok(Some(chunk)) => break Ok(chunk),
+                    Ok(None) => continue,
+                    Err(error) => break Err(error),
+                },
+            };
+            if let Err(error) = self.resume(broken).await {
+                break Err(error);
             }
         };
         if result.is_err() {
@@ -177,20 +226,108 @@ impl Listing {
         }
         Some(result)
     }
+
+    /// Takes one message: a chunk with its entry, or `None` for a page of
+    /// the list.
+    fn take(
+        &mut self,
+        message: proto::DownloadMessage,
+    ) -> Result<Option<(Listed, proto::ChunkData)>, RestoreError> {
+        match message.body {
+            Some(download_message::Body::List(page)) => self.add_page(page).map(|()| None),
+            Some(download_message::Body::Chunk(data)) => match self.list.pop_front() {
+                Some(listed) => Ok(Some((listed, data))),
+                None if self.list_done => Err(RestoreError::Download(
+                    "more chunks came than the list names".into(),
+                )),
+                None => Err(RestoreError::Download(
+                    "a chunk came before its entry in the chunk list".into(),
+                )),
+            },
+            None => Err(RestoreError::Download("an empty download message".into())),
+        }
+    }
 }
 
-/// The chunks of `messages`, checked, in order. The first error ends what
-/// the caller should read.
+/// Opens the job's download from chunk `from_chunk` over `channel`.
+pub(super) async fn open(
+    channel: Channel,
+    job_id: &str,
+    attempt_id: &str,
+    from_chunk: u64,
+) -> Result<Messages, tonic::Status> {
+    let mut client = AgentGatewayClient::new(channel)
+        .max_decoding_message_size(cairn_common::chunk::MAX_CHUNK_MESSAGE_BYTES)
+        .max_encoding_message_size(cairn_common::chunk::MAX_CHUNK_MESSAGE_BYTES);
+    let messages = client
+        .download_backup(proto::DownloadRequest {
+            job_id: job_id.to_string(),
+            from_chunk,
+            attempt_id: attempt_id.to_string(),
+        })
+        .await?
+        .into_inner();
+    Ok(Box::pin(messages))
+}
+
+/// Reopens a job attempt's download over the newest session's channel,
+/// as often as it breaks, within [`crate::resume::REATTACH_LIMIT`].
+pub(super) struct Redownload {
+    pub link: Link,
+    pub job_id: String,
+    pub attempt_id: String,
+}
+
+impl Reopen for Redownload {
+    async fn reopen(&mut self, from_chunk: u64, reason: String) -> Result<Messages, RestoreError> {
+        let mut resuming = self.link.resuming("download", &reason);
+        let gave_up = loop {
+            if let Err(error) = resuming.next_try(&mut self.link).await {
+                break error;
+            }
+            match open(
+                self.link.channel(),
+                &self.job_id,
+                &self.attempt_id,
+                from_chunk,
+            )
+            .await
+            {
+                Ok(messages) => {
+                    tracing::info!(from_chunk, "download resumed");
+                    return Ok(messages);
+                }
+                Err(status) => {
+                    let error = StreamError::of(&status, "the coordinator refused the download");
+                    if let Err(refused) = resuming.failed(error) {
+                        break refused;
+                    }
+                }
+            }
+        };
+        Err(match gave_up {
+            StreamError::Broken(message) => RestoreError::Interrupted(message),
+            StreamError::Refused(message) => RestoreError::Download(message),
+        })
+    }
+}
+
+/// The chunks of `messages` (then of the streams `reopen` gives after a
+/// break), checked, in order. The first error ends what the caller should
+/// read.
 pub(super) fn opened_chunks(
-    messages: impl Stream<Item = Result<proto::DownloadMessage, tonic::Status>> + Send + 'static,
+    messages: Messages,
+    reopen: impl Reopen,
     total: u64,
 ) -> impl Stream<Item = Result<OpenedChunk, RestoreError>> {
     let listing = Listing {
-        messages: Box::pin(messages),
+        messages,
+        reopen,
         list: VecDeque::new(),
         list_done: false,
         listed: 0,
         next_index: 0,
+        first_page: true,
         finished: false,
     };
     futures::stream::unfold(listing, |mut listing| async move {
@@ -349,12 +486,62 @@ mod tests {
         entries: Vec<proto::ListedChunk>,
         last: bool,
     ) -> Result<proto::DownloadMessage, tonic::Status> {
+        list_from(entries, 0, last)
+    }
+
+    /// A page whose first entry is chunk `first_chunk` of the backup.
+    fn list_from(
+        entries: Vec<proto::ListedChunk>,
+        first_chunk: u64,
+        last: bool,
+    ) -> Result<proto::DownloadMessage, tonic::Status> {
         Ok(proto::DownloadMessage {
             body: Some(download_message::Body::List(proto::ChunkList {
                 chunks: entries,
                 last,
+                first_chunk,
             })),
         })
+    }
+
+    /// The streams a resumed download gets, in turn, and the `from_chunk`
+    /// each was asked from. Once they run out, the break is final.
+    #[derive(Default)]
+    struct Streams {
+        left: VecDeque<Vec<Result<proto::DownloadMessage, tonic::Status>>>,
+        asked: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+    }
+
+    impl Reopen for Streams {
+        async fn reopen(
+            &mut self,
+            from_chunk: u64,
+            reason: String,
+        ) -> Result<Messages, RestoreError> {
+            self.asked.lock().unwrap().push(from_chunk);
+            match self.left.pop_front() {
+                Some(messages) => Ok(Box::pin(futures::stream::iter(messages))),
+                None => Err(RestoreError::Interrupted(reason)),
+            }
+        }
+    }
+
+    /// What a download of `streams` (the first, then those resumes get)
+    /// opens, and the `from_chunk` of each resume.
+    async fn collect_resumed(
+        mut streams: Vec<Vec<Result<proto::DownloadMessage, tonic::Status>>>,
+    ) -> (Vec<Result<OpenedChunk, RestoreError>>, Vec<u64>) {
+        let first = streams.remove(0);
+        let reopen = Streams {
+            left: streams.into(),
+            ..Streams::default()
+        };
+        let asked = reopen.asked.clone();
+        let opened = opened_chunks(Box::pin(futures::stream::iter(first)), reopen, 4)
+            .collect()
+            .await;
+        let asked = asked.lock().unwrap().clone();
+        (opened, asked)
     }
 
     fn data(bytes: &[u8]) -> proto::ChunkData {
@@ -372,12 +559,18 @@ mod tests {
         })
     }
 
+    /// What a download of `messages` opens (3 chunks in the backup), not
+    /// resumed.
     async fn collect(
         messages: Vec<Result<proto::DownloadMessage, tonic::Status>>,
     ) -> Vec<Result<OpenedChunk, RestoreError>> {
-        opened_chunks(futures::stream::iter(messages), 3)
-            .collect()
-            .await
+        opened_chunks(
+            Box::pin(futures::stream::iter(messages)),
+            Streams::default(),
+            3,
+        )
+        .collect()
+        .await
     }
 
     fn error_of(opened: &[Result<OpenedChunk, RestoreError>]) -> String {
@@ -552,5 +745,160 @@ mod tests {
         }
         // An empty backup (no chunks at all) ends cleanly.
         assert!(collect(vec![list(vec![], true)]).await.is_empty());
+    }
+
+    fn positions_and_bytes(
+        opened: Vec<Result<OpenedChunk, RestoreError>>,
+    ) -> Vec<(Position, Vec<u8>)> {
+        opened
+            .into_iter()
+            .map(|chunk| {
+                let chunk = chunk.unwrap();
+                (chunk.position, chunk.plaintext)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_broken_download_resumes_after_the_chunks_received() {
+        let reset = || Err(tonic::Status::unavailable("connection reset"));
+        let all = [
+            (Position::Globals, b"CREATE ROLE a;".to_vec()),
+            (Position::Dump(0), b"zero".to_vec()),
+            (Position::Dump(1), b"one".to_vec()),
+            (Position::Dump(2), b"two".to_vec()),
+        ];
+        // Broken with one dump chunk listed and unsent, then again with
+        // a whole page unsent, then once by a clean end before the list's:
+        // each resume starts after the chunks received, and every chunk
+        // comes once, in order, checked against the list.
+        let (opened, asked) = collect_resumed(vec![
+            vec![
+                list_from(
+                    vec![
+                        listed(b"CREATE ROLE a;", true),
+                        listed(b"zero", false),
+                        listed(b"one", false),
+                    ],
+                    0,
+                    false,
+                ),
+                chunk(data(b"CREATE ROLE a;")),
+                chunk(data(b"zero")),
+                reset(),
+            ],
+            vec![list_from(vec![listed(b"one", false)], 2, false), reset()],
+            vec![list_from(vec![listed(b"one", false)], 2, false)],
+            vec![
+                list_from(vec![listed(b"one", false)], 2, false),
+                chunk(data(b"one")),
+                list_from(vec![listed(b"two", false)], 3, true),
+                chunk(data(b"two")),
+            ],
+        ])
+        .await;
+        assert_eq!(positions_and_bytes(opened), all);
+        assert_eq!(asked, [2, 2, 2]);
+
+        // Broken before anything came: from the start, globals again.
+        let (opened, asked) = collect_resumed(vec![
+            vec![reset()],
+            vec![
+                list_from(
+                    vec![listed(b"CREATE ROLE a;", true), listed(b"zero", false)],
+                    0,
+                    false,
+                ),
+                chunk(data(b"CREATE ROLE a;")),
+                chunk(data(b"zero")),
+                list_from(vec![listed(b"one", false), listed(b"two", false)], 2, true),
+                chunk(data(b"one")),
+                chunk(data(b"two")),
+            ],
+        ])
+        .await;
+        assert_eq!(positions_and_bytes(opened), all);
+        assert_eq!(asked, [0]);
+    }
+
+    #[tokio::test]
+    async fn a_resumed_download_must_go_on_exactly_where_it_broke() {
+        let first = || {
+            vec![
+                list_from(
+                    vec![listed(b"zero", false), listed(b"one", false)],
+                    0,
+                    false,
+                ),
+                chunk(data(b"zero")),
+                Err(tonic::Status::unknown("h2 protocol error")),
+            ]
+        };
+        let cases: Vec<(Vec<Result<proto::DownloadMessage, tonic::Status>>, &str)> = vec![
+            // A coordinator that ignores `from_chunk` sends it all again.
+            (
+                vec![
+                    list(vec![listed(b"zero", false), listed(b"one", false)], true),
+                    chunk(data(b"zero")),
+                ],
+                "the chunk list went on at chunk 0 where chunk 1 was due",
+            ),
+            // Skips a chunk.
+            (
+                vec![list_from(vec![listed(b"two", false)], 2, true)],
+                "went on at chunk 2 where chunk 1 was due",
+            ),
+            // The globals again, after the dump's chunks.
+            (
+                vec![list_from(vec![listed(b"g", true)], 1, true)],
+                "the globals chunk came after the dump's chunks",
+            ),
+            // Other bytes than listed: still checked.
+            (
+                vec![
+                    list_from(vec![listed(b"one", false)], 1, true),
+                    chunk(data(b"eno")),
+                ],
+                "chunk 2 of 4 does not hash to its listed hash",
+            ),
+        ];
+        for (resumed, expected) in cases {
+            let (opened, asked) = collect_resumed(vec![first(), resumed]).await;
+            assert_eq!(opened[0].as_ref().unwrap().plaintext, b"zero");
+            assert!(
+                error_of(&opened).contains(expected),
+                "{expected}: {}",
+                error_of(&opened)
+            );
+            assert!(
+                matches!(
+                    opened.last(),
+                    Some(Err(RestoreError::Download(_) | RestoreError::Chunk { .. }))
+                ),
+                "final: {expected}"
+            );
+            assert_eq!(asked, [1]);
+        }
+
+        // A refusal is final, not resumed; a break that cannot be resumed
+        // is an interruption (the job may retry).
+        let (opened, asked) = collect_resumed(vec![vec![
+            list(vec![listed(b"zero", false)], true),
+            Err(tonic::Status::aborted(
+                "job j is cancelled: the download stops",
+            )),
+        ]])
+        .await;
+        assert!(asked.is_empty());
+        assert!(matches!(
+            opened.last(),
+            Some(Err(RestoreError::Download(_)))
+        ));
+        let (opened, asked) = collect_resumed(vec![first()]).await;
+        assert_eq!(asked, [1]);
+        assert!(matches!(
+            opened.last(),
+            Some(Err(RestoreError::Interrupted(_)))
+        ));
     }
 }
