@@ -480,6 +480,33 @@ impl Coordinator {
         );
     }
 
+    /// Makes `agent` reach this coordinator through `proxy` (a
+    /// [`crate::proxy::TcpProxy`] to [`Coordinator::grpc_address`]), so
+    /// that a test can cut the network between them: stops the agent,
+    /// points its `agent.toml` at the proxy (the TLS stays valid: the
+    /// server certificate names 127.0.0.1, as does the proxy's address),
+    /// starts it, and waits until it is online through the proxy.
+    pub fn route_through(&self, agent: &mut Agent, proxy: &crate::proxy::TcpProxy) {
+        agent.stop();
+        self.wait_for_agent_status(&agent.name, "offline", AGENT_ONLINE_TIMEOUT);
+        let config = std::fs::read_to_string(&agent.config_path).unwrap();
+        let direct = format!("coordinator = \"{}\"", self.url());
+        assert!(
+            config.contains(&direct),
+            "{} has no line `{direct}` to point at the proxy:\n{config}",
+            agent.config_path.display()
+        );
+        let via_proxy = format!("coordinator = \"https://{}\"", proxy.address());
+        std::fs::write(&agent.config_path, config.replace(&direct, &via_proxy)).unwrap();
+        agent.start();
+        wait::wait_until(
+            AGENT_ONLINE_TIMEOUT,
+            Duration::from_millis(200),
+            &format!("agent {} is online through the proxy", agent.name),
+            || proxy.accepted() > 0 && self.agent_status(&agent.name).as_deref() == Some("online"),
+        );
+    }
+
     /// SIGTERM, then `cairn serve` again on the same ports and home; returns
     /// once ready.
     pub fn restart(&mut self) {

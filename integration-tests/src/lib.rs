@@ -68,3 +68,21 @@ pub fn strip_ansi(text: &str) -> String {
     }
     plain
 }
+
+/// The number in field `field` of every line of `log` (a process's log,
+/// colours and all) that says `message`: where each "upload resumed"
+/// (`next_position`) or "download resumed" (`from_chunk`) went on.
+pub fn logged_numbers(log: &str, message: &str, field: &str) -> Vec<u64> {
+    let key = format!("{field}=");
+    strip_ansi(log)
+        .lines()
+        .filter(|line| line.contains(message))
+        .filter_map(|line| {
+            let rest = line.split(key.as_str()).nth(1)?;
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use cairn_integration_tests::proxy::{ProxyMode, TcpProxy};
 use cairn_integration_tests::{
-    Agent, AgentOptions, Coordinator, Output, PgCluster, TestDir, job_is_active, run, strip_ansi,
-    wait_for, wait_until,
+    Agent, AgentOptions, Coordinator, Output, PgCluster, TestDir, job_is_active, logged_numbers,
+    run, wait_for, wait_until,
 };
 use serde_json::Value;
 
@@ -39,9 +39,6 @@ const PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a job may take to end once it was cancelled or its agent or
 /// coordinator died; the connection is closed, so this is seconds.
 const JOB_END_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long an agent may take to come back online by itself (capped
-/// exponential backoff, 30 s at most, plus a connection timeout).
-const RECONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a killed or abandoned `pg_dump` may take to exit.
 const PG_DUMP_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a whole backup of the test database may take.
@@ -349,17 +346,7 @@ fn pg_dumps_of(parent: u32) -> Vec<u32> {
 /// Where the agent's upload resumed (the `next_position` of each "upload
 /// resumed" line in its log): a resume past 0 reused what was recorded.
 fn resumed_positions(agent: &Agent) -> Vec<u64> {
-    strip_ansi(&agent.process().log())
-        .lines()
-        .filter(|line| line.contains("upload resumed"))
-        .filter_map(|line| {
-            let rest = line.split("next_position=").nth(1)?;
-            rest.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
+    logged_numbers(&agent.process().log(), "upload resumed", "next_position")
 }
 
 /// Whether `pid` is still a running pg_dump.
@@ -602,32 +589,8 @@ fn a_coordinator_killed_mid_backup_comes_back_and_the_same_job_succeeds() {
 fn network_fault_mid_backup(test_name: &str, fault: ProxyMode, job_end_timeout: Duration) {
     let mut fleet = Fleet::start(test_name);
     let proxy = TcpProxy::start(fleet.coordinator.grpc_address());
-    // Enrolled directly; from now on through the proxy, which keeps the
-    // TLS valid: the server certificate names 127.0.0.1, as does the proxy.
-    fleet.agent.stop();
-    fleet
-        .coordinator
-        .wait_for_agent_status(AGENT, "offline", JOB_END_TIMEOUT);
-    let config_path = fleet.agent.config_path().to_path_buf();
-    let config = std::fs::read_to_string(&config_path).unwrap();
-    let direct = format!("coordinator = \"{}\"", fleet.coordinator.url());
-    assert!(
-        config.contains(&direct),
-        "{} has no line `{direct}` to point at the proxy:\n{config}",
-        config_path.display()
-    );
-    let via_proxy = format!("coordinator = \"https://{}\"", proxy.address());
-    std::fs::write(&config_path, config.replace(&direct, &via_proxy)).unwrap();
-    fleet.agent.start();
-    wait_until(
-        RECONNECT_TIMEOUT,
-        Duration::from_millis(200),
-        "the agent is online through the proxy",
-        || {
-            proxy.accepted() > 0
-                && fleet.coordinator.agent_status(AGENT).as_deref() == Some("online")
-        },
-    );
+    // Enrolled directly; from now on through the proxy.
+    fleet.coordinator.route_through(&mut fleet.agent, &proxy);
 
     let job = fleet.start_backup();
     let id = job["id"].as_str().unwrap();

@@ -1,6 +1,7 @@
 //! Restores end to end: real PostgreSQL clusters (a source and a different
 //! target host), real binaries, the local repository. Each safety rule of
-//! the restore is a test here.
+//! the restore is a test here, and so is a restore that outlives a network
+//! cut or a coordinator crash (its download resumes).
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -9,8 +10,10 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
+use cairn_integration_tests::proxy::TcpProxy;
 use cairn_integration_tests::{
-    Agent, AgentOptions, Coordinator, Output, PgCluster, TestDir, job_is_active, wait_until,
+    Agent, AgentOptions, Coordinator, Output, PgCluster, TestDir, job_is_active, logged_numbers,
+    wait_for, wait_until,
 };
 use serde_json::Value;
 
@@ -1329,4 +1332,119 @@ fn copied_roles_never_get_power_over_the_target_not_even_for_a_moment() {
             "a statement granted power on the target: {line}"
         );
     }
+}
+
+/// Big enough that the restore's chunks do not all fit in what the agent
+/// buffers (a few chunks of about 2 MiB each, and the stream's window)
+/// while its pg_restore is paused: the rest must come after the fault.
+const RESUMED_RESTORE_MIB: u32 = 128;
+/// How long a whole restore of that database may take.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(180);
+
+impl Fleet {
+    /// Waits until restore job `id` has ended; returns it.
+    fn wait_for_end(&self, id: &str) -> Value {
+        wait_for(
+            RESTORE_TIMEOUT,
+            Duration::from_millis(200),
+            &format!("restore job {id} to end"),
+            || {
+                let job = self.coordinator.cli_json(&["jobs", "show", id]);
+                (!job_is_active(&job)).then_some(job)
+            },
+        )
+    }
+
+    /// A job broken by a fault mid-download came back: the same job
+    /// succeeded with its one attempt, db2's download resumed past its
+    /// start, and `copy` holds what the source's `shop` does.
+    fn assert_resumed_and_restored(&self, job: &Value) {
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(
+            job["attempts"].as_array().map(Vec::len),
+            Some(1),
+            "resumed, not retried: {job}"
+        );
+        let resumed = logged_numbers(
+            &self.agents[1].process().log(),
+            "download resumed",
+            "from_chunk",
+        );
+        assert!(
+            resumed.iter().any(|from_chunk| *from_chunk > 0),
+            "the download did not resume past its start (from chunks {resumed:?})"
+        );
+        eprintln!("the download resumed from chunks {resumed:?}");
+        assert_eq!(
+            fingerprint(&self.target, "copy"),
+            fingerprint(&self.source, "shop")
+        );
+    }
+}
+
+/// db2 reaches the coordinator through a proxy, which cuts every
+/// connection for 30 s in the middle of a restore's download; the same
+/// restore then goes on from the chunks it had, and succeeds.
+#[test]
+fn a_restore_cut_off_for_thirty_seconds_resumes_its_download_and_succeeds() {
+    let mut fleet = fleet("restore_network_cut");
+    fleet
+        .source
+        .create_sample_database("shop", RESUMED_RESTORE_MIB);
+    let backup = fleet.backup("db1", "shop");
+    let proxy = TcpProxy::start(fleet.coordinator.grpc_address());
+    fleet
+        .coordinator
+        .route_through(&mut fleet.agents[1], &proxy);
+
+    // pg_restore's session is paused, so the download is surely in its
+    // middle when the network goes; then it runs on, through the chunks
+    // the agent holds, and waits for the rest.
+    let (id, restore_backend) = fleet.start_paused_restore(&backup, "copy");
+    proxy.cut();
+    restore_backend.resume();
+    std::thread::sleep(Duration::from_secs(30));
+    let during = fleet.coordinator.cli_json(&["jobs", "show", &id]);
+    assert!(
+        job_is_active(&during),
+        "the job ended while cut off: {during}"
+    );
+    proxy.restore();
+
+    let job = fleet.wait_for_end(&id);
+    fleet.assert_resumed_and_restored(&job);
+}
+
+/// The coordinator is killed (SIGKILL) in the middle of a restore's
+/// download and started again: the same job goes on and succeeds.
+#[test]
+fn a_coordinator_killed_mid_restore_comes_back_and_the_same_job_succeeds() {
+    let mut fleet = fleet("restore_coordinator_killed");
+    fleet
+        .source
+        .create_sample_database("shop", RESUMED_RESTORE_MIB);
+    let backup = fleet.backup("db1", "shop");
+
+    let (id, restore_backend) = fleet.start_paused_restore(&backup, "copy");
+    fleet.coordinator.kill();
+    restore_backend.resume();
+    // A few of the agent's tries to resume meet no coordinator at all.
+    std::thread::sleep(Duration::from_secs(5));
+    fleet.coordinator.start_again();
+    let job = fleet.coordinator.cli_json(&["jobs", "show", &id]);
+    assert!(job_is_active(&job), "{job}");
+
+    let job = fleet.wait_for_end(&id);
+    fleet.assert_resumed_and_restored(&job);
+    let audit = fleet
+        .coordinator
+        .cli_json(&["audit", "list", "--limit", "1000"]);
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "job.reattach" && e["target"] == id.as_str()),
+        "no job.reattach for {id}: {audit}"
+    );
 }

@@ -1289,6 +1289,7 @@ async fn download_as(
     let mut client = AgentGatewayClient::new(channel);
     let call = client.download_backup(proto::DownloadRequest {
         job_id: job_id.to_string(),
+        ..proto::DownloadRequest::default()
     });
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
         Ok(result) => result.map(|_| ()),
