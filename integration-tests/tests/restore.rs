@@ -10,6 +10,8 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
+use cairn_common::proto::{self, agent_gateway_client::AgentGatewayClient, download_message};
+use cairn_common::tls::{self, CoordinatorUrl};
 use cairn_integration_tests::proxy::TcpProxy;
 use cairn_integration_tests::{
     Agent, AgentOptions, Coordinator, Output, PgCluster, TestDir, job_is_active, logged_numbers,
@@ -1415,6 +1417,38 @@ fn a_restore_cut_off_for_thirty_seconds_resumes_its_download_and_succeeds() {
     fleet.assert_resumed_and_restored(&job);
 }
 
+/// `DownloadBackup` as db2 (with its own certificate): the first message
+/// of the stream, or the status that refused it.
+fn download_as_db2(
+    fleet: &Fleet,
+    request: proto::DownloadRequest,
+) -> Result<proto::DownloadMessage, tonic::Status> {
+    let identity = fleet.agents[1].dir().join("identity");
+    let read = |file: &str| std::fs::read(identity.join(file)).unwrap();
+    let config = tls::client_config(
+        &read("ca.pem"),
+        Some((read("cert.pem").as_slice(), read("key.pem").as_slice())),
+    )
+    .unwrap();
+    let url = CoordinatorUrl::parse(&fleet.coordinator.url()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let call = async {
+            let channel = tls::connect(&url, config, None).await.unwrap();
+            let mut client = AgentGatewayClient::new(channel)
+                .max_decoding_message_size(cairn_common::chunk::MAX_CHUNK_MESSAGE_BYTES);
+            let mut messages = client.download_backup(request).await?.into_inner();
+            Ok(messages.message().await?.unwrap())
+        };
+        tokio::time::timeout(Duration::from_secs(30), call)
+            .await
+            .expect("DownloadBackup answers within 30 s")
+    })
+}
+
 /// The coordinator is killed (SIGKILL) in the middle of a restore's
 /// download and started again: the same job goes on and succeeds.
 #[test]
@@ -1426,6 +1460,27 @@ fn a_coordinator_killed_mid_restore_comes_back_and_the_same_job_succeeds() {
     let backup = fleet.backup("db1", "shop");
 
     let (id, restore_backend) = fleet.start_paused_restore(&backup, "copy");
+    // While it runs, its agent may resume its download, but not for
+    // another attempt, nor past the backup's end.
+    let running = fleet.coordinator.cli_json(&["jobs", "show", &id]);
+    let attempt_id = running["attempts"][0]["attempt_id"].as_str().unwrap();
+    let request = |attempt_id: &str, from_chunk: u64| proto::DownloadRequest {
+        job_id: id.clone(),
+        from_chunk,
+        attempt_id: attempt_id.to_string(),
+    };
+    let resumed = download_as_db2(&fleet, request(attempt_id, 2)).unwrap();
+    let Some(download_message::Body::List(page)) = resumed.body else {
+        panic!("a resumed download starts with a page of the list: {resumed:?}")
+    };
+    assert_eq!(page.first_chunk, 2, "{page:?}");
+    assert!(page.chunks.iter().all(|entry| !entry.globals), "{page:?}");
+    let refused = download_as_db2(&fleet, request("at-0000000000000000", 2)).unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let refused = download_as_db2(&fleet, request(attempt_id, 1_000_000)).unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("from_chunk"), "{refused:?}");
+
     fleet.coordinator.kill();
     restore_backend.resume();
     // A few of the agent's tries to resume meet no coordinator at all.
