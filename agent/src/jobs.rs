@@ -3,7 +3,7 @@
 //! done, and what lets jobs outlive a control session: the attempts held
 //! (named at each registration), the results waiting for a session (the
 //! outbox), and the current channel to the coordinator, which a job's
-//! broken upload waits for to resume.
+//! broken upload or download waits for to resume (see [`crate::resume`]).
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -30,8 +30,8 @@ pub struct Posted {
     pub result: proto::CommandResult,
 }
 
-/// The current channel to the coordinator, numbered: a broken upload waits
-/// for a newer one.
+/// The current channel to the coordinator, numbered: a broken upload or
+/// download waits for a newer one.
 pub type CurrentChannel = (u64, Option<Channel>);
 
 /// Running jobs by id, so that a cancel command can reach them, and the

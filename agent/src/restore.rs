@@ -1,7 +1,9 @@
 //! Executes a restore command: a backup's chunks from the coordinator
 //! (`DownloadBackup`; the coordinator authenticated and decrypted each),
 //! each decompressed and re-hashed against the chunk list before any of
-//! its bytes reach `pg_restore` ([`download`], [`feed`]).
+//! its bytes reach `pg_restore` ([`download`], [`feed`]). A download that
+//! breaks (the network, a coordinator restart) resumes from the chunks
+//! received while `pg_restore` waits ([`crate::resume`]).
 //!
 //! Three kinds of job:
 //!
@@ -120,7 +122,8 @@ pub enum RestoreError {
     #[error("{0}")]
     Download(String),
     /// The download's connection broke (the network, a coordinator
-    /// restart): another attempt may succeed.
+    /// restart) and did not come back within the resume's limit: another
+    /// attempt may succeed.
     #[error("{0}")]
     Interrupted(String),
     /// `pg_restore` ran and failed; its own message.

@@ -9,8 +9,8 @@
 //! (the network, a coordinator restart), the upload waits for the agent's
 //! next session channel, resumes the attempt from the position the
 //! coordinator recorded, and sends the window again from there; it gives
-//! up after [`REATTACH_LIMIT`] ([`crate::resume`]). A refusal by the
-//! coordinator is final.
+//! up after [`REATTACH_LIMIT`](crate::resume::REATTACH_LIMIT). A refusal
+//! by the coordinator is final.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -26,8 +26,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::jobs::RunningJobs;
-#[cfg(doc)]
-use crate::resume::REATTACH_LIMIT;
 use crate::resume::{Link, StreamError};
 
 /// Chunks offered at once (the coordinator accepts at most 8).

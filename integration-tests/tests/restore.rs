@@ -1359,8 +1359,10 @@ impl Fleet {
 
     /// A job broken by a fault mid-download came back: the same job
     /// succeeded with its one attempt, db2's download resumed past its
-    /// start, and `copy` holds what the source's `shop` does.
-    fn assert_resumed_and_restored(&self, job: &Value) {
+    /// start, the job's progress counts every chunk of backup `backup`
+    /// (those sent before the fault too), and `copy` holds what the
+    /// source's `shop` does.
+    fn assert_resumed_and_restored(&self, job: &Value, backup: &str) {
         assert_eq!(job["status"], "succeeded", "{job}");
         assert_eq!(
             job["attempts"].as_array().map(Vec::len),
@@ -1377,6 +1379,14 @@ impl Fleet {
             "the download did not resume past its start (from chunks {resumed:?})"
         );
         eprintln!("the download resumed from chunks {resumed:?}");
+        // The backup's count has the globals chunk; the job's progress
+        // counts the dump's.
+        let listed = self.coordinator.cli_json(&["backups", "show", backup]);
+        assert_eq!(
+            job["chunks"].as_u64().map(|dump_chunks| dump_chunks + 1),
+            listed["chunk_count"].as_u64(),
+            "{job}\n{listed}"
+        );
         assert_eq!(
             fingerprint(&self.target, "copy"),
             fingerprint(&self.source, "shop")
@@ -1414,7 +1424,7 @@ fn a_restore_cut_off_for_thirty_seconds_resumes_its_download_and_succeeds() {
     proxy.restore();
 
     let job = fleet.wait_for_end(&id);
-    fleet.assert_resumed_and_restored(&job);
+    fleet.assert_resumed_and_restored(&job, &backup);
 }
 
 /// `DownloadBackup` as db2 (with its own certificate): the first message
@@ -1490,7 +1500,7 @@ fn a_coordinator_killed_mid_restore_comes_back_and_the_same_job_succeeds() {
     assert!(job_is_active(&job), "{job}");
 
     let job = fleet.wait_for_end(&id);
-    fleet.assert_resumed_and_restored(&job);
+    fleet.assert_resumed_and_restored(&job, &backup);
     let audit = fleet
         .coordinator
         .cli_json(&["audit", "list", "--limit", "1000"]);

@@ -1,7 +1,8 @@
 //! Jobs outlive connections. When an agent's stream ends, its running jobs
-//! are `detached`: the agent keeps running them (pg_dump waits on
-//! backpressure) and reconnects, to this coordinator or a restarted one,
-//! naming the attempts it holds. Those re-attach; the ones it no longer
+//! are `detached`: the agent keeps running them (pg_dump or pg_restore
+//! waits on backpressure, and the upload or download resumes on its own
+//! stream, see `jobs/upload` and `jobs/download`) and reconnects, to this
+//! coordinator or a restarted one, naming the attempts it holds. Those re-attach; the ones it no longer
 //! holds (it restarted) fail and are retried where their jobs allow; the
 //! ones it holds that no longer run here are stopped. A job whose agent
 //! does not come back within `jobs.reattach_timeout` fails (see the
