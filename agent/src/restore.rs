@@ -145,7 +145,15 @@ impl RestoreError {
     /// The coordinator ended the download with this status.
     /// A break is `Interrupted` (the download resumes), a refusal final.
     fn coordinator(status: &tonic::Status) -> RestoreError {
-        match StreamError::of(status, "the coordinator stopped the download") {
+        StreamError::of(status, "the coordinator stopped the download").into()
+    }
+}
+
+/// A download that broke and could not resume is interrupted (another
+/// attempt may succeed); one the coordinator refused is over.
+impl From<StreamError> for RestoreError {
+    fn from(error: StreamError) -> Self {
+        match error {
             StreamError::Broken(message) => RestoreError::Interrupted(message),
             StreamError::Refused(message) => RestoreError::Download(message),
         }
@@ -212,11 +220,18 @@ pub async fn run(
         Ok(_) => {}
         Err(error) => tracing::debug!(%error, "cannot look for leftover staging databases"),
     }
-    let download = download::Redownload {
-        link: Link::new(jobs, channel, guard.token.clone()),
-        job_id: request.job_id.clone(),
-        attempt_id: attempt_id.to_string(),
-    };
+    let (job_id, attempt) = (request.job_id.clone(), attempt_id.to_string());
+    let download = download::Redownload::new(
+        Link::new(jobs, channel, guard.token.clone()),
+        Box::new(move |channel, from_chunk| {
+            Box::pin(download::open(
+                channel,
+                job_id.clone(),
+                attempt.clone(),
+                from_chunk,
+            ))
+        }),
+    );
     let outcome = execute(&request, &instance, &mut state, download, &guard.token).await;
     let left_behind = staging::clean_up(&request, &instance, &mut state).await;
     let and_left_behind = left_behind
@@ -322,7 +337,7 @@ async fn check_and_restore(
     request: &Request,
     instance: &Instance,
     state: &mut State,
-    download: download::Redownload,
+    mut download: download::Redownload,
 ) -> Result<Restored, RestoreError> {
     if instance.in_recovery().await? {
         return Err(RestoreError::Refused(format!(
@@ -333,16 +348,7 @@ async fn check_and_restore(
     let target = checks::check_target(request, instance).await?;
     let spool = checks::check_space(request, instance, state).await?;
 
-    // The first stream from the chunk 0; a break later resumes it
-    // (`download::Redownload`).
-    let messages = download::open(
-        download.link.channel(),
-        &download.job_id,
-        &download.attempt_id,
-        0,
-    )
-    .await
-    .map_err(|status| RestoreError::coordinator(&status))?;
+    let messages = download.first().await?;
     let mut chunks: Chunks<'_> = Box::pin(download::opened_chunks(
         messages,
         download,

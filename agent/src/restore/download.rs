@@ -25,11 +25,12 @@ use std::pin::Pin;
 use cairn_common::archive::ArchiveScanner;
 use cairn_common::chunk::{CHUNK_MAX_BYTES, Compression, ContentHash, UnpackError, unpack_chunk};
 use cairn_common::proto::{self, agent_gateway_client::AgentGatewayClient, download_message};
+use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 use tonic::transport::Channel;
 
 use super::RestoreError;
-use crate::resume::{Link, StreamError};
+use crate::resume::{Link, Resuming, StreamError};
 
 /// The opened chunks, in order.
 pub(super) type Chunks<'a> =
@@ -252,8 +253,8 @@ impl<R: Reopen> Listing<R> {
 /// Opens the job's download from chunk `from_chunk` over `channel`.
 pub(super) async fn open(
     channel: Channel,
-    job_id: &str,
-    attempt_id: &str,
+    job_id: String,
+    attempt_id: String,
     from_chunk: u64,
 ) -> Result<Messages, tonic::Status> {
     let mut client = AgentGatewayClient::new(channel)
@@ -261,54 +262,72 @@ pub(super) async fn open(
         .max_encoding_message_size(cairn_common::chunk::MAX_CHUNK_MESSAGE_BYTES);
     let messages = client
         .download_backup(proto::DownloadRequest {
-            job_id: job_id.to_string(),
+            job_id,
             from_chunk,
-            attempt_id: attempt_id.to_string(),
+            attempt_id,
         })
         .await?
         .into_inner();
     Ok(Box::pin(messages))
 }
 
-/// Reopens a job attempt's download over the newest session's channel,
-/// as often as it breaks, within [`crate::resume::REATTACH_LIMIT`].
+/// Opens a download over a channel, from a chunk: [`open`] for the job's
+/// attempt.
+pub(super) type Opener =
+    Box<dyn FnMut(Channel, u64) -> BoxFuture<'static, Result<Messages, tonic::Status>> + Send>;
+
+/// Opens a job attempt's download, and again over the newest session's
+/// channel as often as it breaks. A download that breaks again before a
+/// chunk came goes on with the same tries, so one that never gets further
+/// gives up after [`crate::resume::REATTACH_LIMIT`].
 pub(super) struct Redownload {
-    pub link: Link,
-    pub job_id: String,
-    pub attempt_id: String,
+    link: Link,
+    open: Opener,
+    /// Where the last resume started, and its tries.
+    stalled: Option<(u64, Resuming)>,
+}
+
+impl Redownload {
+    pub fn new(link: Link, open: Opener) -> Redownload {
+        Redownload {
+            link,
+            open,
+            stalled: None,
+        }
+    }
+
+    /// The first stream, from chunk 0; refused or broken, the restore ends
+    /// (another attempt may start it again).
+    pub async fn first(&mut self) -> Result<Messages, RestoreError> {
+        (self.open)(self.link.channel(), 0)
+            .await
+            .map_err(|status| RestoreError::coordinator(&status))
+    }
 }
 
 impl Reopen for Redownload {
     async fn reopen(&mut self, from_chunk: u64, reason: String) -> Result<Messages, RestoreError> {
-        let mut resuming = self.link.resuming("download", &reason);
-        let gave_up = loop {
-            if let Err(error) = resuming.next_try(&mut self.link).await {
-                break error;
+        let mut resuming = match self.stalled.take() {
+            Some((at, mut resuming)) if at == from_chunk => {
+                resuming.try_again(reason);
+                resuming
             }
-            match open(
-                self.link.channel(),
-                &self.job_id,
-                &self.attempt_id,
-                from_chunk,
-            )
-            .await
-            {
+            _ => self.link.resuming("download", &reason),
+        };
+        loop {
+            resuming.next_try(&mut self.link).await?;
+            match (self.open)(self.link.channel(), from_chunk).await {
                 Ok(messages) => {
                     tracing::info!(from_chunk, "download resumed");
+                    self.stalled = Some((from_chunk, resuming));
                     return Ok(messages);
                 }
-                Err(status) => {
-                    let error = StreamError::of(&status, "the coordinator refused the download");
-                    if let Err(refused) = resuming.failed(error) {
-                        break refused;
-                    }
-                }
+                Err(status) => resuming.failed(StreamError::of(
+                    &status,
+                    "the coordinator refused the download",
+                ))?,
             }
-        };
-        Err(match gave_up {
-            StreamError::Broken(message) => RestoreError::Interrupted(message),
-            StreamError::Refused(message) => RestoreError::Download(message),
-        })
+        }
     }
 }
 
@@ -900,5 +919,57 @@ mod tests {
             opened.last(),
             Some(Err(RestoreError::Interrupted(_)))
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_download_that_keeps_breaking_before_a_chunk_comes_gives_up_in_time() {
+        use crate::jobs::RunningJobs;
+        use crate::resume::{REATTACH_LIMIT, RESUME_RETRY};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+
+        let jobs = RunningJobs::default();
+        let lazy = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let link = Link::new(&jobs, lazy, tokio_util::sync::CancellationToken::new());
+        // Every resumed stream opens, lists the rest, and breaks at once.
+        let opens = Arc::new(AtomicU64::new(0));
+        let counted = opens.clone();
+        let redownload = Redownload::new(
+            link,
+            Box::new(move |_, from_chunk| {
+                let opened = counted.fetch_add(1, Ordering::SeqCst) + 1;
+                assert!(opened < 1000, "the download resumes without end");
+                Box::pin(async move {
+                    let messages: Messages = Box::pin(futures::stream::iter(vec![
+                        list_from(vec![listed(b"one", false)], from_chunk, true),
+                        Err(tonic::Status::unavailable("connection reset")),
+                    ]));
+                    Ok(messages)
+                })
+            }),
+        );
+        let first: Messages = Box::pin(futures::stream::iter(vec![
+            list(vec![listed(b"zero", false), listed(b"one", false)], true),
+            chunk(data(b"zero")),
+            Err(tonic::Status::unavailable("connection reset")),
+        ]));
+        let started = tokio::time::Instant::now();
+        let opened: Vec<_> = opened_chunks(first, redownload, 2).collect().await;
+        assert_eq!(opened[0].as_ref().unwrap().plaintext, b"zero");
+        assert!(
+            matches!(opened.last(), Some(Err(RestoreError::Interrupted(_)))),
+            "{}",
+            error_of(&opened)
+        );
+        assert_eq!(
+            error_of(&opened),
+            "the download could not resume within 11m: the coordinator stopped the download: \
+             connection reset"
+        );
+        assert!(started.elapsed() >= REATTACH_LIMIT);
+        assert_eq!(
+            opens.load(Ordering::SeqCst),
+            REATTACH_LIMIT.as_secs() / RESUME_RETRY.as_secs()
+        );
     }
 }
