@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use cairn_common::proto::{self, agent_gateway_client::AgentGatewayClient, download_message};
 use cairn_common::tls::{self, CoordinatorUrl};
-use cairn_integration_tests::proxy::TcpProxy;
+use cairn_integration_tests::proxy::{ProxyMode, TcpProxy};
 use cairn_integration_tests::{
     Agent, AgentOptions, Coordinator, Output, PgCluster, TestDir, job_is_active, logged_numbers,
     wait_for, wait_until,
@@ -1394,12 +1394,11 @@ impl Fleet {
     }
 }
 
-/// db2 reaches the coordinator through a proxy, which cuts every
-/// connection for 30 s in the middle of a restore's download; the same
+/// db2 reaches the coordinator through a proxy, whose network fails
+/// (`fault`) for 30 s in the middle of a restore's download; the same
 /// restore then goes on from the chunks it had, and succeeds.
-#[test]
-fn a_restore_cut_off_for_thirty_seconds_resumes_its_download_and_succeeds() {
-    let mut fleet = fleet("restore_network_cut");
+fn network_fault_mid_restore(test_name: &str, fault: ProxyMode) {
+    let mut fleet = fleet(test_name);
     fleet
         .source
         .create_sample_database("shop", RESUMED_RESTORE_MIB);
@@ -1413,7 +1412,7 @@ fn a_restore_cut_off_for_thirty_seconds_resumes_its_download_and_succeeds() {
     // middle when the network goes; then it runs on, through the chunks
     // the agent holds, and waits for the rest.
     let (id, restore_backend) = fleet.start_paused_restore(&backup, "copy");
-    proxy.cut();
+    proxy.set_mode(fault);
     restore_backend.resume();
     std::thread::sleep(Duration::from_secs(30));
     let during = fleet.coordinator.cli_json(&["jobs", "show", &id]);
@@ -1425,6 +1424,16 @@ fn a_restore_cut_off_for_thirty_seconds_resumes_its_download_and_succeeds() {
 
     let job = fleet.wait_for_end(&id);
     fleet.assert_resumed_and_restored(&job, &backup);
+}
+
+#[test]
+fn a_restore_cut_off_for_thirty_seconds_resumes_its_download_and_succeeds() {
+    network_fault_mid_restore("restore_network_cut", ProxyMode::Cut);
+}
+
+#[test]
+fn a_restore_whose_network_goes_silent_for_thirty_seconds_resumes_and_succeeds() {
+    network_fault_mid_restore("restore_network_silent", ProxyMode::Blackhole);
 }
 
 /// `DownloadBackup` as db2 (with its own certificate): the first message
