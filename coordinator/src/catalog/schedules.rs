@@ -42,21 +42,33 @@ pub struct ScheduleRecord {
     /// made (see [`FireProgress`]).
     pub fire_cursor_at: Option<i64>,
     pub fire_cursor_target: Option<String>,
+    /// When the part-made fire was first evaluated.
+    pub fire_cursor_now: Option<i64>,
 }
 
 /// Where a batch of a schedule's fire leaves it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FireProgress {
-    /// More of the due fires' jobs remain after this (fire time, target).
-    PartMade { fire_at: i64, target: String },
+    /// More of the fires due at `evaluated_at` remain after this (fire
+    /// time, target).
+    PartMade {
+        evaluated_at: i64,
+        fire_at: i64,
+        target: String,
+    },
     /// Every due fire is made: the mark moves to this time.
     Done { evaluated_until: i64 },
 }
 
 impl ScheduleRecord {
-    /// The (fire time, target) of the last job made of a part-made fire.
-    pub fn fire_cursor(&self) -> Option<(i64, &str)> {
-        Some((self.fire_cursor_at?, self.fire_cursor_target.as_deref()?))
+    /// Of a part-made fire: when it was first evaluated, and the (fire
+    /// time, target) of the last job made.
+    pub fn fire_cursor(&self) -> Option<(i64, i64, &str)> {
+        Some((
+            self.fire_cursor_now?,
+            self.fire_cursor_at?,
+            self.fire_cursor_target.as_deref()?,
+        ))
     }
 
     pub fn selector(&self) -> BTreeMap<String, String> {
@@ -151,6 +163,7 @@ impl Catalog {
             > 0)
     }
 
+    #[cfg(test)]
     /// Moves a schedule's evaluation mark from `from` to `to`; false if
     /// another evaluation moved it first (then this one's fires are
     /// another's to make).
@@ -181,24 +194,32 @@ impl Catalog {
         progress: &FireProgress,
     ) -> Result<Option<Vec<JobRecord>>> {
         let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let (mark, cursor_at, cursor_target) = match progress {
-            FireProgress::PartMade { fire_at, target } => (
+        let (mark, cursor_now, cursor_at, cursor_target) = match progress {
+            FireProgress::PartMade {
+                evaluated_at,
+                fire_at,
+                target,
+            } => (
                 schedule.evaluated_until,
+                Some(*evaluated_at),
                 Some(*fire_at),
                 Some(target.as_str()),
             ),
-            FireProgress::Done { evaluated_until } => (*evaluated_until, None, None),
+            FireProgress::Done { evaluated_until } => (*evaluated_until, None, None, None),
         };
         let moved = sqlx::query(
-            "UPDATE schedules SET evaluated_until = ?, fire_cursor_at = ?, fire_cursor_target = ?
-             WHERE id = ? AND evaluated_until = ?
+            "UPDATE schedules SET evaluated_until = ?, fire_cursor_now = ?, fire_cursor_at = ?,
+                                  fire_cursor_target = ?
+             WHERE id = ? AND evaluated_until = ? AND fire_cursor_now IS ?
                AND fire_cursor_at IS ? AND fire_cursor_target IS ?",
         )
         .bind(mark)
+        .bind(cursor_now)
         .bind(cursor_at)
         .bind(cursor_target)
         .bind(&schedule.id)
         .bind(schedule.evaluated_until)
+        .bind(schedule.fire_cursor_now)
         .bind(schedule.fire_cursor_at)
         .bind(&schedule.fire_cursor_target)
         .execute(&mut *transaction)

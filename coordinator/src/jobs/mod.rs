@@ -55,6 +55,8 @@ pub struct Jobs {
     /// Wakes the engine's loop before its next tick (a job queued or
     /// ended).
     pub wake: Arc<Notify>,
+    /// The targets of part-made schedule fires (see `schedules::fire`).
+    pub fire_targets: crate::schedules::fire::FireTargetsCache,
 }
 
 /// How a job is run, from `--retries`, `--timeout` and `--deadline`.

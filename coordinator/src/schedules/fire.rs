@@ -10,7 +10,8 @@
 //! fires too old to catch up, or skipped because the previous one is still
 //! active, are recorded `missed` with the reason.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -26,7 +27,7 @@ use crate::jobs::{DEFAULT_DEADLINE, Jobs, duration_ms, random_suffix};
 /// made over several ticks (the engine ticks again at once while one is
 /// part-made), so that no tick holds the catalog for long: measured by
 /// `cargo xtask bench --engine`.
-pub const FIRE_BATCH: usize = 1000;
+pub const FIRE_BATCH: usize = 500;
 
 /// What one evaluation of the schedules made.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -60,9 +61,30 @@ enum Planned {
 /// One job of a due fire, in the order batches make them.
 struct Row<'a> {
     fire_at: i64,
-    key: String,
+    key: &'a str,
     target: &'a Target,
     planned: Planned,
+}
+
+/// A fire's targets, worked out at its first batch, by key: the order its
+/// batches make them in.
+#[derive(Debug)]
+struct FireTargets {
+    /// The schedule's fire time of evaluation (`fire_cursor_now`).
+    evaluated_at: i64,
+    targets: Arc<Vec<(String, Target)>>,
+}
+
+/// The targets of each part-made fire, kept between its batches so that a
+/// batch does not read the whole fleet again. A cache only: another
+/// coordinator, or this one after a restart, works them out again.
+#[derive(Debug, Default)]
+pub struct FireTargetsCache(Mutex<HashMap<String, FireTargets>>);
+
+impl FireTargetsCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, FireTargets>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Jobs {
@@ -107,13 +129,17 @@ impl Jobs {
         budget: usize,
     ) -> Result<(FireReport, usize)> {
         let timing = CronSchedule::parse(&schedule.cron, &schedule.timezone)?;
+        let cursor = schedule.fire_cursor();
+        // A fire is planned as of its first evaluation, however many
+        // batches (and ticks) it takes: a fire made slowly is not later
+        // taken for one missed while the coordinator was down.
+        let evaluated_at = cursor.map_or(now, |(at, _, _)| at);
         let due = due_fires(
             &timing,
             millis(schedule.evaluated_until),
-            millis(now),
+            millis(evaluated_at),
             duration_of(schedule.catch_up_ms),
         );
-        let cursor = schedule.fire_cursor();
         if due.run.is_empty()
             && due.missed.is_empty()
             && due.missed_beyond_cap == 0
@@ -121,51 +147,83 @@ impl Jobs {
         {
             return Ok((FireReport::default(), 0));
         }
-        let (targets, problems) = targets(&self.catalog, schedule).await?;
-        if cursor.is_none() {
-            for problem in &problems {
-                tracing::warn!(schedule = %schedule.name, %problem, "a target of the schedule is left out");
+        let (targets, problems) = self.fire_targets(schedule, evaluated_at).await?;
+        // The newest fire first: the one that runs (the newest of those
+        // caught up after a stop), then the `missed` rows of older ones,
+        // each fire's targets by key.
+        let (superseded, to_run) = due.run.split_at(due.run.len().saturating_sub(1));
+        let mut fires: Vec<(i64, Planned)> = Vec::new();
+        for fire in to_run {
+            fires.push((
+                fire.timestamp_millis(),
+                Planned::Run {
+                    next_fire: timing
+                        .next_fires(*fire, 1)
+                        .first()
+                        .map(DateTime::timestamp_millis),
+                },
+            ));
+        }
+        fires.extend(
+            superseded
+                .iter()
+                .rev()
+                .map(|f| (f.timestamp_millis(), Planned::Superseded)),
+        );
+        fires.extend(
+            due.missed
+                .iter()
+                .rev()
+                .map(|f| (f.timestamp_millis(), Planned::TooOld)),
+        );
+        // Where the last batch stopped: the rows of newer fires, and of
+        // this fire's targets up to its key, are made.
+        let (first_fire, first_target) = match cursor {
+            None => (0, 0),
+            Some((_, fire_at, key)) => match fires.iter().position(|(at, _)| *at == fire_at) {
+                Some(index) => (
+                    index,
+                    targets.partition_point(|(target_key, _)| target_key.as_str() <= key),
+                ),
+                // Not a fire of this plan (cannot be, as it is pinned):
+                // start again; the unique key leaves out what exists.
+                None => (0, 0),
+            },
+        };
+        let mut batch: Vec<Row<'_>> = Vec::new();
+        let mut more = false;
+        'fires: for (index, (fire_at, planned)) in fires.iter().enumerate().skip(first_fire) {
+            let from = if index == first_fire { first_target } else { 0 };
+            for (key, target) in targets.iter().skip(from) {
+                if batch.len() == budget.max(1) {
+                    more = true;
+                    break 'fires;
+                }
+                batch.push(Row {
+                    fire_at: *fire_at,
+                    key,
+                    target,
+                    planned: *planned,
+                });
             }
         }
-        // Fires caught up after a stop run once: as the newest of them.
-        let (superseded, to_run) = due.run.split_at(due.run.len().saturating_sub(1));
-        let mut rows = Vec::new();
-        let mut plan = |fires: &[DateTime<Utc>], planned: &dyn Fn(&DateTime<Utc>) -> Planned| {
-            for fire in fires {
-                for target in &targets {
-                    rows.push(Row {
-                        fire_at: fire.timestamp_millis(),
-                        key: target.key(),
-                        target,
-                        planned: planned(fire),
-                    });
-                }
-            }
-        };
-        plan(to_run, &|fire| Planned::Run {
-            next_fire: timing
-                .next_fires(*fire, 1)
-                .first()
-                .map(DateTime::timestamp_millis),
-        });
-        plan(superseded, &|_| Planned::Superseded);
-        plan(&due.missed, &|_| Planned::TooOld);
-        rows.sort_by(|a, b| (a.fire_at, &a.key).cmp(&(b.fire_at, &b.key)));
-        // What earlier batches made is behind the cursor.
-        let made_before = cursor.map_or(0, |(fire_at, target)| {
-            rows.partition_point(|row| (row.fire_at, row.key.as_str()) <= (fire_at, target))
-        });
-        let batch_end = rows.len().min(made_before + budget.max(1));
-        let batch = &rows[made_before..batch_end];
         let progress = match batch.last() {
-            Some(last) if batch_end < rows.len() => FireProgress::PartMade {
+            Some(last) if more => FireProgress::PartMade {
+                evaluated_at,
                 fire_at: last.fire_at,
-                target: last.key.clone(),
+                target: last.key.to_string(),
             },
             _ => FireProgress::Done {
-                evaluated_until: now,
+                evaluated_until: evaluated_at,
             },
         };
+        let made_before = if cursor.is_some() {
+            first_fire * targets.len() + first_target
+        } else {
+            0
+        };
+        let batch_end = made_before + batch.len();
+        let rows_total = fires.len() * targets.len();
 
         let active: HashSet<String> = if schedule.on_overlap == "skip"
             && batch
@@ -185,15 +243,16 @@ impl Jobs {
             .map(|newest| newest.to_rfc3339())
             .unwrap_or_default();
         let mut jobs = Vec::with_capacity(batch.len());
-        for row in batch {
+        for row in &batch {
+            let runs = matches!(row.planned, Planned::Run { .. });
             let mut job = self
-                .scheduled_job(schedule, row.target, row.fire_at, now)
+                .scheduled_job(schedule, row.target, row.fire_at, now, runs)
                 .await?;
             match row.planned {
                 Planned::Run { next_fire } => {
                     let offset = duration_ms(spread_offset(
                         &schedule.id,
-                        &row.key,
+                        row.key,
                         duration_of(schedule.spread_ms),
                     ));
                     job.not_before = row.fire_at + offset;
@@ -204,7 +263,7 @@ impl Jobs {
                             next + offset
                         }),
                     );
-                    if active.contains(&row.key) {
+                    if active.contains(row.key) {
                         job.status = JobState::Missed;
                         job.error = "skipped: the job of an earlier fire is still queued or \
                                      running (--on-overlap skip)"
@@ -244,6 +303,9 @@ impl Jobs {
             return Ok((FireReport::default(), 0));
         };
         let unfinished = matches!(progress, FireProgress::PartMade { .. });
+        if !unfinished {
+            self.fire_targets.lock().remove(&schedule.id);
+        }
         let report = FireReport {
             queued: inserted
                 .iter()
@@ -262,7 +324,7 @@ impl Jobs {
         };
         if !inserted.is_empty() || beyond_cap > 0 {
             let made_so_far = if unfinished || made_before > 0 {
-                format!(" ({batch_end} of the {} made so far)", rows.len())
+                format!(" ({batch_end} of the {rows_total} made so far)")
             } else {
                 String::new()
             };
@@ -299,6 +361,39 @@ impl Jobs {
         Ok((report, batch.len()))
     }
 
+    /// The targets of the schedule's fire evaluated at `evaluated_at`, by
+    /// key, and (when worked out now, at its first batch) why some are
+    /// left out.
+    async fn fire_targets(
+        &self,
+        schedule: &ScheduleRecord,
+        evaluated_at: i64,
+    ) -> Result<(Arc<Vec<(String, Target)>>, Vec<String>)> {
+        if let Some(kept) = self.fire_targets.lock().get(&schedule.id)
+            && kept.evaluated_at == evaluated_at
+        {
+            return Ok((kept.targets.clone(), Vec::new()));
+        }
+        let (found, problems) = targets(&self.catalog, schedule).await?;
+        for problem in &problems {
+            tracing::warn!(schedule = %schedule.name, %problem, "a target of the schedule is left out");
+        }
+        let mut keyed: Vec<(String, Target)> = found
+            .into_iter()
+            .map(|target| (target.key(), target))
+            .collect();
+        keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        let keyed = Arc::new(keyed);
+        self.fire_targets.lock().insert(
+            schedule.id.clone(),
+            FireTargets {
+                evaluated_at,
+                targets: keyed.clone(),
+            },
+        );
+        Ok((keyed, problems))
+    }
+
     /// The job one fire makes for one target (queued; the caller sets its
     /// start, deadline or end).
     pub(super) async fn scheduled_job(
@@ -307,10 +402,21 @@ impl Jobs {
         target: &Target,
         fire_at: i64,
         now: i64,
+        runs: bool,
     ) -> Result<JobRecord> {
         let suffix = random_suffix()?;
         let id = format!("job-{now}-{suffix}");
         let mut job = match &schedule.drill_agent {
+            // A drill that will not run needs no backup looked up.
+            Some(drill_agent) if !runs => JobRecord::queued(
+                id,
+                JobKind::Drill,
+                drill_agent,
+                &target.instance,
+                &target.database,
+                &format!("schedule:{}", schedule.name),
+                now,
+            ),
             None => {
                 let mut job = JobRecord::queued(
                     id,
@@ -416,6 +522,7 @@ mod tests {
             clock: Clock::manual(at(start)),
             term: 1,
             wake: Arc::new(Notify::new()),
+            fire_targets: Default::default(),
         })
     }
 
@@ -586,15 +693,20 @@ mod tests {
             (FireReport::default(), 0)
         );
 
-        let second = jobs.fire_schedules(now).await.unwrap();
+        // The next batch comes two hours later (far past the minute a fire
+        // may be late with no --catch-up): the fire is still the one
+        // planned at its first batch, and its other targets run.
+        jobs.clock.advance(Duration::from_secs(2 * 3600));
+        let later = jobs.clock.now_ms();
+        let second = jobs.fire_schedules(later).await.unwrap();
         assert_eq!(
-            (second.queued, second.unfinished),
-            (count - FIRE_BATCH, false)
+            (second.queued, second.missed, second.unfinished),
+            (count - FIRE_BATCH, 0, false)
         );
         let done = jobs.catalog.get_schedule("nightly").await.unwrap().unwrap();
         assert_eq!((done.evaluated_until, done.fire_cursor()), (now, None));
         assert_eq!(
-            jobs.fire_schedules(now).await.unwrap(),
+            jobs.fire_schedules(later).await.unwrap(),
             FireReport::default()
         );
 

@@ -172,6 +172,7 @@ impl ScheduleRequest {
             evaluated_until: now,
             fire_cursor_at: None,
             fire_cursor_target: None,
+            fire_cursor_now: None,
         })
     }
 }
@@ -334,7 +335,9 @@ impl Jobs {
         }
         let mut jobs = Vec::new();
         for target in &found {
-            let mut job = self.scheduled_job(&schedule, target, now, now).await?;
+            let mut job = self
+                .scheduled_job(&schedule, target, now, now, true)
+                .await?;
             job.not_before = now;
             job.deadline_at = Some(now + duration_ms(DEFAULT_DEADLINE));
             jobs.push(job);
