@@ -78,7 +78,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<()>
     // The newest coordinator term, kept beside agent.toml.
     let jobs = Arc::new(RunningJobs::with_term_file(
         config.config_dir.join(TERM_FILE_NAME),
-    ));
+    )?);
     // Job tasks, so that a shutdown waits for them to clean up (kill
     // pg_dump or pg_restore, drop a staging database) before the process
     // exits.

@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cairn_common::proto;
+
+use crate::error::AgentError;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -42,6 +44,8 @@ pub struct RunningJobs {
     newest_term: AtomicU64,
     /// Where the newest term is kept across restarts (none in tests).
     term_file: Option<PathBuf>,
+    /// Held while the term file is written.
+    term_writes: Mutex<()>,
     /// Job results not yet sent (no session, or not yet its turn).
     outbox: Mutex<VecDeque<Posted>>,
     outbox_ready: Notify,
@@ -54,6 +58,7 @@ impl Default for RunningJobs {
             jobs: Mutex::default(),
             newest_term: AtomicU64::new(0),
             term_file: None,
+            term_writes: Mutex::default(),
             outbox: Mutex::default(),
             outbox_ready: Notify::new(),
             channel: watch::Sender::new((0, None)),
@@ -65,23 +70,30 @@ impl RunningJobs {
     /// A registry that keeps the newest coordinator term in `term_file`
     /// (read now), so a restarted agent still refuses a deposed
     /// coordinator's commands.
-    pub fn with_term_file(term_file: PathBuf) -> RunningJobs {
-        let newest = match std::fs::read_to_string(&term_file) {
-            Ok(text) => text.trim().parse().unwrap_or_else(|_| {
-                tracing::warn!(file = %term_file.display(), "the coordinator term file is not a number; starting from 0");
-                0
-            }),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(error) => {
-                tracing::warn!(file = %term_file.display(), %error, "cannot read the coordinator term file; starting from 0");
-                0
-            }
+    pub fn with_term_file(term_file: PathBuf) -> Result<RunningJobs, AgentError> {
+        // A file that cannot be read as a number refuses the start: taking
+        // it for 0 would let a deposed coordinator command this agent.
+        let refuse = |problem: String| {
+            AgentError::Invalid(format!(
+                "the coordinator term file {} {problem}: write the coordinator's current term \
+                 into it (its log says `job engine started term=N` at each start), or remove \
+                 the file to accept the next coordinator's term as new",
+                term_file.display()
+            ))
         };
-        RunningJobs {
+        let newest = match std::fs::read_to_string(&term_file) {
+            Ok(text) => text
+                .trim()
+                .parse()
+                .map_err(|_| refuse(format!("holds {:?}, not a number", text.trim())))?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(error) => return Err(refuse(format!("cannot be read ({error})"))),
+        };
+        Ok(RunningJobs {
             newest_term: AtomicU64::new(newest),
             term_file: Some(term_file),
             ..RunningJobs::default()
-        }
+        })
     }
 
     /// The attempts this agent runs or holds a result of, for registration.
@@ -161,12 +173,16 @@ impl RunningJobs {
         if term > newest
             && let Some(file) = &self.term_file
         {
-            // Written aside then renamed: a crash leaves the old or the
-            // new number, never half of one.
-            let staged = file.with_extension("new");
-            let written = std::fs::write(&staged, format!("{term}\n"))
-                .and_then(|()| std::fs::rename(&staged, file));
-            if let Err(error) = written {
+            // One writer at a time, and it writes the newest term then, so
+            // two new terms at once never leave the older one on disk;
+            // written aside, synced, then renamed.
+            let _writing = self.term_writes.lock().unwrap_or_else(|e| e.into_inner());
+            let current = self.newest_term.load(Ordering::SeqCst);
+            if let Err(error) = cairn_common::config::write_file_atomic(
+                file,
+                format!("{current}\n").as_bytes(),
+                0o600,
+            ) {
                 tracing::warn!(file = %file.display(), %error, "cannot keep the coordinator term");
             }
         }
@@ -291,11 +307,45 @@ mod tests {
     fn the_newest_term_outlives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("coordinator-term");
-        let before = RunningJobs::with_term_file(file.clone());
+        let before = RunningJobs::with_term_file(file.clone()).unwrap();
         assert_eq!(before.accept_term(7), Ok(()));
-        let after = RunningJobs::with_term_file(file);
+        let after = RunningJobs::with_term_file(file).unwrap();
         assert_eq!(after.accept_term(6), Err(7));
         assert_eq!(after.accept_term(7), Ok(()));
+    }
+
+    #[test]
+    fn a_term_file_that_is_not_a_number_refuses_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("coordinator-term");
+        std::fs::write(&file, "").unwrap();
+        let Err(refused) = RunningJobs::with_term_file(file.clone()) else {
+            panic!("an empty term file must refuse the start, not accept any coordinator");
+        };
+        let message = refused.to_string();
+        assert!(
+            message.contains(&file.display().to_string()) && message.contains("not a number"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn terms_accepted_at_once_leave_the_newest_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("coordinator-term");
+        let jobs = Arc::new(RunningJobs::with_term_file(file.clone()).unwrap());
+        let threads: Vec<_> = (1..=64u64)
+            .map(|term| {
+                let jobs = jobs.clone();
+                std::thread::spawn(move || {
+                    let _ = jobs.accept_term(term);
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), "64");
     }
 
     #[test]

@@ -296,12 +296,17 @@ impl Redownload {
         }
     }
 
-    /// The first stream, from chunk 0; refused or broken, the restore ends
-    /// (another attempt may start it again).
+    /// The first stream, from chunk 0. Refused, the restore ends; broken
+    /// (the coordinator restarting while the restore checked its target),
+    /// it is opened again as a resumed one is.
     pub async fn first(&mut self) -> Result<Messages, RestoreError> {
-        (self.open)(self.link.channel(), 0)
-            .await
-            .map_err(|status| RestoreError::coordinator(&status))
+        match (self.open)(self.link.channel(), 0).await {
+            Ok(messages) => Ok(messages),
+            Err(status) => match StreamError::of(&status, "the coordinator refused the download") {
+                StreamError::Broken(reason) => self.reopen(0, reason).await,
+                StreamError::Refused(_) => Err(RestoreError::coordinator(&status)),
+            },
+        }
     }
 }
 
@@ -971,5 +976,48 @@ mod tests {
             opens.load(Ordering::SeqCst),
             REATTACH_LIMIT.as_secs() / RESUME_RETRY.as_secs()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_download_that_cannot_open_waits_for_the_coordinator_unless_refused() {
+        use crate::jobs::RunningJobs;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+
+        let jobs = RunningJobs::default();
+        let lazy = || tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        // The coordinator is restarting: the first two opens fail as a
+        // reset connection does, the third opens.
+        let opens = Arc::new(AtomicU64::new(0));
+        let counted = opens.clone();
+        let mut redownload = Redownload::new(
+            Link::new(&jobs, lazy(), tokio_util::sync::CancellationToken::new()),
+            Box::new(move |_, from_chunk| {
+                let opened = counted.fetch_add(1, Ordering::SeqCst) + 1;
+                Box::pin(async move {
+                    assert_eq!(from_chunk, 0);
+                    if opened < 3 {
+                        return Err(tonic::Status::unavailable("connection refused"));
+                    }
+                    let messages: Messages = Box::pin(futures::stream::iter(Vec::new()));
+                    Ok(messages)
+                })
+            }),
+        );
+        assert!(redownload.first().await.is_ok());
+        assert_eq!(opens.load(Ordering::SeqCst), 3);
+
+        // A refusal (the attempt is no longer the job's) is final at once.
+        let refused = Arc::new(AtomicU64::new(0));
+        let counted = refused.clone();
+        let mut redownload = Redownload::new(
+            Link::new(&jobs, lazy(), tokio_util::sync::CancellationToken::new()),
+            Box::new(move |_, _| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async move { Err(tonic::Status::permission_denied("not running")) })
+            }),
+        );
+        assert!(redownload.first().await.is_err());
+        assert_eq!(refused.load(Ordering::SeqCst), 1);
     }
 }

@@ -124,6 +124,12 @@ impl proto::agent_gateway_server::AgentGateway for Gateway {
             from_chunk,
             attempt_id,
         } = request.into_inner();
+        if from_chunk > 0 && attempt_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "from_chunk is set but attempt_id is empty: a resumed download names the \
+                 attempt it continues",
+            ));
+        }
         // Only the agent a running restore (or drill) job was sent to may
         // read its backup, and only while the job runs: a resumed download
         // only while its attempt is the job's current one (the engine may
