@@ -50,6 +50,10 @@ pub struct JobsConfig {
     pub reattach_timeout: Duration,
 }
 
+/// The longest `jobs.reattach_timeout`: under the agents' own limit on
+/// waiting for a coordinator (11 minutes).
+const MAX_REATTACH_TIMEOUT: Duration = Duration::from_secs(600);
+
 impl Default for JobsConfig {
     fn default() -> Self {
         JobsConfig {
@@ -563,10 +567,17 @@ impl CoordinatorConfig {
                 return Err(fail(key, "must be between 1 and 10000".into()));
             }
         }
-        if self.jobs.reattach_timeout < Duration::from_secs(1) {
+        // Agents keep a broken job's stream waiting for the coordinator for
+        // 11 minutes (cairn-agent's REATTACH_LIMIT): a longer wait here
+        // would keep jobs whose agents have already given up on them.
+        if self.jobs.reattach_timeout < Duration::from_secs(1)
+            || self.jobs.reattach_timeout > MAX_REATTACH_TIMEOUT
+        {
             return Err(fail(
                 "jobs.reattach_timeout",
-                "must be at least 1s (10m is the default)".into(),
+                "must be between 1s and 10m (the default), as agents wait 11 minutes at most \
+                 for the coordinator to come back before they give a job up"
+                    .into(),
             ));
         }
         let fleet = &self.fleet;
@@ -765,6 +776,11 @@ master_key_file = "master.key"
         );
         // The first file-level check names the missing file's key.
         check("", "key `tls.ca_certificate`");
+        // No longer than agents wait for a coordinator to come back.
+        check(
+            "[jobs]\nreattach_timeout = \"11m\"\n",
+            "key `jobs.reattach_timeout`: must be between 1s and 10m",
+        );
     }
 
     /// Agent certificates may be as short as a minute (warned about under a

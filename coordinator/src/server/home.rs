@@ -225,7 +225,7 @@ max_token_ttl = "{max_ttl}"
 max_per_instance = {per_instance}
 max_per_agent = {per_agent}
 max_running = {running}
-# How long a running job whose agent went away waits for it.
+# How long a running job whose agent went away waits for it (1s to 10m).
 reattach_timeout = "{reattach}"
 "#,
         grpc = options.grpc_listen,
