@@ -151,6 +151,8 @@ impl Catalog {
             )));
         }
         super::chunks::insert_references(&mut transaction, backup_id, chunk_ids).await?;
+        // A chunk garbage collection condemned is needed again.
+        super::chunks::revive(&mut transaction, chunk_ids, now).await?;
         transaction.commit().await?;
         Ok(())
     }
@@ -225,20 +227,34 @@ impl Catalog {
         .await?)
     }
 
-    /// Which of `ids` (hex) the repository holds, with their sizes.
-    pub async fn stored_chunks(&self, ids: &[String]) -> Result<HashMap<String, StoredChunk>> {
+    /// Which of `ids` (hex) the repository holds, with their sizes: the
+    /// dedup check. In the same transaction every chunk found is marked
+    /// used now, and one garbage collection condemned is revived (its
+    /// `condemned_at` cleared), so a collection can delete it only if no
+    /// upload found it first. A chunk being deleted is not found: the
+    /// agent sends it again.
+    pub async fn stored_chunks(
+        &self,
+        ids: &[String],
+        now: i64,
+    ) -> Result<HashMap<String, StoredChunk>> {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
-        let mut query = sqlx::QueryBuilder::new(
-            "SELECT id, sealed_bytes, plaintext_bytes FROM chunks WHERE id IN (",
-        );
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut query = sqlx::QueryBuilder::new("UPDATE chunks SET used_at = ");
+        query.push_bind(now);
+        query.push(", revived_at = CASE WHEN condemned_at IS NULL THEN revived_at ELSE ");
+        query.push_bind(now);
+        query.push(" END, condemned_at = NULL WHERE deleting_at IS NULL AND id IN (");
         let mut list = query.separated(", ");
         for id in ids {
             list.push_bind(id);
         }
-        list.push_unseparated(")");
-        let rows: Vec<(String, i64, i64)> = query.build_query_as().fetch_all(&self.pool).await?;
+        list.push_unseparated(") RETURNING id, sealed_bytes, plaintext_bytes");
+        let rows: Vec<(String, i64, i64)> =
+            query.build_query_as().fetch_all(&mut *transaction).await?;
+        transaction.commit().await?;
         Ok(rows
             .into_iter()
             .map(|(id, sealed, plaintext)| {
@@ -251,16 +267,24 @@ impl Catalog {
             .collect())
     }
 
+    /// Records a chunk the repository now holds. Returns false, and
+    /// records nothing, while garbage collection is deleting an older copy
+    /// of it (its row says `deleting_at`): that deletion may remove the
+    /// object just put, so the caller waits for it to end
+    /// ([`Catalog::chunk_being_deleted`]) and puts the chunk again.
     pub async fn insert_chunk(
         &self,
         id: &str,
         sealed_bytes: u64,
         plaintext_bytes: u64,
         now: i64,
-    ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO chunks (id, sealed_bytes, plaintext_bytes, stored_at) VALUES (?, ?, ?, ?)
-             ON CONFLICT (id) DO NOTHING",
+    ) -> Result<bool> {
+        let written = sqlx::query(
+            "INSERT INTO chunks (id, sealed_bytes, plaintext_bytes, stored_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (id) DO UPDATE SET used_at = ?4,
+                 revived_at = CASE WHEN condemned_at IS NULL THEN revived_at ELSE ?4 END,
+                 condemned_at = NULL
+             WHERE deleting_at IS NULL",
         )
         .bind(id)
         .bind(i64_of(sealed_bytes))
@@ -268,7 +292,18 @@ impl Catalog {
         .bind(now)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(written.rows_affected() > 0)
+    }
+
+    /// Whether garbage collection is deleting this chunk (its row marked,
+    /// the object perhaps not yet gone).
+    pub async fn chunk_being_deleted(&self, id: &str) -> Result<bool> {
+        let deleting: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT deleting_at FROM chunks WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(deleting.flatten().is_some())
     }
 }
 
@@ -477,7 +512,7 @@ mod tests {
         catalog.insert_chunk("aa", 10, 20, 2).await.unwrap();
         catalog.insert_chunk("bb", 30, 40, 3).await.unwrap();
         let stored = catalog
-            .stored_chunks(&["aa".into(), "bb".into(), "cc".into()])
+            .stored_chunks(&["aa".into(), "bb".into(), "cc".into()], 4)
             .await
             .unwrap();
         assert_eq!(stored.len(), 2, "{stored:?}");
@@ -489,7 +524,7 @@ mod tests {
             })
         );
         let stored = catalog
-            .stored_chunks(&["aa".into(), "bb".into()])
+            .stored_chunks(&["aa".into(), "bb".into()], 5)
             .await
             .unwrap();
         let sealed: HashMap<String, u64> = stored
@@ -500,6 +535,6 @@ mod tests {
             sealed,
             HashMap::from([("aa".to_string(), 10), ("bb".to_string(), 30)])
         );
-        assert!(catalog.stored_chunks(&[]).await.unwrap().is_empty());
+        assert!(catalog.stored_chunks(&[], 6).await.unwrap().is_empty());
     }
 }

@@ -120,10 +120,12 @@ impl Catalog {
         .await?)
     }
 
-    /// Records which chunks a complete backup references.
+    /// Records which chunks a complete backup references (reviving any
+    /// that garbage collection condemned).
     pub async fn index_backup_chunks(&self, backup_id: &str, chunk_ids: &[String]) -> Result<()> {
         let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         insert_references(&mut transaction, backup_id, chunk_ids).await?;
+        revive(&mut transaction, chunk_ids, crate::clock::now_ms()).await?;
         sqlx::query("UPDATE backups SET chunks_indexed = 1 WHERE id = ?")
             .bind(backup_id)
             .execute(&mut *transaction)
@@ -170,7 +172,9 @@ pub(super) async fn count_unindexed(
 ) -> Result<u64> {
     let mut missing = 0;
     for batch in chunk_ids.chunks(INSERT_BATCH) {
-        let mut query = QueryBuilder::new("SELECT count(*) FROM chunks WHERE id IN (");
+        // A chunk garbage collection is deleting is as good as gone.
+        let mut query =
+            QueryBuilder::new("SELECT count(*) FROM chunks WHERE deleting_at IS NULL AND id IN (");
         let mut list = query.separated(", ");
         for id in batch {
             list.push_bind(id);
@@ -198,6 +202,27 @@ pub(super) async fn insert_references(
             row.push_bind(backup_id).push_bind(chunk_id);
         });
         query.push(" ON CONFLICT DO NOTHING");
+        query.build().execute(&mut **transaction).await?;
+    }
+    Ok(())
+}
+
+/// Clears garbage collection's condemnation of `chunk_ids` (a backup
+/// references them now), inside the caller's transaction, in batches.
+pub(super) async fn revive(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    chunk_ids: &[String],
+    now: i64,
+) -> Result<()> {
+    for batch in chunk_ids.chunks(INSERT_BATCH) {
+        let mut query = QueryBuilder::new("UPDATE chunks SET condemned_at = NULL, revived_at = ");
+        query.push_bind(now);
+        query.push(" WHERE condemned_at IS NOT NULL AND id IN (");
+        let mut list = query.separated(", ");
+        for id in batch {
+            list.push_bind(id);
+        }
+        list.push_unseparated(")");
         query.build().execute(&mut **transaction).await?;
     }
     Ok(())

@@ -21,6 +21,7 @@
 
 mod backups;
 mod chunks;
+mod gc;
 mod jobs;
 mod restores;
 mod schedules;
@@ -39,6 +40,7 @@ use crate::audit::{AuditEvent, AuditRow, GENESIS_HASH, HashInput, row_hash};
 use crate::error::{CoordinatorError, Result};
 
 pub use backups::{BackupRecord, BackupStats, PageKey, StoredChunk};
+pub use gc::{GcChunk, GcClaim};
 pub use jobs::{
     AttemptEnd, AttemptRecord, JobKind, JobRecord, JobState, RETRY_REASON_PREFIX, TickJobs,
     offline_reason,

@@ -52,6 +52,12 @@ pub const OFFER_MAX_CHUNKS: usize = 8;
 
 /// Most chunks of one upload being checked and stored at once.
 pub const STORE_IN_FLIGHT: usize = 4;
+/// How long a chunk's store waits for garbage collection to finish
+/// deleting an older copy of it (one object delete, normally
+/// milliseconds; longer only if the collection died midway, until its
+/// next run finishes the deletion).
+const GC_DELETION_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+const GC_DELETION_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub type ReplySender = mpsc::Sender<Result<proto::BackupUploadReply, Status>>;
 
@@ -353,7 +359,9 @@ impl Upload {
     /// yet in the catalog).
     async fn known(&self, ids: &[ChunkId]) -> Result<HashMap<ChunkId, StoredChunk>, Status> {
         let hex: Vec<String> = ids.iter().map(ChunkId::to_hex).collect();
-        let stored = self.catalog.stored_chunks(&hex).await?;
+        // Found chunks are revived and marked used in the same transaction,
+        // so garbage collection deletes none of them from here on.
+        let stored = self.catalog.stored_chunks(&hex, now_ms()).await?;
         Ok(ids
             .iter()
             .filter_map(|id| {
@@ -540,14 +548,34 @@ impl Upload {
                 return Ok(position);
             };
             let sealed_bytes = sealed.bytes.len() as u64;
-            repository
-                .store
-                .put(&ObjectKey::chunk(&id), Bytes::from(sealed.bytes))
-                .await
-                .map_err(storage)?;
-            catalog
-                .insert_chunk(&id.to_hex(), sealed_bytes, plaintext_bytes, now_ms())
-                .await?;
+            let sealed = Bytes::from(sealed.bytes);
+            let deadline = tokio::time::Instant::now() + GC_DELETION_WAIT;
+            loop {
+                repository
+                    .store
+                    .put(&ObjectKey::chunk(&id), sealed.clone())
+                    .await
+                    .map_err(storage)?;
+                if catalog
+                    .insert_chunk(&id.to_hex(), sealed_bytes, plaintext_bytes, now_ms())
+                    .await?
+                {
+                    break;
+                }
+                // Garbage collection is deleting an older copy and may
+                // delete this one with it: once its deletion is over, the
+                // chunk is put again.
+                while catalog.chunk_being_deleted(&id.to_hex()).await? {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(Status::unavailable(format!(
+                            "repository: chunk {id} is being deleted by garbage collection \
+                             for more than {}s: the upload stops (a retry stores it anew)",
+                            GC_DELETION_WAIT.as_secs()
+                        )));
+                    }
+                    tokio::time::sleep(GC_DELETION_POLL).await;
+                }
+            }
             Ok(position)
         });
         if let Some(position) = position {

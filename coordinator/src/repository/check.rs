@@ -41,10 +41,10 @@ use crate::catalog::Catalog;
 use crate::clock::now_ms;
 use crate::error::{CoordinatorError, Result};
 use crate::repository::manifest::Manifest;
+use crate::repository::walk::{CatalogCursor, StoreCursor, storage};
 use crate::repository::{Listing, ObjectKey, Repository, RepositoryError};
 
-/// Rows read from the catalog at a time.
-const PAGE: u32 = 1000;
+use crate::repository::walk::PAGE;
 /// Chunks condemned in one transaction.
 const CONDEMN_BATCH: usize = 100;
 /// Names listed per kind of problem; the counts are always whole.
@@ -109,91 +109,6 @@ impl CheckReport {
             && self.missing_manifests.count == 0
             && self.damaged_count == 0
     }
-}
-
-/// A sorted list of chunk ids read page by page from the catalog.
-struct CatalogCursor<'a> {
-    catalog: &'a Catalog,
-    referenced: bool,
-    page: std::vec::IntoIter<String>,
-    last: String,
-    done: bool,
-    head: Option<String>,
-    count: u64,
-}
-
-impl<'a> CatalogCursor<'a> {
-    async fn new(catalog: &'a Catalog, referenced: bool) -> Result<CatalogCursor<'a>> {
-        let mut cursor = CatalogCursor {
-            catalog,
-            referenced,
-            page: Vec::new().into_iter(),
-            last: String::new(),
-            done: false,
-            head: None,
-            count: 0,
-        };
-        cursor.advance().await?;
-        Ok(cursor)
-    }
-
-    async fn advance(&mut self) -> Result<()> {
-        loop {
-            if let Some(id) = self.page.next() {
-                self.last.clone_from(&id);
-                self.count += 1;
-                self.head = Some(id);
-                return Ok(());
-            }
-            if self.done {
-                self.head = None;
-                return Ok(());
-            }
-            let page = if self.referenced {
-                self.catalog
-                    .referenced_chunks_after(&self.last, PAGE)
-                    .await?
-            } else {
-                self.catalog.indexed_chunks_after(&self.last, PAGE).await?
-            };
-            self.done = page.len() < PAGE as usize;
-            self.page = page.into_iter();
-        }
-    }
-}
-
-/// The storage listing of chunk objects, as chunk ids.
-struct StoreCursor {
-    listing: Listing,
-    head: Option<String>,
-    count: u64,
-}
-
-impl StoreCursor {
-    async fn advance(&mut self) -> Result<()> {
-        loop {
-            let Some(key) = self.listing.next().await.map_err(storage)? else {
-                self.head = None;
-                return Ok(());
-            };
-            // chunks/ab/<64 hex>: anything else under chunks/ is not ours.
-            if let Some(id) = chunk_id_of(&key) {
-                self.count += 1;
-                self.head = Some(id);
-                return Ok(());
-            }
-        }
-    }
-}
-
-fn chunk_id_of(key: &ObjectKey) -> Option<String> {
-    let id = key.as_str().rsplit('/').next()?;
-    let id = ChunkId::from_hex(id).ok()?;
-    (ObjectKey::chunk(&id) == *key).then(|| id.to_hex())
-}
-
-fn storage(error: RepositoryError) -> CoordinatorError {
-    CoordinatorError::Unavailable(format!("repository: {error}"))
 }
 
 /// Whether a storage error says the object itself is absent or bad (its
@@ -286,7 +201,7 @@ async fn check_manifests(
 }
 
 /// The next backup id the manifest listing names.
-async fn next_manifest(listing: &mut Listing) -> Result<Option<String>> {
+pub(crate) async fn next_manifest(listing: &mut Listing) -> Result<Option<String>> {
     while let Some(key) = listing.next().await.map_err(storage)? {
         if let Some(id) = key.as_str().strip_prefix("manifests/")
             && !id.contains('/')
@@ -351,12 +266,7 @@ pub async fn check_repository(
     index_unindexed_backups(&catalog, &repository, &mut report, started).await?;
     check_manifests(&catalog, &repository, &mut report, started).await?;
 
-    let mut stored = StoreCursor {
-        listing: repository.store.list_streamed("chunks/"),
-        head: None,
-        count: 0,
-    };
-    stored.advance().await?;
+    let mut stored = StoreCursor::new(repository.store.list_streamed("chunks/")).await?;
     let mut indexed = CatalogCursor::new(&catalog, false).await?;
     let mut referenced = CatalogCursor::new(&catalog, true).await?;
     // Chunks to condemn, with why; condemned a batch at a time, each batch

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
-use super::{ObjectKey, RepositoryError, Result};
+use super::{ObjectKey, ObjectStat, RepositoryError, Result, system_time_ms};
 
 #[derive(Debug, Clone)]
 pub struct LocalStore {
@@ -93,6 +93,22 @@ impl LocalStore {
         tokio::fs::try_exists(self.path(key))
             .await
             .map_err(|e| Self::io(key, e))
+    }
+
+    /// The object's size and when it was written (the file's mtime: a put
+    /// renames a new file into place), `None` if there is none.
+    pub async fn stat(&self, key: &ObjectKey) -> Result<Option<ObjectStat>> {
+        match tokio::fs::metadata(self.path(key)).await {
+            Ok(metadata) => {
+                let modified = metadata.modified().map_err(|e| Self::io(key, e))?;
+                Ok(Some(ObjectStat {
+                    bytes: metadata.len(),
+                    modified_ms: system_time_ms(modified),
+                }))
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(Self::io(key, error)),
+        }
     }
 
     /// Sends every object under `prefix` to `sender` in the order of their

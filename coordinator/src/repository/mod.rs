@@ -25,10 +25,13 @@
 //! rebuilt.
 
 pub mod check;
+pub mod gc;
 pub mod init;
 pub mod keys;
 pub mod manifest;
 pub mod rebuild;
+
+mod walk;
 
 mod local;
 mod s3;
@@ -178,6 +181,16 @@ impl Store {
         }
     }
 
+    /// The object's size and when it was written, `None` if there is none:
+    /// how garbage collection tells an old orphan from a chunk an upload is
+    /// storing now.
+    pub async fn stat(&self, key: &ObjectKey) -> Result<Option<ObjectStat>> {
+        match self {
+            Store::Local(store) => store.stat(key).await,
+            Store::S3(store) => store.stat(key).await,
+        }
+    }
+
     pub async fn delete(&self, key: &ObjectKey) -> Result<()> {
         match self {
             Store::Local(store) => store.delete(key).await,
@@ -192,6 +205,21 @@ impl Store {
             Store::S3(store) => store.describe(),
         }
     }
+}
+
+/// What [`Store::stat`] says of an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectStat {
+    pub bytes: u64,
+    /// When it was written, in milliseconds since the Unix epoch.
+    pub modified_ms: i64,
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+fn system_time_ms(at: std::time::SystemTime) -> i64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map(|since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// Object names listed ahead of their consumer.

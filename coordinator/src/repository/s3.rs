@@ -33,7 +33,7 @@ use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
-use super::{ObjectKey, RepositoryError, Result};
+use super::{ObjectKey, ObjectStat, RepositoryError, Result};
 
 /// Attempts per request (the first one plus retries) for retryable
 /// failures: throttling, 5xx, connection errors.
@@ -651,6 +651,53 @@ impl S3Store {
                 "ListObjectsV2: a truncated page without a new continuation token".into(),
             )),
         }
+    }
+
+    /// The object's size and LastModified, `None` if there is none.
+    pub async fn stat(&self, key: &ObjectKey) -> Result<Option<ObjectStat>> {
+        let full = self.full_key(key);
+        self.request(key.as_str(), "HeadObject", async {
+            match self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .send()
+                .await
+            {
+                Ok(head) => {
+                    let modified_ms = head
+                        .last_modified()
+                        .and_then(|at| at.to_millis().ok())
+                        .ok_or_else(|| {
+                            self.storage_error(
+                                key.as_str(),
+                                "HeadObject: no LastModified in the answer".to_string(),
+                            )
+                        })?;
+                    Ok(Some(ObjectStat {
+                        bytes: head
+                            .content_length()
+                            .and_then(|length| u64::try_from(length).ok())
+                            .unwrap_or(0),
+                        modified_ms,
+                    }))
+                }
+                Err(error) => {
+                    let not_found = error.as_service_error().is_some_and(|e| e.is_not_found())
+                        || error
+                            .raw_response()
+                            .is_some_and(|r| r.status().as_u16() == 404);
+                    if not_found {
+                        Ok(None)
+                    } else {
+                        Err(self
+                            .storage_error(key.as_str(), self.sdk_message("HeadObject", &error)))
+                    }
+                }
+            }
+        })
+        .await
     }
 
     /// Deletes `key`; deleting a missing object succeeds, as in S3.
