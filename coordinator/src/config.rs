@@ -30,6 +30,33 @@ pub struct CoordinatorConfig {
     pub backup: BackupConfig,
     #[serde(default)]
     pub jobs: JobsConfig,
+    #[serde(default)]
+    pub gc: GcConfig,
+}
+
+/// `[gc]`: the coordinator's own garbage collection of chunks no backup
+/// needs (`cairn repository gc` runs one by hand).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// Whether the coordinator collects by itself, once per `interval`.
+    pub enabled: bool,
+    /// A chunk stored or reused more recently is never condemned.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// How often the coordinator collects (one coordinator claims each run).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            enabled: true,
+            grace: crate::repository::gc::DEFAULT_GRACE,
+            interval: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 /// `[jobs]`: how many jobs run at once, and how long a running job whose
@@ -468,6 +495,9 @@ pub struct FleetConfig {
     pub max_token_ttl: Duration,
 }
 
+const GC_GRACE_MIN: Duration = Duration::from_secs(3600);
+const GC_GRACE_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
 }
@@ -566,6 +596,21 @@ impl CoordinatorConfig {
             if !(1..=10_000).contains(&value) {
                 return Err(fail(key, "must be between 1 and 10000".into()));
             }
+        }
+        // A grace shorter than an hour lets a slow upload's chunk be
+        // condemned between its store and its first reuse by another
+        // backup; the CLI's `--grace` may go lower for one run.
+        if self.gc.grace < GC_GRACE_MIN || self.gc.grace > GC_GRACE_MAX {
+            return Err(fail(
+                "gc.grace",
+                "must be between 1h and 365d (24h is the default)".into(),
+            ));
+        }
+        if self.gc.interval < Duration::from_secs(60) || self.gc.interval > GC_GRACE_MAX {
+            return Err(fail(
+                "gc.interval",
+                "must be between 1m and 365d (24h is the default)".into(),
+            ));
         }
         // Agents keep a broken job's stream waiting for the coordinator for
         // 11 minutes (cairn-agent's REATTACH_LIMIT): a longer wait here
@@ -781,6 +826,24 @@ master_key_file = "master.key"
             "[jobs]\nreattach_timeout = \"11m\"\n",
             "key `jobs.reattach_timeout`: must be between 1s and 10m",
         );
+    }
+
+    #[test]
+    fn gc_settings_are_checked_at_startup() {
+        check(
+            "[gc]\ngrace = \"10m\"\n",
+            "key `gc.grace`: must be between 1h and 365d",
+        );
+        check("[gc]\ngrace = \"tomorrow\"\n", "key `gc.grace`");
+        check(
+            "[gc]\ninterval = \"1s\"\n",
+            "key `gc.interval`: must be between 1m and 365d",
+        );
+        check("[gc]\nkeep = 1\n", "unknown field `keep`");
+        let config: CoordinatorConfig =
+            parse_toml(MINIMAL, Path::new("/x/coordinator.toml")).unwrap();
+        assert!(config.gc.enabled);
+        assert_eq!(config.gc.grace, Duration::from_secs(24 * 3600));
     }
 
     /// Agent certificates may be as short as a minute (warned about under a

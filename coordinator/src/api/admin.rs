@@ -23,6 +23,8 @@ use crate::jobs::{BackupRequest, Jobs, RunOptions};
 use crate::schedules::manage::ScheduleRequest;
 use crate::schedules::timing::CronSchedule;
 
+/// The longest grace a collection takes.
+const GC_GRACE_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
 const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(120);
 const DEFAULT_AUDIT_LIMIT: u32 = 100;
@@ -76,6 +78,10 @@ pub struct AdminService {
     pub jobs: Arc<Jobs>,
     pub repository: Arc<crate::repository::Repository>,
     pub keys: crate::repository::keys::MasterKeys,
+    /// `[gc]`: the grace a collection uses unless the caller names one.
+    pub gc: crate::config::GcConfig,
+    /// This coordinator's name in the collection lease.
+    pub gc_node: String,
 }
 
 impl AdminService {
@@ -565,6 +571,74 @@ impl Admin for AdminService {
             .await;
         Ok(Response::new(crate::api::wire::verify_report_to_wire(
             report,
+        )))
+    }
+
+    async fn collect_garbage(
+        &self,
+        request: Request<proto::CollectGarbageRequest>,
+    ) -> Result<Response<proto::CollectGarbageResponse>, Status> {
+        let identity = require_role(&request, Role::Admin, &self.audit, "repository.gc").await?;
+        let request = request.into_inner();
+        let grace = if request.no_grace {
+            Duration::ZERO
+        } else if request.grace_ms == 0 {
+            self.gc.grace
+        } else {
+            Duration::from_millis(request.grace_ms)
+        };
+        if grace > GC_GRACE_MAX {
+            return Err(Status::invalid_argument(
+                "grace_ms: at most 365 days (31536000000 ms)",
+            ));
+        }
+        let options = crate::repository::gc::GcOptions {
+            grace,
+            dry_run: request.dry_run,
+        };
+        let started = std::time::Instant::now();
+        // Its own task: a caller that goes away does not cut the run (and
+        // its deletions) halfway.
+        let run = tokio::spawn({
+            let catalog = self.catalog.clone();
+            let repository = self.repository.clone();
+            let holder = crate::repository::gc::holder_name(&self.gc_node);
+            async move {
+                crate::repository::gc::collect_garbage(catalog, repository, options, &holder).await
+            }
+        });
+        let report = match run.await {
+            Ok(Ok(report)) => report,
+            Ok(Err(error)) => {
+                self.audit
+                    .record(AuditEvent::new(
+                        identity.principal.to_string(),
+                        "repository.gc",
+                        self.repository.store.describe(),
+                        Outcome::Failed,
+                        format!("{}{error}", if options.dry_run { "dry run: " } else { "" }),
+                    ))
+                    .await;
+                return Err(error.into());
+            }
+            Err(error) => {
+                return Err(cairn_common::error::internal_status(&format!(
+                    "the garbage collection stopped: {error}"
+                )));
+            }
+        };
+        self.audit
+            .record(AuditEvent::new(
+                identity.principal.to_string(),
+                "repository.gc",
+                report.repository.clone(),
+                Outcome::Success,
+                crate::repository::gc::audit_detail(&report),
+            ))
+            .await;
+        let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Ok(Response::new(crate::api::wire::gc_report_to_wire(
+            report, millis,
         )))
     }
 

@@ -160,6 +160,34 @@ pub fn check_report_to_wire(
     }
 }
 
+pub fn gc_report_to_wire(
+    report: crate::repository::gc::GcReport,
+    millis: u64,
+) -> proto::CollectGarbageResponse {
+    let tally = |tally: crate::repository::gc::Tally| {
+        Some(proto::ChunkTally {
+            chunks: tally.chunks,
+            bytes: tally.bytes,
+        })
+    };
+    proto::CollectGarbageResponse {
+        repository: report.repository,
+        dry_run: report.dry_run,
+        grace_ms: report.grace_ms,
+        cutoff_unix_ms: report.cutoff_ms,
+        stored_chunks: report.stored_chunks,
+        referenced_chunks: report.referenced_chunks,
+        pinned_chunks: report.pinned_chunks,
+        manifests_read: report.manifests_read,
+        recent_chunks: report.recent_chunks,
+        condemned: tally(report.condemned),
+        freed: tally(report.freed),
+        orphans_freed: tally(report.orphans_freed),
+        revived: tally(report.revived),
+        millis,
+    }
+}
+
 pub fn key_slot_to_wire(listed: crate::repository::keys::ListedSlot) -> proto::KeySlot {
     proto::KeySlot {
         id: listed.slot.id,

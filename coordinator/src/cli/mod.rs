@@ -249,6 +249,25 @@ enum RepositoryCommand {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Delete the chunks no backup needs (role: admin), in two phases: a
+    /// chunk that no complete backup, manifest or running upload needs and
+    /// that nothing stored or reused for longer than the grace is
+    /// condemned; a later run deletes it if it is still unneeded (a backup
+    /// that reuses it first revives it). Objects without a catalog row
+    /// older than the grace (left by a crash) are deleted. The coordinator
+    /// also runs one daily (`[gc]` in coordinator.toml); one runs at a time.
+    Gc {
+        /// Change nothing; say what a run would condemn and delete.
+        #[arg(long)]
+        dry_run: bool,
+        /// A chunk stored or reused more recently is never condemned
+        /// (default: the coordinator's gc.grace, 24h unless set); `0s`
+        /// condemns whatever was stored before the run began.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        grace: Option<std::time::Duration>,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Rebuild the backup list of an empty catalog from the repository and
     /// one key alone. Runs offline: stop `cairn serve` first.
     RebuildCatalog {
@@ -658,6 +677,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }) => {
             let mut client = connection.admin().await?;
             repository::check(&mut client, read_data, connection.json()).await
+        }
+        Command::Repository(RepositoryCommand::Gc {
+            dry_run,
+            grace,
+            connection,
+        }) => {
+            let mut client = connection.admin().await?;
+            repository::gc(&mut client, dry_run, grace, connection.json()).await
         }
         Command::Repository(RepositoryCommand::RebuildCatalog {
             config,

@@ -1,5 +1,6 @@
 //! `cairn repository check`: the coordinator compares its catalog with the
-//! repository; this prints what it found.
+//! repository; this prints what it found. `cairn repository gc`: the
+//! coordinator collects garbage; this prints its report.
 
 use cairn_common::proto::{self, admin_client::AdminClient};
 use serde::Serialize;
@@ -186,4 +187,122 @@ pub async fn check(
         );
     }
     Ok(if view.ok { 0 } else { 1 })
+}
+
+/// Chunks and bytes, as `--output json` prints them.
+#[derive(Debug, Serialize)]
+struct TallyView {
+    chunks: u64,
+    bytes: u64,
+}
+
+impl From<Option<proto::ChunkTally>> for TallyView {
+    fn from(tally: Option<proto::ChunkTally>) -> TallyView {
+        let tally = tally.unwrap_or_default();
+        TallyView {
+            chunks: tally.chunks,
+            bytes: tally.bytes,
+        }
+    }
+}
+
+/// A collection's report as `--output json` prints it.
+#[derive(Debug, Serialize)]
+struct GcView {
+    repository: String,
+    dry_run: bool,
+    grace_ms: u64,
+    cutoff_unix_ms: i64,
+    stored_chunks: u64,
+    referenced_chunks: u64,
+    pinned_chunks: u64,
+    manifests_read: u64,
+    recent_chunks: u64,
+    condemned: TallyView,
+    freed: TallyView,
+    orphans_freed: TallyView,
+    revived: TallyView,
+    millis: u64,
+}
+
+/// Runs a garbage collection and prints what it did (or would do).
+pub async fn gc(
+    client: &mut AdminClient<Channel>,
+    dry_run: bool,
+    grace: Option<std::time::Duration>,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let bar = spinner(json);
+    bar.set_message(if dry_run {
+        "collecting garbage (dry run)"
+    } else {
+        "collecting garbage"
+    });
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let grace_ms = grace.map(|g| u64::try_from(g.as_millis()).unwrap_or(u64::MAX));
+    let report = client
+        .collect_garbage(proto::CollectGarbageRequest {
+            dry_run,
+            grace_ms: grace_ms.unwrap_or(0),
+            no_grace: grace_ms == Some(0),
+        })
+        .await
+        .map_err(explain);
+    bar.finish_and_clear();
+    let report = report?.into_inner();
+    let view = GcView {
+        repository: report.repository,
+        dry_run: report.dry_run,
+        grace_ms: report.grace_ms,
+        cutoff_unix_ms: report.cutoff_unix_ms,
+        stored_chunks: report.stored_chunks,
+        referenced_chunks: report.referenced_chunks,
+        pinned_chunks: report.pinned_chunks,
+        manifests_read: report.manifests_read,
+        recent_chunks: report.recent_chunks,
+        condemned: report.condemned.into(),
+        freed: report.freed.into(),
+        orphans_freed: report.orphans_freed.into(),
+        revived: report.revived.into(),
+        millis: report.millis,
+    };
+    if json {
+        print_json(&view)?;
+        return Ok(0);
+    }
+    let (would, condemn, free) = if view.dry_run {
+        ("dry run, nothing changed: ", "would condemn", "would free")
+    } else {
+        ("", "condemned", "freed")
+    };
+    println!(
+        "{}{}: {} chunk(s) stored, {} referenced by backups, {} pinned by uploads or manifests, \
+         {} used within the grace ({}); done in {:.1} s",
+        would,
+        view.repository,
+        view.stored_chunks,
+        view.referenced_chunks,
+        view.pinned_chunks,
+        view.recent_chunks,
+        cairn_common::config::display_duration(std::time::Duration::from_millis(view.grace_ms)),
+        view.millis as f64 / 1000.0
+    );
+    println!(
+        "{condemn}: {} chunk(s), {} (deleted by the next run unless a backup uses them again)",
+        view.condemned.chunks,
+        bytes(view.condemned.bytes)
+    );
+    println!(
+        "{free}: {} chunk(s), {}; orphaned objects: {} chunk(s), {}",
+        view.freed.chunks,
+        bytes(view.freed.bytes),
+        view.orphans_freed.chunks,
+        bytes(view.orphans_freed.bytes)
+    );
+    println!(
+        "revived since the previous run: {} chunk(s), {}",
+        view.revived.chunks,
+        bytes(view.revived.bytes)
+    );
+    Ok(0)
 }

@@ -79,6 +79,67 @@ const REVOKED_PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_se
 /// How long after its expiry a revoked certificate is still remembered.
 const REVOKED_EXPIRY_MARGIN_MS: i64 = 24 * 3600 * 1000;
 
+/// How often the coordinator asks whether the daily collection is due.
+const GC_DUE_CHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The coordinator's own collection, once per `gc.interval`: whichever
+/// coordinator claims the lease with the last run old enough runs it.
+async fn daily_gc(
+    catalog: Arc<Catalog>,
+    repository: Arc<crate::repository::Repository>,
+    audit: AuditLog,
+    config: crate::config::GcConfig,
+    node: String,
+    shutdown: CancellationToken,
+) {
+    let mut every = tokio::time::interval(GC_DUE_CHECK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let options = crate::repository::gc::GcOptions {
+        grace: config.grace,
+        dry_run: false,
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let holder = crate::repository::gc::holder_name(&node);
+        let run = crate::repository::gc::collect_garbage_if_due(
+            catalog.clone(),
+            repository.clone(),
+            options,
+            &holder,
+            config.interval,
+        );
+        let result = tokio::select! {
+            // Cut short, the lease is left to expire (or to this
+            // coordinator's next start); the next run goes on.
+            _ = shutdown.cancelled() => return,
+            result = run => result,
+        };
+        let (outcome, detail) = match result {
+            Ok(None) => continue,
+            Ok(Some(report)) => (
+                Outcome::Success,
+                crate::repository::gc::audit_detail(&report),
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "the daily garbage collection failed");
+                (Outcome::Failed, error.to_string())
+            }
+        };
+        audit
+            .record(AuditEvent::new(
+                "coordinator",
+                "repository.gc",
+                repository.store.describe(),
+                outcome,
+                detail,
+            ))
+            .await;
+    }
+}
+
 pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<()> {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
@@ -256,6 +317,36 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         audit.clone(),
         tasks.clone(),
     );
+    // This coordinator's name in the collection lease: a lease its
+    // previous process held (killed during a collection) is free again.
+    let gc_node = format!(
+        "coordinator-{}",
+        &blake3::hash(
+            format!(
+                "{}|{}",
+                config.keys.master_key_file.display(),
+                config.server.grpc_listen
+            )
+            .as_bytes()
+        )
+        .to_hex()[..12]
+    );
+    if catalog.release_gc_lease_of_node(&gc_node).await? {
+        tracing::info!(
+            node = gc_node,
+            "released the garbage collection lease this coordinator held before it stopped"
+        );
+    }
+    if config.gc.enabled {
+        tasks.spawn(daily_gc(
+            catalog.clone(),
+            repository.clone(),
+            audit.clone(),
+            config.gc.clone(),
+            gc_node.clone(),
+            shutdown.child_token(),
+        ));
+    }
     let admin = AdminService {
         authority,
         catalog: catalog.clone(),
@@ -264,6 +355,8 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         jobs,
         repository: repository.clone(),
         keys,
+        gc: config.gc.clone(),
+        gc_node,
     };
 
     let incoming = tls::tls_incoming(
