@@ -80,7 +80,11 @@ const REVOKED_PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_se
 const REVOKED_EXPIRY_MARGIN_MS: i64 = 24 * 3600 * 1000;
 
 /// How often the coordinator asks whether the daily collection is due.
-const GC_DUE_CHECK: std::time::Duration = std::time::Duration::from_secs(60);
+const GC_DUE_CHECK: Duration = Duration::from_secs(60);
+/// The first ask comes this long after a start: a restarted fleet
+/// reconnects and re-attaches its uploads first, and an operator's own
+/// `repository gc` right after a start does not meet a daily run.
+const GC_FIRST_CHECK: Duration = Duration::from_secs(600);
 
 /// The coordinator's own collection, once per `gc.interval`: whichever
 /// coordinator claims the lease with the last run old enough runs it.
@@ -92,7 +96,8 @@ async fn daily_gc(
     node: String,
     shutdown: CancellationToken,
 ) {
-    let mut every = tokio::time::interval(GC_DUE_CHECK);
+    let mut every =
+        tokio::time::interval_at(tokio::time::Instant::now() + GC_FIRST_CHECK, GC_DUE_CHECK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let options = crate::repository::gc::GcOptions {
         grace: config.grace,

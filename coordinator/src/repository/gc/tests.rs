@@ -306,7 +306,11 @@ async fn a_dry_run_changes_nothing_and_says_what_would_happen() {
     assert!(dry.dry_run);
     assert_eq!(dry.condemned.chunks, 1);
     assert_eq!(dry.orphans_freed.chunks, 1);
-    let rows = f.catalog.gc_chunks(std::slice::from_ref(&garbage)).await.unwrap();
+    let rows = f
+        .catalog
+        .gc_chunks(std::slice::from_ref(&garbage))
+        .await
+        .unwrap();
     assert_eq!(rows[0].condemned_at, None);
     assert!(f.exists(&orphan).await);
 
