@@ -27,6 +27,12 @@
 //! is durable, by the task that stored it, so a coordinator killed
 //! mid-upload loses no record of what is stored; the manifest is written
 //! only once every chunk is.
+//!
+//! Garbage collection (`repository/gc`) runs beside uploads: the dedup
+//! check revives a condemned chunk in the transaction that finds it and
+//! does not find one being deleted, and a chunk stored while an older copy
+//! of it is being deleted is put again once that deletion is over, so a
+//! collection never deletes what an upload counts on.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};

@@ -171,6 +171,7 @@ fn server_names(options: &InitOptions) -> Vec<String> {
 
 fn config_text(options: &InitOptions, fleet: &FleetConfig) -> String {
     let jobs = crate::config::JobsConfig::default();
+    let gc = crate::config::GcConfig::default();
     let duration = cairn_common::config::display_duration;
     format!(
         r#"# Cairn coordinator configuration, written by `cairn init`.
@@ -227,6 +228,14 @@ max_per_agent = {per_agent}
 max_running = {running}
 # How long a running job whose agent went away waits for it (1s to 10m).
 reattach_timeout = "{reattach}"
+
+[gc]
+# Garbage collection of chunks no backup needs, once per interval (one
+# coordinator runs it): a chunk unused for longer than the grace is
+# condemned, and deleted by a later run unless a backup uses it again.
+enabled = {gc_enabled}
+grace = "{gc_grace}"
+interval = "{gc_interval}"
 "#,
         grpc = options.grpc_listen,
         http = options.http_listen,
@@ -239,6 +248,9 @@ reattach_timeout = "{reattach}"
         per_agent = jobs.max_per_agent,
         running = jobs.max_running,
         reattach = duration(jobs.reattach_timeout),
+        gc_enabled = gc.enabled,
+        gc_grace = duration(gc.grace),
+        gc_interval = duration(gc.interval),
     )
 }
 
