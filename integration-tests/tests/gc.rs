@@ -137,6 +137,18 @@ fn unreferenced_chunks_are_freed_after_two_runs_and_every_backup_left_verifies()
     );
     let stored = coordinator.chunk_files().len();
 
+    // Deleting data is the admin's: an operator is refused, dry or not.
+    let operator = test_dir.path().join("operator-identity");
+    coordinator.issue_operator("olga", "operator", &operator);
+    for args in [
+        &["repository", "gc"][..],
+        &["repository", "gc", "--dry-run"][..],
+    ] {
+        let refused = coordinator.cli_as(&operator, args);
+        assert!(!refused.success(), "{refused}");
+        assert!(refused.stderr.contains("admin"), "{refused}");
+    }
+
     // A dry run says what it would condemn and changes nothing.
     let dry = gc(&coordinator, &["--dry-run"]);
     assert_eq!(dry["dry_run"], true, "{dry}");
