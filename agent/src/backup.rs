@@ -152,6 +152,7 @@ pub async fn run(
                 dump_bytes: outcome.dump_bytes,
                 pg_dump_version: outcome.pg_dump_version,
                 server_version: facts.server_version,
+                system_identifier: facts.system_identifier,
                 database_bytes: facts.size_bytes,
                 row_estimates: facts.row_estimates.into_iter().collect(),
                 dump_millis: outcome.duration.as_millis() as u64,

@@ -132,6 +132,23 @@ pub struct InstanceProbe {
     pub archiver: Option<ArchiverStatus>,
     pub connections: u32,
     pub max_connections: u32,
+    /// The cluster's system identifier, in decimal; empty when unknown.
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub system_identifier: String,
+}
+
+/// Checks a reported system identifier: empty (unknown) or the decimal
+/// form of a 64-bit number, as `pg_control_system()` gives it. `field`
+/// names it in the error.
+pub fn check_system_identifier(field: &'static str, value: &str) -> Result<(), Error> {
+    if value.is_empty() || value.parse::<u64>().is_ok_and(|n| n.to_string() == value) {
+        Ok(())
+    } else {
+        Err(Error::protocol(
+            field,
+            "not a system identifier: expected the decimal number pg_control_system() reports",
+        ))
+    }
 }
 
 impl InstanceProbe {
@@ -155,6 +172,7 @@ impl InstanceProbe {
             archiver: None,
             connections: 0,
             max_connections: 0,
+            system_identifier: String::new(),
         }
     }
 }
@@ -258,6 +276,7 @@ impl From<InstanceProbe> for proto::InstanceProbe {
             }),
             connections: p.connections,
             max_connections: p.max_connections,
+            system_identifier: p.system_identifier,
         }
     }
 }
@@ -267,6 +286,7 @@ impl TryFrom<proto::InstanceProbe> for InstanceProbe {
     fn try_from(p: proto::InstanceProbe) -> Result<Self, Error> {
         crate::names::InstanceName::new(p.instance.as_str())
             .map_err(|e| Error::protocol("instance", e.to_string()))?;
+        check_system_identifier("system_identifier", &p.system_identifier)?;
         let probed_at = time_from_unix_ms(p.probed_at_unix_ms)
             .ok_or_else(|| Error::protocol("probed_at_unix_ms", "missing or out of range"))?;
         let role = match proto::ReplicationRole::try_from(p.role) {
@@ -323,6 +343,7 @@ impl TryFrom<proto::InstanceProbe> for InstanceProbe {
             }),
             connections: p.connections,
             max_connections: p.max_connections,
+            system_identifier: p.system_identifier,
         })
     }
 }

@@ -115,6 +115,8 @@ async fn format_one_backups_rebuild_verify_and_restore_beside_new_ones() {
         table_rows: None,
         rows_not_counted: "written by a test".into(),
         archive_version: String::new(),
+        // Old manifests have none: the backup groups by host.
+        system_identifier: String::new(),
     };
     manifest.store(&repository).await.unwrap();
     drop(repository);

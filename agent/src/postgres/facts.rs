@@ -15,6 +15,9 @@ pub struct DatabaseFacts {
     /// `schema.table` (quoted as needed) → `pg_class.reltuples`; -1 for a
     /// table never vacuumed or analyzed.
     pub row_estimates: BTreeMap<String, i64>,
+    /// The cluster's system identifier; empty when this role may not read
+    /// `pg_control_system()` (the backup then groups by host).
+    pub system_identifier: String,
 }
 
 pub async fn database_facts(
@@ -58,9 +61,17 @@ pub async fn database_facts(
             )
             .await
             .map_err(query("row estimates"))?;
+        let system_identifier = match client.query_one(super::SYSTEM_IDENTIFIER_SQL, &[]).await {
+            Ok(row) => row.try_get::<_, String>(0).unwrap_or_default(),
+            Err(error) => {
+                tracing::warn!(error = %super::describe(&error), "cannot read the system identifier: the backup groups by agent and instance");
+                String::new()
+            }
+        };
         drop(client);
         connection.abort();
         Ok(DatabaseFacts {
+            system_identifier,
             server_version,
             size_bytes: u64::try_from(size).unwrap_or(0),
             row_estimates: rows

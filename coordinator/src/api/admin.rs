@@ -117,7 +117,7 @@ impl AdminService {
         }
     }
 
-    async fn agent_record(&self, name: &str) -> Result<AgentRecord, Status> {
+    pub(crate) async fn agent_record(&self, name: &str) -> Result<AgentRecord, Status> {
         self.catalog.get_agent(name).await?.ok_or_else(|| {
             Status::not_found(format!("no agent named {name:?}: see cairn agents list"))
         })
@@ -433,7 +433,7 @@ impl Admin for AdminService {
             .catalog
             .get_backup(&id)
             .await?
-            .filter(|b| b.status == "complete")
+            .filter(crate::catalog::BackupRecord::is_listed)
             .ok_or_else(|| {
                 Status::not_found(format!("no complete backup {id}: see cairn backups list"))
             })?;
@@ -873,6 +873,93 @@ impl Admin for AdminService {
                 .collect(),
         }))
     }
+
+    async fn create_retention_policy(
+        &self,
+        request: Request<proto::CreateRetentionPolicyRequest>,
+    ) -> Result<Response<proto::RetentionPolicy>, Status> {
+        let identity =
+            require_role(&request, Role::Operator, &self.audit, "retention.create").await?;
+        let policy = self
+            .create_policy(&identity.principal.to_string(), request.into_inner())
+            .await?;
+        Ok(Response::new(policy))
+    }
+
+    async fn list_retention_policies(
+        &self,
+        request: Request<proto::ListRetentionPoliciesRequest>,
+    ) -> Result<Response<proto::ListRetentionPoliciesResponse>, Status> {
+        require_role(&request, Role::Viewer, &self.audit, "retention.list").await?;
+        let mut policies = Vec::new();
+        for record in self.catalog.list_retention_policies().await? {
+            policies.push(self.policy_to_wire(record).await?);
+        }
+        Ok(Response::new(proto::ListRetentionPoliciesResponse {
+            policies,
+        }))
+    }
+
+    async fn get_retention_policy(
+        &self,
+        request: Request<proto::GetRetentionPolicyRequest>,
+    ) -> Result<Response<proto::RetentionPolicy>, Status> {
+        require_role(&request, Role::Viewer, &self.audit, "retention.show").await?;
+        let record = self.policy_named(&request.into_inner().name).await?;
+        Ok(Response::new(self.policy_to_wire(record).await?))
+    }
+
+    async fn delete_retention_policy(
+        &self,
+        request: Request<proto::DeleteRetentionPolicyRequest>,
+    ) -> Result<Response<proto::DeleteRetentionPolicyResponse>, Status> {
+        let identity =
+            require_role(&request, Role::Operator, &self.audit, "retention.delete").await?;
+        self.delete_policy(&identity.principal.to_string(), &request.into_inner().name)
+            .await?;
+        Ok(Response::new(proto::DeleteRetentionPolicyResponse {}))
+    }
+
+    async fn set_schedule_retention(
+        &self,
+        request: Request<proto::SetScheduleRetentionRequest>,
+    ) -> Result<Response<proto::Schedule>, Status> {
+        let identity =
+            require_role(&request, Role::Operator, &self.audit, "schedule.retention").await?;
+        let schedule = self
+            .set_schedule_policy(&identity.principal.to_string(), request.into_inner())
+            .await?;
+        Ok(Response::new(schedule))
+    }
+
+    async fn set_backup_protected(
+        &self,
+        request: Request<proto::SetBackupProtectedRequest>,
+    ) -> Result<Response<proto::Backup>, Status> {
+        let identity =
+            require_role(&request, Role::Operator, &self.audit, "backup.protect").await?;
+        let backup = self
+            .set_protected(&identity.principal.to_string(), request.into_inner())
+            .await?;
+        Ok(Response::new(backup))
+    }
+
+    async fn apply_retention(
+        &self,
+        request: Request<proto::ApplyRetentionRequest>,
+    ) -> Result<Response<proto::ApplyRetentionResponse>, Status> {
+        // A dry run deletes nothing: whoever may list backups may see it.
+        let role = if request.get_ref().dry_run {
+            Role::Viewer
+        } else {
+            Role::Operator
+        };
+        let identity = require_role(&request, role, &self.audit, "retention.apply").await?;
+        let report = self
+            .apply(&identity.principal.to_string(), request.into_inner())
+            .await?;
+        Ok(Response::new(report))
+    }
 }
 
 /// A `cairn schedule create` request as the engine takes it.
@@ -893,12 +980,13 @@ fn schedule_request(body: proto::Schedule) -> ScheduleRequest {
         timeout: (body.timeout_ms > 0).then(|| duration(body.timeout_ms)),
         kind: body.kind,
         drill_agent: (!body.drill_agent.is_empty()).then_some(body.drill_agent),
+        retention: (!body.retention_policy.is_empty()).then_some(body.retention_policy),
     }
 }
 
 impl AdminService {
     /// A schedule as the API sends it, with its next fire.
-    fn schedule_summary(&self, record: ScheduleRecord) -> proto::Schedule {
+    pub(crate) fn schedule_summary(&self, record: ScheduleRecord) -> proto::Schedule {
         let next = CronSchedule::parse(&record.cron, &record.timezone)
             .ok()
             .and_then(|timing| {

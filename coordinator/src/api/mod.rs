@@ -9,5 +9,6 @@ pub mod admin;
 pub mod auth;
 pub mod gateway;
 pub mod refusals;
+pub mod retention;
 pub mod unauthenticated;
 pub mod wire;

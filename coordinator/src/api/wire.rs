@@ -68,7 +68,17 @@ pub fn backup_to_wire(
     verification: Option<VerificationRecord>,
 ) -> proto::Backup {
     let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
+    let lineage = crate::catalog::Lineage::of_parts(
+        &backup.system_identifier,
+        &backup.agent_name,
+        &backup.instance,
+        &backup.database,
+    )
+    .to_string();
     proto::Backup {
+        lineage,
+        system_identifier: backup.system_identifier.clone(),
+        protected: backup.protected,
         tags: backup.tags().into_iter().collect(),
         id: backup.id,
         agent_name: backup.agent_name,
@@ -219,5 +229,58 @@ pub fn schedule_to_wire(schedule: ScheduleRecord, next_fire_unix_ms: i64) -> pro
         created_by: schedule.created_by,
         created_at_unix_ms: schedule.created_at,
         next_fire_unix_ms,
+        retention_policy: schedule.retention_policy.unwrap_or_default(),
+    }
+}
+
+/// What a retention apply did, as `ApplyRetention` answers.
+pub fn retention_report_to_wire(
+    report: crate::retention::apply::ApplyReport,
+    dry_run: bool,
+) -> proto::ApplyRetentionResponse {
+    use crate::retention::apply::Deletion;
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    let lineages = report
+        .lineages
+        .into_iter()
+        .map(|lineage| {
+            let (kept, removed, deleted) = (lineage.kept(), lineage.removed(), lineage.deleted());
+            let backups = lineage
+                .plan
+                .backups
+                .iter()
+                .map(|planned| {
+                    let deletion = lineage.deletions.get(&planned.backup.id);
+                    proto::RetainedBackup {
+                        backup_id: planned.backup.id.clone(),
+                        agent_name: planned.backup.agent_name.clone(),
+                        instance: planned.backup.instance.clone(),
+                        finished_at_unix_ms: planned.backup.finished_at,
+                        fate: planned.fate.to_string(),
+                        kept_by: planned.kept_by(),
+                        deleted: deletion == Some(&Deletion::Deleted),
+                        error: match deletion {
+                            Some(Deletion::Failed(error)) => error.clone(),
+                            _ => String::new(),
+                        },
+                    }
+                })
+                .collect();
+            proto::RetentionLineage {
+                lineage: lineage.plan.lineage.to_string(),
+                system_identifier: lineage.plan.lineage.system_identifier().to_string(),
+                database: lineage.plan.lineage.database().to_string(),
+                backups,
+                refused: lineage.plan.refused.clone().unwrap_or_default(),
+                kept: count(kept),
+                removed: count(removed),
+                deleted: count(deleted),
+            }
+        })
+        .collect();
+    proto::ApplyRetentionResponse {
+        lineages,
+        dry_run,
+        finished_deletions: report.finished_deletions,
     }
 }

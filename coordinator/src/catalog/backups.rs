@@ -41,11 +41,24 @@ pub struct BackupRecord {
     pub damaged_at: Option<i64>,
     /// What the check found.
     pub damage: String,
+    /// The cluster's system identifier (with `database`, the backup's
+    /// lineage); empty for backups made before agents reported it.
+    pub system_identifier: String,
+    /// `cairn backups protect`: retention never removes it.
+    pub protected: bool,
+    /// When retention began deleting it: no longer listed nor restorable.
+    pub deleting_at: Option<i64>,
 }
 
 impl BackupRecord {
     pub fn tags(&self) -> BTreeMap<String, String> {
         serde_json::from_str(&self.tags).unwrap_or_default()
+    }
+
+    /// Complete and not being deleted by retention: what is listed, shown
+    /// and may be restored or verified.
+    pub fn is_listed(&self) -> bool {
+        self.status == "complete" && self.deleting_at.is_none()
     }
 }
 
@@ -92,6 +105,8 @@ pub struct BackupStats {
     pub chunk_count: u64,
     pub new_chunk_count: u64,
     pub database_bytes: u64,
+    /// The cluster's system identifier the agent reported; empty if none.
+    pub system_identifier: String,
 }
 
 pub(super) fn i64_of(value: u64) -> i64 {
@@ -116,7 +131,7 @@ impl Catalog {
         let completed = sqlx::query(
             "UPDATE backups SET status = 'complete', server_version = ?, pg_dump_version = ?, finished_at = ?,
                 logical_bytes = ?, new_stored_bytes = ?, referenced_bytes = ?, chunk_count = ?,
-                new_chunk_count = ?, database_bytes = ?, chunks_indexed = 1
+                new_chunk_count = ?, database_bytes = ?, system_identifier = ?, chunks_indexed = 1
              WHERE id = ? AND status = 'running'",
         )
         .bind(&stats.server_version)
@@ -128,6 +143,7 @@ impl Catalog {
         .bind(i64_of(stats.chunk_count))
         .bind(i64_of(stats.new_chunk_count))
         .bind(i64_of(stats.database_bytes))
+        .bind(&stats.system_identifier)
         .bind(backup_id)
         .execute(&mut *transaction)
         .await?;
@@ -172,8 +188,9 @@ impl Catalog {
         sqlx::query(
             "INSERT INTO backups (id, job_id, agent_name, instance, database, status, server_version,
                 pg_dump_version, started_at, finished_at, logical_bytes, new_stored_bytes,
-                referenced_bytes, chunk_count, new_chunk_count, database_bytes, tags)
-             VALUES (?, ?, ?, ?, ?, 'complete', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                referenced_bytes, chunk_count, new_chunk_count, database_bytes, tags,
+                system_identifier)
+             VALUES (?, ?, ?, ?, ?, 'complete', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&manifest.backup_id)
         .bind(&manifest.job_id)
@@ -191,6 +208,7 @@ impl Catalog {
         .bind(i64_of(stats.new_chunk_count))
         .bind(i64_of(stats.database_bytes))
         .bind(serde_json::to_string(&manifest.tags).unwrap_or_else(|_| "{}".into()))
+        .bind(&manifest.system_identifier)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -203,7 +221,7 @@ impl Catalog {
             .await?)
     }
 
-    /// Up to `limit` complete backups, newest first, optionally of one
+    /// Up to `limit` listed backups (complete, not being deleted), newest first, optionally of one
     /// agent and database, after the page `after` ended on.
     pub async fn list_backups(
         &self,
@@ -213,7 +231,7 @@ impl Catalog {
         limit: u32,
     ) -> Result<Vec<BackupRecord>> {
         Ok(sqlx::query_as(
-            "SELECT * FROM backups WHERE status = 'complete'
+            "SELECT * FROM backups WHERE status = 'complete' AND deleting_at IS NULL
                AND (?1 IS NULL OR agent_name = ?1) AND (?2 IS NULL OR database = ?2)
                AND (?3 IS NULL OR (started_at, id) < (?3, ?4))
              ORDER BY started_at DESC, id DESC LIMIT ?5",

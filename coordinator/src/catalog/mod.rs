@@ -24,6 +24,7 @@ mod chunks;
 mod gc;
 mod jobs;
 mod restores;
+mod retention;
 mod schedules;
 mod uploads;
 
@@ -46,6 +47,7 @@ pub use jobs::{
     offline_reason,
 };
 pub use restores::VerificationRecord;
+pub use retention::{Lineage, LineageBackup, RetentionPolicyRecord, unknown_policy};
 pub use schedules::{FireProgress, ScheduleRecord};
 pub use uploads::RecordedChunk;
 

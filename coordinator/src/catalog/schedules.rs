@@ -44,6 +44,11 @@ pub struct ScheduleRecord {
     pub fire_cursor_target: Option<String>,
     /// When the part-made fire was first evaluated.
     pub fire_cursor_now: Option<i64>,
+    /// The retention policy applied after each successful backup and once
+    /// a day (a name in `retention_policies`); `None`: backups accumulate.
+    pub retention_policy: Option<String>,
+    /// When the daily apply was last claimed.
+    pub retention_applied_at: Option<i64>,
 }
 
 /// Where a batch of a schedule's fire leaves it.
@@ -87,8 +92,8 @@ impl Catalog {
             "INSERT INTO schedules (id, name, kind, agent_name, selector, databases, all_databases,
                                     cron, timezone, spread_ms, on_overlap, catch_up_ms, retries,
                                     timeout_ms, drill_agent, paused, created_by, created_at,
-                                    evaluated_until)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                    evaluated_until, retention_policy)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (name) DO NOTHING",
         )
         .bind(&schedule.id)
@@ -110,6 +115,7 @@ impl Catalog {
         .bind(&schedule.created_by)
         .bind(schedule.created_at)
         .bind(schedule.evaluated_until)
+        .bind(&schedule.retention_policy)
         .execute(&self.pool)
         .await?
         .rows_affected();

@@ -207,6 +207,14 @@ pub struct BackupView {
     /// What `cairn repository check` found missing or corrupt; a damaged
     /// backup cannot be restored (`status` is then "damaged").
     pub damage: Option<String>,
+    /// The cluster's system identifier; empty for backups made before
+    /// agents reported it.
+    pub system_identifier: String,
+    /// What retention groups it by: "cluster SYSID database DB", or
+    /// "AGENT/INSTANCE/DB" without a system identifier.
+    pub lineage: String,
+    /// Retention never removes it (`cairn backups protect`).
+    pub protected: bool,
 }
 
 impl From<proto::Backup> for BackupView {
@@ -237,6 +245,9 @@ impl From<proto::Backup> for BackupView {
             },
             damage: (!b.damage.is_empty()).then_some(b.damage),
             last_verification: b.last_verification.map(Into::into),
+            system_identifier: b.system_identifier,
+            lineage: b.lineage,
+            protected: b.protected,
         }
     }
 }
@@ -553,6 +564,7 @@ pub fn backups_table(backups: &[BackupView]) -> comfy_table::Table {
         "DEDUP",
         "CHUNKS",
         "VERIFIED",
+        "PROTECTED",
         "TAGS",
     ]);
     for b in backups {
@@ -570,6 +582,7 @@ pub fn backups_table(backups: &[BackupView]) -> comfy_table::Table {
                 Some(_) => "DAMAGED".to_string(),
                 None => VerificationView::summary(b.last_verification.as_ref()),
             },
+            if b.protected { "yes" } else { "-" }.to_string(),
             b.tags
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
@@ -599,6 +612,15 @@ pub fn backup_detail(backup: &BackupView) -> String {
         ("agent", backup.agent.clone()),
         ("instance", backup.instance.clone()),
         ("database", backup.database.clone()),
+        ("lineage", backup.lineage.clone()),
+        (
+            "protected",
+            if backup.protected {
+                "yes (retention keeps it; cairn backups unprotect ID lifts it)".to_string()
+            } else {
+                "no".to_string()
+            },
+        ),
         (
             "versions",
             format!(

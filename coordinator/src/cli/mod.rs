@@ -349,8 +349,23 @@ enum BackupsCommand {
         #[command(flatten)]
         connection: Connection,
     },
-    /// One backup.
+    /// One backup, with its lineage (the cluster's system identifier and
+    /// the database) and whether it is protected.
     Show {
+        id: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Keep a backup whatever retention policies say (role: operator;
+    /// audited).
+    Protect {
+        id: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Let retention policies remove a protected backup again (role:
+    /// operator; audited).
+    Unprotect {
         id: String,
         #[command(flatten)]
         connection: Connection,
@@ -392,6 +407,36 @@ impl Connection {
             Ok(())
         }
     }
+}
+
+/// `cairn backups protect|unprotect ID`.
+async fn set_protected(
+    id: String,
+    protected: bool,
+    connection: &Connection,
+) -> anyhow::Result<i32> {
+    let backup = connection
+        .admin()
+        .await?
+        .set_backup_protected(proto::SetBackupProtectedRequest {
+            backup_id: id,
+            protected,
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    let view = backups::BackupView::from(backup);
+    connection.show(&view, || {
+        if view.protected {
+            println!("Backup {} is protected: retention keeps it.", view.id);
+        } else {
+            println!(
+                "Backup {} is no longer protected: retention policies may remove it.",
+                view.id
+            );
+        }
+    })?;
+    Ok(0)
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -470,7 +515,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Audit(command) => audit::run(command).await,
         Command::Jobs(command) => jobs::run(command).await,
         Command::Schedule(command) => schedules::run(command).await,
-        Command::Retention(command) => retention::run(command),
+        Command::Retention(command) => retention::run(command).await,
         Command::Coverage {
             selector,
             connection,
@@ -645,6 +690,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!("{}", backups::backup_detail(&view));
             })?;
             Ok(0)
+        }
+        Command::Backups(BackupsCommand::Protect { id, connection }) => {
+            set_protected(id, true, &connection).await
+        }
+        Command::Backups(BackupsCommand::Unprotect { id, connection }) => {
+            set_protected(id, false, &connection).await
         }
         Command::Keys(KeysCommand::Rotate { connection }) => {
             keys::rotate(&mut connection.admin().await?, connection.json()).await

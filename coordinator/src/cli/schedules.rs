@@ -1,5 +1,5 @@
-//! `cairn schedule create|list|show|pause|resume|delete|run-now` and
-//! `cairn coverage`.
+//! `cairn schedule create|update|list|show|pause|resume|delete|run-now`
+//! and `cairn coverage`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -79,6 +79,11 @@ pub(super) struct CreateSchedule {
     /// With --kind drill: the agent that restores and checks.
     #[arg(long)]
     drill_agent: Option<String>,
+    /// A retention policy (cairn retention create) applied to each
+    /// target's backups after each successful backup of this schedule and
+    /// once a day; without it, backups accumulate.
+    #[arg(long, value_name = "POLICY")]
+    retention: Option<String>,
     #[command(flatten)]
     connection: Connection,
 }
@@ -89,6 +94,24 @@ pub(super) enum ScheduleCommand {
     /// fire makes one job per agent, instance and database it covers at that
     /// moment, once; each target starts at a stable slot within --spread.
     Create(Box<CreateSchedule>),
+    /// Change a schedule: today its retention policy (role: operator).
+    Update {
+        name: String,
+        /// Apply this retention policy after each successful backup of the
+        /// schedule and once a day...
+        #[arg(
+            long,
+            value_name = "POLICY",
+            conflicts_with = "no_retention",
+            required_unless_present = "no_retention"
+        )]
+        retention: Option<String>,
+        /// ...or none: the schedule's backups accumulate.
+        #[arg(long)]
+        no_retention: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Every schedule, with its next fire.
     List {
         #[command(flatten)]
@@ -129,7 +152,7 @@ pub(super) enum ScheduleCommand {
 }
 
 /// `--selector env=prod,region=eu`.
-fn parse_selector(text: &str) -> anyhow::Result<BTreeMap<String, String>> {
+pub(super) fn parse_selector(text: &str) -> anyhow::Result<BTreeMap<String, String>> {
     let items: Vec<String> = text
         .split(',')
         .map(str::trim)
@@ -171,6 +194,8 @@ pub struct ScheduleView {
     pub paused: bool,
     pub next_fire: Option<DateTime<Utc>>,
     pub created_by: String,
+    /// The retention policy's name; none: backups accumulate.
+    pub retention: Option<String>,
 }
 
 impl From<proto::Schedule> for ScheduleView {
@@ -194,6 +219,7 @@ impl From<proto::Schedule> for ScheduleView {
             next_fire: DateTime::from_timestamp_millis(s.next_fire_unix_ms)
                 .filter(|_| s.next_fire_unix_ms > 0),
             created_by: s.created_by,
+            retention: (!s.retention_policy.is_empty()).then_some(s.retention_policy),
         }
     }
 }
@@ -231,6 +257,7 @@ fn schedules_table(schedules: &[ScheduleView]) -> comfy_table::Table {
         "TIME ZONE",
         "SPREAD",
         "NEXT FIRE",
+        "RETENTION",
         "PAUSED",
     ]);
     for s in schedules {
@@ -246,6 +273,7 @@ fn schedules_table(schedules: &[ScheduleView]) -> comfy_table::Table {
                 || "-".into(),
                 |t| t.format("%Y-%m-%d %H:%M UTC").to_string(),
             ),
+            s.retention.clone().unwrap_or_else(|| "-".into()),
             if s.paused { "yes" } else { "no" }.into(),
         ]);
     }
@@ -290,7 +318,7 @@ fn local_time(at: DateTime<Utc>, timezone: &str) -> String {
 fn print_detail(detail: &ScheduleDetailView) {
     let s = &detail.schedule;
     println!(
-        "schedule {}: {} of {} ({} databases), cron {:?} in {}, spread {}, on overlap {}, catch-up {}, retries {}{}",
+        "schedule {}: {} of {} ({} databases), cron {:?} in {}, spread {}, on overlap {}, catch-up {}, retries {}, retention {}{}",
         s.name,
         s.kind,
         s.covers(),
@@ -301,6 +329,9 @@ fn print_detail(detail: &ScheduleDetailView) {
         s.on_overlap,
         humantime::format_duration(Duration::from_secs(s.catch_up_seconds)),
         s.retries,
+        s.retention
+            .as_deref()
+            .unwrap_or("none (backups accumulate)"),
         if s.paused { " — PAUSED" } else { "" }
     );
     let mut fires = output::table(&["NEXT FIRE (UTC)", "IN ITS ZONE"]);
@@ -344,6 +375,7 @@ pub(super) async fn run(command: ScheduleCommand) -> anyhow::Result<i32> {
                 timeout,
                 kind,
                 drill_agent,
+                retention,
                 connection,
             } = *create;
             let selector = selector
@@ -370,6 +402,7 @@ pub(super) async fn run(command: ScheduleCommand) -> anyhow::Result<i32> {
                         retries,
                         timeout_ms: timeout.map_or(0, millis),
                         drill_agent: drill_agent.unwrap_or_default(),
+                        retention_policy: retention.unwrap_or_default(),
                         ..proto::Schedule::default()
                     }),
                 })
@@ -436,6 +469,28 @@ pub(super) async fn run(command: ScheduleCommand) -> anyhow::Result<i32> {
                 schedule,
             };
             connection.show(&view, || print_detail(&view))?;
+            Ok(0)
+        }
+        ScheduleCommand::Update {
+            name,
+            retention,
+            no_retention: _,
+            connection,
+        } => {
+            let updated: ScheduleView = connection
+                .admin()
+                .await?
+                .set_schedule_retention(proto::SetScheduleRetentionRequest {
+                    schedule: name,
+                    policy: retention.unwrap_or_default(),
+                })
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .into();
+            connection.show(&updated, || {
+                println!("{}", schedules_table(std::slice::from_ref(&updated)));
+            })?;
             Ok(0)
         }
         ScheduleCommand::Pause { name, connection } => set_paused(name, true, connection).await,

@@ -91,6 +91,7 @@ impl Jobs {
     /// Runs the engine until `shutdown`: a tick every [`TICK`], or sooner
     /// when woken.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        self.finish_pending_deletions().await;
         loop {
             if let Err(error) = self.tick().await {
                 tracing::error!(%error, "job engine tick failed");
@@ -108,6 +109,7 @@ impl Jobs {
         let now = self.clock.now_ms();
         // Fires first: a job due now starts in this same tick.
         let fired = self.fire_schedules(now).await?;
+        self.start_daily_retention(now).await;
         let TickJobs {
             jobs: active,
             still_waiting,
@@ -359,6 +361,29 @@ impl Jobs {
         if job.kind == JobKind::Drill && ended && final_end && ran {
             self.record_drill(job, state == JobState::Succeeded, &message)
                 .await;
+        }
+        // The job is over and recorded: what retention does cannot change
+        // its outcome.
+        if job.kind == JobKind::Backup && ended && final_end && state == JobState::Succeeded {
+            self.retention_after_backup(job).await;
+        }
+    }
+
+    /// Starts the daily retention runs that are due, in a task of their
+    /// own so deletions do not hold up the tick.
+    async fn start_daily_retention(self: &Arc<Self>, now: i64) {
+        let due_before = now - crate::retention::automatic::DAILY_RETENTION_INTERVAL_MS;
+        match self.catalog.schedules_due_for_retention(due_before).await {
+            Ok(due) if due.is_empty() => {}
+            Ok(_) => {
+                let jobs = Arc::clone(self);
+                self.tasks.spawn(async move {
+                    if let Err(error) = jobs.daily_retention(now).await {
+                        tracing::error!(%error, "daily retention failed");
+                    }
+                });
+            }
+            Err(error) => tracing::error!(%error, "cannot read the schedules due for retention"),
         }
     }
 

@@ -159,7 +159,7 @@ impl Jobs {
     /// A complete backup and its manifest, or a clear error.
     async fn complete_backup(&self, backup_id: &str) -> Result<(BackupRecord, Manifest)> {
         let backup = match self.catalog.get_backup(backup_id).await? {
-            Some(backup) if backup.status == "complete" => backup,
+            Some(backup) if backup.is_listed() => backup,
             _ => {
                 return Err(CoordinatorError::NotFound(format!(
                     "no complete backup {backup_id}: see cairn backups list"

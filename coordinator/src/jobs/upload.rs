@@ -666,6 +666,11 @@ impl Upload {
                 finish.dump_bytes, self.stats.logical_bytes
             )));
         }
+        cairn_common::model::check_system_identifier(
+            "finish.system_identifier",
+            &finish.system_identifier,
+        )
+        .map_err(|e| protocol(e.to_string()))?;
         let now = now_ms();
         let manifest = Manifest {
             format: Manifest::new_format(),
@@ -695,6 +700,7 @@ impl Upload {
                 .then(|| finish.table_rows.iter().cloned().map(Into::into).collect()),
             rows_not_counted: finish.rows_not_counted.clone(),
             archive_version: finish.archive_version.clone(),
+            system_identifier: finish.system_identifier.clone(),
         };
         // Chunks first (durable once settled), then the manifest, then the
         // catalog.
@@ -718,6 +724,7 @@ impl Upload {
         self.stats.server_version = finish.server_version;
         self.stats.pg_dump_version = finish.pg_dump_version;
         self.stats.database_bytes = finish.database_bytes;
+        self.stats.system_identifier = finish.system_identifier;
         self.catalog
             .complete_backup(
                 &self.job.backup_id,

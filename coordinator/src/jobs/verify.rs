@@ -53,7 +53,7 @@ pub async fn verify_backup(
     backup_id: &str,
 ) -> Result<VerifyReport> {
     match catalog.get_backup(backup_id).await? {
-        Some(backup) if backup.status == "complete" => {}
+        Some(backup) if backup.is_listed() => {}
         _ => {
             return Err(CoordinatorError::NotFound(format!(
                 "no complete backup {backup_id}: see cairn backups list"

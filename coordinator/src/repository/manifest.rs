@@ -63,6 +63,11 @@ pub struct Manifest {
     pub rows_not_counted: String,
     #[serde(default)]
     pub archive_version: String,
+    /// The cluster's system identifier (`pg_control_system()`): with
+    /// `database`, the backup's lineage. Empty in manifests written before
+    /// agents reported it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub system_identifier: String,
 }
 
 impl Manifest {
@@ -193,6 +198,7 @@ mod tests {
             }]),
             rows_not_counted: String::new(),
             archive_version: "1.14.0".into(),
+            system_identifier: "7345678901234567890".into(),
         }
     }
 

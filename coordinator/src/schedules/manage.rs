@@ -43,6 +43,8 @@ pub struct ScheduleRequest {
     /// `backup` (default) or `drill`.
     pub kind: String,
     pub drill_agent: Option<String>,
+    /// The retention policy (a name `cairn retention create` made).
+    pub retention: Option<String>,
 }
 
 /// A schedule with what `show` adds: its next fires and current targets.
@@ -173,6 +175,8 @@ impl ScheduleRequest {
             fire_cursor_at: None,
             fire_cursor_target: None,
             fire_cursor_now: None,
+            retention_policy: self.retention,
+            retention_applied_at: None,
         })
     }
 }
@@ -202,6 +206,11 @@ impl Jobs {
                     }
                 }
             }
+        }
+        if let Some(policy) = &record.retention_policy
+            && self.catalog.get_retention_policy(policy).await?.is_none()
+        {
+            return Err(crate::catalog::unknown_policy(policy));
         }
         self.catalog.insert_schedule(&record).await?;
         self.audit
