@@ -1,14 +1,22 @@
-//! `cairn retention simulate`, the real binary, offline: no coordinator,
-//! no config, no identity. A year of daily backups through a GFS policy
-//! (table and JSON), standard input with a time zone, and refusals.
+//! Retention on the real binaries. `cairn retention simulate` offline (no
+//! coordinator, no config, no identity): a year of daily backups through a
+//! GFS policy (table and JSON), standard input with a time zone, and
+//! refusals. Then against a coordinator and real backups: `retention
+//! apply` (dry run, then real: manifests gone, the kept backups verify, a
+//! protected one survives), a schedule's policy applied after each of its
+//! backups, and one lineage across a primary and its standby.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::path::Path;
 use std::process::Command;
 
+use std::time::Duration;
+
 use cairn_integration_tests::process::run_with_stdin;
-use cairn_integration_tests::{Output, TestDir, binaries, run};
+use cairn_integration_tests::{
+    AgentOptions, Coordinator, Output, PgCluster, TestDir, binaries, run, wait_for,
+};
 use chrono::Datelike as _;
 use serde_json::Value;
 
@@ -237,4 +245,319 @@ fn simulate_refuses_a_bad_line_and_an_empty_policy() {
             && no_rule.stderr.contains("--min-keep is only a floor"),
         "{no_rule}"
     );
+}
+
+/// The ids `cairn backups list` shows, sorted.
+fn listed(coordinator: &Coordinator) -> Vec<String> {
+    let mut ids: Vec<String> = coordinator
+        .cli_json(&["backups", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn sorted(ids: &[&String]) -> Vec<String> {
+    let mut ids: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+    ids.sort();
+    ids
+}
+
+fn manifest_exists(coordinator: &Coordinator, id: &str) -> bool {
+    coordinator
+        .home()
+        .join("repository")
+        .join("manifests")
+        .join(id)
+        .exists()
+}
+
+/// Each backup of the one lineage an apply printed: (id, fate, kept by,
+/// deleted).
+fn fates(applied: &Value) -> Vec<(String, String, Vec<String>, bool)> {
+    let lineages = applied["lineages"].as_array().unwrap();
+    assert_eq!(lineages.len(), 1, "{applied}");
+    lineages[0]["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["id"].as_str().unwrap().to_string(),
+                b["fate"].as_str().unwrap().to_string(),
+                b["kept_by"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.as_str().unwrap().to_string())
+                    .collect(),
+                b["deleted"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn apply_deletes_what_the_policy_removes_and_keeps_the_rest_restorable() {
+    let test_dir = TestDir::new("retention_apply");
+    let pg = PgCluster::start_in(&test_dir, "pg");
+    pg.create_sample_database("shop", 2);
+    let coordinator = Coordinator::start(&test_dir);
+    let _agent = coordinator.enroll_agent("db1", &pg, AgentOptions::default().allow("backup"));
+    let ids: Vec<String> = (0..4).map(|_| coordinator.backup("db1", "shop")).collect();
+    let [b1, b2, b3, b4] = [&ids[0], &ids[1], &ids[2], &ids[3]];
+
+    // The lineage is the cluster's system identifier and the database.
+    let system_identifier = pg.psql(
+        "postgres",
+        "SELECT system_identifier FROM pg_control_system()",
+    );
+    let shown = coordinator.cli_json(&["backups", "show", b1]);
+    assert_eq!(
+        shown["system_identifier"],
+        system_identifier.trim(),
+        "{shown}"
+    );
+    assert_eq!(
+        shown["lineage"],
+        format!("cluster {} database shop", system_identifier.trim()),
+        "{shown}"
+    );
+    let table = coordinator.cli(&["backups", "show", b1]).assert_success();
+    assert!(table.stdout.contains("lineage: cluster"), "{table}");
+
+    coordinator
+        .cli(&["backups", "protect", b1])
+        .assert_success();
+    assert_eq!(
+        coordinator.cli_json(&["backups", "show", b1])["protected"],
+        true
+    );
+    let empty = coordinator.cli(&["retention", "create", "nothing"]);
+    assert_eq!(empty.status_code, Some(1), "{empty}");
+    assert!(empty.stderr.contains("--keep-last"), "{empty}");
+    coordinator
+        .cli(&["retention", "create", "short", "--keep-last", "2"])
+        .assert_success();
+    let shown = coordinator.cli_json(&["retention", "show", "short"]);
+    assert_eq!(shown["policy"]["keep_last"], 2, "{shown}");
+    let policies = coordinator.cli_json(&["retention", "list"]);
+    assert_eq!(policies[0]["name"], "short", "{policies}");
+
+    // A dry run shows every fate and what keeps each; nothing goes.
+    let dry = coordinator.cli_json(&["retention", "apply", "--policy", "short", "--dry-run"]);
+    let strings = |items: &[&str]| items.iter().map(ToString::to_string).collect::<Vec<_>>();
+    let expected = vec![
+        (
+            b4.clone(),
+            "keep".to_string(),
+            strings(&[
+                "last 1",
+                "guard: newest complete backup",
+                "guard: no newer complete backup",
+            ]),
+            false,
+        ),
+        (b3.clone(), "keep".to_string(), strings(&["last 2"]), false),
+        (b2.clone(), "remove".to_string(), vec![], false),
+        (
+            b1.clone(),
+            "keep".to_string(),
+            strings(&["guard: protected"]),
+            false,
+        ),
+    ];
+    assert_eq!(fates(&dry), expected, "{dry}");
+    assert_eq!(listed(&coordinator), sorted(&[b1, b2, b3, b4]));
+    assert!(manifest_exists(&coordinator, b2));
+    let table = coordinator
+        .cli(&["retention", "apply", "--policy", "short", "--dry-run"])
+        .assert_success();
+    assert!(
+        table.stdout.contains("would be removed (dry run)"),
+        "{table}"
+    );
+
+    // The real run deletes b2: listing, manifest and all.
+    let applied = coordinator.cli_json(&["retention", "apply", "--policy", "short"]);
+    let mut expected = expected;
+    expected[2].3 = true;
+    assert_eq!(fates(&applied), expected, "{applied}");
+    assert_eq!(listed(&coordinator), sorted(&[b1, b3, b4]));
+    assert!(!manifest_exists(&coordinator, b2));
+    for kept in [b1, b3, b4] {
+        assert!(manifest_exists(&coordinator, kept), "{kept}");
+    }
+    for kept in [b1, b3] {
+        let report = coordinator
+            .cli(&["backup", "verify", kept, "--output", "json"])
+            .assert_success()
+            .json();
+        assert_eq!(report["ok"], true, "{report}");
+    }
+    let gone = coordinator.cli(&["backups", "show", b2]);
+    assert_eq!(gone.status_code, Some(1), "{gone}");
+
+    let audit = coordinator.cli_json(&["audit", "list", "--limit", "50"]);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|event| event["action"].as_str().unwrap())
+        .collect();
+    for action in [
+        "retention.create",
+        "backup.protect",
+        "retention.apply",
+        "backup.delete",
+    ] {
+        assert!(actions.contains(&action), "{action} not in {actions:?}");
+    }
+
+    // Unprotected, b1 goes at the next run; the two newest stay.
+    coordinator
+        .cli(&["backups", "unprotect", b1])
+        .assert_success();
+    coordinator
+        .cli(&["retention", "apply", "--policy", "short"])
+        .assert_success();
+    assert_eq!(listed(&coordinator), sorted(&[b3, b4]));
+    coordinator
+        .cli(&["retention", "delete", "short"])
+        .assert_success();
+}
+
+#[test]
+fn a_schedules_policy_runs_after_each_of_its_backups() {
+    let test_dir = TestDir::new("retention_schedule");
+    let pg = PgCluster::start_in(&test_dir, "pg");
+    pg.create_sample_database("shop", 2);
+    let coordinator = Coordinator::start(&test_dir);
+    let _agent = coordinator.enroll_agent("db1", &pg, AgentOptions::default().allow("backup"));
+    let by_hand = coordinator.backup("db1", "shop");
+
+    let schedule = |retention: &str| {
+        coordinator.cli(&[
+            "schedule",
+            "create",
+            "yearly",
+            "--agent",
+            "db1",
+            "--database",
+            "shop",
+            "--cron",
+            "0 0 1 1 *",
+            "--retention",
+            retention,
+        ])
+    };
+    let unknown = schedule("nope");
+    assert_eq!(unknown.status_code, Some(1), "{unknown}");
+    assert!(
+        unknown.stderr.contains("cairn retention create nope"),
+        "{unknown}"
+    );
+    coordinator
+        .cli(&["retention", "create", "newest", "--keep-last", "1"])
+        .assert_success();
+    schedule("newest").assert_success();
+    let shown = coordinator.cli_json(&["schedule", "show", "yearly"]);
+    assert_eq!(shown["retention"], "newest", "{shown}");
+    let refused = coordinator.cli(&["retention", "delete", "newest"]);
+    assert_eq!(refused.status_code, Some(1), "{refused}");
+    assert!(refused.stderr.contains("yearly"), "{refused}");
+
+    // After the scheduled backup succeeds, the policy leaves only it.
+    let jobs = coordinator.cli_json(&["schedule", "run-now", "yearly"]);
+    let job = jobs[0]["id"].as_str().unwrap().to_string();
+    let backup = wait_for(
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        "the scheduled backup",
+        || {
+            let shown = coordinator.cli_json(&["jobs", "show", &job]);
+            (shown["status"] == "succeeded")
+                .then(|| shown["backup_id"].as_str().unwrap().to_string())
+        },
+    );
+    wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        "retention after the backup",
+        || (listed(&coordinator) == [backup.clone()]).then_some(()),
+    );
+    assert!(!manifest_exists(&coordinator, &by_hand));
+
+    coordinator
+        .cli(&["schedule", "update", "yearly", "--no-retention"])
+        .assert_success();
+    assert_eq!(
+        coordinator.cli_json(&["schedule", "show", "yearly"])["retention"],
+        Value::Null
+    );
+    coordinator
+        .cli(&["retention", "delete", "newest"])
+        .assert_success();
+}
+
+#[test]
+fn a_standbys_backups_continue_its_primarys_lineage() {
+    let test_dir = TestDir::new("retention_lineage");
+    let primary = PgCluster::start_in(&test_dir, "primary");
+    primary.create_sample_database("shop", 2);
+    let standby = PgCluster::builder()
+        .name("standby")
+        .in_test_dir(&test_dir)
+        .standby_of(&primary)
+        .start();
+    let coordinator = Coordinator::start(&test_dir);
+    let _db1 = coordinator.enroll_agent("db1", &primary, AgentOptions::default().allow("backup"));
+    let _db2 = coordinator.enroll_agent("db2", &standby, AgentOptions::default().allow("backup"));
+    let from_primary = coordinator.backup("db1", "shop");
+    let from_standby = coordinator.backup("db2", "shop");
+    let lineage = |id: &str| coordinator.cli_json(&["backups", "show", id])["lineage"].clone();
+    assert!(
+        lineage(&from_primary)
+            .as_str()
+            .unwrap()
+            .starts_with("cluster ")
+    );
+    assert_eq!(lineage(&from_primary), lineage(&from_standby));
+    // The standby's agent reports the same identifier in its probes.
+    let system_identifier =
+        coordinator.cli_json(&["backups", "show", &from_primary])["system_identifier"].clone();
+    wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        "a probe of the standby with its system identifier",
+        || {
+            let shown = coordinator.cli_json(&["agents", "show", "db2"]);
+            shown["probes"]
+                .as_array()?
+                .iter()
+                .any(|probe| probe["system_identifier"] == system_identifier)
+                .then_some(())
+        },
+    );
+
+    // Applied to db2's backups, the policy sees the whole lineage: the
+    // primary's older backup is the one removed.
+    coordinator
+        .cli(&["retention", "create", "newest", "--keep-last", "1"])
+        .assert_success();
+    let applied =
+        coordinator.cli_json(&["retention", "apply", "--policy", "newest", "--agent", "db2"]);
+    let deleted: Vec<(String, bool)> = fates(&applied)
+        .into_iter()
+        .map(|(id, _, _, deleted)| (id, deleted))
+        .collect();
+    assert_eq!(
+        deleted,
+        vec![(from_standby.clone(), false), (from_primary, true)],
+        "{applied}"
+    );
+    assert_eq!(listed(&coordinator), [from_standby]);
 }
