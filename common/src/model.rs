@@ -367,6 +367,7 @@ mod tests {
             name: "app".into(),
             size_bytes: 7,
         }];
+        probe.system_identifier = "7345678901234567890".into();
         // The wire carries milliseconds.
         probe.probed_at = time_from_unix_ms(probe.probed_at.timestamp_millis()).unwrap();
         let wire: proto::InstanceProbe = probe.clone().into();
@@ -386,5 +387,33 @@ mod tests {
         let wire = proto::InstanceProbe::default();
         let error = InstanceProbe::try_from(wire).unwrap_err().to_string();
         assert!(error.contains("`instance`"), "{error}");
+        let wire = proto::InstanceProbe {
+            instance: "main".into(),
+            probed_at_unix_ms: 1,
+            system_identifier: "../7345".into(),
+            ..Default::default()
+        };
+        let error = InstanceProbe::try_from(wire).unwrap_err().to_string();
+        assert!(error.contains("`system_identifier`"), "{error}");
+    }
+
+    #[test]
+    fn system_identifiers_are_decimal_numbers_or_empty() {
+        let check = |value: &str, valid: bool| {
+            assert_eq!(
+                check_system_identifier("system_identifier", value).is_ok(),
+                valid,
+                "{value:?}"
+            );
+        };
+        check("", true);
+        check("7345678901234567890", true);
+        check("18446744073709551615", true);
+        check("18446744073709551616", false);
+        check("007345", false);
+        check("-1", false);
+        check("+1", false);
+        check("73456 ", false);
+        check("cluster", false);
     }
 }

@@ -513,7 +513,7 @@ fn a_standbys_backups_continue_its_primarys_lineage() {
         .in_test_dir(&test_dir)
         .standby_of(&primary)
         .start();
-    let coordinator = Coordinator::start(&test_dir);
+    let mut coordinator = Coordinator::start(&test_dir);
     let _db1 = coordinator.enroll_agent("db1", &primary, AgentOptions::default().allow("backup"));
     let _db2 = coordinator.enroll_agent("db2", &standby, AgentOptions::default().allow("backup"));
     let from_primary = coordinator.backup("db1", "shop");
@@ -559,5 +559,25 @@ fn a_standbys_backups_continue_its_primarys_lineage() {
         vec![(from_standby.clone(), false), (from_primary, true)],
         "{applied}"
     );
-    assert_eq!(listed(&coordinator), [from_standby]);
+    assert_eq!(listed(&coordinator), std::slice::from_ref(&from_standby));
+
+    // The lineage is in the manifest: a catalog rebuilt from the
+    // repository keeps it.
+    let before = lineage(&from_standby);
+    coordinator.stop();
+    coordinator.move_catalog_aside(test_dir.path());
+    let config = coordinator.config_path();
+    coordinator
+        .cli(&[
+            "repository",
+            "rebuild-catalog",
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .assert_success();
+    coordinator.start_again();
+    assert_eq!(
+        coordinator.cli_json(&["backups", "show", &from_standby])["lineage"],
+        before
+    );
 }
