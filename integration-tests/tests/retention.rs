@@ -347,6 +347,56 @@ fn apply_deletes_what_the_policy_removes_and_keeps_the_rest_restorable() {
     let policies = coordinator.cli_json(&["retention", "list"]);
     assert_eq!(policies[0]["name"], "short", "{policies}");
 
+    // simulate --policy reads the stored policy and tries it locally.
+    let times = test_dir.path().join("times.txt");
+    std::fs::write(
+        &times,
+        "2026-01-01T00:00:00Z\n2026-01-02T00:00:00Z\n2026-01-03T00:00:00Z\n",
+    )
+    .unwrap();
+    let simulated = coordinator.cli_json(&[
+        "retention",
+        "simulate",
+        "--policy",
+        "short",
+        "--times",
+        times.to_str().unwrap(),
+        "--now",
+        "2026-02-01T00:00:00Z",
+    ]);
+    let simulated_fates: Vec<&str> = simulated
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["fate"].as_str().unwrap())
+        .collect();
+    assert_eq!(simulated_fates, ["keep", "keep", "remove"], "{simulated}");
+    let both = coordinator.cli(&[
+        "retention",
+        "simulate",
+        "--policy",
+        "short",
+        "--keep-last",
+        "1",
+        "--times",
+        "-",
+    ]);
+    assert_eq!(both.status_code, Some(2), "{both}");
+
+    // A viewer may look (a dry run) but not delete.
+    let viewer = test_dir.path().join("viewer");
+    coordinator.issue_operator("vera", "viewer", &viewer);
+    coordinator
+        .cli_as(
+            &viewer,
+            &["retention", "apply", "--policy", "short", "--dry-run"],
+        )
+        .assert_success();
+    let denied = coordinator.cli_as(&viewer, &["retention", "apply", "--policy", "short"]);
+    assert_eq!(denied.status_code, Some(1), "{denied}");
+    assert!(denied.stderr.contains("operator"), "{denied}");
+    assert_eq!(listed(&coordinator).len(), 4);
+
     // A dry run shows every fate and what keeps each; nothing goes.
     let dry = coordinator.cli_json(&["retention", "apply", "--policy", "short", "--dry-run"]);
     let strings = |items: &[&str]| items.iter().map(ToString::to_string).collect::<Vec<_>>();

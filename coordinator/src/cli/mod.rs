@@ -119,7 +119,10 @@ enum Command {
     #[command(subcommand)]
     Schedule(schedules::ScheduleCommand),
     /// Retention policies: which backups to keep, by restic's forget
-    /// rules. `simulate` tries a policy offline on a list of times.
+    /// rules, per database lineage, with guards that never delete the
+    /// newest backup. `create` stores one, `apply` applies it (schedules
+    /// with --retention apply theirs after each backup and daily),
+    /// `simulate` tries one offline on a list of times.
     #[command(subcommand)]
     Retention(retention::RetentionCommand),
     /// Every database the fleet's probes know, the schedules that cover

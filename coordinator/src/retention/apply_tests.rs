@@ -60,34 +60,16 @@ impl Fixture {
     /// after the epoch), with one chunk reference and a manifest in the
     /// repository.
     async fn backup(&self, id: &str, agent: &str, system_identifier: &str, hour: i64) {
-        let mut job = JobRecord::queued(
-            format!("job-{id}"),
-            JobKind::Backup,
+        complete_backup(
+            &self.catalog,
+            &self.repository,
+            id,
             agent,
-            "main",
             "shop",
-            "admin",
-            hour * HOUR_MS,
-        );
-        job.backup_id = id.to_string();
-        self.catalog
-            .insert_job(&job, Some(&BTreeMap::new()))
-            .await
-            .unwrap();
-        let chunk = format!("chunk-{id}");
-        self.catalog.insert_chunk(&chunk, 10, 10, 0).await.unwrap();
-        let stats = BackupStats {
-            system_identifier: system_identifier.to_string(),
-            ..BackupStats::default()
-        };
-        self.catalog
-            .complete_backup(id, &stats, &[chunk], hour * HOUR_MS)
-            .await
-            .unwrap();
-        manifest(id, agent, system_identifier)
-            .store(&self.repository)
-            .await
-            .unwrap();
+            system_identifier,
+            hour,
+        )
+        .await;
     }
 
     async fn listed(&self) -> Vec<String> {
@@ -129,6 +111,47 @@ impl Fixture {
             .map(|row| (row.target, row.outcome, row.detail))
             .collect()
     }
+}
+
+/// A complete backup of `agent`/main/`database` finished at `hour` (hours
+/// after the epoch), with one chunk reference and a manifest in the
+/// repository.
+async fn complete_backup(
+    catalog: &Catalog,
+    repository: &Repository,
+    id: &str,
+    agent: &str,
+    database: &str,
+    system_identifier: &str,
+    hour: i64,
+) {
+    let mut job = JobRecord::queued(
+        format!("job-{id}"),
+        JobKind::Backup,
+        agent,
+        "main",
+        database,
+        "admin",
+        hour * HOUR_MS,
+    );
+    job.backup_id = id.to_string();
+    catalog
+        .insert_job(&job, Some(&BTreeMap::new()))
+        .await
+        .unwrap();
+    let chunk = format!("chunk-{id}");
+    catalog.insert_chunk(&chunk, 10, 10, 0).await.unwrap();
+    let stats = BackupStats {
+        system_identifier: system_identifier.to_string(),
+        ..BackupStats::default()
+    };
+    catalog
+        .complete_backup(id, &stats, &[chunk], hour * HOUR_MS)
+        .await
+        .unwrap();
+    let mut manifest = manifest(id, agent, system_identifier);
+    manifest.database = database.into();
+    manifest.store(repository).await.unwrap();
 }
 
 fn manifest(id: &str, agent: &str, system_identifier: &str) -> Manifest {
@@ -680,4 +703,93 @@ async fn a_policy_in_use_is_not_deleted_and_the_daily_run_is_claimed_once() {
             .await
             .unwrap()
     );
+}
+
+#[tokio::test]
+async fn a_schedules_policy_runs_once_a_day_on_its_targets_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs = crate::schedules::fire::tests::engine(dir.path(), "2026-03-01T12:00:00Z").await;
+    let record = crate::catalog::RetentionPolicyRecord {
+        name: "newest".into(),
+        policy: serde_json::to_string(&keep_last(1)).unwrap(),
+        created_by: "admin".into(),
+        created_at: 0,
+    };
+    jobs.catalog.insert_retention_policy(&record).await.unwrap();
+    let unknown = jobs
+        .create_schedule(
+            "admin",
+            crate::schedules::manage::ScheduleRequest {
+                name: "nightly".into(),
+                agent: Some("db1".into()),
+                databases: vec!["shop".into()],
+                cron: "0 3 * * *".into(),
+                timezone: "UTC".into(),
+                retention: Some("nope".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        unknown.to_string().contains("cairn retention create nope"),
+        "{unknown}"
+    );
+    jobs.create_schedule(
+        "admin",
+        crate::schedules::manage::ScheduleRequest {
+            name: "nightly".into(),
+            agent: Some("db1".into()),
+            databases: vec!["shop".into()],
+            cron: "0 3 * * *".into(),
+            timezone: "UTC".into(),
+            retention: Some("newest".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    for (id, database, hour) in [
+        ("s1", "shop", 1),
+        ("s2", "shop", 2),
+        ("o1", "other", 1),
+        ("o2", "other", 2),
+    ] {
+        complete_backup(
+            &jobs.catalog,
+            &jobs.repository,
+            id,
+            "db1",
+            database,
+            SYSID,
+            hour,
+        )
+        .await;
+    }
+    let now = jobs.clock.now_ms();
+    assert_eq!(jobs.daily_retention(now).await.unwrap(), 1);
+    let mut listed: Vec<String> = jobs
+        .catalog
+        .list_backups(None, None, None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.id)
+        .collect();
+    listed.sort();
+    // The schedule covers shop only: other's backups are not its to remove.
+    assert_eq!(listed, vec!["o1", "o2", "s2"]);
+    // Claimed for the day: the next tick (or another coordinator) runs
+    // nothing.
+    assert_eq!(jobs.daily_retention(now + 1000).await.unwrap(), 0);
+    let audited: Vec<String> = jobs
+        .catalog
+        .all_audit()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|row| row.action == "retention.apply")
+        .map(|row| row.actor)
+        .collect();
+    assert_eq!(audited, vec!["coordinator"]);
 }

@@ -445,7 +445,7 @@ impl Jobs {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
@@ -471,7 +471,7 @@ mod tests {
     /// An engine on a fresh catalog whose (manual) clock starts at
     /// `start`, with agent db1 (instance main,
     /// label env=prod) enrolled but not connected.
-    async fn engine(dir: &std::path::Path, start: &str) -> Arc<Jobs> {
+    pub(crate) async fn engine(dir: &std::path::Path, start: &str) -> Arc<Jobs> {
         let catalog = Arc::new(Catalog::open_sqlite(&dir.join("c.sqlite")).await.unwrap());
         let repository = Arc::new(
             Repository::create(
