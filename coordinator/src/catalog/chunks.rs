@@ -73,10 +73,12 @@ impl Catalog {
         Ok(marked)
     }
 
-    /// Up to `limit` complete backup ids after `after`, in order.
+    /// Up to `limit` listed backup ids after `after`, in order. A backup
+    /// retention is deleting is left out: its manifest goes before its row.
     pub async fn complete_backups_after(&self, after: &str, limit: u32) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT id FROM backups WHERE status = 'complete' AND id > ? ORDER BY id LIMIT ?",
+            "SELECT id FROM backups WHERE status = 'complete' AND deleting_at IS NULL AND id > ?
+             ORDER BY id LIMIT ?",
         )
         .bind(after)
         .bind(limit)
@@ -111,8 +113,8 @@ impl Catalog {
         limit: u32,
     ) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT id FROM backups WHERE status = 'complete' AND chunks_indexed = 0 AND id > ?
-             ORDER BY id LIMIT ?",
+            "SELECT id FROM backups WHERE status = 'complete' AND chunks_indexed = 0
+               AND deleting_at IS NULL AND id > ? ORDER BY id LIMIT ?",
         )
         .bind(after)
         .bind(limit)
