@@ -218,3 +218,48 @@ fn repository_init_refuses_a_prefix_with_data_and_names_a_missing_bucket() {
     let refused = coordinator.try_start_again().unwrap_err();
     assert!(refused.contains("cairn repository init"), "{refused}");
 }
+
+#[test]
+fn retention_deletes_a_removed_backups_manifest_from_s3() {
+    let test_dir = TestDir::new("s3_retention");
+    let server = S3Server::start();
+    server.create_bucket(BUCKET);
+    let secret_file = test_dir.path().join("s3-secret");
+    std::fs::write(&secret_file, server.secret_key()).unwrap();
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let pg = PgCluster::start_in(&test_dir, "pg");
+    pg.create_sample_database("shop", 2);
+    let coordinator = Coordinator::start_with(
+        &test_dir,
+        CoordinatorOptions {
+            repository_table: Some(repository_table(&server, &secret_file)),
+            ..CoordinatorOptions::default()
+        },
+    );
+    let _agent = coordinator.enroll_agent("db1", &pg, AgentOptions::default().allow("backup"));
+    let older = coordinator.backup("db1", "shop");
+    let newer = coordinator.backup("db1", "shop");
+    let manifests = |server: &S3Server| objects(server, "manifests/");
+    assert_eq!(
+        manifests(&server),
+        [format!("manifests/{older}"), format!("manifests/{newer}")]
+    );
+    let chunks_before = objects(&server, "chunks/");
+
+    coordinator
+        .cli(&["retention", "create", "newest", "--keep-last", "1"])
+        .assert_success();
+    let applied = coordinator.cli_json(&["retention", "apply", "--policy", "newest"]);
+    assert_eq!(applied["lineages"][0]["deleted"], 1, "{applied}");
+    assert_eq!(manifests(&server), [format!("manifests/{newer}")]);
+    let listed: Vec<Value> = backups(&coordinator)
+        .into_iter()
+        .map(|b| b["id"].clone())
+        .collect();
+    assert_eq!(listed, [Value::from(newer.clone())]);
+    // Chunks are garbage collection's to delete, not retention's.
+    assert_eq!(objects(&server, "chunks/"), chunks_before);
+    coordinator
+        .cli(&["backup", "verify", &newer])
+        .assert_success();
+}
