@@ -18,14 +18,8 @@ use crate::retention::apply::{ApplyRequest, Deleter, Scope};
 use crate::schedules::targets::matches;
 use crate::schedules::timing::parse_timezone;
 
-/// Reads a stored policy's JSON; a row that does not parse is a bug.
-pub fn stored_policy(record: &RetentionPolicyRecord) -> Result<Policy, CoordinatorError> {
-    serde_json::from_str(&record.policy).map_err(|e| {
-        CoordinatorError::Internal(format!(
-            "retention policy {:?} as stored does not read: {e}",
-            record.name
-        ))
-    })
+fn stored_policy(record: &RetentionPolicyRecord) -> Result<Policy, CoordinatorError> {
+    Policy::from_stored(&record.name, &record.policy)
 }
 
 /// Checks a policy name: the same rules as every other name.

@@ -141,6 +141,13 @@ impl Catalog {
             .await?)
     }
 
+    pub async fn get_schedule_by_id(&self, id: &str) -> Result<Option<ScheduleRecord>> {
+        Ok(sqlx::query_as("SELECT * FROM schedules WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
     /// Pauses or resumes; a resumed schedule counts its fires from `now`
     /// (the fires while paused are not caught up). Whether it exists.
     pub async fn set_schedule_paused(&self, name: &str, paused: bool, now: i64) -> Result<bool> {

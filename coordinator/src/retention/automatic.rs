@@ -48,7 +48,7 @@ impl Jobs {
             .await?
             .ok_or_else(|| unknown_policy(name))?;
         Ok(Some(ApplyRequest {
-            policy: crate::api::retention::stored_policy(&record)?,
+            policy: super::Policy::from_stored(&record.name, &record.policy)?,
             policy_name: record.name,
             scope,
             dry_run: false,
@@ -75,13 +75,7 @@ impl Jobs {
         let Some(schedule_id) = &job.schedule_id else {
             return Ok(());
         };
-        let Some(schedule) = self
-            .catalog
-            .list_schedules()
-            .await?
-            .into_iter()
-            .find(|s| &s.id == schedule_id)
-        else {
+        let Some(schedule) = self.catalog.get_schedule_by_id(schedule_id).await? else {
             return Ok(());
         };
         let Some(request) = self.schedule_request(&schedule, Scope::default()).await? else {

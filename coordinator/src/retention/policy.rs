@@ -95,6 +95,16 @@ impl Policy {
         Ok(())
     }
 
+    /// Reads a policy as the catalog stores it (`name` for the message):
+    /// a row that does not read is a bug, not the caller's mistake.
+    pub fn from_stored(name: &str, json: &str) -> Result<Policy> {
+        serde_json::from_str(json).map_err(|e| {
+            CoordinatorError::Internal(format!(
+                "retention policy {name:?} as stored does not read: {e}"
+            ))
+        })
+    }
+
     fn has_rule(&self) -> bool {
         self.keep_last.is_some()
             || self.keep_hourly.is_some()
