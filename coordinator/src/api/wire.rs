@@ -210,17 +210,23 @@ pub fn key_slot_to_wire(listed: crate::repository::keys::ListedSlot) -> proto::K
 pub fn schedule_to_wire(schedule: ScheduleRecord, next_fire_unix_ms: i64) -> proto::Schedule {
     let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
     proto::Schedule {
-        selector: schedule.selector().into_iter().collect(),
-        databases: schedule.databases(),
+        // A corrupt stored value shows empty here; firing the schedule
+        // refuses it with the reason.
+        selector: schedule
+            .selector()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+        databases: schedule.databases().unwrap_or_default(),
         id: schedule.id,
         name: schedule.name,
-        kind: schedule.kind,
+        kind: schedule.kind.as_str().to_string(),
         agent_name: schedule.agent_name.unwrap_or_default(),
         all_databases: schedule.all_databases,
         cron: schedule.cron,
         timezone: schedule.timezone,
         spread_ms: unsigned(schedule.spread_ms),
-        on_overlap: schedule.on_overlap,
+        on_overlap: schedule.on_overlap.as_str().to_string(),
         catch_up_ms: unsigned(schedule.catch_up_ms),
         retries: u32::try_from(schedule.retries).unwrap_or(0),
         timeout_ms: schedule.timeout_ms.map_or(0, unsigned),

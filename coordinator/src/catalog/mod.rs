@@ -48,7 +48,7 @@ pub use jobs::{
 };
 pub use restores::VerificationRecord;
 pub use retention::{Lineage, LineageBackup, RetentionPolicyRecord, unknown_policy};
-pub use schedules::{FireProgress, ScheduleRecord};
+pub use schedules::{FireProgress, OnOverlap, ScheduleKind, ScheduleRecord};
 pub use uploads::RecordedChunk;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -12,13 +12,55 @@ use super::Catalog;
 use super::jobs::{JobKind, JobRecord, JobState, insert_backup_row, insert_job_row_or_ignore};
 use crate::error::Result;
 
+/// What a schedule's fires run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "TEXT", rename_all = "lowercase")]
+pub enum ScheduleKind {
+    Backup,
+    Drill,
+}
+
+/// What a fire does for a target whose job of an earlier fire is still
+/// queued or running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "TEXT", rename_all = "lowercase")]
+pub enum OnOverlap {
+    /// Recorded `missed`.
+    Skip,
+    /// Queued behind it.
+    Queue,
+}
+
+impl ScheduleKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScheduleKind::Backup => "backup",
+            ScheduleKind::Drill => "drill",
+        }
+    }
+}
+
+impl OnOverlap {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnOverlap::Skip => "skip",
+            OnOverlap::Queue => "queue",
+        }
+    }
+}
+
+impl std::fmt::Display for ScheduleKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A schedule as stored.
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct ScheduleRecord {
     pub id: String,
     pub name: String,
-    /// `backup` or `drill`.
-    pub kind: String,
+    pub kind: ScheduleKind,
     pub agent_name: Option<String>,
     /// JSON object of labels every target agent must carry.
     pub selector: String,
@@ -28,8 +70,7 @@ pub struct ScheduleRecord {
     pub cron: String,
     pub timezone: String,
     pub spread_ms: i64,
-    /// `skip` or `queue`.
-    pub on_overlap: String,
+    pub on_overlap: OnOverlap,
     pub catch_up_ms: i64,
     pub retries: i64,
     pub timeout_ms: Option<i64>,
@@ -76,12 +117,22 @@ impl ScheduleRecord {
         ))
     }
 
-    pub fn selector(&self) -> BTreeMap<String, String> {
-        serde_json::from_str(&self.selector).unwrap_or_default()
+    /// The labels a target agent must carry. A stored selector that does
+    /// not parse is an error, never `{}` (which would select every agent).
+    pub fn selector(&self) -> Result<BTreeMap<String, String>> {
+        serde_json::from_str(&self.selector).map_err(|e| self.corrupt("selector", &e))
     }
 
-    pub fn databases(&self) -> Vec<String> {
-        serde_json::from_str(&self.databases).unwrap_or_default()
+    pub fn databases(&self) -> Result<Vec<String>> {
+        serde_json::from_str(&self.databases).map_err(|e| self.corrupt("databases", &e))
+    }
+
+    fn corrupt(&self, column: &str, error: &serde_json::Error) -> crate::error::CoordinatorError {
+        crate::error::CoordinatorError::Internal(format!(
+            "schedule {:?}: its stored {column} is not valid JSON ({error}); delete the \
+             schedule and create it again",
+            self.name
+        ))
     }
 }
 
@@ -98,7 +149,7 @@ impl Catalog {
         )
         .bind(&schedule.id)
         .bind(&schedule.name)
-        .bind(&schedule.kind)
+        .bind(schedule.kind)
         .bind(&schedule.agent_name)
         .bind(&schedule.selector)
         .bind(&schedule.databases)
@@ -106,7 +157,7 @@ impl Catalog {
         .bind(&schedule.cron)
         .bind(&schedule.timezone)
         .bind(schedule.spread_ms)
-        .bind(&schedule.on_overlap)
+        .bind(schedule.on_overlap)
         .bind(schedule.catch_up_ms)
         .bind(schedule.retries)
         .bind(schedule.timeout_ms)

@@ -444,7 +444,7 @@ async fn apply_deletes_the_removed_backups_manifest_row_and_references() {
     assert_eq!(
         fixture
             .catalog
-            .stored_chunks(&[chunk_of("b2")])
+            .stored_chunks(&[chunk_of("b2")], 0)
             .await
             .unwrap()
             .len(),

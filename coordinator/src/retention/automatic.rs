@@ -128,7 +128,11 @@ impl Jobs {
             .collect();
         let scope = Scope {
             agents: Some(agents),
-            databases: (!schedule.all_databases).then(|| schedule.databases()),
+            databases: if schedule.all_databases {
+                None
+            } else {
+                Some(schedule.databases()?)
+            },
         };
         if let Some(request) = self.schedule_request(schedule, scope).await? {
             self.deleter().apply(&request, self.now()).await?;

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::targets::{matches, targets};
-use crate::catalog::BackupRecord;
+use crate::catalog::{BackupRecord, ScheduleKind};
 use crate::error::Result;
 use crate::jobs::Jobs;
 
@@ -27,7 +27,7 @@ impl Jobs {
     pub async fn coverage(&self, selector: &BTreeMap<String, String>) -> Result<Vec<CoverageRow>> {
         let mut covering: HashMap<String, Vec<String>> = HashMap::new();
         for schedule in self.catalog.list_schedules().await? {
-            if schedule.paused || schedule.kind != "backup" {
+            if schedule.paused || schedule.kind != ScheduleKind::Backup {
                 continue;
             }
             let (found, _) = targets(&self.catalog, &schedule).await?;

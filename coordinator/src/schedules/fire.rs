@@ -19,7 +19,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use super::targets::{Target, targets};
 use super::timing::{CronSchedule, due_fires, spread_offset};
 use crate::audit::{AuditEvent, Outcome};
-use crate::catalog::{FireProgress, JobKind, JobRecord, JobState, ScheduleRecord};
+use crate::catalog::{FireProgress, JobKind, JobRecord, JobState, OnOverlap, ScheduleRecord};
 use crate::error::Result;
 use crate::jobs::{DEFAULT_DEADLINE, Jobs, duration_ms, random_suffix};
 
@@ -225,7 +225,7 @@ impl Jobs {
         let batch_end = made_before + batch.len();
         let rows_total = fires.len() * targets.len();
 
-        let active: HashSet<String> = if schedule.on_overlap == "skip"
+        let active: HashSet<String> = if schedule.on_overlap == OnOverlap::Skip
             && batch
                 .iter()
                 .any(|row| matches!(row.planned, Planned::Run { .. }))

@@ -11,7 +11,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use super::targets::{Target, targets};
 use super::timing::{CronSchedule, spread_offset};
 use crate::audit::{AuditEvent, Outcome};
-use crate::catalog::{JobRecord, JobState, ScheduleRecord};
+use crate::catalog::{JobRecord, JobState, OnOverlap, ScheduleKind, ScheduleRecord};
 use crate::error::{CoordinatorError, Result};
 use crate::jobs::{
     DEFAULT_DEADLINE, Jobs, MAX_RETRIES, check_database_name, duration_ms, random_suffix,
@@ -122,8 +122,8 @@ impl ScheduleRequest {
             )));
         }
         let on_overlap = match self.on_overlap.as_str() {
-            "" | "skip" => "skip",
-            "queue" => "queue",
+            "" | "skip" => OnOverlap::Skip,
+            "queue" => OnOverlap::Queue,
             other => {
                 return Err(invalid(format!(
                     "--on-overlap {other:?}: use skip (a fire whose previous job still runs is \
@@ -132,7 +132,7 @@ impl ScheduleRequest {
             }
         };
         let kind = match (self.kind.as_str(), &self.drill_agent) {
-            ("" | "backup", None) => "backup",
+            ("" | "backup", None) => ScheduleKind::Backup,
             ("drill", Some(_)) if !self.selector.is_empty() => {
                 return Err(invalid(
                     "--kind drill takes --agent, not --selector: a drill runs a backup's SQL on \
@@ -140,7 +140,7 @@ impl ScheduleRequest {
                      the agents report themselves",
                 ));
             }
-            ("drill", Some(_)) => "drill",
+            ("drill", Some(_)) => ScheduleKind::Drill,
             ("drill", None) => return Err(invalid("--kind drill needs --drill-agent NAME")),
             ("" | "backup", Some(_)) => {
                 return Err(invalid("--drill-agent goes with --kind drill"));
@@ -152,7 +152,7 @@ impl ScheduleRequest {
         Ok(ScheduleRecord {
             id: format!("sch-{now}-{}", random_suffix()?),
             name: name.to_string(),
-            kind: kind.to_string(),
+            kind,
             agent_name: self.agent,
             selector: serde_json::to_string(&self.selector)
                 .map_err(|e| CoordinatorError::Internal(format!("cannot encode: {e}")))?,
@@ -162,7 +162,7 @@ impl ScheduleRequest {
             cron: self.cron,
             timezone,
             spread_ms: duration_ms(self.spread),
-            on_overlap: on_overlap.to_string(),
+            on_overlap,
             catch_up_ms: duration_ms(self.catch_up),
             retries: i64::from(self.retries),
             timeout_ms: self.timeout.map(duration_ms),

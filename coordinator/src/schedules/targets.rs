@@ -37,7 +37,7 @@ pub async fn agents_of(catalog: &Catalog, schedule: &ScheduleRecord) -> Result<V
     let agents: Vec<AgentRecord> = match &schedule.agent_name {
         Some(name) => catalog.get_agent(name).await?.into_iter().collect(),
         None => {
-            let selector = schedule.selector();
+            let selector = schedule.selector()?;
             catalog
                 .list_agents()
                 .await?
@@ -60,7 +60,7 @@ pub async fn targets(
 ) -> Result<(Vec<Target>, Vec<String>)> {
     let mut targets = Vec::new();
     let mut problems = Vec::new();
-    let named = schedule.databases();
+    let named = schedule.databases()?;
     for agent in agents_of(catalog, schedule).await? {
         let probes = if schedule.all_databases {
             catalog.probes_of(&agent.name).await?
