@@ -60,6 +60,14 @@ pub struct Catalog {
     audit_append: Mutex<()>,
 }
 
+/// What a schedule needs of an agent: its name, labels and instances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentScope {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub instances: Vec<String>,
+}
+
 /// An agent as the catalog knows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentRecord {
@@ -244,6 +252,28 @@ impl Catalog {
             .fetch_optional(&self.pool)
             .await?;
         row.map(|row| agent_from_row(&row)).transpose()
+    }
+
+    /// Each agent not revoked (or only `name`): its name, labels and
+    /// instances, by name. What a schedule's targets need, read without
+    /// the rest of each row, as a fleet-wide fire reads every agent.
+    pub async fn agent_scopes(&self, name: Option<&str>) -> Result<Vec<AgentScope>> {
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT name, labels, instances FROM agents
+             WHERE revoked_at IS NULL AND (?1 IS NULL OR name = ?1)
+             ORDER BY name",
+        )
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, labels, instances)| AgentScope {
+                name,
+                labels: serde_json::from_str(&labels).unwrap_or_default(),
+                instances: serde_json::from_str(&instances).unwrap_or_default(),
+            })
+            .collect())
     }
 
     pub async fn list_agents(&self) -> Result<Vec<AgentRecord>> {

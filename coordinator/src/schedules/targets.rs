@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::catalog::{AgentRecord, Catalog, ScheduleRecord};
+use crate::catalog::{AgentScope, Catalog, ScheduleRecord};
 use crate::error::Result;
 
 /// One database of one instance: what a scheduled job protects.
@@ -33,23 +33,19 @@ pub fn matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, St
 }
 
 /// The agents a schedule names or selects, not revoked, by name.
-pub async fn agents_of(catalog: &Catalog, schedule: &ScheduleRecord) -> Result<Vec<AgentRecord>> {
-    let agents: Vec<AgentRecord> = match &schedule.agent_name {
-        Some(name) => catalog.get_agent(name).await?.into_iter().collect(),
+pub async fn agents_of(catalog: &Catalog, schedule: &ScheduleRecord) -> Result<Vec<AgentScope>> {
+    Ok(match &schedule.agent_name {
+        Some(name) => catalog.agent_scopes(Some(name)).await?,
         None => {
             let selector = schedule.selector()?;
             catalog
-                .list_agents()
+                .agent_scopes(None)
                 .await?
                 .into_iter()
                 .filter(|agent| matches(&selector, &agent.labels))
                 .collect()
         }
-    };
-    Ok(agents
-        .into_iter()
-        .filter(|agent| agent.revoked_at.is_none())
-        .collect())
+    })
 }
 
 /// The schedule's targets now, sorted, and why some agents or instances
