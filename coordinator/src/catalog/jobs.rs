@@ -251,8 +251,8 @@ pub(super) async fn insert_job_row_or_ignore(
         "INSERT INTO jobs (id, kind, agent_name, instance, database, status, error, backup_id,
                            created_by, created_at, finished_at, target_database, spec,
                            max_attempts, timeout_ms, deadline_at, not_before, schedule_id,
-                           fire_at, target)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                           fire_at, target, wait_reason)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
          ON CONFLICT (schedule_id, target, fire_at) WHERE schedule_id IS NOT NULL DO NOTHING",
     )
     .bind(&job.id)
@@ -275,6 +275,7 @@ pub(super) async fn insert_job_row_or_ignore(
     .bind(&job.schedule_id)
     .bind(job.fire_at)
     .bind(&job.target)
+    .bind(&job.wait_reason)
     .execute(executor)
     .await?
     .rows_affected();

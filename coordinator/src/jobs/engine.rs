@@ -70,6 +70,21 @@ impl Load {
     }
 }
 
+fn utc_time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_default()
+}
+
+/// Why a scheduled job waits before its start slot: what a fire records
+/// with the job, so the engine has nothing to rewrite until the slot.
+pub fn slot_reason(not_before: i64) -> String {
+    format!(
+        "starts at {}, its slot within the schedule's --spread",
+        utc_time(not_before)
+    )
+}
+
 /// The delay before attempt `next` (2, 3, ...) of a job.
 fn retry_delay_ms(next: i64) -> i64 {
     let doublings = u32::try_from((next - 2).clamp(0, 20)).unwrap_or(20);
@@ -185,9 +200,7 @@ impl Jobs {
         if job.not_before > now {
             // An absolute time, so the reason (and its row) does not change
             // at every tick.
-            let at = chrono::DateTime::from_timestamp_millis(job.not_before)
-                .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-                .unwrap_or_default();
+            let at = utc_time(job.not_before);
             return Some(if job.attempt > 0 {
                 format!(
                     "attempt {} of {} starts at {at} (after: {})",
@@ -196,7 +209,7 @@ impl Jobs {
                     job.error
                 )
             } else if job.schedule_id.is_some() {
-                format!("starts at {at}, its slot within the schedule's --spread")
+                slot_reason(job.not_before)
             } else {
                 format!("starts at {at}")
             });

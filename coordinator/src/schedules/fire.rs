@@ -21,6 +21,7 @@ use super::timing::{CronSchedule, due_fires, spread_offset};
 use crate::audit::{AuditEvent, Outcome};
 use crate::catalog::{FireProgress, JobKind, JobRecord, JobState, OnOverlap, ScheduleRecord};
 use crate::error::Result;
+use crate::jobs::engine::slot_reason;
 use crate::jobs::{DEFAULT_DEADLINE, Jobs, duration_ms, random_suffix};
 
 /// Most jobs the schedules make in one tick. A fire over a larger fleet is
@@ -256,6 +257,9 @@ impl Jobs {
                         duration_of(schedule.spread_ms),
                     ));
                     job.not_before = row.fire_at + offset;
+                    if job.not_before > now {
+                        job.wait_reason = slot_reason(job.not_before);
+                    }
                     // A fire still waiting when the next one comes is
                     // missed: at most one fire per target waits.
                     job.deadline_at = Some(
