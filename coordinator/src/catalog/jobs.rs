@@ -581,15 +581,19 @@ impl Catalog {
         if reasons.is_empty() {
             return Ok(());
         }
-        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for (job_id, reason) in reasons {
-            sqlx::query("UPDATE jobs SET wait_reason = ? WHERE id = ? AND status = 'queued'")
-                .bind(reason)
-                .bind(job_id)
-                .execute(&mut *transaction)
-                .await?;
-        }
-        transaction.commit().await?;
+        // One statement, not one per job (each a round trip to SQLite's
+        // thread).
+        let pairs = serde_json::to_string(reasons).map_err(|e| {
+            crate::error::CoordinatorError::Internal(format!("cannot encode wait reasons: {e}"))
+        })?;
+        sqlx::query(
+            "UPDATE jobs SET wait_reason = r.value ->> 1
+             FROM json_each(?) AS r
+             WHERE jobs.id = r.value ->> 0 AND jobs.status = 'queued'",
+        )
+        .bind(pairs)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

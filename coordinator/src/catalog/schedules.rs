@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use sqlx::FromRow;
 
 use super::Catalog;
-use super::jobs::{JobKind, JobRecord, JobState, insert_backup_row, insert_job_row_or_ignore};
+use super::jobs::{JobKind, JobRecord, JobState};
 use crate::error::Result;
 
 /// What a schedule's fires run.
@@ -326,20 +326,84 @@ impl Catalog {
 }
 
 /// Inserts each job not made already (and the backup row of a queued
-/// backup); the jobs inserted.
+/// backup); the jobs inserted. One statement for all the jobs and one for
+/// their backups, whatever their number: a statement per row costs a
+/// round trip to SQLite's thread each, which a fleet's fire cannot afford.
 async fn insert_jobs(
     transaction: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     jobs: &[JobRecord],
     tags: &BTreeMap<String, String>,
 ) -> Result<Vec<JobRecord>> {
-    let mut inserted = Vec::new();
-    for job in jobs {
-        if insert_job_row_or_ignore(&mut **transaction, job).await? {
-            if job.kind == JobKind::Backup && job.status == JobState::Queued {
-                insert_backup_row(&mut **transaction, job, tags).await?;
-            }
-            inserted.push(job.clone());
-        }
+    if jobs.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(inserted)
+    let rows: Vec<serde_json::Value> = jobs
+        .iter()
+        .map(|job| {
+            serde_json::json!({
+                "id": job.id, "kind": job.kind.as_str(), "agent_name": job.agent_name,
+                "instance": job.instance, "database": job.database,
+                "status": job.status.as_str(), "error": job.error, "backup_id": job.backup_id,
+                "created_by": job.created_by, "created_at": job.created_at,
+                "finished_at": job.finished_at, "target_database": job.target_database,
+                "spec": job.spec, "max_attempts": job.max_attempts, "timeout_ms": job.timeout_ms,
+                "deadline_at": job.deadline_at, "not_before": job.not_before,
+                "schedule_id": job.schedule_id, "fire_at": job.fire_at, "target": job.target,
+                "wait_reason": job.wait_reason,
+            })
+        })
+        .collect();
+    // `WHERE true` tells SQLite's parser the ON CONFLICT is the insert's.
+    let inserted: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO jobs (id, kind, agent_name, instance, database, status, error, backup_id,
+                           created_by, created_at, finished_at, target_database, spec,
+                           max_attempts, timeout_ms, deadline_at, not_before, schedule_id,
+                           fire_at, target, wait_reason)
+         SELECT j ->> 'id', j ->> 'kind', j ->> 'agent_name', j ->> 'instance',
+                j ->> 'database', j ->> 'status', j ->> 'error', j ->> 'backup_id',
+                j ->> 'created_by', j ->> 'created_at', j ->> 'finished_at',
+                j ->> 'target_database', j ->> 'spec', j ->> 'max_attempts',
+                j ->> 'timeout_ms', j ->> 'deadline_at', j ->> 'not_before',
+                j ->> 'schedule_id', j ->> 'fire_at', j ->> 'target', j ->> 'wait_reason'
+         FROM (SELECT value AS j FROM json_each(?)) WHERE true
+         ON CONFLICT (schedule_id, target, fire_at) WHERE schedule_id IS NOT NULL DO NOTHING
+         RETURNING id",
+    )
+    .bind(serde_json::Value::Array(rows).to_string())
+    .fetch_all(&mut **transaction)
+    .await?;
+    let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
+    let made: Vec<JobRecord> = jobs
+        .iter()
+        .filter(|job| inserted.contains(&job.id))
+        .cloned()
+        .collect();
+    let backups: Vec<serde_json::Value> = made
+        .iter()
+        .filter(|job| job.kind == JobKind::Backup && job.status == JobState::Queued)
+        .map(|job| {
+            serde_json::json!([
+                job.backup_id,
+                job.id,
+                job.agent_name,
+                job.instance,
+                job.database,
+                job.created_at
+            ])
+        })
+        .collect();
+    if !backups.is_empty() {
+        sqlx::query(
+            "INSERT INTO backups (id, job_id, agent_name, instance, database, status,
+                                  started_at, tags)
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4,
+                    'running', value ->> 5, ?
+             FROM json_each(?)",
+        )
+        .bind(serde_json::to_string(tags).unwrap_or_else(|_| "{}".into()))
+        .bind(serde_json::Value::Array(backups).to_string())
+        .execute(&mut **transaction)
+        .await?;
+    }
+    Ok(made)
 }
