@@ -215,8 +215,11 @@ pub struct TickJobs {
     /// The running jobs and the queued ones that may start, end or need a
     /// new wait reason, oldest first.
     pub jobs: Vec<JobRecord>,
-    /// The queued jobs left out: waiting, their reasons still true.
+    /// The queued jobs left out: waiting, their reasons still true (or
+    /// beyond the limit of one tick).
     pub still_waiting: usize,
+    /// Where the next tick goes on, when a limit left jobs out.
+    pub next: Option<(i64, String)>,
 }
 
 /// How an attempt ended, for [`Catalog::end_attempt`].
@@ -369,40 +372,77 @@ impl Catalog {
     /// a due job waiting for its agent, which is still not in `online`.
     /// A job past its deadline is always looked at. The rest are counted.
     pub async fn tick_jobs(&self, now: i64, online: &[String]) -> Result<TickJobs> {
+        self.tick_jobs_from(now, online, None, i64::MAX).await
+    }
+
+    /// [`Catalog::tick_jobs`], looking at no more than `limit` queued jobs:
+    /// those after `after` (created at, id) first, then from the oldest,
+    /// so that successive ticks go round every queued job. `next` says
+    /// where the next tick goes on, if the limit cut this one short.
+    pub async fn tick_jobs_from(
+        &self,
+        now: i64,
+        online: &[String],
+        after: Option<&(i64, String)>,
+        limit: i64,
+    ) -> Result<TickJobs> {
         let online = serde_json::to_string(online).unwrap_or_else(|_| "[]".into());
-        // One read transaction: the count and the rows see the same jobs.
-        let mut transaction = self.pool.begin().await?;
-        let jobs: Vec<JobRecord> = sqlx::query_as(
-            "SELECT * FROM jobs
-             WHERE status IN ('queued', 'running')
-               AND NOT (status = 'queued'
-                        AND (deadline_at IS NULL OR deadline_at > ?1)
+        // The queued jobs whose wait reason may have changed, in order,
+        // from a point; `?6`/`?7`: after (created_at, id), `?8`: up to
+        // and including it instead, `?9`: how many.
+        const QUEUED: &str = "SELECT * FROM jobs
+             WHERE status = 'queued'
+               AND NOT ((deadline_at IS NULL OR deadline_at > ?1)
                         AND ((not_before > ?1 AND wait_reason != ''
                               AND substr(wait_reason, 1, length(?2)) != ?2)
                              OR (not_before <= ?1 AND wait_reason = ?3 || agent_name || ?4
                                  AND agent_name NOT IN (SELECT value FROM json_each(?5)))))
-             ORDER BY created_at, id",
-        )
-        .bind(now)
-        .bind(RETRY_REASON_PREFIX)
-        .bind(OFFLINE_REASON.0)
-        .bind(OFFLINE_REASON.1)
-        .bind(online)
-        .fetch_all(&mut *transaction)
-        .await?;
+               AND (CASE WHEN ?8 THEN (created_at, id) <= (?6, ?7)
+                         ELSE (created_at, id) > (?6, ?7) END)
+             ORDER BY created_at, id
+             LIMIT ?9";
+        // One read transaction: the count and the rows see the same jobs.
+        let mut transaction = self.pool.begin().await?;
+        let mut jobs: Vec<JobRecord> =
+            sqlx::query_as("SELECT * FROM jobs WHERE status = 'running' ORDER BY created_at, id")
+                .fetch_all(&mut *transaction)
+                .await?;
+        let (from_at, from_id) = after
+            .map(|(at, id)| (*at, id.as_str()))
+            .unwrap_or((i64::MIN, ""));
+        let mut looked_at = 0;
+        for wrapped in [false, true] {
+            if wrapped && (after.is_none() || looked_at >= limit) {
+                break;
+            }
+            let queued: Vec<JobRecord> = sqlx::query_as(QUEUED)
+                .bind(now)
+                .bind(RETRY_REASON_PREFIX)
+                .bind(OFFLINE_REASON.0)
+                .bind(OFFLINE_REASON.1)
+                .bind(&online)
+                .bind(from_at)
+                .bind(from_id)
+                .bind(wrapped)
+                .bind(limit - looked_at)
+                .fetch_all(&mut *transaction)
+                .await?;
+            looked_at += i64::try_from(queued.len()).unwrap_or(i64::MAX);
+            jobs.extend(queued);
+        }
         let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'queued'")
             .fetch_one(&mut *transaction)
             .await?;
         transaction.commit().await?;
-        let looked_at = jobs
-            .iter()
-            .filter(|job| job.status == JobState::Queued)
-            .count();
+        let next = if looked_at >= limit {
+            jobs.last().map(|job| (job.created_at, job.id.clone()))
+        } else {
+            None
+        };
         Ok(TickJobs {
-            still_waiting: usize::try_from(queued)
-                .unwrap_or(0)
-                .saturating_sub(looked_at),
+            still_waiting: usize::try_from(queued - looked_at).unwrap_or(0),
             jobs,
+            next,
         })
     }
 

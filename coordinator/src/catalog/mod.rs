@@ -891,6 +891,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ticks_with_a_limit_go_round_every_queued_job() {
+        let (_dir, catalog) = catalog().await;
+        for (index, id) in ["j1", "j2", "j3", "j4", "j5"].iter().enumerate() {
+            let created = i64::try_from(index).unwrap();
+            let job = JobRecord::queued(
+                (*id).into(),
+                JobKind::Backup,
+                "db1",
+                "main",
+                "shop",
+                "t",
+                created,
+            );
+            catalog.insert_job(&job, None).await.unwrap();
+        }
+        let online = ["db1".to_string()];
+        let mut after = None;
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let tick = catalog
+                .tick_jobs_from(0, &online, after.as_ref(), 2)
+                .await
+                .unwrap();
+            assert_eq!(tick.jobs.len() + tick.still_waiting, 5);
+            seen.push(
+                tick.jobs
+                    .iter()
+                    .map(|job| job.id.clone())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
+            after = tick.next;
+        }
+        // Oldest first, then on from where the last tick stopped, round
+        // to the oldest again.
+        assert_eq!(seen, ["j1,j2", "j3,j4", "j5,j1"]);
+        assert_eq!(after, Some((0, "j1".to_string())));
+        // Without a limit, every one, and nothing to go on from.
+        let all = catalog.tick_jobs(0, &online).await.unwrap();
+        assert_eq!((all.jobs.len(), all.next), (5, None));
+    }
+
+    #[tokio::test]
     async fn a_revocation_committed_during_a_renewal_wins() {
         let (_dir, catalog) = catalog().await;
         let certificate = |serial| CertificateRecord {

@@ -31,6 +31,10 @@ pub const TICK: Duration = Duration::from_secs(1);
 /// all pass at once would otherwise hold the catalog for a third of a
 /// second).
 pub const WAIT_REASON_BATCH: usize = 1000;
+/// Most queued jobs one tick looks at (in full): the next tick goes on
+/// after the last, so every queued job is looked at within a few ticks
+/// however many wait, and no tick reads 10,000 rows.
+const TICK_LOOK_AT: i64 = 1000;
 /// The first retry waits this long; each further one twice as long.
 const FIRST_RETRY_DELAY_MS: i64 = 5_000;
 /// The longest wait between attempts.
@@ -125,13 +129,25 @@ impl Jobs {
         // Fires first: a job due now starts in this same tick.
         let fired = self.fire_schedules(now).await?;
         self.start_daily_retention(now).await;
+        let after = self
+            .tick_cursor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let TickJobs {
             jobs: active,
             still_waiting,
+            next,
         } = self
             .catalog
-            .tick_jobs(now, &self.fleet.online_agents())
+            .tick_jobs_from(
+                now,
+                &self.fleet.online_agents(),
+                after.as_ref(),
+                TICK_LOOK_AT,
+            )
             .await?;
+        *self.tick_cursor.lock().unwrap_or_else(|e| e.into_inner()) = next;
         let mut report = TickReport {
             fired: fired.queued,
             firing: fired.unfinished,

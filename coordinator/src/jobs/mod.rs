@@ -57,6 +57,9 @@ pub struct Jobs {
     pub wake: Arc<Notify>,
     /// The targets of part-made schedule fires (see `schedules::fire`).
     pub fire_targets: crate::schedules::fire::FireTargetsCache,
+    /// Where the engine's next tick goes on looking at queued jobs (see
+    /// `Catalog::tick_jobs_from`).
+    pub tick_cursor: std::sync::Mutex<Option<(i64, String)>>,
 }
 
 /// How a job is run, from `--retries`, `--timeout` and `--deadline`.

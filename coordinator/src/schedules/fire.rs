@@ -527,6 +527,7 @@ pub(crate) mod tests {
             term: 1,
             wake: Arc::new(Notify::new()),
             fire_targets: Default::default(),
+            tick_cursor: Default::default(),
         })
     }
 

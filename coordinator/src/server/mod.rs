@@ -292,6 +292,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         term,
         wake: Arc::new(Notify::new()),
         fire_targets: Default::default(),
+        tick_cursor: Default::default(),
     });
     // Jobs left running go on: their agents re-attach them when they
     // reconnect, or they fail after jobs.reattach_timeout.

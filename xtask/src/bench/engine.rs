@@ -310,6 +310,7 @@ async fn engine(directory: &Path, agents: usize) -> anyhow::Result<Arc<Jobs>> {
         term: 1,
         wake: Arc::new(Notify::new()),
         fire_targets: Default::default(),
+        tick_cursor: Default::default(),
     }))
 }
 
