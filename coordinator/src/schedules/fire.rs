@@ -28,7 +28,7 @@ use crate::jobs::{DEFAULT_DEADLINE, Jobs, duration_ms, random_suffix};
 /// made over several ticks (the engine ticks again at once while one is
 /// part-made), so that no tick holds the catalog for long: measured by
 /// `cargo xtask bench --engine`.
-pub const FIRE_BATCH: usize = 500;
+pub const FIRE_BATCH: usize = 250;
 
 /// What one evaluation of the schedules made.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
