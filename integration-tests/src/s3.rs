@@ -123,6 +123,21 @@ impl S3Server {
         }
     }
 
+    /// The `[repository]` table of a coordinator.toml that stores in
+    /// `bucket` under `prefix` on this server, its secret key read from
+    /// `secret_file`.
+    pub fn repository_table(&self, bucket: &str, prefix: &str, secret_file: &Path) -> String {
+        format!(
+            "[repository]\nkind = \"s3\"\nbucket = \"{bucket}\"\nprefix = \"{prefix}\"\n\
+             endpoint = \"{}\"\npath_style = true\nregion = \"{}\"\n\
+             access_key_id = \"{}\"\nsecret_access_key_file = \"{}\"\nrequest_timeout = \"10s\"\n",
+            self.endpoint(),
+            self.region(),
+            self.access_key(),
+            secret_file.display()
+        )
+    }
+
     /// `http://127.0.0.1:PORT` (or `https://` for [`S3Server::start_tls`]).
     pub fn endpoint(&self) -> &str {
         &self.endpoint

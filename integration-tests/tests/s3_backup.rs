@@ -16,15 +16,7 @@ const BUCKET: &str = "fleet-backups";
 const PREFIX: &str = "prod/eu";
 
 fn repository_table(server: &S3Server, secret_file: &Path) -> String {
-    format!(
-        "[repository]\nkind = \"s3\"\nbucket = \"{BUCKET}\"\nprefix = \"{PREFIX}\"\n\
-         endpoint = \"{}\"\npath_style = true\nregion = \"{}\"\n\
-         access_key_id = \"{}\"\nsecret_access_key_file = \"{}\"\nrequest_timeout = \"10s\"\n",
-        server.endpoint(),
-        server.region(),
-        server.access_key(),
-        secret_file.display()
-    )
+    server.repository_table(BUCKET, PREFIX, secret_file)
 }
 
 /// Every object under the repository prefix, relative to it.
