@@ -123,6 +123,17 @@ impl S3Server {
         }
     }
 
+    /// Writes the server's secret key to `dir/s3-secret` (0600), as a
+    /// coordinator's `secret_access_key_file`; its path.
+    pub fn write_secret_file(&self, dir: &Path) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let file = dir.join("s3-secret");
+        std::fs::write(&file, self.secret_key()).expect("write the S3 secret file");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+            .expect("make the S3 secret file private");
+        file
+    }
+
     /// The `[repository]` table of a coordinator.toml that stores in
     /// `bucket` under `prefix` on this server, its secret key read from
     /// `secret_file`.

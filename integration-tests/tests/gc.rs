@@ -10,7 +10,6 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -311,9 +310,7 @@ fn gc_frees_unreferenced_chunks_of_an_s3_repository() {
     let test_dir = TestDir::new("gc_s3");
     let server = S3Server::start();
     server.create_bucket(BUCKET);
-    let secret_file = test_dir.path().join("s3-secret");
-    std::fs::write(&secret_file, server.secret_key()).unwrap();
-    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let secret_file = server.write_secret_file(test_dir.path());
     let pg = PgCluster::start_in(&test_dir, "pg");
     pg.create_sample_database("shop", 8);
     create_random_database(&pg, "scratch");

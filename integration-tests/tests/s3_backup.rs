@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use cairn_integration_tests::{
@@ -58,9 +57,7 @@ fn backups_land_in_s3_sealed_deduplicated_and_rebuildable() {
     let test_dir = TestDir::new("s3_backup");
     let server = S3Server::start();
     server.create_bucket(BUCKET);
-    let secret_file = test_dir.path().join("s3-secret");
-    std::fs::write(&secret_file, server.secret_key()).unwrap();
-    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let secret_file = server.write_secret_file(test_dir.path());
 
     let pg = PgCluster::start_in(&test_dir, "pg");
     pg.create_sample_database("shop", 48);
@@ -166,9 +163,7 @@ fn repository_init_refuses_a_prefix_with_data_and_names_a_missing_bucket() {
     let test_dir = TestDir::new("s3_repository_init");
     let server = S3Server::start();
     server.create_bucket(BUCKET);
-    let secret_file = test_dir.path().join("s3-secret");
-    std::fs::write(&secret_file, server.secret_key()).unwrap();
-    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let secret_file = server.write_secret_file(test_dir.path());
     let mut coordinator = Coordinator::start(&test_dir);
     coordinator.stop();
     let config_path = coordinator.config_path();
@@ -216,9 +211,7 @@ fn retention_deletes_a_removed_backups_manifest_from_s3() {
     let test_dir = TestDir::new("s3_retention");
     let server = S3Server::start();
     server.create_bucket(BUCKET);
-    let secret_file = test_dir.path().join("s3-secret");
-    std::fs::write(&secret_file, server.secret_key()).unwrap();
-    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let secret_file = server.write_secret_file(test_dir.path());
     let pg = PgCluster::start_in(&test_dir, "pg");
     pg.create_sample_database("shop", 2);
     let coordinator = Coordinator::start_with(
